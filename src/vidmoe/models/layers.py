@@ -1,0 +1,155 @@
+"""Building blocks of the expert transformer: norms, modulation, timestep embedding, 3D RoPE,
+attention dispatch.
+
+Shape legend: B batch, L video tokens, S text tokens, D width, N heads, Dh head width,
+F/H/W latent grid after patchify.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMS norm computed in float32, scaled by a learned weight (q/k norm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        # parity: normalise in fp32, cast back, then scale (the release's order)
+        return xf.type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 and cast back to the input's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False):
+        super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
+
+
+@dataclass(frozen=True)
+class Modulation:
+    """Shift, scale and gate of one adaptive-norm site, each (B, L, D) in float32."""
+
+    shift: torch.Tensor
+    scale: torch.Tensor
+    gate: torch.Tensor | None = None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (1 + self.scale) + self.shift
+
+
+def sinusoidal_embedding(timestep: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding [cos, sin] of timesteps, computed in float64.
+
+    Args:
+        timestep: (...) timesteps on the 0..1000 scale.
+        dim: embedding width (even).
+    Returns:
+        (..., dim) float32 embedding.
+    """
+    half = dim // 2
+    t = timestep.to(torch.float64)
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t[..., None] * freqs  # (..., half)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).float()  # (..., dim)
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Rotary widths (in rotated pairs) of the frame, height and width axes."""
+    pairs = head_dim // 2
+    # parity: the release gives height and width pairs//3 each and the rest to frames
+    return pairs - 2 * (pairs // 3), pairs // 3, pairs // 3
+
+
+def rope_angles(
+    grid: tuple[int, int, int],
+    head_dim: int,
+    theta: float = 10000.0,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Rotation angles of 3D RoPE for an (F, H, W) token grid.
+
+    Returns:
+        (L, Dh/2) float64 angles, token order f-major then h then w.
+    """
+    axes = []
+    for size, pairs in zip(grid, rope_split(head_dim)):
+        inv = 1.0 / theta ** (
+            torch.arange(0, 2 * pairs, 2, dtype=torch.float64, device=device) / (2 * pairs)
+        )
+        axes.append(torch.outer(torch.arange(size, dtype=torch.float64, device=device), inv))
+    f, h, w = grid
+    af = axes[0][:, None, None, :].expand(f, h, w, -1)
+    ah = axes[1][None, :, None, :].expand(f, h, w, -1)
+    aw = axes[2][None, None, :, :].expand(f, h, w, -1)
+    return rearrange(torch.cat([af, ah, aw], dim=-1), "f h w p -> (f h w) p")  # (L, Dh/2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of x by the given angles.
+
+    Args:
+        x: (B, L, N, Dh).
+        cos, sin: (L, Dh/2) float32.
+    Returns:
+        (B, L, N, Dh) float32.
+    """
+    xp = rearrange(x.float(), "b l n (p two) -> b l n p two", two=2)
+    x0, x1 = xp[..., 0], xp[..., 1]  # (B, L, N, Dh/2)
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1)  # (B, L, N, Dh/2, 2)
+    return rearrange(out, "b l n p two -> b l n (p two)")
+
+
+def window_mask(
+    grid: tuple[int, int, int], window: tuple[int, int], device: torch.device | None = None
+) -> torch.Tensor | None:
+    """Boolean (L, L) mask of a local window over the flattened token sequence.
+
+    `window` is (left, right) in tokens as in flash-attention; -1 means unbounded on that side.
+    """
+    left, right = window
+    if left < 0 and right < 0:
+        return None
+    n = math.prod(grid)
+    pos = torch.arange(n, device=device)
+    offset = pos[None, :] - pos[:, None]  # key - query
+    allowed = torch.ones(n, n, dtype=torch.bool, device=device)
+    if left >= 0:
+        allowed &= offset >= -left
+    if right >= 0:
+        allowed &= offset <= right
+    return allowed
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Exact softmax attention (SDPA picks flash / memory-efficient kernels where it can).
+
+    Args:
+        q: (B, Lq, N, Dh); k, v: (B, Lk, N, Dh).
+        mask: optional boolean (Lq, Lk), True where a query may attend to a key.
+    Returns:
+        (B, Lq, N, Dh) in v's dtype.
+    """
+    q, k, v = (rearrange(t.to(v.dtype), "b l n d -> b n l d") for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, N, Lq, Dh)
+    return rearrange(out, "b n l d -> b l n d")

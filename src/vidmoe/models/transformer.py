@@ -1,0 +1,231 @@
+"""One expert of the MoE: the Wan-style video diffusion transformer.
+
+patchify -> text/time embeddings -> blocks (self-attn with 3D RoPE, cross-attn, FFN, six-way
+time modulation) -> modulated head -> unpatchify. Batched over (B, C, F, H, W); parameter names
+equal the released checkpoints', so their weights load without a key map.
+
+Shape legend: B batch, C channels, F/H/W latent frames/height/width, f/h/w token grid,
+L = f*h*w video tokens, S text tokens (text_len), D width, N heads, Dh head width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vidmoe.config import TransformerConfig
+from vidmoe.models.layers import (
+    LayerNorm,
+    Modulation,
+    RMSNorm,
+    apply_rope,
+    attention,
+    rope_angles,
+    sinusoidal_embedding,
+    window_mask,
+)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with q/k RMSNorm and 3D rotary embeddings."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q, self.k = nn.Linear(cfg.dim, cfg.dim), nn.Linear(cfg.dim, cfg.dim)
+        self.v, self.o = nn.Linear(cfg.dim, cfg.dim), nn.Linear(cfg.dim, cfg.dim)
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x, rope, mask):
+        heads = dict(n=self.num_heads)
+        q = rearrange(self.norm_q(self.q(x)), "b l (n d) -> b l n d", **heads)  # (B, L, N, Dh)
+        k = rearrange(self.norm_k(self.k(x)), "b l (n d) -> b l n d", **heads)  # (B, L, N, Dh)
+        v = rearrange(self.v(x), "b l (n d) -> b l n d", **heads)  # (B, L, N, Dh)
+        out = attention(apply_rope(q, *rope), apply_rope(k, *rope), v, mask)  # (B, L, N, Dh)
+        return self.o(rearrange(out, "b l n d -> b l (n d)"))  # (B, L, D)
+
+
+class CrossAttention(nn.Module):
+    """Attention from video tokens to text tokens (no RoPE, no mask)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q, self.k = nn.Linear(cfg.dim, cfg.dim), nn.Linear(cfg.dim, cfg.dim)
+        self.v, self.o = nn.Linear(cfg.dim, cfg.dim), nn.Linear(cfg.dim, cfg.dim)
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x, context):
+        heads = dict(n=self.num_heads)
+        q = rearrange(self.norm_q(self.q(x)), "b l (n d) -> b l n d", **heads)  # (B, L, N, Dh)
+        k = rearrange(
+            self.norm_k(self.k(context)), "b s (n d) -> b s n d", **heads
+        )  # (B, S, N, Dh)
+        v = rearrange(self.v(context), "b s (n d) -> b s n d", **heads)  # (B, S, N, Dh)
+        # parity: zero-padded text tokens are attended without a mask
+        out = attention(q, k, v)  # (B, L, N, Dh)
+        return self.o(rearrange(out, "b l n d -> b l (n d)"))  # (B, L, D)
+
+
+class Block(nn.Module):
+    """Self-attention, cross-attention and FFN, modulated by the timestep embedding."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.norm1 = LayerNorm(cfg.dim, cfg.eps)
+        self.self_attn = SelfAttention(cfg)
+        # `norm3` is the cross-attention norm (the release's name)
+        self.norm3 = (
+            LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True)
+            if cfg.cross_attn_norm
+            else nn.Identity()
+        )
+        self.cross_attn = CrossAttention(cfg)
+        self.norm2 = LayerNorm(cfg.dim, cfg.eps)
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.ffn_dim),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(cfg.ffn_dim, cfg.dim),
+        )
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, e, context, rope, mask):
+        """x: (B, L, D) fp32 residual stream; e: (B, L|1, 6, D) fp32 time projection."""
+        dtype = self.ffn[0].weight.dtype
+        m = (self.modulation.float() + e).unbind(dim=2)  # 6 x (B, L|1, D)
+        attn_mod, ffn_mod = Modulation(m[0], m[1], m[2]), Modulation(m[3], m[4], m[5])
+        y = self.self_attn(attn_mod.apply(self.norm1(x)).to(dtype), rope, mask)  # (B, L, D)
+        x = x + y.float() * attn_mod.gate
+        x = x + self.cross_attn(self.norm3(x).to(dtype), context).float()  # (B, L, D)
+        y = self.ffn(ffn_mod.apply(self.norm2(x)).to(dtype))  # (B, L, D)
+        return x + y.float() * ffn_mod.gate
+
+
+class Head(nn.Module):
+    """Final modulated norm and projection to patch pixels."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim, cfg.eps)
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, e):
+        """x: (B, L, D) fp32; e: (B, L|1, D) fp32 time embedding (before the projection)."""
+        shift, scale = (self.modulation.float() + e[:, :, None]).unbind(dim=2)  # 2 x (B, L|1, D)
+        y = Modulation(shift, scale).apply(self.norm(x))  # (B, L, D)
+        return self.head(y.to(self.head.weight.dtype)).float()  # (B, L, p*q*r*C_out)
+
+
+class WanTransformer(nn.Module):
+    """One expert: the Wan2.x diffusion transformer (t2v, i2v and ti2v in one class)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.config = cfg
+        self.use_checkpointing = False
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(
+            cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size
+        )
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    def init_weights(self) -> None:
+        """Xavier linears, small normal embeddings, zero output projection (the release's init)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for seq in (self.text_embedding, self.time_embedding):
+            for m in seq.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+
+    def pad_context(self, context: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """Zero-pad prompt embeddings [(S_i, text_dim)] to (B, text_len, text_dim)."""
+        cfg = self.config
+        if isinstance(context, torch.Tensor):
+            context = list(context) if context.dim() == 3 else [context]
+        out = context[0].new_zeros(len(context), cfg.text_len, cfg.text_dim)
+        for i, c in enumerate(context):
+            if c.dim() != 2 or c.shape[1] != cfg.text_dim:
+                raise ValueError(
+                    f"text embedding {i} must be (tokens, {cfg.text_dim}); got {tuple(c.shape)}"
+                )
+            if c.shape[0] > cfg.text_len:
+                raise ValueError(
+                    f"text embedding {i} has {c.shape[0]} tokens; the model takes at most {cfg.text_len}"
+                )
+            out[i, : c.shape[0]] = c
+        return out
+
+    def forward(
+        self, x: torch.Tensor, sigma: torch.Tensor, context, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Predict the flow velocity.
+
+        Args:
+            x: (B, C_in, F, H, W) noisy latents (C_in excludes the i2v condition channels).
+            sigma: noise level in [0, 1]: (B,) per sample, or (B, L) per token (ti2v).
+            context: (B, S<=text_len, text_dim) tensor or list of (S_i, text_dim) embeddings.
+            y: (B, C_y, F, H, W) i2v condition (mask + image latents), concatenated on channels.
+        Returns:
+            (B, C_out, F, H, W) velocity in float32.
+        """
+        cfg = self.config
+        if y is not None:
+            x = torch.cat([x, y.to(x.dtype)], dim=1)  # (B, C_in, F, H, W)
+        if x.shape[1] != cfg.in_dim:
+            raise ValueError(
+                f"expert expects {cfg.in_dim} input channels (latents + condition); got {x.shape[1]}"
+            )
+        dtype = self.patch_embedding.weight.dtype
+        x = self.patch_embedding(x.to(dtype))  # (B, D, f, h, w)
+        grid = tuple(x.shape[2:])
+        x = rearrange(x, "b d f h w -> b (f h w) d").float()  # (B, L, D)
+
+        # parity: the release embeds timestep = 1000 * sigma
+        timestep = sigma.to(x.device, torch.float64) * 1000
+        if timestep.dim() == 1:
+            timestep = timestep[:, None]  # (B, 1): one timestep shared by all tokens
+        t_emb = sinusoidal_embedding(timestep, cfg.freq_dim)  # (B, L|1, freq_dim)
+        e = self.time_embedding(t_emb.to(dtype)).float()  # (B, L|1, D)
+        e6 = rearrange(self.time_projection(e.to(dtype)).float(), "b l (six d) -> b l six d", six=6)
+
+        if not isinstance(context, torch.Tensor) or context.shape[1] != cfg.text_len:
+            context = self.pad_context(context)  # (B, S, text_dim)
+        # parity: the zero padding is embedded too (the bias makes it non-zero)
+        context = self.text_embedding(context.to(dtype))  # (B, S, D)
+
+        angles = rope_angles(grid, cfg.head_dim, device=x.device)  # (L, Dh/2)
+        rope = (torch.cos(angles).float(), torch.sin(angles).float())
+        mask = window_mask(grid, cfg.window_size, device=x.device)
+        for block in self.blocks:
+            if self.use_checkpointing and self.training:
+                x = checkpoint(block, x, e6, context, rope, mask, use_reentrant=False)
+            else:
+                x = block(x, e6, context, rope, mask)  # (B, L, D)
+        x = self.head(x, e)  # (B, L, p*q*r*C_out)
+        (p, q, r), (f, h, w) = cfg.patch_size, grid
+        return rearrange(
+            x, "b (f h w) (p q r c) -> b c (f p) (h q) (w r)", f=f, h=h, w=w, p=p, q=q, r=r
+        )  # (B, C_out, F, H, W)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,91 @@
+"""The expert transformer: released layouts, patch round trip, batching and per-token time."""
+
+import pytest
+import torch
+
+from vidmoe.config import PRESETS, TINY_TRANSFORMER, TransformerConfig
+from vidmoe.models.transformer import WanTransformer
+
+RELEASED = {"t2v_A14B_expert": "t2v-A14B", "i2v_A14B_expert": "i2v-A14B", "ti2v_5B": "ti2v-5B"}
+
+
+@pytest.mark.parametrize("entry", sorted(RELEASED))
+def test_meta_state_dict_equals_release_layout(layout_fixture, entry):
+    ref = layout_fixture[entry]
+    cfg = PRESETS[RELEASED[entry]].transformer
+    assert TransformerConfig.from_dict(ref["config"]) == cfg
+    with torch.device("meta"):
+        model = WanTransformer(cfg)
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert ours == {k: list(v) for k, v in ref["tensors"].items()}
+    assert model.num_params() == ref["num_params"]
+
+
+def test_a14b_expert_has_14_3b_parameters():
+    with torch.device("meta"):
+        model = WanTransformer(PRESETS["t2v-A14B"].transformer)
+    assert model.num_params() == 14_288_491_584
+
+
+def _tiny(**kw):
+    torch.manual_seed(0)
+    cfg = TransformerConfig(**{**TINY_TRANSFORMER.to_dict(), **kw})
+    model = WanTransformer(cfg).eval()
+    torch.nn.init.normal_(model.head.head.weight, std=0.02)  # the release init zeroes it
+    return model
+
+
+def test_batch_equals_per_sample():
+    model = _tiny()
+    x = torch.randn(2, 16, 3, 4, 6)
+    sigma = torch.tensor([0.9, 0.3])
+    ctx = [torch.randn(5, 48), torch.randn(9, 48)]
+    with torch.no_grad():
+        both = model(x, sigma, ctx)
+        one = torch.cat([model(x[i : i + 1], sigma[i : i + 1], [ctx[i]]) for i in range(2)])
+    assert both.shape == (2, 16, 3, 4, 6)
+    torch.testing.assert_close(both, one, rtol=1e-5, atol=1e-5)
+
+
+def test_per_token_sigma_equal_to_shared_sigma():
+    model = _tiny()
+    x = torch.randn(1, 16, 3, 4, 6)
+    ctx = [torch.randn(5, 48)]
+    num_tokens = 3 * 2 * 3
+    with torch.no_grad():
+        shared = model(x, torch.tensor([0.4]), ctx)
+        per_token = model(x, torch.full((1, num_tokens), 0.4), ctx)
+    torch.testing.assert_close(shared, per_token, rtol=1e-6, atol=1e-6)
+
+
+def test_output_depends_on_text_and_sigma():
+    model = _tiny()
+    x = torch.randn(1, 16, 1, 4, 4)
+    a = model(x, torch.tensor([0.5]), [torch.randn(4, 48)])
+    b = model(x, torch.tensor([0.5]), [torch.randn(4, 48)])
+    c = model(x, torch.tensor([0.1]), [torch.randn(4, 48)])
+    assert not torch.allclose(a, b) and not torch.allclose(a, c)
+
+
+def test_windowed_attention_limits_receptive_field():
+    # one block, window (0, 0): each token only attends to itself, so a change in one token
+    # cannot reach another through self-attention (cross-attention and FFN are per-token).
+    model = _tiny(num_layers=1, window_size=(0, 0))
+    x = torch.randn(1, 16, 1, 4, 4)
+    x2 = x.clone()
+    x2[:, :, 0, 0:2, 0:2] += 1.0  # change the first token's patch only
+    ctx = [torch.randn(4, 48)]
+    with torch.no_grad():
+        a, b = model(x, torch.tensor([0.5]), ctx), model(x2, torch.tensor([0.5]), ctx)
+    changed = (a - b).abs().amax(dim=(0, 1, 2)) > 0  # (H, W)
+    assert changed[0:2, 0:2].all() and changed.sum() == 4
+
+
+def test_bad_inputs_are_clear():
+    model = _tiny()
+    with pytest.raises(ValueError, match="input channels"):
+        model(torch.randn(1, 20, 1, 4, 4), torch.tensor([0.5]), [torch.randn(4, 48)])
+    with pytest.raises(ValueError, match="at most 32"):
+        model(torch.randn(1, 16, 1, 4, 4), torch.tensor([0.5]), [torch.randn(40, 48)])
+    with pytest.raises(ValueError, match="model_type"):
+        TransformerConfig(model_type="video")
