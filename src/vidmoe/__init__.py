@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 
 def load_pipeline(path, **kwargs):
-    """Load a pipeline from a checkpoint folder, a file, or a preset name; see `vidmoe.pipeline`."""
-    from vidmoe.sampling.pipeline import load_pipeline as _load
+    """Load a pipeline from a checkpoint folder, a file, or a preset name; see `vidmoe.loading`."""
+    from vidmoe.loading import load_pipeline as _load
 
     return _load(path, **kwargs)

@@ -114,9 +114,13 @@ class VAEConfig:
         return 2 ** sum(self.temperal_downsample)
 
     @property
+    def patch_size(self) -> int:
+        """Pixel patch folded into channels before the encoder (2x2 for 2.2, none for 2.1)."""
+        return 2 if self.generation == "2.2" else 1
+
+    @property
     def spatial_stride(self) -> int:
-        patch = 2 if self.generation == "2.2" else 1
-        return patch * 2 ** (len(self.dim_mult) - 1)
+        return self.patch_size * 2 ** (len(self.dim_mult) - 1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -296,3 +300,20 @@ def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+PRESETS["tiny-i2v"] = dataclasses.replace(
+    PRESETS["tiny-t2v"],
+    name="tiny-i2v",
+    transformer=dataclasses.replace(TINY_TRANSFORMER, model_type="i2v", in_dim=36),
+    moe=MoEConfig(boundaries=(0.9,), guidance=(3.5, 3.5)),
+    scheduler=SchedulerConfig(sampler="unipc", num_steps=4, shift=5.0),
+)
+PRESETS["tiny-ti2v"] = dataclasses.replace(
+    PRESETS["tiny-t2v"],
+    name="tiny-ti2v",
+    transformer=dataclasses.replace(TINY_TRANSFORMER, model_type="ti2v", in_dim=48, out_dim=48),
+    vae=VAEConfig(generation="2.2", dim=16, dec_dim=16, z_dim=48, num_res_blocks=1),
+    moe=MoEConfig(expert_names=("dense",), boundaries=(), guidance=(5.0,)),
+    scheduler=SchedulerConfig(sampler="unipc", num_steps=4, shift=5.0),
+)

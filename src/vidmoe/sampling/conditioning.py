@@ -1,0 +1,82 @@
+"""Image conditioning of the three model types, as small functions of one pipeline.
+
+- t2v: nothing.
+- i2v (A14B): the first frame's VAE latent (later frames zero video) plus a 4-channel mask of
+  the known frames, concatenated to the noisy latents on channels (`y`).
+- ti2v (5B): the first latent frame is replaced by the image latent after every step, and its
+  tokens get sigma = 0 (per-token noise levels).
+
+Shape legend: C latent channels, F/H/W latent frames/height/width, T video frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+
+@dataclass
+class Conditioning:
+    """What a pipeline adds to every expert call and to every solver step."""
+
+    y: torch.Tensor | None = None
+    """(1, 4 + C, F, H, W) extra input channels (i2v)."""
+    first_latent: torch.Tensor | None = None
+    """(1, C, 1, H, W) clean latent of the first frame, re-imposed each step (ti2v)."""
+
+    def sigma_for(
+        self, sigma: float, latent_grid: tuple[int, int, int], patch: tuple[int, int, int]
+    ) -> torch.Tensor:
+        """Sigma per sample (1,) or, with a known first frame, per token (1, L)."""
+        if self.first_latent is None:
+            return torch.tensor([sigma], dtype=torch.float64)
+        f, h, w = (g // p for g, p in zip(latent_grid, patch))
+        per_frame = torch.full((f, h * w), sigma, dtype=torch.float64)
+        per_frame[0] = 0.0  # the known first frame is clean
+        return rearrange(per_frame, "f hw -> 1 (f hw)")  # (1, L)
+
+    def impose(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.first_latent is None:
+            return latents
+        return torch.cat([self.first_latent.to(latents), latents[:, :, 1:]], dim=2)
+
+
+def load_image(path: str, width: int, height: int) -> torch.Tensor:
+    """Read an image, resize it (bicubic) to (height, width): (1, 3, 1, H, W) in [-1, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path).convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"cannot read image {path!r}: {e}") from e
+    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1  # (3, h, w)
+    x = F.interpolate(x[None], size=(height, width), mode="bicubic", align_corners=False)
+    return x.clamp(-1, 1)[:, :, None]  # (1, 3, 1, H, W)
+
+
+def i2v_condition(vae, image: torch.Tensor, num_frames: int) -> Conditioning:
+    """First-frame conditioning of the i2v experts: y = [mask (4 ch), latent of image + zeros]."""
+    _, _, _, height, width = image.shape
+    video = torch.cat([image, image.new_zeros(1, 3, num_frames - 1, height, width)], dim=2)
+    latent = vae.encode(video.to(vae_dtype(vae)))  # (1, C, F, H, W)
+    f, h, w = latent.shape[2:]
+    stride = vae.config.temporal_stride
+    known = torch.zeros(1, 1 + (f - 1) * stride, h, w)  # one mask entry per video frame
+    known[:, 0] = 1.0
+    # parity: the first frame's mask is repeated `stride` times so frames group evenly into latents
+    known = torch.cat([known[:, :1].repeat(1, stride, 1, 1), known[:, 1:]], dim=1)
+    mask = rearrange(known, "one (f s) h w -> one s f h w", s=stride)  # (1, 4, F, H, W)
+    return Conditioning(y=torch.cat([mask.to(latent), latent], dim=1))
+
+
+def ti2v_condition(vae, image: torch.Tensor) -> Conditioning:
+    """First-frame conditioning of ti2v: the clean first latent frame."""
+    return Conditioning(first_latent=vae.encode(image.to(vae_dtype(vae))))  # (1, C, 1, H, W)
+
+
+def vae_dtype(vae) -> torch.dtype:
+    return next(vae.parameters()).dtype
