@@ -1,0 +1,186 @@
+"""The Mixture of Experts over noise levels: experts keyed by name, and the router.
+
+The router maps a noise level `sigma` to the expert(s) that own it (with blend weights inside an
+optional transition band); `MoETransformer` holds the experts. No solver or guidance logic here:
+the sampling loop asks the router, runs the experts and blends their velocities.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vidmoe.config import MoEConfig
+
+# Fields every expert must share so that one sampling loop can swap them (same input and output
+# interface); the others (width, depth, FFN width, attention window) may differ between experts
+# built for training. Released experts share every field.
+INTERFACE_FIELDS = (
+    "model_type", "patch_size", "text_len", "in_dim", "freq_dim", "text_dim", "out_dim",
+)  # fmt: skip
+_EPS = 1e-12  # touching bands (or a band ending at sigma 0 or 1) are allowed
+
+
+def smoothstep(x: float) -> float:
+    """C1 ramp from 0 (x <= 0) to 1 (x >= 1): 3x^2 - 2x^3."""
+    x = min(max(x, 0.0), 1.0)
+    return x * x * (3.0 - 2.0 * x)
+
+
+def validate_moe(moe: MoEConfig) -> None:
+    """Check boundaries, band, names and guidance of a MoE config; ValueError on the first fault."""
+    names, bounds, band = moe.expert_names, moe.boundaries, moe.band
+    if not names:
+        raise ValueError("a MoE needs at least one expert; got expert_names=()")
+    if len(set(names)) != len(names):
+        raise ValueError(f"expert names must be unique; got {list(names)}")
+    for b in bounds:
+        if not 0.0 < b < 1.0:
+            raise ValueError(
+                f"boundary {b} is outside (0, 1): boundaries are sigmas (timestep / 1000), "
+                "e.g. 0.875 for t2v-A14B"
+            )
+    for hi, lo in zip(bounds, bounds[1:]):
+        if not hi > lo:
+            raise ValueError(
+                f"boundaries must be strictly descending (noisiest expert first); got {list(bounds)}"
+            )
+    for name, g in zip(names, moe.guidance):
+        if g < 0:
+            raise ValueError(f"guidance scale of {name!r} must be >= 0; got {g}")
+    if band < 0:
+        raise ValueError(f"band (half-width in sigma) must be >= 0; got {band}")
+    if band == 0 or not bounds:
+        return
+    if bounds[0] + band > 1.0 + _EPS or bounds[-1] - band < -_EPS:
+        raise ValueError(
+            f"band {band} around boundaries {list(bounds)} reaches past sigma 0 or 1: "
+            f"use band <= {min(1.0 - bounds[0], bounds[-1]):.4g}"
+        )
+    for hi, lo in zip(bounds, bounds[1:]):
+        if hi - band < lo + band - _EPS:
+            raise ValueError(
+                f"transition bands of half-width {band} around boundaries {hi} and {lo} overlap: "
+                f"use band <= {(hi - lo) / 2:.4g}"
+            )
+
+
+class Router:
+    """Maps a noise level sigma to (expert name, weight) pairs; weights sum to 1."""
+
+    def __init__(self, moe: MoEConfig):
+        validate_moe(moe)
+        self.moe = moe
+        self.expert_names = moe.expert_names
+        self.boundaries = moe.boundaries
+        self.band = moe.band
+
+    def index(self, sigma: float) -> int:
+        """Index of the expert that owns `sigma` under a hard switch (band ignored)."""
+        # expert k owns boundaries[k] <= sigma < boundaries[k-1]; expert 0 owns sigma >= boundaries[0]
+        return sum(1 for b in self.boundaries if sigma < b)
+
+    def owner(self, sigma: float) -> str:
+        """Name of the expert that owns `sigma` under a hard switch (band ignored)."""
+        return self.expert_names[self.index(sigma)]
+
+    def assign(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Owner index per sample for training batches (hard switch).
+
+        Args:
+            sigma: (B,) noise levels in [0, 1].
+        Returns:
+            (B,) int64 expert indices into `expert_names`.
+        """
+        bounds = torch.tensor(self.boundaries, dtype=sigma.dtype, device=sigma.device)  # (K-1,)
+        return (sigma.unsqueeze(-1) < bounds).sum(-1)  # (B,)
+
+    def route(self, sigma: float) -> tuple[tuple[str, float], ...]:
+        """The experts that run at `sigma`, noisiest first, with blend weights summing to 1.
+
+        Outside every transition band one expert runs with weight 1. Inside the band around a
+        boundary b, the noisier neighbour gets smoothstep((sigma - (b - band)) / (2 band)) and the
+        other neighbour the rest; a weight that rounds to exactly 0 is dropped.
+        """
+        sigma = float(sigma)
+        if not 0.0 <= sigma <= 1.0:
+            raise ValueError(f"sigma must be in [0, 1]; got {sigma}")
+        if self.band > 0:
+            for k, b in enumerate(self.boundaries):
+                if b - self.band < sigma < b + self.band:
+                    w = smoothstep((sigma - (b - self.band)) / (2.0 * self.band))
+                    pairs = ((self.expert_names[k], w), (self.expert_names[k + 1], 1.0 - w))
+                    return tuple(p for p in pairs if p[1] > 0.0)
+        return ((self.owner(sigma), 1.0),)
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts of a MoE: all experts, and what one denoising step runs."""
+
+    total: int
+    """Unique parameters over all experts (shared tensors counted once)."""
+    active: int
+    """Parameters one step runs: one expert (the largest if they differ)."""
+    per_expert: dict[str, int]
+    """Parameters of each expert, by name."""
+
+
+class MoETransformer(nn.Module):
+    """Expert networks keyed by name (noisiest first) and the router that picks them."""
+
+    def __init__(self, experts: Mapping[str, nn.Module], moe: MoEConfig):
+        super().__init__()
+        if set(experts) != set(moe.expert_names):
+            raise ValueError(
+                f"experts {sorted(experts)} do not match the MoE config's expert names "
+                f"{list(moe.expert_names)}: pass exactly one module per configured name"
+            )
+        self.moe = moe
+        self.router = Router(moe)
+        self.experts = nn.ModuleDict({name: experts[name] for name in moe.expert_names})
+
+    @property
+    def expert_names(self) -> tuple[str, ...]:
+        return self.moe.expert_names
+
+    def __getitem__(self, name: str) -> nn.Module:
+        if name not in self.experts:
+            raise ValueError(f"unknown expert {name!r}; experts: {', '.join(self.expert_names)}")
+        return self.experts[name]
+
+    def param_counts(self) -> ParamCounts:
+        """Total (unique) parameters, and the active count per step (one expert)."""
+        per_expert = {n: sum(p.numel() for p in e.parameters()) for n, e in self.experts.items()}
+        total = sum(p.numel() for p in self.parameters())  # nn.Module dedups shared tensors
+        return ParamCounts(total=total, active=max(per_expert.values()), per_expert=per_expert)
+
+    def check_compatible(self, strict: bool = False) -> None:
+        """Raise ValueError if the experts' configs differ where they must agree.
+
+        Args:
+            strict: compare every config field (released experts are identical); otherwise only
+                the input/output interface (INTERFACE_FIELDS) that lets one loop swap experts.
+        """
+        configs = {}
+        for name, expert in self.experts.items():
+            if not hasattr(expert, "config"):
+                raise ValueError(
+                    f"expert {name!r} ({type(expert).__name__}) has no `.config` to compare"
+                )
+            cfg = expert.config
+            configs[name] = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else vars(cfg)
+        first, *rest = self.expert_names
+        fields = list(configs[first]) if strict else list(INTERFACE_FIELDS)
+        diffs = [
+            f"{f}: " + ", ".join(f"{n}={configs[n].get(f)!r}" for n in self.expert_names)
+            for f in fields
+            if any(configs[n].get(f) != configs[first].get(f) for n in rest)
+        ]
+        if diffs:
+            kind = "all fields" if strict else "the input/output interface"
+            raise ValueError(f"expert configs differ ({kind} must match): " + "; ".join(diffs))

@@ -1,0 +1,191 @@
+"""The noise-level router and the expert container."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from vidmoe.config import TINY_TRANSFORMER, MoEConfig
+from vidmoe.models.moe import MoETransformer, Router, smoothstep
+
+T2V = MoEConfig(boundaries=(0.875,), guidance=(4.0, 3.0))
+K3 = MoEConfig(expert_names=("a", "b", "c"), boundaries=(0.8, 0.4), guidance=(5.0, 4.0, 3.0))
+
+
+def weight_of(router: Router, name: str, sigma: float) -> float:
+    return dict(router.route(sigma)).get(name, 0.0)
+
+
+def test_hard_switch_exactly_at_boundary():
+    router = Router(T2V)
+    assert router.route(0.875) == (("high_noise", 1.0),)
+    assert router.route(0.875 - 1e-9) == (("low_noise", 1.0),)
+    assert router.route(1.0) == (("high_noise", 1.0),)
+    assert router.route(0.0) == (("low_noise", 1.0),)
+
+
+def test_release_rule_timestep_at_or_above_boundary_times_1000():
+    router = Router(T2V)
+    for i in range(1001):
+        sigma = i / 1000
+        expected = "high_noise" if 1000 * sigma >= 875 else "low_noise"
+        assert router.owner(sigma) == expected
+
+
+def test_three_experts_route_by_interval():
+    router = Router(K3)
+    cases = {1.0: "a", 0.8: "a", 0.79: "b", 0.4: "b", 0.39: "c", 0.0: "c"}
+    for sigma, name in cases.items():
+        assert router.route(sigma) == ((name, 1.0),)
+
+
+def test_assign_matches_owner_per_sample():
+    router = Router(K3)
+    sigma = torch.linspace(0, 1, 101)
+    idx = router.assign(sigma)
+    assert idx.tolist() == [router.index(float(s)) for s in sigma]
+
+
+def test_single_expert_owns_everything():
+    router = Router(MoEConfig(expert_names=("dense",), boundaries=(), guidance=(5.0,)))
+    assert all(router.route(s / 10) == (("dense", 1.0),) for s in range(11))
+
+
+def test_band_weights_sum_to_one_and_blend_only_inside():
+    band = 0.05
+    router = Router(dataclasses.replace(T2V, band=band))
+    for i in range(2001):
+        sigma = i / 2000
+        pairs = router.route(sigma)
+        assert sum(w for _, w in pairs) == pytest.approx(1.0, abs=1e-12)
+        assert all(0 < w <= 1 for _, w in pairs)
+        inside = 0.875 - band < sigma < 0.875 + band
+        assert (len(pairs) == 2) == inside
+        if len(pairs) == 2:
+            assert [n for n, _ in pairs] == ["high_noise", "low_noise"]  # noisiest first
+
+
+def test_band_ramp_is_smooth_and_monotone():
+    b, band = 0.875, 0.05
+    router = Router(dataclasses.replace(T2V, band=band))
+    assert weight_of(router, "high_noise", b) == pytest.approx(0.5)
+    assert weight_of(router, "high_noise", b + band) == 1.0
+    assert weight_of(router, "high_noise", b - band) == 0.0
+    dx = 1e-4
+    xs = [b - 2 * band + i * dx for i in range(int(4 * band / dx))]
+    ws = [weight_of(router, "high_noise", x) for x in xs]
+    assert all(w1 <= w2 for w1, w2 in zip(ws, ws[1:]))  # monotone in sigma
+    # Lipschitz (no jumps): smoothstep's steepest slope is 1.5 / (2 * band)
+    assert max(w2 - w1 for w1, w2 in zip(ws, ws[1:])) <= 1.5 / (2 * band) * dx * (1 + 1e-6)
+    h = 1e-5
+    # C1: the slope vanishes at both ends of the band
+    for edge in (b - band, b + band):
+        slope = weight_of(router, "high_noise", edge + h) - weight_of(
+            router, "high_noise", edge - h
+        )
+        assert abs(slope / (2 * h)) < 1e-2  # vs a peak slope of 15
+
+
+def test_band_reduces_to_hard_switch_as_band_goes_to_zero():
+    hard = Router(T2V)
+    for sigma in (0.87, 0.874, 0.876, 0.88):
+        gaps = []
+        for band in (0.1, 0.01, 0.001, 0.0):
+            soft = Router(dataclasses.replace(T2V, band=band))
+            gaps.append(
+                abs(weight_of(soft, "high_noise", sigma) - weight_of(hard, "high_noise", sigma))
+            )
+        assert gaps[-1] == 0.0 and gaps[-2] == 0.0  # band below |sigma - b|: identical routes
+        assert gaps == sorted(gaps, reverse=True)
+
+
+def test_smoothstep_ends():
+    assert smoothstep(-1.0) == 0.0 and smoothstep(0.0) == 0.0
+    assert smoothstep(0.5) == 0.5 and smoothstep(1.0) == 1.0 and smoothstep(2.0) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("moe", "match"),
+    [
+        (MoEConfig(boundaries=(1.2,)), "1.2"),
+        (MoEConfig(boundaries=(0.0,)), "outside"),
+        (dataclasses.replace(K3, boundaries=(0.4, 0.8)), "descending"),
+        (dataclasses.replace(K3, boundaries=(0.5, 0.5)), "descending"),
+        (dataclasses.replace(K3, boundaries=(0.7, 0.5), band=0.15), "overlap.*0.1"),
+        (dataclasses.replace(T2V, band=0.2), "past sigma 0 or 1"),
+        (dataclasses.replace(T2V, band=-0.1), "-0.1"),
+        (MoEConfig(expert_names=("x", "x"), boundaries=(0.5,), guidance=(1.0, 1.0)), "unique"),
+        (MoEConfig(guidance=(-1.0, 3.0)), "-1.0"),
+    ],
+)
+def test_bad_configs_raise_clear_errors(moe, match):
+    with pytest.raises(ValueError, match=match):
+        Router(moe)
+
+
+def test_touching_bands_are_accepted():
+    Router(dataclasses.replace(K3, band=0.2))  # 0.8 - 0.2 == 0.4 + 0.2
+
+
+def test_route_rejects_sigma_outside_unit_interval():
+    with pytest.raises(ValueError, match="1.5"):
+        Router(T2V).route(1.5)
+
+
+class Stub(nn.Module):
+    """A stand-in expert with a config."""
+
+    def __init__(self, config=TINY_TRANSFORMER, width: int = 4):
+        super().__init__()
+        self.config = config
+        self.proj = nn.Linear(width, width)
+
+
+def test_experts_keyed_by_name_and_param_counts():
+    high, low = Stub(), Stub(width=6)
+    moe = MoETransformer({"low_noise": low, "high_noise": high}, T2V)
+    assert list(moe.experts) == ["high_noise", "low_noise"]  # ordered noisiest first
+    assert moe["high_noise"] is high and moe.experts["low_noise"] is low
+    counts = moe.param_counts()
+    assert counts.per_expert == {"high_noise": 20, "low_noise": 42}
+    assert counts.total == 62
+    assert counts.active == 42
+
+
+def test_shared_parameters_are_counted_once():
+    high, low = Stub(), Stub()
+    low.proj = high.proj
+    counts = MoETransformer({"high_noise": high, "low_noise": low}, T2V).param_counts()
+    assert counts.total == 20 and counts.active == 20
+
+
+def test_expert_names_must_match_config():
+    with pytest.raises(ValueError, match="high_noise"):
+        MoETransformer({"high": Stub(), "low_noise": Stub()}, T2V)
+    moe = MoETransformer({"high_noise": Stub(), "low_noise": Stub()}, T2V)
+    with pytest.raises(ValueError, match="experts: high_noise, low_noise"):
+        moe["medium"]
+
+
+def test_check_compatible():
+    same = MoETransformer({"high_noise": Stub(), "low_noise": Stub()}, T2V)
+    same.check_compatible(strict=True)
+
+    wider = dataclasses.replace(TINY_TRANSFORMER, ffn_dim=384)
+    ffn = MoETransformer({"high_noise": Stub(), "low_noise": Stub(wider)}, T2V)
+    ffn.check_compatible()  # training experts may differ in FFN width
+    with pytest.raises(ValueError, match="ffn_dim: high_noise=192, low_noise=384"):
+        ffn.check_compatible(strict=True)
+
+    i2v = dataclasses.replace(TINY_TRANSFORMER, model_type="i2v", in_dim=36)
+    bad = MoETransformer({"high_noise": Stub(), "low_noise": Stub(i2v)}, T2V)
+    with pytest.raises(ValueError, match="model_type.*in_dim"):
+        bad.check_compatible()
+
+    bare = Stub()
+    del bare.config
+    with pytest.raises(ValueError, match="no `.config`"):
+        MoETransformer({"high_noise": Stub(), "low_noise": bare}, T2V).check_compatible()
