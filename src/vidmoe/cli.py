@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Mixture-of-Experts video diffusion (Wan2.2 style).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Mixture-of-Experts video diffusion (Wan2.2 style).",
+)
 
 MODEL_HELP = "Checkpoint folder or file (official, diffusers, ComfyUI or vidmoe layout), or a preset name. Default: the shipped demo model."
 
@@ -20,12 +23,16 @@ def parse_per_expert(values: list[str] | None, kind=float, what: str = "guidance
     for item in values or []:
         for part in item.split(","):
             if "=" not in part:
-                raise typer.BadParameter(f"{what} must be NAME=VALUE (e.g. high_noise=4.0); got {part!r}")
+                raise typer.BadParameter(
+                    f"{what} must be NAME=VALUE (e.g. high_noise=4.0); got {part!r}"
+                )
             name, value = part.split("=", 1)
             try:
                 out[name.strip()] = kind(value)
             except ValueError:
-                raise typer.BadParameter(f"{what} for {name!r} must be a number; got {value!r}") from None
+                raise typer.BadParameter(
+                    f"{what} for {name!r} must be a number; got {value!r}"
+                ) from None
     return out
 
 
@@ -42,7 +49,9 @@ def _settings(prompt, negative_prompt, width, height, frames, steps, shift, samp
             try:
                 num_steps = int(steps)
             except ValueError:
-                raise typer.BadParameter(f"steps must be an integer or NAME=N,...; got {steps!r}") from None
+                raise typer.BadParameter(
+                    f"steps must be an integer or NAME=N,...; got {steps!r}"
+                ) from None
     sigma_list = None
     if sigmas:
         values = [float(v) for v in sigmas.split(",")]
@@ -54,6 +63,22 @@ def _settings(prompt, negative_prompt, width, height, frames, steps, shift, samp
     )  # fmt: skip
 
 
+def parse_lora_spec(item: str) -> tuple[str | None, str, float]:
+    """'high_noise=FILE:0.8', 'FILE:0.5' or 'FILE' -> (expert or None, file, strength)."""
+    expert, rest = None, item
+    head, sep, tail = item.partition("=")
+    if sep and head.isidentifier():
+        expert, rest = head, tail
+    path, strength = rest, 1.0
+    if ":" in rest and not Path(rest).exists():
+        path, value = rest.rsplit(":", 1)
+        try:
+            strength = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"LoRA strength must be a number; got {value!r} in {item!r}") from None
+    return expert, path, strength
+
+
 def _fail(e: Exception) -> None:
     typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -62,24 +87,42 @@ def _fail(e: Exception) -> None:
 @app.command()
 def generate(
     prompt: str = typer.Argument("", help="The prompt (empty: an unconditional sample)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", "-n", help="Default: the model's."),
-    width: Optional[int] = typer.Option(None, "--width", "-W"),
-    height: Optional[int] = typer.Option(None, "--height", "-H"),
-    frames: Optional[int] = typer.Option(None, "--frames", "-f", help="Frame count, 4k+1."),
-    steps: Optional[str] = typer.Option(None, "--steps", "-s", help="Steps, or per expert: high_noise=2,low_noise=6."),
-    shift: Optional[float] = typer.Option(None, "--shift"),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="euler, unipc or dpm++."),
-    guidance: Optional[list[str]] = typer.Option(None, "--guidance", "-g", help="Per expert: high_noise=4.0,low_noise=3.0."),
-    boundary: Optional[str] = typer.Option(None, "--boundary", help="A sigma in (0,1), or release, snr, steps:N."),
-    timesteps: Optional[str] = typer.Option(None, "--timesteps", help="Explicit list: 1000,750,500,250 (or sigmas)."),
+    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    negative_prompt: str | None = typer.Option(
+        None, "--negative-prompt", "-n", help="Default: the model's."
+    ),
+    width: int | None = typer.Option(None, "--width", "-W"),
+    height: int | None = typer.Option(None, "--height", "-H"),
+    frames: int | None = typer.Option(None, "--frames", "-f", help="Frame count, 4k+1."),
+    steps: str | None = typer.Option(
+        None, "--steps", "-s", help="Steps, or per expert: high_noise=2,low_noise=6."
+    ),
+    shift: float | None = typer.Option(None, "--shift"),
+    sampler: str | None = typer.Option(None, "--sampler", help="euler, unipc or dpm++."),
+    guidance: list[str] | None = typer.Option(
+        None, "--guidance", "-g", help="Per expert: high_noise=4.0,low_noise=3.0."
+    ),
+    boundary: str | None = typer.Option(
+        None, "--boundary", help="A sigma in (0,1), or release, snr, steps:N."
+    ),
+    timesteps: str | None = typer.Option(
+        None, "--timesteps", help="Explicit list: 1000,750,500,250 (or sigmas)."
+    ),
     seed: int = typer.Option(0, "--seed"),
-    image: Optional[Path] = typer.Option(None, "--image", "-i", help="First frame (i2v, ti2v)."),
+    image: Path | None = typer.Option(None, "--image", "-i", help="First frame (i2v, ti2v)."),
     output: Path = typer.Option(Path("outputs/video.mp4"), "--output", "-o"),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 or auto."),
     dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 or auto."),
-    residency: str = typer.Option("resident", "--residency", help="resident or swap (idle expert in host RAM)."),
+    residency: str = typer.Option(
+        "resident", "--residency", help="resident or swap (idle expert in host RAM)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    lora: list[str] | None = typer.Option(
+        None, "--lora", help="LoRA file, repeatable: FILE, FILE:0.8, high_noise=FILE:0.8 (bare: both experts)."
+    ),
+    lora_strict: str = typer.Option("on", "--lora-strict", help="on: unmatched LoRA tensors are an error; off: warn."),
+    fuse_lora: bool = typer.Option(False, "--fuse-lora", help="Merge the LoRAs into the weights before sampling."),
+    recipe: str | None = typer.Option(None, "--recipe", help="Few-step recipe, e.g. lightning-4step."),
 ):
     """Generate a video; writes OUTPUT (mp4) and OUTPUT.json (settings, plan, trace)."""
     from vidmoe.io.video import write_json, write_mp4
@@ -88,6 +131,13 @@ def generate(
     try:
         s = _settings(prompt, negative_prompt, width, height, frames, steps, shift, sampler, guidance, boundary,
                       seed, str(image) if image else None, timesteps)  # fmt: skip
+        if recipe:
+            from vidmoe.sampling.recipes import apply_recipe
+
+            s = apply_recipe(s, recipe)
+        if lora_strict not in ("on", "off"):
+            raise ValueError(f"--lora-strict must be on or off; got {lora_strict!r}")
+        lora_specs = [parse_lora_spec(item) for item in lora or []]
         from vidmoe.sampling.pipeline import build_plan_for
         from vidmoe.sampling.settings import resolve_settings
 
@@ -97,6 +147,13 @@ def generate(
         if not quiet:
             typer.echo(plan.summary())
         pipe = load_pipeline(model, device=device, dtype=dtype, residency=residency)
+        for expert, path, strength in lora_specs:
+            rec = pipe.load_lora(path, expert=expert, strength=strength, strict=lora_strict == "on")
+            if not quiet:
+                on = ", ".join(f"{e}={v:g}" for e, v in rec.strengths.items())
+                typer.echo(f"lora {rec.name}: {rec.format} format, {rec.num_modules} modules ({on})")
+        if fuse_lora and lora_specs:
+            pipe.fuse_lora()
         result = pipe.generate(s, progress=not quiet)
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
@@ -105,11 +162,13 @@ def generate(
               "trace": result.trace, "timings": result.timings}  # fmt: skip
     write_json(record, output.with_suffix(output.suffix + ".json"))
     t, h, w, _ = result.frames.shape
-    typer.echo(f"wrote {output} ({t} frames, {w}x{h}, {pipe.config.fps} fps) in {sum(result.timings.values()):.1f}s")
+    typer.echo(
+        f"wrote {output} ({t} frames, {w}x{h}, {pipe.config.fps} fps) in {sum(result.timings.values()):.1f}s"
+    )
 
 
 @app.command()
-def info(model: Optional[str] = typer.Argument(None, help=MODEL_HELP)):
+def info(model: str | None = typer.Argument(None, help=MODEL_HELP)):
     """Print the experts, parameters (total and active per step), boundary and default plan."""
     from vidmoe.loading import describe_model
 
@@ -121,12 +180,13 @@ def info(model: Optional[str] = typer.Argument(None, help=MODEL_HELP)):
 
 @app.command()
 def plan(
-    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
-    steps: Optional[str] = typer.Option(None, "--steps", "-s"),
-    shift: Optional[float] = typer.Option(None, "--shift"),
-    guidance: Optional[list[str]] = typer.Option(None, "--guidance", "-g"),
-    boundary: Optional[str] = typer.Option(None, "--boundary"),
-    timesteps: Optional[str] = typer.Option(None, "--timesteps"),
+    model: str | None = typer.Argument(None, help=MODEL_HELP),
+    steps: str | None = typer.Option(None, "--steps", "-s"),
+    shift: float | None = typer.Option(None, "--shift"),
+    guidance: list[str] | None = typer.Option(None, "--guidance", "-g"),
+    boundary: str | None = typer.Option(None, "--boundary"),
+    timesteps: str | None = typer.Option(None, "--timesteps"),
+    recipe: str | None = typer.Option(None, "--recipe", help="Few-step recipe, e.g. lightning-4step."),
 ):
     """Print the per-step plan: boundary, steps per expert, guidance per step."""
     from vidmoe.loading import model_config_for
@@ -135,12 +195,57 @@ def plan(
 
     try:
         config = model_config_for(model)
-        s = _settings("", None, None, None, None, steps, shift, None, guidance, boundary, 0, None, timesteps)
+        s = _settings(
+            "", None, None, None, None, steps, shift, None, guidance, boundary, 0, None, timesteps
+        )
+        if recipe:
+            from vidmoe.sampling.recipes import apply_recipe
+
+            s = apply_recipe(s, recipe)
         if config.transformer.model_type == "i2v":
             s = type(s)(**{**s.__dict__, "image": "<image>"})
         typer.echo(build_plan_for(resolve_settings(s, config), config).summary())
     except ValueError as e:
         _fail(e)
+
+
+@app.command()
+def serve(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; other than loopback needs --token."),
+    port: int = typer.Option(7860, "--port"),
+    outputs: Path = typer.Option(Path("outputs/serve"), "--outputs", help="Job database, videos and uploads."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Jobs waiting at most; more get HTTP 429."),
+    token: Optional[str] = typer.Option(None, "--token", help="Bearer token for /v1 (default: $VIDMOE_TOKEN)."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 or auto."),
+    dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 or auto."),
+    residency: str = typer.Option("resident", "--residency", help="resident or swap (idle expert in host RAM)."),
+    log_level: str = typer.Option("info", "--log-level"),
+):
+    """Serve the HTTP job API (/v1) and the web UI (/) with a persistent job queue."""
+    import ipaddress
+
+    token = token or os.environ.get("VIDMOE_TOKEN") or None
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not token:
+        _fail(ValueError(f"binding {host} exposes the server beyond this machine: give --token (or set VIDMOE_TOKEN)"))
+    try:
+        import uvicorn
+
+        from vidmoe.serve.app import ServeConfig, create_app
+    except ImportError as e:
+        _fail(ValueError(f"vidmoe serve needs the serve extra ({e.name} is missing): pip install 'vidmoe[serve]'"))
+    try:
+        cfg = ServeConfig(model=model, outputs=outputs, max_queue=max_queue, token=token, device=device,
+                          dtype=dtype, residency=residency)  # fmt: skip
+        application = create_app(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    typer.echo(f"vidmoe serve: {application.state.config.name} on http://{host}:{port}/ (outputs {outputs})")
+    uvicorn.run(application, host=host, port=port, log_level=log_level)
 
 
 def main() -> None:
@@ -151,3 +256,7 @@ def main() -> None:
             app()
         except KeyboardInterrupt:
             sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -69,7 +69,13 @@ def build_random_pipeline(config: ModelConfig | str, *, seed: int = 0, device="c
         torch.nn.init.normal_(expert.head.head.weight, std=0.02)  # the release init zeroes it
         experts[name] = expert.to(dtype)
     vae = WanVAE(config.vae)
-    text = build_text_encoder(config.text_encoder, None, device=device, dtype=torch.float32)
+    text = build_text_encoder(
+        config.text_encoder,
+        None,
+        device=device,
+        dtype=torch.float32,
+        max_length=config.transformer.text_len,
+    )
     pipe = Pipeline(config, experts, vae, text, device=device, dtype=dtype)
     pipe.source = {"preset": config.name, "weights": f"random (seed {seed})"}
     return pipe
@@ -88,8 +94,13 @@ def load_pipeline(model: str | Path | None = None, *, device: str = "auto", dtyp
         return build_random_pipeline(model, device=dev, dtype=dt)
     from vidmoe.io.checkpoints import load_components
 
-    c = load_components(Path(model), device=dev, dtype=dt, strict=strict)
-    pipe = Pipeline(c.config, c.experts, c.vae, c.text_encoder, device=dev, dtype=dt, residency=residency)
+    # swap keeps idle experts in host RAM: load them there, the pipeline moves one at a time
+    c = load_components(
+        Path(model), device="cpu" if residency == "swap" else dev, dtype=dt, strict=strict
+    )
+    pipe = Pipeline(
+        c.config, c.experts, c.vae, c.text_encoder, device=dev, dtype=dt, residency=residency
+    )
     pipe.source = {"path": str(model), "layout": c.layout}
     return pipe
 

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from vidmoe.config import ModelConfig
+from vidmoe.sampling.adapters import AdapterRecord, AdapterSet
 from vidmoe.sampling.conditioning import Conditioning, i2v_condition, load_image, ti2v_condition
 from vidmoe.sampling.guidance import apply_guidance
-from vidmoe.sampling.plan import Plan, make_plan
+from vidmoe.sampling.plan import Plan, make_plan, with_adapter_scales
 from vidmoe.sampling.schedules import make_sigmas, sigmas_from_list, timesteps_from_sigmas
 from vidmoe.sampling.settings import GenerateSettings, ResolvedSettings, resolve_settings
 from vidmoe.sampling.solvers import make_solver
@@ -58,6 +59,7 @@ class Pipeline:
         self.vae, self.text_encoder = vae, text_encoder
         self.device, self.dtype, self.residency = torch.device(device), dtype, residency
         self.source: dict = {}
+        self.adapters = AdapterSet(self.experts)
         for expert in self.experts.values():
             expert.eval().requires_grad_(False)
             if residency == "resident":
@@ -80,7 +82,40 @@ class Pipeline:
             if isinstance(settings, ResolvedSettings)
             else resolve_settings(settings, self.config)
         )
-        return build_plan_for(s, self.config)
+        return self._with_adapters(build_plan_for(s, self.config))
+
+    def _with_adapters(self, plan: Plan) -> Plan:
+        return with_adapter_scales(plan, self.adapters.strengths()) if self.adapters.records else plan
+
+    # -- adapters (LoRA) ---------------------------------------------------------------------
+    def load_lora(self, path, expert: str | None = None, strength: float | dict[str, float] = 1.0,
+                  name: str | None = None, strict: bool = True) -> AdapterRecord:  # fmt: skip
+        """Load a LoRA file (diffusers/peft, ComfyUI/Lightning release names, musubi/Kohya or
+        vidmoe) into one expert, the experts the file names, or (expert=None) every expert.
+
+        The adapter runs unfused beside the frozen weights; `strength` (one number or expert ->
+        number) can be changed with `set_lora_strength`. Recorded in `source['adapters']`.
+        """
+        rec = self.adapters.load(path, expert=expert, strength=strength, name=name, strict=strict)
+        self.source["adapters"] = self.adapters.to_list()
+        return rec
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one adapter (None: all); the original weights are restored bit-exactly."""
+        self.adapters.unload(name)
+        self.source["adapters"] = self.adapters.to_list()
+
+    def set_lora_strength(self, name: str, strength: float, expert: str | None = None) -> None:
+        self.adapters.set_strength(name, strength, expert)
+        self.source["adapters"] = self.adapters.to_list()
+
+    def fuse_lora(self, names: list[str] | None = None) -> None:
+        """Merge adapters into the weights (faster steps; strengths then fixed until unfused)."""
+        self.adapters.fuse(names)
+
+    def unfuse_lora(self) -> None:
+        """Restore the exact original weights; adapters stay loaded and run unfused."""
+        self.adapters.unfuse()
 
     def _expert(self, name: str) -> nn.Module:
         expert = self.experts[name]
@@ -158,7 +193,7 @@ class Pipeline:
 
         c = self._conditioning(rs)
         x = c.impose(x)
-        plan = build_plan_for(rs, self.config)
+        plan = self._with_adapters(build_plan_for(rs, self.config))
         sigmas = torch.tensor(
             [st.sigma for st in plan.steps] + [plan.steps[-1].sigma_next], dtype=torch.float64
         )
@@ -171,11 +206,14 @@ class Pipeline:
             v = torch.zeros_like(x)
             sigma_in = model_sigma(st.sigma, rs.sampler)
             for name, weight, scale in zip(st.experts, st.weights, st.guidance):
+                self.adapters.apply(name, st.adapter_scales)
                 vel = self._velocity(name, x.to(self.dtype), sigma_in, cond, uncond, scale, c)
                 v = v + weight * vel.float()
             x = c.impose(solver.step(v, x, st.index))
             trace.append(dict(index=st.index, sigma=st.sigma, experts=list(st.experts), weights=list(st.weights),
                               guidance=list(st.guidance), seconds=round(time.perf_counter() - ts, 4)))  # fmt: skip
+            if st.adapter_scales:
+                trace[-1]["adapters"] = dict(st.adapter_scales)
             bar.set_postfix_str("+".join(st.experts))
             bar.update()
             if callback is not None:

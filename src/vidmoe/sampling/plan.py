@@ -41,6 +41,9 @@ class StepPlan:
     """Blend weight of each expert's guided velocity; they sum to 1."""
     guidance: tuple[float, ...]
     """Classifier-free guidance scale of each expert."""
+    adapter_scales: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Adapter name -> strength at this step; `expert/name` where a blended step's experts
+    hold the adapter at different strengths. Empty when no adapter is loaded."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,10 @@ class Plan:
         """Maximal runs of consecutive steps with the same experts and guidance."""
         runs: list[list[StepPlan]] = []
         for s in self.steps:
-            if runs and (runs[-1][-1].experts, runs[-1][-1].guidance) == (s.experts, s.guidance):
+            last = runs[-1][-1] if runs else None
+            if last and (last.experts, last.guidance, last.adapter_scales) == (
+                s.experts, s.guidance, s.adapter_scales
+            ):
                 runs[-1].append(s)
             else:
                 runs.append([s])
@@ -70,7 +76,7 @@ class Plan:
 
     def summary(self) -> str:
         """A readable table: per phase the steps, sigma range, expert(s) and guidance."""
-        rows = [("phase", "steps", "sigma", "expert(s)", "guidance")]
+        rows = [("phase", "steps", "sigma", "expert(s)", "guidance", "adapters")]
         for i, ph in enumerate(self.phases()):
             first, last = ph[0], ph[-1]
             blend = " (blend)" if len(first.experts) > 1 else ""
@@ -80,7 +86,10 @@ class Plan:
                 f"{first.sigma:.4f} -> {last.sigma_next:.4f}",
                 "+".join(first.experts) + blend,
                 "/".join(f"{g:g}" for g in first.guidance),
+                " ".join(f"{n}={v:g}" for n, v in first.adapter_scales.items()),
             ))  # fmt: skip
+        if not any(s.adapter_scales for s in self.steps):
+            rows = [r[:-1] for r in rows]
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
         counts = ", ".join(f"{n} {c}" for n, c in self.counts().items())
@@ -108,6 +117,25 @@ class Plan:
             for s in d["steps"]
         )
         return cls(steps=steps, expert_names=tuple(d["expert_names"]))
+
+
+def with_adapter_scales(plan: Plan, strengths: Mapping[str, Mapping[str, float]]) -> Plan:
+    """`plan` with each step's adapter strengths filled in.
+
+    Args:
+        strengths: adapter name -> expert name -> strength (experts without it: not attached).
+    """
+    steps = []
+    for st in plan.steps:
+        scales: dict[str, float] = {}
+        for name, per_expert in strengths.items():
+            values = {e: float(per_expert[e]) for e in st.experts if e in per_expert}
+            if len(set(values.values())) == 1:
+                scales[name] = next(iter(values.values()))
+            else:  # a blended step whose experts differ: one entry per expert
+                scales.update({f"{e}/{name}": v for e, v in values.items()})
+        steps.append(dataclasses.replace(st, adapter_scales=scales))
+    return Plan(steps=tuple(steps), expert_names=plan.expert_names)
 
 
 def check_sigmas(sigmas: torch.Tensor | Sequence[float]) -> list[float]:

@@ -1,0 +1,181 @@
+"""Checkpoints into modules: strict, tensor-by-tensor loading, and whole models from any layout.
+
+`load_into` copies a lazy tensor mapping into a module (also one built on the meta device, so no
+second copy is made) and lists every missing, unexpected and mis-shaped name in one error.
+`load_components` detects a checkpoint's layout and builds its experts, VAE and text encoder.
+The readers (`open_tensors`, ...) live in `vidmoe.io.tensors`, the layouts in `vidmoe.io.layouts`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vidmoe.config import ModelConfig
+from vidmoe.io.layouts import Layout, detect_layout
+from vidmoe.io.tensors import (
+    DictSource,
+    TensorSource,
+    open_tensors,
+    save_safetensors_atomic,
+)
+
+__all__ = [
+    "LoadReport",
+    "LoadedComponents",
+    "Layout",
+    "detect_layout",
+    "load_components",
+    "load_into",
+    "open_tensors",
+    "save_safetensors_atomic",
+]
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What `load_into` did: tensors loaded, and the names it could not match."""
+
+    loaded: int
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    mismatched: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
+
+    def describe(self, limit: int = 10) -> str:
+        parts = []
+        for label, items in (
+            ("missing from the checkpoint", self.missing),
+            ("unexpected (not in the module)", self.unexpected),
+            ("mis-shaped (name, module shape, checkpoint shape)", self.mismatched),
+        ):
+            if items:
+                more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+                parts.append(f"{len(items)} {label}: {list(items[:limit])}{more}")
+        return "; ".join(parts)
+
+
+def load_into(
+    module: nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    strict: bool = True,
+    device: torch.device | str | None = None,
+) -> LoadReport:
+    """Copy `tensors` (release names) into `module`'s parameters and persistent buffers.
+
+    Each tensor is read, cast to its parameter's dtype and copied (or, for a parameter on the meta
+    device, assigned on `device`, default CPU), one at a time. Mis-shaped tensors always raise;
+    missing and unexpected names raise when `strict`. Non-persistent buffers of a meta module are
+    left on meta: the module re-creates them.
+
+    Returns:
+        A `LoadReport` (with `strict=False`, the names that were skipped).
+    """
+    targets = module.state_dict(keep_vars=True)
+    source = tensors if isinstance(tensors, TensorSource) else DictSource(tensors)
+    report = LoadReport(
+        loaded=0,
+        missing=tuple(n for n in targets if n not in source),
+        unexpected=tuple(n for n in source if n not in targets),
+        mismatched=tuple(
+            (n, tuple(t.shape), source.shape(n))
+            for n, t in targets.items()
+            if n in source and tuple(t.shape) != source.shape(n)
+        ),
+    )
+    if report.mismatched or (strict and (report.missing or report.unexpected)):
+        raise ValueError(f"cannot load weights into {type(module).__name__}: {report.describe()}")
+    loaded = 0
+    for name, target in targets.items():
+        if name not in source:
+            continue
+        value = source[name]
+        if target.is_meta:
+            _assign(module, name, value.to(device=device or "cpu", dtype=target.dtype), target)
+        else:
+            with torch.no_grad():
+                target.copy_(value)
+        del value
+        loaded += 1
+    return LoadReport(
+        loaded=loaded,
+        missing=report.missing,
+        unexpected=report.unexpected,
+        mismatched=report.mismatched,
+    )
+
+
+def _assign(module: nn.Module, name: str, value: torch.Tensor, old: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        owner._buffers[leaf] = value
+
+
+@dataclass
+class LoadedComponents:
+    """The modules of a loaded checkpoint, with the config and layout they came from."""
+
+    config: ModelConfig
+    experts: dict[str, nn.Module]
+    vae: nn.Module
+    text_encoder: object
+    layout: str
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def load_expert(layout: Layout, name: str, *, device="cpu", dtype=torch.bfloat16, strict=True):
+    """One expert transformer of `layout`, built on meta and filled tensor by tensor."""
+    from vidmoe.models.transformer import WanTransformer
+
+    with torch.device("meta"):
+        expert = WanTransformer(layout.config.transformer).to(dtype)
+    load_into(expert, layout.expert_tensors(name), strict=strict, device=device)
+    return expert.eval().requires_grad_(False)
+
+
+def load_vae(layout: Layout, *, device="cpu", dtype=torch.float32, strict=True):
+    """The VAE of `layout`, built on meta and filled tensor by tensor."""
+    from vidmoe.models.vae import WanVAE
+
+    with torch.device("meta"):
+        vae = WanVAE(layout.config.vae).to(dtype)
+    load_into(vae, layout.vae_tensors(), strict=strict, device=device)
+    return vae.eval().requires_grad_(False)
+
+
+def load_components(
+    path: str | Path, *, device="cpu", dtype: torch.dtype = torch.bfloat16, strict: bool = True
+) -> LoadedComponents:
+    """Detect the layout at `path` and load every expert, the VAE (fp32) and the text encoder."""
+    from vidmoe.models.text_encoder import build_text_encoder
+
+    layout = detect_layout(path)
+    if layout.vae is None:
+        raise ValueError(
+            f"{path} is a {layout.kind} file with one expert and no VAE or text encoder; load it "
+            "with `load_expert(detect_layout(path), name)`, or use a full checkpoint folder"
+        )
+    experts = {
+        name: load_expert(layout, name, device=device, dtype=dtype, strict=strict)
+        for name in layout.experts
+    }
+    vae = load_vae(layout, device=device, dtype=torch.float32, strict=strict)
+    kind = layout.config.text_encoder
+    text_path = layout.root if kind == "umt5-xxl" else layout.text_encoder
+    # the encoder truncates to the transformer's text length, as the release does
+    text = build_text_encoder(kind, text_path, device=device, max_length=layout.config.transformer.text_len)
+    return LoadedComponents(
+        config=layout.config,
+        experts=experts,
+        vae=vae,
+        text_encoder=text,
+        layout=layout.kind,
+        notes=layout.notes,
+    )

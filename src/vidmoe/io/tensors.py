@@ -1,0 +1,301 @@
+"""Tensor files, read lazily and written atomically.
+
+A `TensorSource` is a read-only name -> tensor mapping that reads a tensor only when asked
+(safetensors through `safe_open`'s memory map; `.pth` through `torch.load(mmap=True,
+weights_only=True)`), so a checkpoint is never held twice in RAM. Writers go through a temporary
+file, fsync and `os.replace`, so a killed process never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+class TensorSource(Mapping[str, torch.Tensor]):
+    """A read-only, lazy name -> tensor mapping; `shape`/`dtype` answer without reading data."""
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self[name].dtype
+
+    def nbytes(self, name: str) -> int:
+        return self.dtype(name).itemsize * int(torch.Size(self.shape(name)).numel())
+
+
+class DictSource(TensorSource):
+    """Tensors already in memory (a state dict), seen as a `TensorSource`."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._tensors = dict(tensors)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+def _read_safetensors_header(path: Path) -> dict:
+    """Parse and check a safetensors header: readable JSON, and data that fits in the file."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path} is not a safetensors file: only {size} bytes long")
+        header_len = int.from_bytes(head, "little")
+        if 8 + header_len > size:
+            raise ValueError(
+                f"{path} is truncated or not a safetensors file: its header claims {header_len} "
+                f"bytes but the file has {size}; re-download or re-save it"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} has a corrupt safetensors header ({e})") from None
+    data_end = max(
+        (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+    )
+    if 8 + header_len + data_end > size:
+        raise ValueError(
+            f"{path} is truncated: its tensors need {8 + header_len + data_end} bytes but the file "
+            f"has {size} (an interrupted download?); re-download or re-save it"
+        )
+    return header
+
+
+class SafetensorsFile(TensorSource):
+    """One `.safetensors` file, memory-mapped; tensors are read one at a time."""
+
+    def __init__(self, path: str | Path) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        self.path = Path(path)
+        self._header = _read_safetensors_header(self.path)
+        self.metadata: dict[str, str] = self._header.pop("__metadata__", None) or {}
+        try:
+            self._file = safe_open(str(self.path), framework="pt", device="cpu")
+        except SafetensorError as e:
+            raise ValueError(f"cannot open {self.path} as safetensors: {e}") from None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import SafetensorError
+
+        if name not in self._header:
+            raise KeyError(name)
+        try:
+            return self._file.get_tensor(name)
+        except SafetensorError as e:
+            raise ValueError(f"cannot read tensor {name!r} from {self.path}: {e}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._header)
+
+    def __len__(self) -> int:
+        return len(self._header)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._header[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._header[name]["dtype"]
+        if code not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {code}")
+        return SAFETENSORS_DTYPES[code]
+
+
+class ShardedSafetensors(TensorSource):
+    """Safetensors shards named by a `*.safetensors.index.json` weight map."""
+
+    def __init__(self, index_path: str | Path) -> None:
+        self.path = Path(index_path)
+        try:
+            weight_map = json.loads(self.path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{self.path} is not a safetensors index (no weight_map): {e}"
+            ) from None
+        shard_names = sorted(set(weight_map.values()))
+        missing = [s for s in shard_names if not (self.path.parent / s).is_file()]
+        if missing:
+            raise ValueError(
+                f"checkpoint index {self.path} names {len(missing)} shard file(s) missing from "
+                f"{self.path.parent}: {missing[:10]}; download the missing shards"
+            )
+        self._shards = {s: SafetensorsFile(self.path.parent / s) for s in shard_names}
+        self._where = {name: self._shards[shard] for name, shard in weight_map.items()}
+        absent = [n for n, f in self._where.items() if n not in f._header]
+        if absent:
+            raise ValueError(f"{self.path} maps tensors its shards lack: {absent[:10]}")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._where[name][name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._where[name].shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._where[name].dtype(name)
+
+
+class TorchFile(DictSource):
+    """A `.pth` state dict, memory-mapped; only tensors are unpickled (`weights_only=True`)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
+            first_line = str(e).strip().splitlines()[-1]
+            raise ValueError(
+                f"{self.path} holds objects other than tensors, and vidmoe only unpickles "
+                f"tensors (weights_only=True): {first_line}. Convert it to safetensors with code "
+                "you trust"
+            ) from None
+        except RuntimeError as e:
+            raise ValueError(
+                f"cannot memory-map {self.path} as a torch zip checkpoint ({e}); re-save it with "
+                "torch.save (the default zip format) or convert it to safetensors"
+            ) from None
+        if not isinstance(obj, Mapping) or not all(
+            isinstance(v, torch.Tensor) for v in obj.values()
+        ):
+            raise ValueError(f"{self.path} is not a flat state dict of tensors")
+        super().__init__(obj)
+
+
+class RenamedSource(TensorSource):
+    """A view of another source under new names (`rename(old) -> new`); nothing is read."""
+
+    def __init__(self, source: TensorSource, rename: Callable[[str], str]) -> None:
+        self.source = source
+        self._old: dict[str, str] = {}
+        for old in source:
+            new = rename(old)
+            if new in self._old:
+                raise ValueError(f"tensors {self._old[new]!r} and {old!r} both map to {new!r}")
+            self._old[new] = old
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.source[self._old[name]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._old)
+
+    def __len__(self) -> int:
+        return len(self._old)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.source.shape(self._old[name])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.source.dtype(self._old[name])
+
+
+def open_tensors(path: str | Path) -> TensorSource:
+    """Open a weights file lazily: `.safetensors`, `*.safetensors.index.json`, `.pth`, or a
+    folder holding exactly one index or one `.safetensors` file."""
+    path = Path(path)
+    if path.is_dir():
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        singles = sorted(path.glob("*.safetensors"))
+        if len(indexes) == 1:
+            return ShardedSafetensors(indexes[0])
+        if not indexes and len(singles) == 1:
+            return SafetensorsFile(singles[0])
+        found = [p.name for p in indexes + singles]
+        raise ValueError(
+            f"{path} needs exactly one *.safetensors.index.json or one *.safetensors file; "
+            f"found {found or 'none'}"
+        )
+    if not path.exists():
+        raise ValueError(f"weights file {path} does not exist")
+    if path.name.endswith(".safetensors.index.json"):
+        return ShardedSafetensors(path)
+    if path.suffix == ".safetensors":
+        return SafetensorsFile(path)
+    if path.suffix in TORCH_SUFFIXES:
+        return TorchFile(path)
+    raise ValueError(
+        f"unknown weights file type {path.name!r}; accepted: .safetensors, "
+        f".safetensors.index.json, {', '.join(TORCH_SUFFIXES)}"
+    )
+
+
+def save_safetensors_atomic(
+    tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write a safetensors file so that `path` is either the old file or the whole new one.
+
+    The tensors go to a temporary file in the same folder, which is fsynced and then renamed over
+    `path` (`os.replace`). Tensors that share storage or are views are copied first.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bad = {k: type(v).__name__ for k, v in (metadata or {}).items() if not isinstance(v, str)}
+    if bad:
+        raise ValueError(f"safetensors metadata values must be str; got {bad}")
+    plain = {}
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        if t.untyped_storage().nbytes() != t.nbytes:
+            t = t.clone()
+        plain[name] = t
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(plain, str(tmp), metadata=dict(metadata) if metadata else None)
+        replace_atomic(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(text: str, path: str | Path) -> Path:
+    """Write a small text file (JSON configs, indexes) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        replace_atomic(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def replace_atomic(tmp: Path, path: Path) -> None:
+    """fsync `tmp`, rename it over `path`, and fsync the folder so the rename survives a crash."""
+    with tmp.open("rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,226 @@
+"""Writing weights in each checkpoint layout (vidmoe's own, official, diffusers, ComfyUI).
+
+Used by `vidmoe convert` and by tests that build tiny checkpoints. Tensors come in under release
+names (any `Mapping`, lazy sources included) and are read one shard at a time; every file is
+written atomically (`save_safetensors_atomic`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from vidmoe.config import ModelConfig, TransformerConfig, VAEConfig
+from vidmoe.io import keymaps
+from vidmoe.io.layouts import RELEASE_T5_FILE, RELEASE_TOKENIZER_DIR
+from vidmoe.io.tensors import (
+    DictSource,
+    RenamedSource,
+    TensorSource,
+    replace_atomic,
+    save_safetensors_atomic,
+    write_text_atomic,
+)
+
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+
+
+def _source(tensors: Mapping[str, torch.Tensor]) -> TensorSource:
+    return tensors if isinstance(tensors, TensorSource) else DictSource(tensors)
+
+
+def write_sharded_safetensors(
+    tensors: Mapping[str, torch.Tensor],
+    folder: str | Path,
+    *,
+    name: str = DIFFUSERS_WEIGHTS,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write `<name>.safetensors`, or shards `<name>-0000i-of-0000n.safetensors` and the index
+    `<name>.safetensors.index.json` when the tensors exceed `max_shard_bytes`.
+
+    Returns:
+        The single file, or the index json.
+    """
+    source, folder = _source(tensors), Path(folder)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for tensor_name in source:
+        nbytes = source.nbytes(tensor_name)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor_name)
+        size += nbytes
+    if len(shards) == 1:
+        one = {n: source[n] for n in shards[0]}
+        return save_safetensors_atomic(one, folder / f"{name}.safetensors", metadata)
+    weight_map = {}
+    for i, names in enumerate(shards, start=1):
+        file = f"{name}-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_safetensors_atomic({n: source[n] for n in names}, folder / file, metadata)
+        weight_map.update(dict.fromkeys(names, file))
+    total = sum(source.nbytes(n) for n in source)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    return write_text_atomic(json.dumps(index, indent=2), folder / f"{name}.safetensors.index.json")
+
+
+def _write_json(d: dict, path: Path) -> Path:
+    return write_text_atomic(json.dumps(d, indent=2, sort_keys=True), path)
+
+
+def save_torch_atomic(tensors: Mapping[str, torch.Tensor], path: str | Path) -> Path:
+    """Write a plain state dict `.pth` (the release's VAE and T5 format), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save({n: t.detach().cpu().contiguous() for n, t in _source(tensors).items()}, tmp)
+        replace_atomic(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _expert_folders(root: Path, names: list[str], kind: str) -> dict[str, Path]:
+    """Where each expert goes: release `<name>_model/` or diffusers `transformer{,_2}/`."""
+    if sorted(names) == ["high_noise", "low_noise"]:
+        if kind == "diffusers":
+            return {"high_noise": root / "transformer", "low_noise": root / "transformer_2"}
+        return {n: root / f"{n}_model" for n in names}
+    if names == ["dense"]:
+        return {"dense": root / "transformer" if kind == "diffusers" else root}
+    raise ValueError(
+        f"the {kind} layout holds experts ['high_noise', 'low_noise'] or ['dense']; got {names}"
+    )
+
+
+def write_official_layout(
+    root: str | Path,
+    *,
+    experts: Mapping[str, Mapping[str, torch.Tensor]],
+    transformer: TransformerConfig,
+    vae: Mapping[str, torch.Tensor],
+    vae_generation: str,
+    text_encoder: Mapping[str, torch.Tensor] | None = None,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Write the release folder: `{high,low}_noise_model/` (or the top level for one `dense`
+    expert) with config.json and sharded safetensors, `Wan2.x_VAE.pth`, and optionally the T5
+    `.pth` and `google/umt5-xxl/` tokenizer."""
+    root = Path(root)
+    for name, folder in _expert_folders(root, list(experts), "official").items():
+        _write_json(keymaps.transformer_config_to_release(transformer), folder / "config.json")
+        write_sharded_safetensors(experts[name], folder, max_shard_bytes=max_shard_bytes)
+    if vae_generation not in ("2.1", "2.2"):
+        raise ValueError(f"vae_generation must be '2.1' or '2.2'; got {vae_generation!r}")
+    save_torch_atomic(vae, root / f"Wan{vae_generation}_VAE.pth")
+    if text_encoder is not None:
+        save_torch_atomic(text_encoder, root / RELEASE_T5_FILE)
+    if tokenizer_dir is not None:
+        shutil.copytree(tokenizer_dir, root / RELEASE_TOKENIZER_DIR, dirs_exist_ok=True)
+    return root
+
+
+def write_diffusers_transformer(
+    tensors: Mapping[str, torch.Tensor],
+    config: TransformerConfig,
+    folder: str | Path,
+    *,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Write one expert as a diffusers `WanTransformer3DModel` folder (config.json + weights)."""
+    folder = Path(folder)
+    _write_json(keymaps.transformer_config_to_diffusers(config), folder / "config.json")
+    renamed = RenamedSource(_source(tensors), keymaps.transformer_to_diffusers)
+    return write_sharded_safetensors(renamed, folder, max_shard_bytes=max_shard_bytes)
+
+
+def write_diffusers_vae(
+    tensors: Mapping[str, torch.Tensor], config: VAEConfig, folder: str | Path
+) -> Path:
+    """Write a release VAE state dict as a diffusers `AutoencoderKLWan` folder."""
+    folder = Path(folder)
+    _write_json(keymaps.vae_config_to_diffusers(config), folder / "config.json")
+    renamed = RenamedSource(_source(tensors), keymaps.vae_renamer(config, to_diffusers=True))
+    return save_safetensors_atomic(
+        dict(renamed.items()), folder / f"{DIFFUSERS_WEIGHTS}.safetensors"
+    )
+
+
+def write_diffusers_layout(
+    root: str | Path,
+    *,
+    experts: Mapping[str, Mapping[str, torch.Tensor]],
+    transformer: TransformerConfig,
+    vae: Mapping[str, torch.Tensor],
+    vae_config: VAEConfig,
+    boundary_ratio: float | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Write a diffusers pipeline folder: model_index.json, transformer/ (the high-noise expert),
+    transformer_2/ (the low-noise expert), vae/ (no text encoder or tokenizer)."""
+    root = Path(root)
+    folders = _expert_folders(root, list(experts), "diffusers")
+    if len(folders) == 2 and boundary_ratio is None:
+        raise ValueError("two experts need a boundary_ratio for model_index.json")
+    for name, folder in folders.items():
+        write_diffusers_transformer(
+            experts[name], transformer, folder, max_shard_bytes=max_shard_bytes
+        )
+    write_diffusers_vae(vae, vae_config, root / "vae")
+    pipeline = "WanImageToVideoPipeline" if transformer.model_type == "i2v" else "WanPipeline"
+    absent = [None, None]
+    index = {
+        "_class_name": pipeline,
+        "boundary_ratio": boundary_ratio if len(folders) == 2 else None,
+        "expand_timesteps": transformer.model_type == "ti2v",
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": ["diffusers", "WanTransformer3DModel"] if len(folders) == 2 else absent,
+        "vae": ["diffusers", "AutoencoderKLWan"],
+        "scheduler": absent,
+        "text_encoder": absent,
+        "tokenizer": absent,
+    }
+    _write_json(index, root / "model_index.json")
+    return root
+
+
+def write_vidmoe_layout(
+    root: str | Path,
+    *,
+    config: ModelConfig,
+    experts: Mapping[str, Mapping[str, torch.Tensor]],
+    vae: Mapping[str, torch.Tensor],
+) -> Path:
+    """Write vidmoe's own folder: vidmoe.json, experts/<name>.safetensors, vae.safetensors."""
+    root = Path(root)
+    if sorted(experts) != sorted(config.moe.expert_names):
+        raise ValueError(
+            f"experts {sorted(experts)} do not match the config's {list(config.moe.expert_names)}"
+        )
+    meta = {"format": "vidmoe", "config": config.name}
+    for name, tensors in experts.items():
+        save_safetensors_atomic(
+            dict(_source(tensors).items()), root / "experts" / f"{name}.safetensors", meta
+        )
+    save_safetensors_atomic(dict(_source(vae).items()), root / "vae.safetensors", meta)
+    write_text_atomic(config.to_json(), root / "vidmoe.json")
+    return root
+
+
+def write_comfyui_file(
+    tensors: Mapping[str, torch.Tensor], path: str | Path, *, prefix: str = "model.diffusion_model."
+) -> Path:
+    """Write one expert as a ComfyUI single file (release names behind `prefix`)."""
+    if prefix and prefix not in keymaps.COMFYUI_PREFIXES:
+        raise ValueError(f"prefix must be one of {keymaps.COMFYUI_PREFIXES} or ''; got {prefix!r}")
+    return save_safetensors_atomic({prefix + n: t for n, t in _source(tensors).items()}, path)

@@ -1,0 +1,246 @@
+"""The shapes world's vocabulary and language: the structured label of a clip, the captions
+drawn for it, and `parse_prompt`, which reads the same attributes back out of free text.
+
+Rendering lives in `shapes.py` and reading videos in `analyser.py`; both share these names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+COLOURS = ("red", "green", "blue", "yellow", "purple", "cyan", "orange", "white")
+SHAPES = ("circle", "square", "triangle", "star")
+# "diagonal" is always from lower left to upper right, so a caption names one direction.
+MOTIONS = ("left", "right", "up", "down", "diagonal", "growing", "shrinking", "rotating")
+BACKGROUNDS = ("grey", "black", "white", "dark_blue")
+SIZES = ("small", "medium", "large")
+TEXTURES = ("plain", "noise", "stripes")
+
+
+def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class ShapeLabel:
+    """What one object in a clip is and does, plus the background it is drawn on."""
+
+    colour: str
+    shape: str
+    motion: str
+    background: str = "grey"
+    size: str = "medium"
+    texture: str = "plain"
+
+    def __post_init__(self):
+        _check("colour", self.colour, COLOURS)
+        _check("shape", self.shape, SHAPES)
+        _check("motion", self.motion, MOTIONS)
+        _check("background", self.background, BACKGROUNDS)
+        _check("size", self.size, SIZES)
+        _check("texture", self.texture, TEXTURES)
+
+
+@dataclass(frozen=True)
+class PromptLabel:
+    """The attributes a prompt mentions; None where the text says nothing about one."""
+
+    colour: str | None = None
+    shape: str | None = None
+    motion: str | None = None
+    background: str | None = None
+    size: str | None = None
+    texture: str | None = None
+
+
+# Several phrasings per motion; every one of them parses back to its motion.
+MOTION_PHRASES = {
+    "left": (
+        "moving to the left",
+        "drifts left",
+        "slides to the left",
+        "travelling leftward",
+        "moves left",
+    ),
+    "right": (
+        "moving to the right",
+        "drifts right",
+        "slides to the right",
+        "travelling rightward",
+        "moves right",
+    ),
+    "up": ("moving up", "rising", "drifts upward", "floating up", "moves upward"),
+    "down": ("moving down", "falling", "sinking", "drifts downward", "moves down"),
+    "diagonal": (
+        "moving diagonally up and to the right",
+        "drifts diagonally up-right",
+        "moving up and to the right",
+        "rising diagonally to the right",
+    ),
+    "growing": ("growing", "getting bigger", "expanding", "grows larger", "swelling"),
+    "shrinking": ("shrinking", "getting smaller", "contracting", "shrinks", "dwindling"),
+    "rotating": ("rotating", "spinning", "turning in place", "spins around", "twirling"),
+}
+_SIZE_WORDS = {
+    "small": ("small", "little"),
+    "medium": ("medium-sized", "mid-sized"),
+    "large": ("large", "big"),
+}
+_TEXTURE_WORDS = {"plain": "plain", "noise": "noisy", "stripes": "striped"}
+_BACKGROUND_WORDS = {"grey": "grey", "black": "black", "white": "white", "dark_blue": "dark blue"}
+
+_TEMPLATES = (
+    "{a} {colour} {shape} {motion}",
+    "{a} {size} {colour} {shape} {motion} on {bg} background",
+    "{a} {colour} {shape} {motion} on {bg} background",
+    "{colour} {shape} {motion}, {bg_bare} background",
+    "a video of {a} {size} {colour} {shape} {motion}",
+    "the {colour} {shape} {motion} against {bg} backdrop",
+    "{a} {colour} {shape} on {bg} background, {motion}",
+)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _background_phrase(label: ShapeLabel) -> str:
+    words = _BACKGROUND_WORDS[label.background]
+    if label.texture != "plain":
+        words = f"{_TEXTURE_WORDS[label.texture]} {words}"
+    return words
+
+
+def caption_for(label: ShapeLabel | tuple[ShapeLabel, ...], rng: np.random.Generator) -> str:
+    """A caption for one label (or several objects on one background), phrasing drawn from `rng`.
+
+    The colour and shape appear as their label words; the motion as one of MOTION_PHRASES.
+    """
+    labels = (label,) if isinstance(label, ShapeLabel) else tuple(label)
+    if not labels:
+        raise ValueError("caption_for needs at least one label")
+    bg = _background_phrase(labels[0])
+    if len(labels) > 1:
+        parts = [_object_phrase(lab, rng) for lab in labels]
+        return f"{' and '.join(parts)} on {_article(bg)} {bg} background"
+    template = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
+    lab = labels[0]
+    size_words = _SIZE_WORDS[lab.size]
+    size = size_words[int(rng.integers(len(size_words)))]
+    phrases = MOTION_PHRASES[lab.motion]
+    first = size if "{size}" in template else lab.colour
+    text = template.format(
+        a=_article(first),
+        size=size,
+        colour=lab.colour,
+        shape=lab.shape,
+        motion=phrases[int(rng.integers(len(phrases)))],
+        bg=f"{_article(bg)} {bg}",
+        bg_bare=bg,
+    )
+    return text
+
+
+def _object_phrase(lab: ShapeLabel, rng: np.random.Generator) -> str:
+    phrases = MOTION_PHRASES[lab.motion]
+    return f"{_article(lab.colour)} {lab.colour} {lab.shape} {phrases[int(rng.integers(len(phrases)))]}"
+
+
+_COLOUR_SYNONYMS = {
+    "red": r"red|crimson|scarlet",
+    "green": r"green|lime",
+    "blue": r"blue",
+    "yellow": r"yellow|golden",
+    "purple": r"purple|magenta|violet",
+    "cyan": r"cyan|aqua|turquoise|teal",
+    "orange": r"orange",
+    "white": r"white",
+}
+_SHAPE_SYNONYMS = {
+    "circle": r"circles?|disc|disk|ball|dot|round shape",
+    "square": r"squares?|box|block|rectangle",
+    "triangle": r"triangles?|triangular shape",
+    "star": r"stars?",
+}
+# The earliest mention wins (the first object's motion); where two patterns match at the same
+# place the earlier one in this list wins, so compound phrases ("up and to the right", "rising
+# diagonally", "growing smaller") beat the plain words inside them.
+_MOTION_PATTERNS = (
+    (
+        "diagonal",
+        r"((ris(e|es|ing)|mov(e|es|ing)|drift(s|ing)?) )?diagonal\w*|up(wards?)?(-| and )(to the )?right|upper right|north-?east",
+    ),
+    (
+        "shrinking",
+        r"shrink\w*|getting smaller|gets smaller|grow(s|ing)? smaller|contract\w*|dwindl\w*",
+    ),
+    (
+        "growing",
+        r"grow\w*|expand\w*|getting (bigger|larger)|gets (bigger|larger)|enlarg\w*|swell\w*",
+    ),
+    ("rotating", r"rotat\w*|spin\w*|turning|turns|twirl\w*|revolv\w*"),
+    ("up", r"up|upwards?|ris(e|es|ing)|ascend\w*|climb\w*"),
+    ("down", r"down|downwards?|fall(s|ing)?|sink(s|ing)?|drop(s|ping)?|descend\w*"),
+    ("right", r"right|rightwards?"),
+    ("left", r"left|leftwards?"),
+)
+_BACKGROUND_RE = re.compile(
+    r"(?:(plain|noisy|textured|striped|stripy)\s+)?(dark[- ]blue|navy|grey|black|white)\s+"
+    r"(?:background|backdrop)"
+)
+_SIZE_RE = {
+    "small": r"small|little|tiny",
+    "medium": r"medium(-sized)?|mid-sized",
+    "large": r"large|big|huge",
+}
+
+
+def _first(text: str, table: dict[str, str]) -> str | None:
+    """The key whose pattern matches earliest in `text` (whole words), or None."""
+    best, best_pos = None, len(text) + 1
+    for key, pattern in table.items():
+        m = re.search(rf"\b(?:{pattern})\b", text)
+        if m and m.start() < best_pos:
+            best, best_pos = key, m.start()
+    return best
+
+
+def parse_prompt(text: str) -> PromptLabel:
+    """Read colour, shape, motion, background, size and texture words out of free text.
+
+    Synonyms are understood ("rightward", "rising" = up, "sinking" = down, "expanding" = growing,
+    "spinning" = rotating, "gray", "magenta" = purple, ...). With several objects the first one
+    mentioned wins. Attributes the text does not mention are None.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"parse_prompt needs a string; got {type(text).__name__}")
+    text = " ".join(text.lower().replace("gray", "grey").split())
+    background = texture = None
+    m = _BACKGROUND_RE.search(text)
+    if m:
+        bg_word = m.group(2).replace("-", " ")
+        background = {"dark blue": "dark_blue", "navy": "dark_blue"}.get(bg_word, bg_word)
+        tex_word = m.group(1)
+        texture = {"noisy": "noise", "textured": "noise", "striped": "stripes", "stripy": "stripes"}
+        texture = texture.get(tex_word, "plain")  # a background named without a texture is plain
+        text = (
+            text[: m.start()] + " " + text[m.end() :]
+        )  # so "blue" in the background is not the shape's
+    found = []  # (start, priority, motion)
+    for priority, (name, pattern) in enumerate(_MOTION_PATTERNS):
+        m = re.search(rf"\b(?:{pattern})\b", text)
+        if m:
+            found.append((m.start(), priority, name))
+    motion = min(found)[2] if found else None
+    return PromptLabel(
+        colour=_first(text, _COLOUR_SYNONYMS),
+        shape=_first(text, _SHAPE_SYNONYMS),
+        motion=motion,
+        background=background,
+        size=_first(text, _SIZE_RE),
+        texture=texture,
+    )
