@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.checkpoints import save_word_tokenizer as _save_word_tokenizer
 from vidmoe.models.text_encoder import (
     DEFAULT_NEGATIVE_PROMPT,
     RELEASE_T5_FILE,
@@ -126,23 +127,6 @@ def test_matches_reference_t5_encoder_beyond_max_distance(shared_pos):
         want = ref(ids, mask)
         got = model(input_ids=ids, attention_mask=mask).last_hidden_state
     assert ((got - want).norm() / want.norm()).item() < 1e-5
-
-
-def _save_word_tokenizer(folder: Path, words: list[str]) -> None:
-    """A tiny T5-style word-level tokenizer (pad 0, eos 1, unk 2) saved for AutoTokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", special_tokens=[("</s>", 1)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    )
-    fast.save_pretrained(str(folder))
 
 
 def test_release_and_diffusers_layouts_give_the_same_embeddings(tmp_path):

@@ -50,16 +50,8 @@ class SelfAttention(nn.Module):
         return self.o(rearrange(out, "b l n d -> b l (n d)"))  # (B, L, D)
 
 
-class CrossAttention(nn.Module):
-    """Attention from video tokens to text tokens (no RoPE, no mask)."""
-
-    def __init__(self, cfg: TransformerConfig):
-        super().__init__()
-        self.num_heads = cfg.num_heads
-        self.q, self.k = nn.Linear(cfg.dim, cfg.dim), nn.Linear(cfg.dim, cfg.dim)
-        self.v, self.o = nn.Linear(cfg.dim, cfg.dim), nn.Linear(cfg.dim, cfg.dim)
-        self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+class CrossAttention(SelfAttention):
+    """Attention from video tokens to text tokens (no RoPE, no mask); same projections."""
 
     def forward(self, x, context):
         heads = dict(n=self.num_heads)
