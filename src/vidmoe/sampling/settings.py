@@ -35,6 +35,8 @@ class GenerateSettings:
     """Classifier-free guidance per expert name; missing experts keep the model's value."""
     boundary: float | str | None = None
     """A sigma in (0, 1), or a mode: 'release', 'snr', 'steps:N'."""
+    band: float | None = None
+    """Half-width (sigma) of a transition band around each boundary; None keeps the model's (0: hard)."""
     steps_per_expert: dict[str, int] = field(default_factory=dict)
     """Step budget per expert (instead of a boundary): {'high_noise': 2, 'low_noise': 6}."""
     sigmas: tuple[float, ...] | None = None
@@ -58,6 +60,7 @@ class ResolvedSettings:
     sampler: str
     guidance: dict[str, float]
     boundary: float | str
+    band: float
     steps_per_expert: dict[str, int]
     sigmas: tuple[float, ...] | None
     seed: int
@@ -159,6 +162,9 @@ def resolve_settings(s: GenerateSettings, model: ModelConfig) -> ResolvedSetting
     _check_boundary(boundary)
     if isinstance(boundary, str) and boundary not in ("release", "snr", "calibrated"):
         boundary = boundary if boundary.startswith("steps:") else float(boundary)
+    band = float(s.band if s.band is not None else model.moe.band)
+    if not 0.0 <= band < 0.5:
+        raise ValueError(f"band must lie in [0, 0.5) (a sigma half-width; 0 switches hard); got {band}")
     needs_image = model.transformer.model_type == "i2v"
     if needs_image and not s.image:
         raise ValueError(f"{model.name} is an image-to-video model: give an image (--image PATH)")
@@ -170,7 +176,7 @@ def resolve_settings(s: GenerateSettings, model: ModelConfig) -> ResolvedSetting
     return ResolvedSettings(
         prompt=s.prompt, negative_prompt=negative, width=width, height=height,
         num_frames=num_frames, num_steps=num_steps, shift=shift, sampler=sampler,
-        guidance=guidance, boundary=boundary, steps_per_expert=dict(s.steps_per_expert),
+        guidance=guidance, boundary=boundary, band=band, steps_per_expert=dict(s.steps_per_expert),
         sigmas=tuple(s.sigmas) if s.sigmas is not None else None, seed=int(s.seed), image=s.image,
     )  # fmt: skip
 
