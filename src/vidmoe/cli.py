@@ -37,7 +37,7 @@ def parse_per_expert(values: list[str] | None, kind=float, what: str = "guidance
 
 
 def _settings(prompt, negative_prompt, width, height, frames, steps, shift, sampler, guidance, boundary, seed, image,
-              sigmas=None):  # fmt: skip
+              sigmas=None, band=None):  # fmt: skip
     from vidmoe.sampling.settings import GenerateSettings
 
     steps_per_expert = {}
@@ -59,7 +59,8 @@ def _settings(prompt, negative_prompt, width, height, frames, steps, shift, samp
     return GenerateSettings(
         prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, num_frames=frames,
         num_steps=num_steps, shift=shift, sampler=sampler, guidance=parse_per_expert(guidance),
-        boundary=boundary, steps_per_expert=steps_per_expert, sigmas=sigma_list, seed=seed, image=image,
+        boundary=boundary, band=band, steps_per_expert=steps_per_expert, sigmas=sigma_list, seed=seed,
+        image=image,
     )  # fmt: skip
 
 
@@ -75,7 +76,9 @@ def parse_lora_spec(item: str) -> tuple[str | None, str, float]:
         try:
             strength = float(value)
         except ValueError:
-            raise typer.BadParameter(f"LoRA strength must be a number; got {value!r} in {item!r}") from None
+            raise typer.BadParameter(
+                f"LoRA strength must be a number; got {value!r} in {item!r}"
+            ) from None
     return expert, path, strength
 
 
@@ -105,6 +108,9 @@ def generate(
     boundary: str | None = typer.Option(
         None, "--boundary", help="A sigma in (0,1), or release, snr, steps:N."
     ),
+    band: float | None = typer.Option(
+        None, "--band", help="Transition band half-width (sigma) around each boundary; 0 switches hard."
+    ),
     timesteps: str | None = typer.Option(
         None, "--timesteps", help="Explicit list: 1000,750,500,250 (or sigmas)."
     ),
@@ -118,11 +124,19 @@ def generate(
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     lora: list[str] | None = typer.Option(
-        None, "--lora", help="LoRA file, repeatable: FILE, FILE:0.8, high_noise=FILE:0.8 (bare: both experts)."
+        None,
+        "--lora",
+        help="LoRA file, repeatable: FILE, FILE:0.8, high_noise=FILE:0.8 (bare: both experts).",
     ),
-    lora_strict: str = typer.Option("on", "--lora-strict", help="on: unmatched LoRA tensors are an error; off: warn."),
-    fuse_lora: bool = typer.Option(False, "--fuse-lora", help="Merge the LoRAs into the weights before sampling."),
-    recipe: str | None = typer.Option(None, "--recipe", help="Few-step recipe, e.g. lightning-4step."),
+    lora_strict: str = typer.Option(
+        "on", "--lora-strict", help="on: unmatched LoRA tensors are an error; off: warn."
+    ),
+    fuse_lora: bool = typer.Option(
+        False, "--fuse-lora", help="Merge the LoRAs into the weights before sampling."
+    ),
+    recipe: str | None = typer.Option(
+        None, "--recipe", help="Few-step recipe, e.g. lightning-4step."
+    ),
 ):
     """Generate a video; writes OUTPUT (mp4) and OUTPUT.json (settings, plan, trace)."""
     from vidmoe.io.video import write_json, write_mp4
@@ -130,7 +144,7 @@ def generate(
 
     try:
         s = _settings(prompt, negative_prompt, width, height, frames, steps, shift, sampler, guidance, boundary,
-                      seed, str(image) if image else None, timesteps)  # fmt: skip
+                      seed, str(image) if image else None, timesteps, band)  # fmt: skip
         if recipe:
             from vidmoe.sampling.recipes import apply_recipe
 
@@ -151,7 +165,9 @@ def generate(
             rec = pipe.load_lora(path, expert=expert, strength=strength, strict=lora_strict == "on")
             if not quiet:
                 on = ", ".join(f"{e}={v:g}" for e, v in rec.strengths.items())
-                typer.echo(f"lora {rec.name}: {rec.format} format, {rec.num_modules} modules ({on})")
+                typer.echo(
+                    f"lora {rec.name}: {rec.format} format, {rec.num_modules} modules ({on})"
+                )
         if fuse_lora and lora_specs:
             pipe.fuse_lora()
         result = pipe.generate(s, progress=not quiet)
@@ -160,6 +176,8 @@ def generate(
     write_mp4(result.frames, output, fps=pipe.config.fps)
     record = {"settings": result.settings.to_dict(), "model": pipe.source, "plan": result.plan.to_dict(),
               "trace": result.trace, "timings": result.timings}  # fmt: skip
+    if recipe:
+        record["recipe"] = recipe
     write_json(record, output.with_suffix(output.suffix + ".json"))
     t, h, w, _ = result.frames.shape
     typer.echo(
@@ -185,8 +203,13 @@ def plan(
     shift: float | None = typer.Option(None, "--shift"),
     guidance: list[str] | None = typer.Option(None, "--guidance", "-g"),
     boundary: str | None = typer.Option(None, "--boundary"),
+    band: float | None = typer.Option(
+        None, "--band", help="Transition band half-width (sigma) around each boundary; 0 switches hard."
+    ),
     timesteps: str | None = typer.Option(None, "--timesteps"),
-    recipe: str | None = typer.Option(None, "--recipe", help="Few-step recipe, e.g. lightning-4step."),
+    recipe: str | None = typer.Option(
+        None, "--recipe", help="Few-step recipe, e.g. lightning-4step."
+    ),
 ):
     """Print the per-step plan: boundary, steps per expert, guidance per step."""
     from vidmoe.loading import model_config_for
@@ -196,7 +219,7 @@ def plan(
     try:
         config = model_config_for(model)
         s = _settings(
-            "", None, None, None, None, steps, shift, None, guidance, boundary, 0, None, timesteps
+            "", None, None, None, None, steps, shift, None, guidance, boundary, 0, None, timesteps, band
         )
         if recipe:
             from vidmoe.sampling.recipes import apply_recipe
@@ -211,12 +234,12 @@ def plan(
 
 @app.command()
 def serve(
-    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    model: str | None = typer.Argument(None, help=MODEL_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; other than loopback needs --token."),
     port: int = typer.Option(7860, "--port"),
     outputs: Path = typer.Option(Path("outputs/serve"), "--outputs", help="Job database, videos and uploads."),
     max_queue: int = typer.Option(64, "--max-queue", help="Jobs waiting at most; more get HTTP 429."),
-    token: Optional[str] = typer.Option(None, "--token", help="Bearer token for /v1 (default: $VIDMOE_TOKEN)."),
+    token: str | None = typer.Option(None, "--token", help="Bearer token for /v1 (default: $VIDMOE_TOKEN)."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 or auto."),
     dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 or auto."),
     residency: str = typer.Option("resident", "--residency", help="resident or swap (idle expert in host RAM)."),
@@ -246,6 +269,30 @@ def serve(
         _fail(e)
     typer.echo(f"vidmoe serve: {application.state.config.name} on http://{host}:{port}/ (outputs {outputs})")
     uvicorn.run(application, host=host, port=port, log_level=log_level)
+
+
+@app.command("eval")
+def eval_(
+    model: str | None = typer.Argument(None, help=MODEL_HELP),
+    num_prompts: int = typer.Option(32, "--prompts", help="Held-out prompts (balanced over colour, shape, motion)."),
+    seeds: int = typer.Option(1, "--seeds", help="Seeds per prompt."),
+    motions: str = typer.Option("left,right,up,down", "--motions", help="Motions in the prompt set."),
+    ablation: list[str] | None = typer.Option(None, "--ablation", help="swap, boundary:0.5,0.9 or band:0.05 (repeatable)."),
+    steps: int | None = typer.Option(None, "--steps", "-s"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Report path (writes .md, .json and .png)."),
+):
+    """Prompt adherence (analyser read-back), flicker and speed, with inference-time ablations."""
+    from vidmoe.evaluation import dumps, markdown_table, run_eval
+
+    command = "vidmoe eval " + " ".join(sys.argv[2:])
+    try:
+        results = run_eval(model, num_prompts=num_prompts, seeds=tuple(range(seeds)), ablations=ablation or [],
+                           motions=tuple(motions.split(",")), out=out, command=command, num_steps=steps)  # fmt: skip
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    typer.echo(markdown_table(results))
+    if out is None:
+        typer.echo(dumps(results))
 
 
 def main() -> None:

@@ -85,7 +85,9 @@ class Pipeline:
         return self._with_adapters(build_plan_for(s, self.config))
 
     def _with_adapters(self, plan: Plan) -> Plan:
-        return with_adapter_scales(plan, self.adapters.strengths()) if self.adapters.records else plan
+        if not self.adapters.records:
+            return plan
+        return with_adapter_scales(plan, self.adapters.strengths())
 
     # -- adapters (LoRA) ---------------------------------------------------------------------
     def load_lora(self, path, expert: str | None = None, strength: float | dict[str, float] = 1.0,
@@ -264,7 +266,7 @@ def build_plan_for(rs: ResolvedSettings, config: ModelConfig) -> Plan:
         sigmas = sigmas_from_list(rs.sigmas)
     else:
         sigmas = make_sigmas(rs.num_steps, rs.shift, solver=rs.sampler)
-    moe, boundary = config.moe, rs.boundary
+    moe, boundary = dataclasses.replace(config.moe, band=rs.band), rs.boundary
     if isinstance(boundary, float):
         if len(moe.expert_names) != 2:
             raise ValueError(f"a numeric boundary needs a two-expert model; {config.name} has {len(moe.expert_names)}")

@@ -65,10 +65,7 @@ class Plan:
         """Maximal runs of consecutive steps with the same experts and guidance."""
         runs: list[list[StepPlan]] = []
         for s in self.steps:
-            last = runs[-1][-1] if runs else None
-            if last and (last.experts, last.guidance, last.adapter_scales) == (
-                s.experts, s.guidance, s.adapter_scales
-            ):
+            if runs and _phase_key(runs[-1][-1]) == _phase_key(s):
                 runs[-1].append(s)
             else:
                 runs.append([s])
@@ -117,6 +114,10 @@ class Plan:
             for s in d["steps"]
         )
         return cls(steps=steps, expert_names=tuple(d["expert_names"]))
+
+
+def _phase_key(s: StepPlan) -> tuple:
+    return s.experts, s.guidance, s.adapter_scales
 
 
 def with_adapter_scales(plan: Plan, strengths: Mapping[str, Mapping[str, float]]) -> Plan:

@@ -1,0 +1,126 @@
+"""The one worker thread: loads the model, then takes jobs from the queue one at a time and
+runs them off the event loop.
+
+Progress is written to the job store after every step (steps done, the expert at work now,
+the phase). A cancel request stops a running job at its next step. Video and JSON are written
+under temporary names and renamed, and only then is the job marked done, so a crash at any
+point leaves either no file or a complete one, and the job runs again after a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from vidmoe.sampling.settings import GenerateSettings
+from vidmoe.serve.queue import JobStore
+
+log = logging.getLogger("vidmoe.serve")
+
+
+class JobCancelled(Exception):
+    """Raised from the step callback to stop a cancelled job."""
+
+
+class Worker(threading.Thread):
+    """Runs queued jobs through one pipeline, one at a time."""
+
+    def __init__(self, store: JobStore, load: Callable[[], object], videos_dir: Path):
+        super().__init__(name="vidmoe-worker", daemon=True)
+        self.store, self.load, self.videos_dir = store, load, Path(videos_dir)
+        self.pipe = None
+        self.state = "loading"
+        """loading, idle, busy, stopped or error."""
+        self.load_error: str | None = None
+        self.current: str | None = None
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._cancel: set[str] = set()
+
+    # -- called from the server ----------------------------------------------------------------
+    def notify(self) -> None:
+        """A job was queued."""
+        self._wake.set()
+
+    def request_cancel(self, job_id: str) -> None:
+        self._cancel.add(job_id)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self.current is not None:
+            self._cancel.add(self.current)
+        self.join(timeout)
+
+    # -- the thread --------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self.pipe = self.load()
+        except Exception as e:  # the server stays up and says why in /v1/health
+            self.state, self.load_error = "error", f"{type(e).__name__}: {e}"
+            log.error("model failed to load: %s", self.load_error)
+            return
+        self.state = "idle"
+        while not self._stopping.is_set():
+            job = self.store.claim_next()
+            if job is None:
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            self.state, self.current = "busy", job["id"]
+            try:
+                self._run(job)
+            finally:
+                self._cancel.discard(job["id"])
+                self.state, self.current = "idle", None
+        self.state = "stopped"
+
+    def _cancelled(self, job_id: str) -> bool:
+        return job_id in self._cancel or self.store.cancel_requested(job_id)
+
+    def _run(self, job: dict) -> None:
+        from vidmoe.io.video import write_json, write_mp4
+
+        job_id, steps = job["id"], job["plan"]["steps"]
+        if self._cancelled(job_id):
+            self.store.finish(job_id, "cancelled")
+            return
+        self.store.progress(job_id, step=0, experts=steps[0]["experts"], phase="denoise")
+
+        def on_step(index: int, num_steps: int, experts) -> None:
+            if self._cancelled(job_id):
+                raise JobCancelled(job_id)
+            done = index + 1
+            upcoming = steps[done]["experts"] if done < num_steps else None
+            self.store.progress(job_id, step=done, experts=upcoming,
+                                phase="denoise" if done < num_steps else "decode")  # fmt: skip
+
+        started = time.perf_counter()
+        try:
+            result = self.pipe.generate(GenerateSettings(**job["request"]), callback=on_step)
+            if self._cancelled(job_id):
+                raise JobCancelled(job_id)
+            self.store.progress(job_id, step=len(steps), experts=None, phase="write")
+            t0 = time.perf_counter()
+            video = self.videos_dir / f"{job_id}.mp4"
+            write_mp4(result.frames, video, fps=self.pipe.config.fps)
+            timings = {**result.timings, "write": time.perf_counter() - t0}
+            timings["total"] = time.perf_counter() - started
+            record = {"id": job_id, "settings": result.settings.to_dict(), "model": self.pipe.source,
+                      "plan": result.plan.to_dict(), "trace": result.trace, "timings": timings}  # fmt: skip
+            write_json(record, video.with_suffix(".mp4.json"))
+        except JobCancelled:
+            if self._stopping.is_set() and not self.store.cancel_requested(job_id):
+                self.store.requeue(job_id)  # shutting down: run it again after a restart
+            else:
+                self.store.finish(job_id, "cancelled")
+            return
+        except Exception as e:
+            log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+            self.store.finish(job_id, "failed", error=f"{type(e).__name__}: {e}")
+            return
+        self.store.finish(job_id, "done", timings={k: round(v, 4) for k, v in timings.items()})
