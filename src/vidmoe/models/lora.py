@@ -6,7 +6,8 @@ Unfused adapters run beside the frozen module through a forward hook: y = f(x) +
 delta_i(x). Their tensors live in a child module `lora_adapters` as non-persistent buffers, so
 they follow the model across devices (`.to`) while `state_dict()` keeps the release names only.
 Supported: nn.Linear, nn.Conv3d (the patch embedding), the affine norms (`.diff`/`.diff_b`) and
-bare parameters such as `blocks.N.modulation` (`.diff`, added for the duration of each call). Shape legend: O output features, I input features, R rank, k kernel.
+bare parameters such as `blocks.N.modulation` (`.diff`, added for the duration of each call).
+Shape legend: O output features, I input features, R rank, k kernel.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class AdapterStack(nn.Module):
         self.strengths = strengths  # shared with the model's registry
         self.fused: dict[str, float] = {}  # name -> strength baked into the weights
         self.original: dict[str, torch.Tensor] = {}  # CPU copies of the unfused parameters
+        self.saved: torch.Tensor | None = None  # a bare parameter's value during one call
 
     def active(self) -> Iterable[tuple[Adapter, float]]:
         for name, a in self.adapters.items():
@@ -136,7 +138,7 @@ def _param_pre_hook(module: nn.Module, args):
 
 def _param_post_hook(module: nn.Module, args, output):
     for stack in _owned_stacks(module, params=True):
-        if getattr(stack, "saved", None) is not None:
+        if stack.saved is not None:
             getattr(module, stack.param).data.copy_(stack.saved)  # bit-exact restore
             stack.saved = None
     return output
@@ -219,7 +221,9 @@ def add_adapter(model: nn.Module, name: str, weights: Mapping[str, AdapterWeight
     """
     strengths = _registry(model)
     if name in strengths:
-        raise ValueError(f"adapter {name!r} is already attached; unload it first or pick a new name")
+        raise ValueError(
+            f"adapter {name!r} is already attached; unload it first or pick a new name"
+        )
     targets = {}
     for mod_name, w in weights.items():
         module, attr = _target(model, mod_name)
@@ -358,5 +362,7 @@ def adaptable_modules(model: nn.Module) -> dict[str, tuple[int, ...]]:
             out[n] = tuple(m.weight.shape)
         elif not isinstance(m, ADAPTABLE):
             prefix = f"{n}." if n else ""
-            out.update({prefix + k: tuple(p.shape) for k, p in m._parameters.items() if p is not None})
+            out.update(
+                {prefix + k: tuple(p.shape) for k, p in m._parameters.items() if p is not None}
+            )
     return out

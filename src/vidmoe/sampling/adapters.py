@@ -145,10 +145,9 @@ class AdapterSet:
 
     def fuse(self, names: list[str] | None = None) -> None:
         """Merge adapters (default: all) into the expert weights at their current strengths."""
-        for n in names or []:
-            self._record(n)
+        names = list(self.records) if names is None else [self._record(n).name for n in names]
         for e, module in self.experts.items():
-            chosen = [n for n in (names or self.records) if e in self.records[n].strengths]
+            chosen = [n for n in names if e in self.records[n].strengths]
             lora.fuse(module, chosen)
 
     def unfuse(self) -> None:
