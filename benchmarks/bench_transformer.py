@@ -46,7 +46,9 @@ def main() -> None:
     cfg = TransformerConfig(dim=args.dim, ffn_dim=4 * args.dim, num_heads=args.dim // 64, num_layers=args.layers,
                             text_len=512, text_dim=4096)  # fmt: skip
     torch.manual_seed(0)
-    ours = WanTransformer(cfg).to(dtype).eval()
+    ours = WanTransformer(cfg)
+    torch.nn.init.normal_(ours.head.head.weight, std=0.02)  # the release init zeroes it
+    ours = ours.to(dtype).eval()
     theirs = WanTransformer3DModel(**transformer_config_to_diffusers(cfg)).to(dtype).eval()
     theirs.load_state_dict({transformer_to_diffusers(k): v for k, v in ours.state_dict().items()})
     x = torch.randn(2, 16, args.frames, args.size, args.size, dtype=dtype)
@@ -68,7 +70,9 @@ def main() -> None:
     head = (f"Cond+uncond batch of 2, {tokens} video tokens, 512 text tokens; expert dim {args.dim}, {args.layers} "
             f"layers, {n / 1e6:.1f}M parameters; {args.dtype} on CPU, {args.threads} threads, {platform.machine()}, "
             f"torch {torch.__version__}. Median of {args.repeats}. Outputs agree to {err:.1e} relative.")  # fmt: skip
-    table = "\n".join(["| implementation | s / step | vs diffusers |", "| --- | --- | --- |", *rows])
+    table = "\n".join(
+        ["| implementation | s / step | vs diffusers |", "| --- | --- | --- |", *rows]
+    )
     cmd = "python benchmarks/bench_transformer.py " + " ".join(
         f"--{k} {v}" for k, v in vars(args).items() if k != "write" and v is not None
     )

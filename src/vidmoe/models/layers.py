@@ -52,7 +52,11 @@ class Modulation:
     gate: torch.Tensor | None = None
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return x * (1 + self.scale) + self.shift
+        return torch.addcmul(self.shift, x, 1 + self.scale)  # x * (1 + scale) + shift, one pass
+
+    def gated(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The gated residual x + y * gate, in one pass."""
+        return torch.addcmul(x, y, self.gate)
 
 
 def sinusoidal_embedding(timestep: torch.Tensor, dim: int) -> torch.Tensor:
@@ -102,20 +106,17 @@ def rope_angles(
     return rearrange(torch.cat([af, ah, aw], dim=-1), "f h w p -> (f h w) p")  # (L, Dh/2)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of x by the given angles.
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of x by the given angles (one complex product).
 
     Args:
         x: (B, L, N, Dh).
-        cos, sin: (L, Dh/2) float32.
+        freqs: (L, Dh/2) complex64 rotations, cos + i sin of the angles.
     Returns:
         (B, L, N, Dh) float32.
     """
-    xp = rearrange(x.float(), "b l n (p two) -> b l n p two", two=2)
-    x0, x1 = xp[..., 0], xp[..., 1]  # (B, L, N, Dh/2)
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1)  # (B, L, N, Dh/2, 2)
-    return rearrange(out, "b l n p two -> b l n (p two)")
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, L, N, Dh/2)
+    return torch.view_as_real(pairs * freqs[None, :, None, :]).flatten(3)  # (B, L, N, Dh)
 
 
 def window_mask(

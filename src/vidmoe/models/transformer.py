@@ -46,7 +46,7 @@ class SelfAttention(nn.Module):
         q = rearrange(self.norm_q(self.q(x)), "b l (n d) -> b l n d", **heads)  # (B, L, N, Dh)
         k = rearrange(self.norm_k(self.k(x)), "b l (n d) -> b l n d", **heads)  # (B, L, N, Dh)
         v = rearrange(self.v(x), "b l (n d) -> b l n d", **heads)  # (B, L, N, Dh)
-        out = attention(apply_rope(q, *rope), apply_rope(k, *rope), v, mask)  # (B, L, N, Dh)
+        out = attention(apply_rope(q, rope), apply_rope(k, rope), v, mask)  # (B, L, N, Dh)
         return self.o(rearrange(out, "b l n d -> b l (n d)"))  # (B, L, D)
 
 
@@ -93,10 +93,10 @@ class Block(nn.Module):
         m = (self.modulation.float() + e).unbind(dim=2)  # 6 x (B, L|1, D)
         attn_mod, ffn_mod = Modulation(m[0], m[1], m[2]), Modulation(m[3], m[4], m[5])
         y = self.self_attn(attn_mod.apply(self.norm1(x)).to(dtype), rope, mask)  # (B, L, D)
-        x = x + y.float() * attn_mod.gate
+        x = attn_mod.gated(x, y.float())
         x = x + self.cross_attn(self.norm3(x).to(dtype), context).float()  # (B, L, D)
         y = self.ffn(ffn_mod.apply(self.norm2(x)).to(dtype))  # (B, L, D)
-        return x + y.float() * ffn_mod.gate
+        return ffn_mod.gated(x, y.float())
 
 
 class Head(nn.Module):
@@ -206,7 +206,7 @@ class WanTransformer(nn.Module):
         context = self.text_embedding(context.to(dtype))  # (B, S, D)
 
         angles = rope_angles(grid, cfg.head_dim, device=x.device)  # (L, Dh/2)
-        rope = (torch.cos(angles).float(), torch.sin(angles).float())
+        rope = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)  # (L, Dh/2)
         mask = window_mask(grid, cfg.window_size, device=x.device)
         for block in self.blocks:
             if self.use_checkpointing and self.training:
