@@ -271,6 +271,18 @@ def serve(
     uvicorn.run(application, host=host, port=port, log_level=log_level)
 
 
+@app.command()
+def train(config: Path = typer.Argument(..., help="Training config (TOML or JSON); see docs/training.md.")):
+    """Train a Mixture-of-Experts video model from a latent cache; resumes from its out_dir."""
+    from vidmoe.training.loop import train_main
+
+    try:
+        out = train_main(config)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    typer.echo(f"training state in {out}")
+
+
 @app.command("eval")
 def eval_(
     model: str | None = typer.Argument(None, help=MODEL_HELP),

@@ -240,6 +240,15 @@ class DupUp3D(nn.Module):
         return x[:, :, ff - 1 :] if is_first_chunk else x
 
 
+def _level_blocks(in_dim: int, out_dim: int, num_blocks: int, mode: str | None) -> nn.Sequential:
+    """Residual blocks (the first changes the width) then an optional resample."""
+    blocks: list[nn.Module] = [ResidualBlock(in_dim, out_dim)]
+    blocks += [ResidualBlock(out_dim, out_dim) for _ in range(num_blocks - 1)]
+    if mode is not None:
+        blocks.append(Resample(out_dim, mode))
+    return nn.Sequential(*blocks)
+
+
 class DownLevel(nn.Module):
     """One 2.2 encoder level: residual blocks and a resample, plus an averaging shortcut."""
 
@@ -247,11 +256,7 @@ class DownLevel(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, num_blocks: int, mode: str | None) -> None:
         super().__init__()
-        blocks: list[nn.Module] = [ResidualBlock(in_dim, out_dim)]
-        blocks += [ResidualBlock(out_dim, out_dim) for _ in range(num_blocks - 1)]
-        if mode is not None:
-            blocks.append(Resample(out_dim, mode))
-        self.downsamples = nn.Sequential(*blocks)
+        self.downsamples = _level_blocks(in_dim, out_dim, num_blocks, mode)
         factor_f = 2 if mode == "downsample3d" else 1
         self.avg_shortcut = AvgDown3D(in_dim, out_dim, factor_f, 2 if mode else 1)
 
@@ -266,11 +271,7 @@ class UpLevel(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, num_blocks: int, mode: str | None) -> None:
         super().__init__()
-        blocks: list[nn.Module] = [ResidualBlock(in_dim, out_dim)]
-        blocks += [ResidualBlock(out_dim, out_dim) for _ in range(num_blocks - 1)]
-        if mode is not None:
-            blocks.append(Resample(out_dim, mode))
-        self.upsamples = nn.Sequential(*blocks)
+        self.upsamples = _level_blocks(in_dim, out_dim, num_blocks, mode)
         factor_f = 2 if mode == "upsample3d" else 1
         self.avg_shortcut = DupUp3D(in_dim, out_dim, factor_f, 2) if mode else None
 

@@ -309,13 +309,7 @@ def resolve_boundary(
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1; got {num_steps}")
-    if sigmas is None:
-        sigmas = make_sigmas(num_steps, shift, num_train_timesteps=num_train_timesteps)
-    grid = check_sigmas(sigmas)
-    if len(grid) != num_steps + 1:
-        raise ValueError(
-            f"sigmas has {len(grid)} values; num_steps={num_steps} needs {num_steps + 1}"
-        )
+    grid = _grid(num_steps, shift, sigmas, num_train_timesteps)
     if mode == "release":
         b = float(release)
     elif mode == "snr":
@@ -395,11 +389,7 @@ def make_plan(
         num_steps = len(sigmas) - 1 if sigmas is not None else 0
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1; got {num_steps}")
-    if sigmas is None:
-        sigmas = make_sigmas(num_steps, shift, num_train_timesteps=num_train_timesteps)
-    grid = check_sigmas(sigmas)
-    if len(grid) != num_steps + 1:
-        raise ValueError(f"sigmas has {len(grid) - 1} steps; num_steps={num_steps}")
+    grid = _grid(num_steps, shift, sigmas, num_train_timesteps)
     if budgets is not None:
         bounds = boundaries_from_budgets(budgets, grid, moe.expert_names)
     elif boundary == "release":
@@ -419,6 +409,18 @@ def make_plan(
         ),)  # fmt: skip
     moe = dataclasses.replace(moe, boundaries=tuple(bounds))
     return build_plan(grid, moe, guidance=guidance, num_train_timesteps=num_train_timesteps)
+
+
+def _grid(num_steps: int, shift: float, sigmas, num_train_timesteps: int) -> list[float]:
+    """The given grid (checked against num_steps), or the default one for shift and num_steps."""
+    if sigmas is None:
+        sigmas = make_sigmas(num_steps, shift, num_train_timesteps=num_train_timesteps)
+    grid = check_sigmas(sigmas)
+    if len(grid) != num_steps + 1:
+        raise ValueError(
+            f"sigmas has {len(grid) - 1} steps; num_steps={num_steps} needs {num_steps + 1} values"
+        )
+    return grid
 
 
 def _check_names(d: Mapping[str, Any], names: Sequence[str], what: str) -> None:
