@@ -1,0 +1,177 @@
+"""Training checkpoints and EMA: atomic files that hold everything a killed run needs to resume
+bit-exactly (weights, EMA, optimiser, scheduler, every RNG state, data position), and the export
+of EMA experts into vidmoe's model folder layout (`experts/<name>.safetensors`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
+    """torch.save `state` to a temp file beside `path`, fsync it, then rename it onto `path`.
+
+    A crash at any moment leaves either the previous checkpoint or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(dict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by `save_checkpoint` (on the CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
+    """The states of python's, numpy's and torch's global RNGs, and of `generator`."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any], generator: torch.Generator | None = None) -> None:
+    """Restore what `rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if generator is not None:
+        generator.set_state(state["generator"])
+
+
+class EMA:
+    """Exponential moving averages of the parameters of named modules (fp32 copies)."""
+
+    def __init__(self, modules: Mapping[str, nn.Module], decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1); got {decay}")
+        self.decay = decay
+        self.shadow = {
+            name: {k: p.detach().float().clone() for k, p in m.named_parameters()}
+            for name, m in modules.items()
+        }
+
+    def decay_at(self, step: int) -> float:
+        """Warm-up of the decay, (1 + step) / (10 + step), so early averages are not stale."""
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
+    @torch.no_grad()
+    def update(self, modules: Mapping[str, nn.Module], step: int) -> None:
+        d = self.decay_at(step)
+        for name, m in modules.items():
+            shadow = self.shadow[name]
+            for k, p in m.named_parameters():
+                shadow[k].lerp_(p.detach().float(), 1.0 - d)
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.decay = state["decay"]
+        self.shadow = {n: {k: v.clone() for k, v in s.items()} for n, s in state["shadow"].items()}
+
+    def expert_state(self, name: str, like: nn.Module) -> dict[str, torch.Tensor]:
+        """A full state_dict of expert `name` with EMA parameters (buffers taken from `like`)."""
+        state = {k: v.detach().clone() for k, v in like.state_dict().items()}
+        state.update({k: v.clone() for k, v in self.shadow[name].items()})
+        return state
+
+
+def export_experts(
+    states: Mapping[str, Mapping[str, torch.Tensor]],
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+) -> list[Path]:
+    """Write each expert's state_dict as `out_dir/experts/<name>.safetensors` in `dtype`.
+
+    Floating tensors are cast to `dtype`; files are written atomically.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(out_dir) / "experts"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, state in states.items():
+        tensors = {
+            k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()
+        }
+        path = folder / f"{name}.safetensors"
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata={"expert": name})
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def export_model(
+    checkpoint_path: str | Path,
+    config,
+    vae_state: Mapping[str, torch.Tensor],
+    out_dir: str | Path,
+    *,
+    use_ema: bool = True,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
+    """Write a trained run as a vidmoe model folder that `vidmoe.loading.load_pipeline` reads.
+
+    Args:
+        checkpoint_path: a training checkpoint (`checkpoint.pt`).
+        config: the `ModelConfig` to write as `vidmoe.json` (its experts must match the run's).
+        vae_state: the VAE's state_dict, written as float32 `vae.safetensors`.
+        out_dir: the model folder: vidmoe.json, experts/<name>.safetensors, vae.safetensors.
+        use_ema: export the EMA weights (else the raw weights).
+        dtype: dtype of the expert files.
+    Returns:
+        out_dir.
+    """
+    from safetensors.torch import save_file
+
+    state = load_checkpoint(checkpoint_path)
+    names = list(config.moe.expert_names)
+    if sorted(names) != sorted(state["experts"]):
+        raise ValueError(
+            f"the config's experts {names} differ from the checkpoint's {sorted(state['experts'])}"
+        )
+    experts = {}
+    for name in names:
+        weights = dict(state["experts"][name])
+        if use_ema:
+            weights.update(state["ema"]["shadow"][name])
+        experts[name] = weights
+    out_dir = Path(out_dir)
+    export_experts(experts, out_dir, dtype=dtype)
+    vae = {k: v.float().contiguous() for k, v in vae_state.items()}
+    save_file(vae, str(out_dir / ".vae.safetensors.tmp"))
+    os.replace(out_dir / ".vae.safetensors.tmp", out_dir / "vae.safetensors")
+    (out_dir / "vidmoe.json").write_text(config.to_json() + "\n")
+    return out_dir

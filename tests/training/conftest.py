@@ -1,0 +1,53 @@
+"""Tiny seeded pieces shared by the training tests: a fake VAE, a fake text encoder, a cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vidmoe.config import MoEConfig, TransformerConfig
+
+TINY_EXPERT = TransformerConfig(
+    model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=4, dim=32, ffn_dim=64,
+    freq_dim=32, text_dim=16, out_dim=4, num_heads=2, num_layers=1,
+)  # fmt: skip
+TINY_MOE = MoEConfig(boundaries=(0.875,), guidance=(4.0, 3.0))
+
+
+class PoolVAE(nn.Module):
+    """Stand-in VAE: a fixed 1x1x1 projection of 4x4x4-pooled pixels to 4 channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv3d(3, 4, 1)
+        torch.manual_seed(0)
+        nn.init.normal_(self.proj.weight)
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:  # (B, 3, T, H, W) -> (B, 4, ...)
+        return self.proj(F.avg_pool3d(video[:, :, 1:], 4))
+
+
+class HashTextEncoder:
+    """Stand-in text encoder: one 16-wide vector per word, seeded by the word."""
+
+    def encode(self, prompts: list[str]) -> list[torch.Tensor]:
+        out = []
+        for p in prompts:
+            words = p.split()[:8] or ["<empty>"]
+            vecs = [
+                torch.randn(16, generator=torch.Generator().manual_seed(sum(map(ord, w))))
+                for w in words
+            ]
+            out.append(torch.stack(vecs))
+        return out
+
+
+def fake_clips(n: int, num_frames: int = 9, size: int = 16) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        {"video": torch.rand(3, num_frames, size, size, generator=g) * 2 - 1,
+         "caption": f"clip {i} moving {'left' if i % 2 else 'right'}"}
+        for i in range(n)
+    ]  # fmt: skip

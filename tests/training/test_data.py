@@ -1,0 +1,88 @@
+"""Training data: the latent cache equals fresh encoding; a video folder skips corrupt files."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tests.training.conftest import HashTextEncoder, PoolVAE, fake_clips
+from vidmoe.models.text_encoder import pad_text_embeddings
+from vidmoe.training.data import (
+    EpochSampler,
+    LatentCache,
+    VideoFolderDataset,
+    build_latent_cache,
+    collate_videos,
+)
+
+
+def test_cache_equals_fresh_encoding(tmp_path):
+    clips = fake_clips(7)
+    vae, text = PoolVAE(), HashTextEncoder()
+    build_latent_cache(clips + [None], vae, text, tmp_path, text_len=8, shard_size=3, batch_size=2)
+    cache = LatentCache(tmp_path)
+    assert len(cache) == 7 and len(cache.index["shards"]) >= 2 and cache.index["skipped"] == 1
+    fresh = vae.encode(torch.stack([c["video"] for c in clips]))
+    emb, lengths = pad_text_embeddings(text.encode([c["caption"] for c in clips]), 8)
+    # batching changes float rounding only
+    torch.testing.assert_close(cache.latents, fresh, rtol=1e-5, atol=1e-6)
+    assert torch.equal(cache.text, emb) and torch.equal(cache.text_lengths, lengths)
+    assert cache.captions == [c["caption"] for c in clips]
+    empty = text.encode([""])[0]
+    assert (
+        torch.equal(cache.empty_text[: len(empty)], empty)
+        and not cache.empty_text[len(empty) :].any()
+    )
+
+
+def _write_folder(tmp_path, n=3):
+    from vidmoe.world.shapes import write_dataset
+
+    write_dataset(tmp_path, n, width=32, height=32, num_frames=9)
+    return [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+
+
+def test_video_folder_reads_resizes_and_cuts(tmp_path):
+    rows = _write_folder(tmp_path, 2)
+    ds = VideoFolderDataset(tmp_path, num_frames=5, width=16, height=24)
+    item = ds[0]
+    assert item["video"].shape == (3, 5, 24, 16) and item["caption"] == rows[0]["caption"]
+    assert item["video"].min() >= -1 and item["video"].max() <= 1
+    full = VideoFolderDataset(tmp_path, num_frames=9, width=32, height=32)[1]["video"]
+    from vidmoe.world.shapes import ShapesWorld
+
+    truth = ShapesWorld(32, 32, 9, seed=0).sample(1).video
+    assert (full - truth).abs().mean() < 0.05  # lossy mp4, same clip
+
+
+def test_corrupt_and_short_files_are_reported_and_skipped(tmp_path, caplog):
+    _write_folder(tmp_path, 3)
+    (tmp_path / "000001.mp4").write_bytes(b"not a video at all")
+    ds = VideoFolderDataset(tmp_path, num_frames=9, width=32, height=32)
+    with caplog.at_level("WARNING"):
+        items = [ds[i] for i in range(len(ds))]
+    assert items[1] is None and items[0] is not None and items[2] is not None
+    assert [name for name, _ in ds.skipped] == ["000001.mp4"]
+    assert "000001.mp4" in caplog.text
+    batch = collate_videos(items)
+    assert batch["video"].shape[0] == 2
+    long = VideoFolderDataset(tmp_path, num_frames=33, width=32, height=32)
+    assert long[0] is None and "frames" in long.skipped[0][1]
+
+
+def test_csv_metadata(tmp_path):
+    rows = _write_folder(tmp_path, 1)
+    (tmp_path / "metadata.jsonl").unlink()
+    (tmp_path / "metadata.csv").write_text(f'file,caption\n000000.mp4,"{rows[0]["caption"]}"\n')
+    ds = VideoFolderDataset(tmp_path, num_frames=9, width=32, height=32)
+    assert ds[0]["caption"] == rows[0]["caption"]
+
+
+def test_epoch_sampler_resumes_its_position():
+    a = EpochSampler(10, 3, seed=5)
+    seen = [a.next() for _ in range(4)]
+    assert sorted(torch.cat(seen[:3]).tolist()) == sorted(set(torch.cat(seen[:3]).tolist()))
+    b = EpochSampler(10, 3, seed=5)
+    b.load_state_dict(a.state_dict())
+    assert all(torch.equal(a.next(), b.next()) for _ in range(7))

@@ -1,0 +1,87 @@
+"""Exporting a run as a vidmoe model folder that the loader reads; the small-VAE trainer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+
+from tests.training.conftest import HashTextEncoder, PoolVAE, fake_clips
+from vidmoe.config import PRESETS, VAEConfig
+from vidmoe.models.vae import WanVAE
+from vidmoe.training.checkpoint import export_model
+from vidmoe.training.data import build_latent_cache
+from vidmoe.training.loop import TrainConfig, train
+from vidmoe.training.vae_train import VAETrainConfig, train_vae
+
+
+def test_exported_run_loads_as_a_pipeline(tmp_path):
+    model = PRESETS["tiny-t2v"]
+    tiny = dataclasses.replace(model.transformer, in_dim=4, out_dim=4, text_dim=16, text_len=8)
+    build_latent_cache(fake_clips(4), PoolVAE(), HashTextEncoder(), tmp_path / "c", text_len=8)
+    cfg = TrainConfig(
+        cache=str(tmp_path / "c"), out_dir=str(tmp_path / "run"), transformer=tiny,
+        batch_size=2, max_steps=3, warmup_steps=1, ema_decay=0.5, num_threads=1,
+        use_progress=False, use_bf16=True, use_checkpointing=True,
+    )  # fmt: skip
+    trainer = train(cfg)
+    assert trainer.step == 3
+    vae_cfg = VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1)
+    vae = WanVAE(vae_cfg)
+    config = dataclasses.replace(model, transformer=tiny, vae=vae_cfg)
+    out = export_model(tmp_path / "run" / "checkpoint.pt", config, vae.state_dict(), tmp_path / "m")
+    assert sorted(p.name for p in (out / "experts").iterdir()) == [
+        "high_noise.safetensors",
+        "low_noise.safetensors",
+    ]
+    from vidmoe.io.checkpoints import detect_layout, load_expert
+
+    layout = detect_layout(out)
+    assert layout.kind == "vidmoe" and layout.config == config
+    expert = load_expert(layout, "low_noise", dtype=torch.float32)
+    ema = trainer.ema.shadow["low_noise"]
+    for k, v in expert.state_dict().items():
+        if k in ema:  # bf16 files: EMA weights rounded to bf16
+            assert torch.equal(v, ema[k].to(torch.bfloat16).float()), k
+
+
+def test_vae_trainer_writes_normalised_vae(tmp_path):
+    cfg = VAETrainConfig(
+        vae=VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1), width=32, height=32,
+        clip_frames=9, window_frames=5, crop=16, batch_size=2, max_steps=2, num_stat_clips=3,
+    )  # fmt: skip
+    vae, config = train_vae(cfg, tmp_path, log=lambda s: None)
+    saved = json.loads((tmp_path / "vae_config.json").read_text())
+    assert tuple(saved["latents_std"]) == config.latents_std and len(config.latents_mean) == 4
+    from safetensors.torch import load_file
+
+    fresh = WanVAE(VAEConfig(**saved))
+    fresh.load_state_dict(load_file(str(tmp_path / "vae.safetensors")))
+    from vidmoe.world.shapes import ShapesWorld
+
+    world = ShapesWorld(32, 32, 9, seed=cfg.seed)
+    clips = torch.stack([world.sample(10_000_000 + i).video for i in range(3)])
+    z = fresh.encode(clips)  # the statistics' own clips: normalised to mean 0, std 1
+    assert z.mean(dim=(0, 2, 3, 4)).abs().max() < 1e-3
+    assert (z.std(dim=(0, 2, 3, 4)) - 1).abs().max() < 1e-2
+
+
+def test_vae_decoder_only_keeps_the_latent_space(tmp_path):
+    from safetensors.torch import load_file
+
+    base = VAETrainConfig(
+        vae=VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1), width=32, height=32,
+        clip_frames=9, window_frames=9, crop=0, batch_size=1, max_steps=1, num_stat_clips=2,
+    )  # fmt: skip
+    _, first = train_vae(base, tmp_path / "a", log=lambda s: None)
+    frozen = dataclasses.replace(base, freeze_encoder=True, max_steps=2, lr=1e-2)
+    _, second = train_vae(frozen, tmp_path / "b", init=tmp_path / "a" / "vae.safetensors",
+                          log=lambda s: None)  # fmt: skip
+    a = load_file(str(tmp_path / "a" / "vae.safetensors"))
+    b = load_file(str(tmp_path / "b" / "vae.safetensors"))
+    enc = [k for k in a if k.startswith(("encoder.", "conv1."))]
+    dec = [k for k in a if k.startswith("decoder.")]
+    assert enc and all(torch.equal(a[k], b[k]) for k in enc)
+    assert any(not torch.equal(a[k], b[k]) for k in dec)
+    assert second.latents_mean == first.latents_mean and second.latents_std == first.latents_std

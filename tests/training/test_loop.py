@@ -1,0 +1,148 @@
+"""The training loop: a tiny model overfits one batch; a run killed with SIGKILL resumes
+bit-exactly; logs, plots and config files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.training.conftest import TINY_EXPERT, TINY_MOE, HashTextEncoder, PoolVAE, fake_clips
+from vidmoe.training.checkpoint import load_checkpoint
+from vidmoe.training.data import build_latent_cache
+from vidmoe.training.loop import TrainConfig, build_experts, load_train_config, train
+from vidmoe.training.objective import flow_matching_loss
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cache")
+    build_latent_cache(fake_clips(12), PoolVAE(), HashTextEncoder(), folder, text_len=8)
+    return folder
+
+
+def _config(cache_dir, out_dir, **kw) -> dict:
+    d = dict(
+        cache=str(cache_dir), out_dir=str(out_dir), transformer=TINY_EXPERT.to_dict(),
+        moe={"boundaries": [0.875], "guidance": [4.0, 3.0]}, batch_size=4, lr=1e-3,
+        warmup_steps=2, max_steps=8, log_every=2, checkpoint_every=3, ema_decay=0.9,
+        sigma_shift=3.0, num_threads=1, use_progress=False,
+    )  # fmt: skip
+    d.update(kw)
+    return d
+
+
+def test_tiny_model_overfits_one_batch():
+    cfg = TrainConfig.from_dict(_config("unused", "unused", ema_decay=0.0))
+    experts = build_experts(cfg)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 4, 2, 4, 4, generator=g)
+    noise = torch.randn(4, 4, 2, 4, 4, generator=g)
+    context = torch.randn(4, 8, 16, generator=g)
+    sigma = torch.tensor([0.2, 0.5, 0.9, 0.95])  # both experts get samples
+    opt = torch.optim.AdamW([p for e in experts.values() for p in e.parameters()], lr=3e-3)
+    losses = []
+    for _ in range(150):
+        out = flow_matching_loss(experts, TINY_MOE, x0, context, sigma, noise)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append({n: v.item() for n, v in out.per_expert.items()})
+    for name in TINY_MOE.expert_names:
+        assert losses[-1][name] < 0.02 * losses[0][name], (name, losses[0], losses[-1])
+
+
+_RUN = """
+import json, sys, time
+from vidmoe.training.loop import TrainConfig, train
+cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
+kill_at = int(sys.argv[2])
+def callback(trainer):
+    if trainer.step == kill_at:
+        open(sys.argv[3], "w").write("ready")
+        time.sleep(600)  # the parent SIGKILLs us here, past the last checkpoint
+train(cfg, callback=callback if kill_at else None)
+"""
+
+
+def _run(cfg: dict, kill_at: int = 0, marker: Path | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-c", _RUN, json.dumps(cfg), str(kill_at), str(marker)]
+    return subprocess.Popen(args, env=env, cwd=REPO)
+
+
+def test_sigkill_then_resume_is_bit_exact(cache_dir, tmp_path):
+    straight = _run(_config(cache_dir, tmp_path / "straight"))
+    marker = tmp_path / "ready"
+    killed = _run(_config(cache_dir, tmp_path / "killed"), kill_at=5, marker=marker)
+    assert straight.wait(timeout=120) == 0
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert killed.poll() is None and time.time() < deadline, "run ended before the kill"
+        time.sleep(0.1)
+    os.kill(killed.pid, signal.SIGKILL)
+    assert killed.wait(timeout=30) == -signal.SIGKILL
+    assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["step"] == 3
+    assert _run(_config(cache_dir, tmp_path / "killed")).wait(timeout=120) == 0
+
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
+    assert a["step"] == b["step"] == 8
+    for name in TINY_MOE.expert_names:
+        for k, v in a["experts"][name].items():
+            assert torch.equal(v, b["experts"][name][k]), (name, k)
+        for k, v in a["ema"]["shadow"][name].items():
+            assert torch.equal(v, b["ema"]["shadow"][name][k]), (name, "ema", k)
+    assert a["data"] == b["data"]
+    assert torch.equal(a["rng"]["generator"], b["rng"]["generator"])
+    log_a = (tmp_path / "straight" / "log.jsonl").read_text().splitlines()
+    log_b = (tmp_path / "killed" / "log.jsonl").read_text().splitlines()
+    strip = [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in log_a]
+    assert strip == [
+        {k: v for k, v in json.loads(line).items() if k != "seconds"} for line in log_b
+    ]
+
+
+def test_logs_plots_and_counts(cache_dir, tmp_path):
+    cfg = TrainConfig.from_dict(_config(cache_dir, tmp_path, max_steps=4, checkpoint_every=2))
+    trainer = train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(sum(r["count"].values()) == 2 * cfg.batch_size for r in records)
+    assert set(records[0]["count"]) == {"high_noise", "low_noise"}
+    for png in ("loss_per_expert.png", "loss_vs_sigma.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert trainer.step == 4 and (tmp_path / "checkpoint.pt").is_file()
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_toml_config_round_trip(cache_dir, tmp_path):
+    path = tmp_path / "train.toml"
+    path.write_text(
+        f'cache = "{cache_dir}"\nout_dir = "{tmp_path / "run"}"\nbatch_size = 2\n'
+        "use_bf16 = true\n[transformer]\n"
+        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in TINY_EXPERT.to_dict().items())
+        + "[moe]\nboundaries = [0.9]\nguidance = [5.0, 4.0]\n"
+    )
+    cfg = load_train_config(path)
+    assert cfg.transformer == TINY_EXPERT and cfg.moe.boundaries == (0.9,) and cfg.use_bf16
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="unknown train config keys"):
+        TrainConfig.from_dict({**_config("c", "o"), "learning_rate": 1.0})
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig.from_dict(_config("c", "o", lr_schedule="linear"))
+    (tmp_path / "x.yaml").write_text("")
+    with pytest.raises(ValueError, match="toml or .json"):
+        load_train_config(tmp_path / "x.yaml")
