@@ -9,7 +9,10 @@ marked section of a Markdown file (the text around the markers is kept).
     python benchmarks/ablations.py experts   --write docs/evidence.md   # two vs three experts
     python benchmarks/ablations.py inference --write docs/evidence.md   # swap, boundary, band
 
-Runs live under --root (default /work/runs/ablations): <run>/checkpoint.pt, log.jsonl, model/.
+Runs live under --root (default /work/runs/ablations): <run>/checkpoint.pt, log.jsonl, and
+model_<vae>/ (the run exported with the VAE folder given by --vae; default: a copy of the VAE whose
+encoder made the cache). `--vae DIR` with another decoder of the same encoder re-evaluates the
+same experts into sections named `<ablation>@<DIR name>`; `--seeds 2` evaluates two seeds.
 """
 
 from __future__ import annotations
