@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,19 +23,9 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
 
     A crash at any moment leaves either the previous checkpoint or the new one, never a torn file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from vidmoe.io.video import atomic_write
+
+    return atomic_write(path, lambda tmp: torch.save(dict(state), tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
