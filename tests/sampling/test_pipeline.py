@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
+from vidmoe.config import get_preset
 from vidmoe.loading import build_random_pipeline
 from vidmoe.sampling.settings import GenerateSettings, resolve_settings
-from vidmoe.config import get_preset
 
 
 @pytest.fixture(scope="module")
