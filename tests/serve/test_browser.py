@@ -46,10 +46,10 @@ def test_ui_runs_a_job_and_plays_the_video(browser, token_server, tmp_path):
         ("#width", "64"),
         ("#height", "64"),
         ("#num_frames", "17"),
-        ("#num_steps", "6"),
+        ("#num_steps", "30"),
     ):
         page.fill(field, value)
-    page.wait_for_function("document.querySelectorAll('#plan-timeline .step').length === 6")
+    page.wait_for_function("document.querySelectorAll('#plan-timeline .step').length === 30")
     experts = page.eval_on_selector_all(
         "#plan-timeline .step", "els => els.map(e => e.dataset.experts)"
     )
@@ -70,13 +70,13 @@ def test_ui_runs_a_job_and_plays_the_video(browser, token_server, tmp_path):
     assert abs(duration - 17 / 16) <= 1 / 16 + 1e-3  # 17 frames at 16 fps
     log = page.evaluate("window.statusLog")
     assert any("expert at work" in t and ("high_noise" in t or "low_noise" in t) for t in log), log
-    assert page.locator("#progress-timeline .step").count() == 6
+    assert page.locator("#progress-timeline .step").count() == 30
 
     page.wait_for_selector("#gallery .card")
     page.fill("#prompt", "")
     page.locator("#gallery .card .use-settings").first.click()
     assert page.input_value("#prompt") == "a red square moving right"
-    assert page.input_value("#num_steps") == "6"
+    assert page.input_value("#num_steps") == "30"
     page.screenshot(path=str(tmp_path / "serve_ui.png"), full_page=True)
     if os.environ.get("VIDMOE_UI_SCREENSHOT"):  # docs/serve_ui.png is made this way
         page.screenshot(path=os.environ["VIDMOE_UI_SCREENSHOT"], full_page=True)
