@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vidmoe.io.tensors import replace_atomic
+
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     """(3, T, H, W) or (1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8."""
@@ -39,9 +41,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_atomic(Path(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

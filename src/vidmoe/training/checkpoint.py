@@ -5,7 +5,6 @@ of EMA experts into vidmoe's model folder layout (`experts/<name>.safetensors`).
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Mapping
 from pathlib import Path
@@ -105,20 +104,13 @@ def export_experts(
 
     Floating tensors are cast to `dtype`; files are written atomically.
     """
-    from safetensors.torch import save_file
+    from vidmoe.io.tensors import save_safetensors_atomic
 
-    folder = Path(out_dir) / "experts"
-    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, state in states.items():
-        tensors = {
-            k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()
-        }
-        path = folder / f"{name}.safetensors"
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"expert": name})
-        os.replace(tmp, path)
-        paths.append(path)
+        tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+        path = Path(out_dir) / "experts" / f"{name}.safetensors"
+        paths.append(save_safetensors_atomic(tensors, path, metadata={"expert": name}))
     return paths
 
 
@@ -143,7 +135,7 @@ def export_model(
     Returns:
         out_dir.
     """
-    from safetensors.torch import save_file
+    from vidmoe.io.tensors import save_safetensors_atomic, write_text_atomic
 
     state = load_checkpoint(checkpoint_path)
     names = list(config.moe.expert_names)
@@ -159,8 +151,8 @@ def export_model(
         experts[name] = weights
     out_dir = Path(out_dir)
     export_experts(experts, out_dir, dtype=dtype)
-    vae = {k: v.float().contiguous() for k, v in vae_state.items()}
-    save_file(vae, str(out_dir / ".vae.safetensors.tmp"))
-    os.replace(out_dir / ".vae.safetensors.tmp", out_dir / "vae.safetensors")
-    (out_dir / "vidmoe.json").write_text(config.to_json() + "\n")
+    save_safetensors_atomic(
+        {k: v.float() for k, v in vae_state.items()}, out_dir / "vae.safetensors"
+    )
+    write_text_atomic(config.to_json() + "\n", out_dir / "vidmoe.json")
     return out_dir
