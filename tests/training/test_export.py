@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pytest
 import torch
 
 from tests.training.conftest import HashTextEncoder, PoolVAE, fake_clips
@@ -85,3 +86,39 @@ def test_vae_decoder_only_keeps_the_latent_space(tmp_path):
     assert enc and all(torch.equal(a[k], b[k]) for k in enc)
     assert any(not torch.equal(a[k], b[k]) for k in dec)
     assert second.latents_mean == first.latents_mean and second.latents_std == first.latents_std
+
+
+def test_experts_trained_in_separate_runs_export_as_one_model(tmp_path):
+    model = PRESETS["tiny-t2v"]
+    tiny = dataclasses.replace(model.transformer, in_dim=4, out_dim=4, text_dim=16, text_len=8)
+    build_latent_cache(fake_clips(4), PoolVAE(), HashTextEncoder(), tmp_path / "c", text_len=8)
+    runs = {}
+    for name in ("high_noise", "low_noise"):
+        cfg = TrainConfig(
+            cache=str(tmp_path / "c"), out_dir=str(tmp_path / name), transformer=tiny,
+            experts=(name,), batch_size=2, max_steps=2, warmup_steps=1, num_threads=1,
+            use_progress=False,
+        )  # fmt: skip
+        runs[name] = train(cfg)
+        assert list(runs[name].experts) == [name]
+        log = [json.loads(x) for x in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        assert all(set(r["count"]) == {name} for r in log)
+    config = dataclasses.replace(
+        model, transformer=tiny, vae=VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1)
+    )
+    vae = WanVAE(config.vae)
+    ckpts = [tmp_path / n / "checkpoint.pt" for n in runs]
+    out = export_model(
+        ckpts, config, vae.state_dict(), tmp_path / "m", use_ema=False, dtype=torch.float32
+    )
+    from vidmoe.io.checkpoints import detect_layout, load_expert
+
+    layout = detect_layout(out)
+    for name, trainer in runs.items():
+        loaded = load_expert(layout, name, dtype=torch.float32).state_dict()
+        for k, v in trainer.experts[name].state_dict().items():
+            assert torch.equal(loaded[k], v), (name, k)
+    with pytest.raises(ValueError, match="more than one checkpoint"):
+        export_model([ckpts[0], ckpts[0]], config, vae.state_dict(), tmp_path / "x")
+    with pytest.raises(ValueError, match="differ from the checkpoints"):
+        export_model([ckpts[0]], config, vae.state_dict(), tmp_path / "y")

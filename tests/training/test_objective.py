@@ -112,3 +112,36 @@ def test_loss_table_feeds_calibrated_boundaries():
     torch.testing.assert_close(torch.tensor(tables["low_noise"][1]), torch.tensor(sigmas) ** 2)
     (b,) = calibrated_boundaries(tables)
     assert abs(b - 0.5) < 1e-6
+
+
+def test_sample_sigma_within_ranges_is_the_conditioned_draw():
+    from vidmoe.config import MoEConfig
+    from vidmoe.training.objective import expert_ranges
+
+    moe = MoEConfig(boundaries=(0.875,))
+    (high,) = expert_ranges(moe, ["high_noise"])
+    g = torch.Generator().manual_seed(0)
+    sigma = sample_sigma(2000, shift=3.0, generator=g, ranges=[high])
+    assert sigma.shape == (2000,) and float(sigma.min()) >= 0.875 and float(sigma.max()) <= 1.0
+    # the conditioned draw keeps the shape of the full one: its median within [0.875, 1]
+    full = sample_sigma(200_000, shift=3.0, generator=torch.Generator().manual_seed(1))
+    full = full[full >= 0.875]
+    assert abs(float(sigma.median()) - float(full.median())) < 0.005
+    (low,) = expert_ranges(moe, ["low_noise"])
+    assert float(sample_sigma(500, generator=g, ranges=[low]).max()) < 0.875
+    with pytest.raises(ValueError, match="unknown experts"):
+        expert_ranges(moe, ["mid_noise"])
+
+
+def test_a_subset_of_experts_trains_only_its_own_range():
+    x0, noise, context = _batch(4)
+    torch.manual_seed(0)
+    only_low = {"low_noise": WanTransformer(TINY_EXPERT)}
+    out = flow_matching_loss(
+        only_low, TINY_MOE, x0, context, torch.tensor([0.1, 0.2, 0.5, 0.8]), noise
+    )
+    assert out.counts == {"low_noise": 4} and out.loss.item() > 0
+    with pytest.raises(ValueError, match=r"experts \['high_noise'\].*only \['low_noise'\]"):
+        flow_matching_loss(
+            only_low, TINY_MOE, x0, context, torch.tensor([0.1, 0.2, 0.5, 0.9]), noise
+        )

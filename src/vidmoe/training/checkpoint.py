@@ -6,7 +6,7 @@ of EMA experts into vidmoe's model folder layout (`experts/<name>.safetensors`).
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +115,7 @@ def export_experts(
 
 
 def export_model(
-    checkpoint_path: str | Path,
+    checkpoint_path: str | Path | Sequence[str | Path],
     config,
     vae_state: Mapping[str, torch.Tensor],
     out_dir: str | Path,
@@ -126,7 +126,8 @@ def export_model(
     """Write a trained run as a vidmoe model folder that `vidmoe.loading.load_pipeline` reads.
 
     Args:
-        checkpoint_path: a training checkpoint (`checkpoint.pt`).
+        checkpoint_path: a training checkpoint (`checkpoint.pt`), or several whose experts
+            together make the model (runs that each trained a subset, `TrainConfig.experts`).
         config: the `ModelConfig` to write as `vidmoe.json` (its experts must match the run's).
         vae_state: the VAE's state_dict, written as float32 `vae.safetensors`.
         out_dir: the model folder: vidmoe.json, experts/<name>.safetensors, vae.safetensors.
@@ -137,18 +138,22 @@ def export_model(
     """
     from vidmoe.io.tensors import save_safetensors_atomic, write_text_atomic
 
-    state = load_checkpoint(checkpoint_path)
+    paths = [checkpoint_path] if isinstance(checkpoint_path, (str, Path)) else checkpoint_path
     names = list(config.moe.expert_names)
-    if sorted(names) != sorted(state["experts"]):
+    experts: dict[str, dict[str, torch.Tensor]] = {}
+    for path in paths:
+        state = load_checkpoint(path)
+        for name, weights in state["experts"].items():
+            if name in experts:
+                raise ValueError(f"expert {name!r} is in more than one checkpoint ({path})")
+            weights = dict(weights)
+            if use_ema:
+                weights.update(state["ema"]["shadow"][name])
+            experts[name] = weights
+    if sorted(names) != sorted(experts):
         raise ValueError(
-            f"the config's experts {names} differ from the checkpoint's {sorted(state['experts'])}"
+            f"the config's experts {names} differ from the checkpoints' {sorted(experts)}"
         )
-    experts = {}
-    for name in names:
-        weights = dict(state["experts"][name])
-        if use_ema:
-            weights.update(state["ema"]["shadow"][name])
-        experts[name] = weights
     out_dir = Path(out_dir)
     export_experts(experts, out_dir, dtype=dtype)
     save_safetensors_atomic(

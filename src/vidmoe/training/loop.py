@@ -31,7 +31,7 @@ from vidmoe.training.checkpoint import (
     set_rng_state,
 )
 from vidmoe.training.data import EpochSampler, LatentCache
-from vidmoe.training.objective import flow_matching_loss, sample_sigma
+from vidmoe.training.objective import expert_ranges, flow_matching_loss, sample_sigma
 
 LOG_FILE = "log.jsonl"
 NUM_SIGMA_BINS = 20
@@ -49,6 +49,10 @@ class TrainConfig:
     """Architecture of every expert."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Expert names and sigma boundaries (guidance is unused in training)."""
+    experts: tuple[str, ...] = ()
+    """Train only these experts (sigmas drawn inside their ranges); empty: all. Experts never
+    share parameters, so a 2-expert model can train as two runs, one per device or CPU core,
+    merged by `export_model([run_a, run_b], ...)`."""
     batch_size: int = 16
     """Clips per step (split between the experts by sigma)."""
     lr: float = 3e-4
@@ -99,6 +103,8 @@ class TrainConfig:
             )
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1]; got {self.caption_dropout}")
+        object.__setattr__(self, "experts", tuple(self.experts))
+        expert_ranges(self.moe, self.experts)  # unknown names are an error
         for name in ("batch_size", "max_steps", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
@@ -122,6 +128,11 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["transformer"] = self.transformer.to_dict()
         return d
+
+    @property
+    def trained_experts(self) -> tuple[str, ...]:
+        """The experts this run trains, noisiest first."""
+        return tuple(n for n in self.moe.expert_names if not self.experts or n in self.experts)
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
@@ -149,10 +160,10 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 
 
 def build_experts(cfg: TrainConfig) -> dict[str, WanTransformer]:
-    """One freshly initialised expert per name, seeded by `cfg.seed` (in name order)."""
+    """One freshly initialised expert per trained name, seeded by `cfg.seed` (in name order)."""
     torch.manual_seed(cfg.seed)
     experts = {}
-    for name in cfg.moe.expert_names:
+    for name in cfg.trained_experts:
         expert = WanTransformer(cfg.transformer).train()
         expert.use_checkpointing = cfg.use_checkpointing
         experts[name] = expert
@@ -172,6 +183,7 @@ class Trainer:
                 f"text_len={cfg.transformer.text_len}: rebuild the cache or set text_len"
             )
         self.experts = build_experts(cfg)
+        self.sigma_ranges = expert_ranges(cfg.moe, cfg.experts) if cfg.experts else None
         groups = [{"params": list(e.parameters()), "name": n} for n, e in self.experts.items()]
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(cfg, s))
@@ -235,7 +247,7 @@ class Trainer:
         text = torch.where(drop[:, None, None], self.data.empty_text, text)  # (B, S, D)
         sigma = sample_sigma(
             b, kind=cfg.sigma_sampling, shift=cfg.sigma_shift, logit_mean=cfg.logit_mean,
-            logit_std=cfg.logit_std, generator=g,
+            logit_std=cfg.logit_std, generator=g, ranges=self.sigma_ranges,
         )  # fmt: skip
         noise = torch.randn(x0.shape, generator=g)  # (B, Z, F, H, W)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.use_bf16):
@@ -333,7 +345,7 @@ def write_plots(trainer: Trainer) -> None:
     out = trainer.out_dir
     records = [json.loads(ln) for ln in (out / LOG_FILE).read_text().splitlines() if ln.strip()]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in trainer.cfg.moe.expert_names:
+    for name in trainer.cfg.trained_experts:
         pts = [(r["step"], r["loss"][name]) for r in records if name in r["loss"]]
         if pts:
             ax.plot(*zip(*pts), label=name)

@@ -8,7 +8,7 @@ Shape letters: B batch, C latent channels, F/H/W latent grid, S text tokens, D t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,7 @@ def sample_sigma(
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
     generator: torch.Generator | None = None,
+    ranges: Sequence[tuple[float, float]] | None = None,
 ) -> Tensor:
     """Draw training noise levels.
 
@@ -41,18 +42,35 @@ def sample_sigma(
         kind: 'uniform' (U(0, 1)) or 'logit_normal' (sigmoid of N(logit_mean, logit_std)).
         shift: applied after drawing (1 leaves the draw as it is).
         generator: the torch RNG to draw from (None: the global one).
+        ranges: keep only sigmas in one of these [low, high) intervals (the draw conditioned on
+            them, by rejection): how a run that trains a subset of the experts samples.
     Returns:
         (n,) float32 sigmas in [0, 1].
     """
-    if kind == "uniform":
-        sigma = torch.rand(n, generator=generator)
-    elif kind == "logit_normal":
-        sigma = torch.sigmoid(logit_mean + logit_std * torch.randn(n, generator=generator))
-    else:
+    if kind not in SIGMA_SAMPLINGS:
         raise ValueError(f"sigma sampling must be one of {SIGMA_SAMPLINGS}; got {kind!r}")
     if shift <= 0:
         raise ValueError(f"sigma shift must be > 0; got {shift}")
-    return shift_sigma(sigma, shift)  # (n,)
+    if ranges is not None and not any(hi > lo for lo, hi in ranges):
+        raise ValueError(f"sigma ranges must contain a non-empty [low, high); got {ranges}")
+    kept: list[Tensor] = []
+    total = 0
+    for _ in range(10_000):
+        if kind == "uniform":
+            sigma = torch.rand(n, generator=generator)
+        else:
+            sigma = torch.sigmoid(logit_mean + logit_std * torch.randn(n, generator=generator))
+        sigma = shift_sigma(sigma, shift)  # (n,)
+        if ranges is None:
+            return sigma
+        inside = torch.zeros(n, dtype=torch.bool)
+        for lo, hi in ranges:
+            inside |= (sigma >= lo) & (sigma < hi)
+        kept.append(sigma[inside])
+        total += int(inside.sum())
+        if total >= n:
+            return torch.cat(kept)[:n]
+    raise ValueError(f"the sigma draw ({kind}, shift {shift}) almost never falls in {ranges}")
 
 
 def noisy_sample(x0: Tensor, noise: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
@@ -65,6 +83,15 @@ def noisy_sample(x0: Tensor, noise: Tensor, sigma: Tensor) -> tuple[Tensor, Tens
     """
     s = sigma.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))  # (B, 1, 1, 1, 1)
     return (1.0 - s) * x0 + s * noise, noise - x0
+
+
+def expert_ranges(moe: MoEConfig, names: Sequence[str]) -> list[tuple[float, float]]:
+    """The [low, high) sigma interval each of `names` owns under a hard switch."""
+    unknown = [n for n in names if n not in moe.expert_names]
+    if unknown:
+        raise ValueError(f"unknown experts {unknown}; the model has {list(moe.expert_names)}")
+    edges = (1.0 + 1e-6, *moe.boundaries, 0.0)  # sigma = 1 belongs to the noisiest expert
+    return [(edges[k + 1], edges[k]) for k, n in enumerate(moe.expert_names) if n in names]
 
 
 def assign_experts(sigma: Tensor, moe: MoEConfig) -> Tensor:
@@ -110,15 +137,20 @@ def flow_matching_loss(
     Returns:
         an `ObjectiveOutput`.
     """
-    missing = [n for n in moe.expert_names if n not in experts]
-    if missing:
-        raise ValueError(f"no module for experts {missing}; got {sorted(experts)}")
     x_sigma, target = noisy_sample(x0, noise, sigma)  # (B, C, F, H, W) each
     owner = assign_experts(sigma, moe)  # (B,)
+    missing = sorted({moe.expert_names[k] for k in owner.tolist()} - set(experts))
+    if missing:
+        raise ValueError(
+            f"samples fall in the sigma range of experts {missing} but only {sorted(experts)} "
+            "are given: pass every expert, or draw sigmas with `sample_sigma(..., ranges=)`"
+        )
     sample_loss = torch.zeros(x0.shape[0], device=x0.device)  # (B,)
     per_expert: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
     for k, name in enumerate(moe.expert_names):
+        if name not in experts:
+            continue  # trained in another run (its range got no samples, checked above)
         idx = (owner == k).nonzero(as_tuple=True)[0]  # (B_k,)
         counts[name] = int(idx.numel())
         if not counts[name]:

@@ -21,6 +21,7 @@ from torch import Tensor
 from vidmoe.config import VAEConfig
 from vidmoe.models.vae import WanVAE
 from vidmoe.models.vae_blocks import CausalCache
+from vidmoe.world.labels import MOTIONS, SIZES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +62,10 @@ class VAETrainConfig:
     """Train the decoder only: the latent space (and so a latent cache built from it) stays valid."""
     num_stat_clips: int = 64
     """Whole clips encoded to measure the latent mean and std."""
+    sizes: tuple[str, ...] = SIZES
+    """Object sizes of the shapes world it trains on."""
+    motions: tuple[str, ...] = MOTIONS
+    """Motions of the shapes world it trains on."""
 
 
 def shapes_windows(cfg: VAETrainConfig, rng: np.random.Generator, world) -> Tensor:
@@ -148,8 +153,11 @@ def train_vae(
 
     from vidmoe.world.shapes import ShapesWorld
 
-    if cfg.crop % 8 or cfg.crop < 0:
-        raise ValueError(f"crop must be 0 or a multiple of 8 (the VAE's stride); got {cfg.crop}")
+    stride = 2 ** (len(cfg.vae.dim_mult) - 1)
+    if cfg.crop % stride or cfg.crop < 0:
+        raise ValueError(
+            f"crop must be 0 or a multiple of {stride} (the VAE's spatial stride); got {cfg.crop}"
+        )
     if (cfg.window_frames - 1) % 4 or cfg.window_frames > cfg.clip_frames:
         raise ValueError(
             f"window_frames must be 4k+1 and <= clip_frames ({cfg.clip_frames}); "
@@ -159,7 +167,9 @@ def train_vae(
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    world = ShapesWorld(cfg.width, cfg.height, cfg.clip_frames, seed=cfg.seed)
+    world = ShapesWorld(
+        cfg.width, cfg.height, cfg.clip_frames, sizes=cfg.sizes, motions=cfg.motions, seed=cfg.seed
+    )
     vae = WanVAE(dataclasses.replace(cfg.vae, latents_mean=(), latents_std=())).train()
     if init is not None:
         from safetensors.torch import load_file
