@@ -8,6 +8,8 @@ marked section of a Markdown file (the text around the markers is kept).
     python benchmarks/ablations.py compute   --write docs/evidence.md   # MoE vs dense N vs dense 2N
     python benchmarks/ablations.py experts   --write docs/evidence.md   # two vs three experts
     python benchmarks/ablations.py inference --write docs/evidence.md   # swap, boundary, band
+    python benchmarks/ablations.py terms     --write docs/evidence.md   # optional objective terms
+    python benchmarks/ablations.py asymmetric --write docs/evidence.md  # experts of unequal shape
 
 Runs live under --root (default /work/runs/ablations): <run>/checkpoint.pt, log.jsonl, and
 model_<vae>/ (the run exported with the VAE folder given by --vae; default: a copy of the VAE whose
@@ -56,6 +58,12 @@ class Run:
     boundaries: tuple[float, ...]
     num_layers: int
     max_steps: int
+    band: float = 0.0
+    """MoEConfig.band, in training (band_training) and in the exported model's sampling."""
+    objective: tuple[tuple[str, float], ...] = ()
+    """TrainConfig fields of the optional objective terms (vidmoe.training.objective_terms)."""
+    overrides: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
+    """Per-expert architecture changes (`expert_overrides` of the run and its exported model)."""
 
 
 RUNS = {r.name: r for r in [
@@ -64,11 +72,28 @@ RUNS = {r.name: r for r in [
     Run("dense2x_half", "dense 2N, S/2 steps (equal compute)", ("dense",), (), 8, STEPS // 2),
     Run("dense2x", "dense 2N, S steps (equal steps)", ("dense",), (), 8, STEPS),
     Run("moe3", "MoE, 3 experts x N", (HIGH, MID, LOW), (0.93, 0.75), 4, STEPS),
+    # the optional objective terms, each against moe2 (same data, steps and seed)
+    Run("moe2_band", "MoE 2 x N, band training (band 0.05)", (HIGH, LOW), (0.875,), 4, STEPS,
+        band=0.05, objective=(("band_training", True),)),
+    Run("moe2_temporal", "MoE 2 x N, temporal term (weight 1)", (HIGH, LOW), (0.875,), 4, STEPS,
+        objective=(("temporal_weight", 1.0),)),
+    Run("moe2_spec", "MoE 2 x N, specialisation (weight 0.5, margin 0.05)", (HIGH, LOW),
+        (0.875,), 4, STEPS, objective=(("specialisation_weight", 0.5),
+                                       ("specialisation_margin", 0.05))),
+    # asymmetric experts, against moe2: a local attention window for the low-noise expert
+    # (+-16 tokens = +-1 latent frame of 4x4 tokens), or FFN width moved from the low-noise to the
+    # high-noise expert (384 + 384 -> 576 + 192: the same total parameters, 1.5x / 0.5x)
+    Run("moe_window", "MoE 2 x N, low-noise window +-16 tokens", (HIGH, LOW), (0.875,), 4, STEPS,
+        overrides=((LOW, (("window_size", (16, 16)),)),)),
+    Run("moe_wide_high", "MoE 2 x N, FFN 576 high / 192 low", (HIGH, LOW), (0.875,), 4, STEPS,
+        overrides=((HIGH, (("ffn_dim", 576),)), (LOW, (("ffn_dim", 192),)))),
 ]}  # fmt: skip
 ABLATIONS = {
     "compute": ["moe2", "dense", "dense2x_half", "dense2x"],
     "experts": ["moe2", "moe3"],
     "inference": ["moe2"],
+    "terms": ["moe2", "moe2_band", "moe2_temporal", "moe2_spec"],
+    "asymmetric": ["moe2", "moe_window", "moe_wide_high"],
 }
 
 
@@ -78,8 +103,8 @@ def train_config(run: Run, root: Path, cache: Path):
     return TrainConfig(
         cache=str(cache), out_dir=str(root / run.name), transformer=expert_config(run.num_layers),
         moe=MoEConfig(expert_names=run.expert_names, boundaries=run.boundaries,
-                      guidance=(GUIDANCE,) * len(run.expert_names)),
-        batch_size=32, lr=5e-4, warmup_steps=100, lr_schedule="constant", max_steps=run.max_steps,
+                      guidance=(GUIDANCE,) * len(run.expert_names), band=run.band),
+        **dict(run.objective), expert_overrides=run.overrides, batch_size=32, lr=5e-4, warmup_steps=100, lr_schedule="constant", max_steps=run.max_steps,
         max_minutes=30.0, sigma_sampling="uniform", sigma_shift=3.0, caption_dropout=0.1,
         ema_decay=0.999, seed=0, log_every=max(1, min(25, run.max_steps // 4)), checkpoint_every=250, num_threads=1,
         use_progress=False,
@@ -91,9 +116,9 @@ def model_config(run: Run, vae_dir: Path) -> ModelConfig:
     return ModelConfig(
         name=f"ablation-{run.name}", transformer=expert_config(run.num_layers), vae=vae,
         moe=MoEConfig(expert_names=run.expert_names, boundaries=run.boundaries,
-                      guidance=(GUIDANCE,) * len(run.expert_names)),
+                      guidance=(GUIDANCE,) * len(run.expert_names), band=run.band),
         scheduler=SAMPLING, text_encoder="minilm", default_size=(64, 64), default_num_frames=17,
-        fps=8,
+        fps=8, expert_overrides=run.overrides,
     )  # fmt: skip
 
 
@@ -202,6 +227,7 @@ def evaluate_run(run: Run, root: Path, vae_dir: Path, num_prompts: int, seeds) -
         "train_loss": train_loss(root / run.name),
         "train_seconds": json.loads((root / run.name / "done.json").read_text())["seconds"],
         "params_per_expert": sum(p.numel() for p in next(iter(experts)).parameters()),
+        "params": pipe.num_params(),  # total, active (the largest expert), per expert
         "num_experts": len(pipe.experts),
     }  # fmt: skip
     path.write_text(json.dumps(cached, indent=1))
@@ -223,9 +249,10 @@ def training_table(names: list[str], evals: dict[str, dict]) -> str:
         low = [v for sg, v in zip(SIGMA_GRID, h) if sg <= 0.45]
         high = [v for sg, v in zip(SIGMA_GRID, h) if sg >= 0.85]
         k, p = e["num_experts"], e["params_per_expert"]
+        total, active = (e["params"]["total"], e["params"]["active"]) if "params" in e else (k * p, p)
         tl = ", ".join(f"{x}={v:.4f}" for x, v in e["train_loss"].items() if x != "all")
         lines.append(
-            f"| {run.label} | {k} x {run.num_layers} | {k * p / 1e6:.2f}M / {p / 1e6:.2f}M "
+            f"| {run.label} | {k} x {run.num_layers} | {total / 1e6:.2f}M / {active / 1e6:.2f}M "
             f"| {run.max_steps} | {32 * run.max_steps} | {e['train_seconds'] / 60:.1f} | {tl} "
             f"| {sum(h) / len(h):.4f} / {sum(low) / len(low):.4f} / {sum(high) / len(high):.4f} "
             f"| {s['colour']:.0%} | {s['shape']:.0%} | {s['motion']:.0%} | {s['all']:.0%} "

@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 EXPERT_NAMES_2 = ("high_noise", "low_noise")
+# TransformerConfig fields every expert shares: the experts exchange latents (channels, patches)
+# and take the same text embeddings and timestep embedding width; the rest may differ per expert.
+SHARED_TRANSFORMER_FIELDS = (
+    "model_type", "patch_size", "text_len", "in_dim", "out_dim", "text_dim", "freq_dim",
+)  # fmt: skip
+ExpertOverrides = tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+"""Per-expert TransformerConfig overrides, normalised: ((expert, ((field, value), ...)), ...)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +84,67 @@ class TransformerConfig:
         d["patch_size"] = list(self.patch_size)
         d["window_size"] = list(self.window_size)
         return d
+
+
+def normalize_expert_overrides(
+    overrides: Mapping[str, Mapping[str, Any]] | ExpertOverrides,
+    transformer: TransformerConfig,
+    expert_names: tuple[str, ...],
+) -> ExpertOverrides:
+    """Check per-expert overrides of `transformer`; return them hashable, in expert order.
+
+    Args:
+        overrides: {expert: {TransformerConfig field: value}} (or the normalised pairs).
+        transformer: the shared expert architecture the overrides change.
+        expert_names: the model's experts.
+    Returns:
+        ((expert, ((field, value), ...)), ...): experts in `expert_names` order, fields sorted,
+        values as the TransformerConfig stores them (tuples, not lists); empty entries dropped.
+    """
+    given = dict(overrides)
+    unknown = [n for n in given if n not in expert_names]
+    if unknown:
+        raise ValueError(
+            f"expert_overrides names unknown experts {unknown}; the experts are {list(expert_names)}"
+        )
+    known = [f.name for f in dataclasses.fields(TransformerConfig)]
+    free = [f for f in known if f not in SHARED_TRANSFORMER_FIELDS]
+    normalised = []
+    for name in expert_names:
+        changes = dict(given.get(name, {}))
+        bad = sorted(set(changes) - set(known))
+        if bad:
+            raise ValueError(
+                f"expert_overrides[{name!r}] has unknown TransformerConfig fields {bad}; "
+                f"fields an expert may change: {free}"
+            )
+        shared = [f for f in SHARED_TRANSFORMER_FIELDS if f in changes]
+        if shared:
+            raise ValueError(
+                f"expert_overrides[{name!r}] sets {shared}, which every expert must share (the "
+                f"experts exchange latents and take the same text): set them on the shared "
+                f"transformer config instead; fields an expert may change: {free}"
+            )
+        if not changes:
+            continue
+        try:
+            resolved = dataclasses.replace(transformer, **changes)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"expert_overrides[{name!r}] = {changes} is invalid: {e}") from None
+        normalised.append((name, tuple((f, getattr(resolved, f)) for f in sorted(changes))))
+    return tuple(normalised)
+
+
+def expert_transformer(
+    transformer: TransformerConfig,
+    overrides: ExpertOverrides,
+    expert_names: tuple[str, ...],
+    name: str,
+) -> TransformerConfig:
+    """The architecture of expert `name`: `transformer` with that expert's overrides applied."""
+    if name not in expert_names:
+        raise ValueError(f"unknown expert {name!r}; the experts are {list(expert_names)}")
+    return dataclasses.replace(transformer, **dict(dict(overrides).get(name, ())))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,9 +253,27 @@ class ModelConfig:
     """Default frame count (4k+1)."""
     fps: int = 16
     """Frames per second of written videos."""
+    expert_overrides: ExpertOverrides = ()
+    """Per-expert changes to `transformer`, e.g. {"low_noise": {"ffn_dim": 512, "window_size":
+    (-1, 64)}} (a dict is accepted and stored normalised); fields in SHARED_TRANSFORMER_FIELDS
+    cannot differ. Empty: every expert is `transformer` (as released)."""
+
+    def __post_init__(self) -> None:
+        overrides = normalize_expert_overrides(
+            self.expert_overrides, self.transformer, self.moe.expert_names
+        )
+        object.__setattr__(self, "expert_overrides", overrides)
+
+    def transformer_for(self, name: str) -> TransformerConfig:
+        """The architecture of expert `name` (the shared `transformer` plus its overrides)."""
+        return expert_transformer(
+            self.transformer, self.expert_overrides, self.moe.expert_names, name
+        )
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+        d = dataclasses.asdict(self)
+        d["expert_overrides"] = {name: dict(changes) for name, changes in self.expert_overrides}
+        return json.dumps(d, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
@@ -202,6 +289,7 @@ class ModelConfig:
             default_size=tuple(d["default_size"]),
             default_num_frames=d["default_num_frames"],
             fps=d["fps"],
+            expert_overrides=d.get("expert_overrides", {}),
         )
 
 

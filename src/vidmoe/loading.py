@@ -65,7 +65,7 @@ def build_random_pipeline(config: ModelConfig | str, *, seed: int = 0, device="c
     torch.manual_seed(seed)
     experts = {}
     for name in config.moe.expert_names:
-        expert = WanTransformer(config.transformer)
+        expert = WanTransformer(config.transformer_for(name))
         torch.nn.init.normal_(expert.head.head.weight, std=0.02)  # the release init zeroes it
         experts[name] = expert.to(dtype)
     vae = WanVAE(config.vae)
@@ -106,21 +106,29 @@ def load_pipeline(model: str | Path | None = None, *, device: str = "auto", dtyp
 
 
 def describe_model(model: str | Path | None) -> str:
-    """Experts, parameter counts (total and active per step), boundary and default plan."""
-    from vidmoe.models.transformer import WanTransformer
+    """Experts, parameter counts (total, active per step: the largest expert), boundary and plan."""
     from vidmoe.sampling.pipeline import build_plan_for
     from vidmoe.sampling.settings import GenerateSettings, resolve_settings
 
     config = model_config_for(model)
-    with torch.device("meta"):
-        per_expert = WanTransformer(config.transformer).num_params()
+    counts = expert_param_counts(config)
     k = len(config.moe.expert_names)
     t = config.transformer
+    if len(set(counts.values())) == 1:
+        each = f"{_fmt(max(counts.values()))} per expert"
+    else:
+        each = "per expert: " + ", ".join(f"{n} {_fmt(c)}" for n, c in counts.items())
+    differs = [
+        f"  {name} differs: " + ", ".join(f"{f} {v}" for f, v in changes)
+        for name, changes in config.expert_overrides
+    ]
     lines = [
         f"model: {config.name} ({t.model_type}; {k} expert{'s' if k > 1 else ''}; text encoder {config.text_encoder})",
         f"expert architecture: dim {t.dim}, {t.num_layers} layers, {t.num_heads} heads, ffn {t.ffn_dim}, "
-        f"in {t.in_dim} / out {t.out_dim} channels, patch {t.patch_size}",
-        f"parameters: {_fmt(per_expert * k)} total, {_fmt(per_expert)} active per step ({_fmt(per_expert)} per expert)",
+        f"in {t.in_dim} / out {t.out_dim} channels, patch {t.patch_size}"
+        + (f", window {t.window_size}" if t.window_size != (-1, -1) else ""),
+        *differs,
+        f"parameters: {_fmt(sum(counts.values()))} total, {_fmt(max(counts.values()))} active per step ({each})",
         f"experts: {', '.join(config.moe.expert_names)}; boundaries (sigma): "
         f"{', '.join(f'{b:g}' for b in config.moe.boundaries) or 'none'}",
         f"guidance: {', '.join(f'{n}={g:g}' for n, g in zip(config.moe.expert_names, config.moe.guidance))}",
@@ -133,6 +141,17 @@ def describe_model(model: str | Path | None) -> str:
     image = "<image>" if t.model_type == "i2v" else None
     plan = build_plan_for(resolve_settings(GenerateSettings(image=image), config), config)
     return "\n".join(lines) + plan.summary()
+
+
+def expert_param_counts(config: ModelConfig) -> dict[str, int]:
+    """Parameters of each expert (built on the meta device: no memory), keyed by expert name."""
+    from vidmoe.models.transformer import WanTransformer
+
+    with torch.device("meta"):
+        return {
+            name: WanTransformer(config.transformer_for(name)).num_params()
+            for name in config.moe.expert_names
+        }
 
 
 def _fmt(n: int) -> str:

@@ -135,7 +135,7 @@ def load_expert(layout: Layout, name: str, *, device="cpu", dtype=torch.bfloat16
     from vidmoe.models.transformer import WanTransformer
 
     with torch.device("meta"):
-        expert = WanTransformer(layout.config.transformer).to(dtype)
+        expert = WanTransformer(layout.config.transformer_for(name)).to(dtype)
     load_into(expert, layout.expert_tensors(name), strict=strict, device=device)
     return expert.eval().requires_grad_(False)
 

@@ -99,6 +99,27 @@ class Router:
         bounds = torch.tensor(self.boundaries, dtype=sigma.dtype, device=sigma.device)  # (K-1,)
         return (sigma.unsqueeze(-1) < bounds).sum(-1)  # (B,)
 
+    def weights(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Blend weight of every expert per sample: `route` for a batch (band-aware training).
+
+        Args:
+            sigma: (B,) noise levels in [0, 1].
+        Returns:
+            (B, K) float64 weights, rows summing to 1; one-hot outside every transition band.
+        """
+        s = sigma.double()  # (B,) float64, as `route` computes in Python floats
+        w = nn.functional.one_hot(self.assign(sigma), len(self.expert_names)).double()  # (B, K)
+        if self.band <= 0:
+            return w
+        for k, b in enumerate(self.boundaries):
+            inside = ((s > b - self.band) & (s < b + self.band)).unsqueeze(1)  # (B, 1)
+            x = ((s - (b - self.band)) / (2.0 * self.band)).clamp(0.0, 1.0)  # (B,)
+            noisier = x * x * (3.0 - 2.0 * x)  # (B,) smoothstep, as in `route`
+            band_w = torch.zeros_like(w)  # (B, K)
+            band_w[:, k], band_w[:, k + 1] = noisier, 1.0 - noisier
+            w = torch.where(inside, band_w, w)  # (B, K)
+        return w
+
     def route(self, sigma: float) -> tuple[tuple[str, float], ...]:
         """The experts that run at `sigma`, noisiest first, with blend weights summing to 1.
 

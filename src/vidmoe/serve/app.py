@@ -277,18 +277,15 @@ async def event_stream(store: JobStore, job_id: str, interval: float):
 
 def describe(config) -> dict:
     """Experts, parameters (total, active per step), boundary and accepted sizes and frames."""
-    import torch
+    from vidmoe.loading import expert_param_counts
 
-    from vidmoe.models.transformer import WanTransformer
-
-    with torch.device("meta"):
-        per_expert = WanTransformer(config.transformer).num_params()
+    per_expert = expert_param_counts(config)
     moe, t, vae = config.moe, config.transformer, config.vae
     return {
         "name": config.name, "model_type": t.model_type, "text_encoder": config.text_encoder,
         "experts": [{"name": n, "guidance": g} for n, g in zip(moe.expert_names, moe.guidance)],
         "boundaries": list(moe.boundaries),
-        "params": {"total": per_expert * len(moe.expert_names), "active": per_expert,
+        "params": {"total": sum(per_expert.values()), "active": max(per_expert.values()),
                    "per_expert": per_expert},
         "sizes": [list(s) for s in config.sizes] or None,
         "size_multiple": vae.spatial_stride * t.patch_size[1],

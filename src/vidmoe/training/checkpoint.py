@@ -57,14 +57,16 @@ def set_rng_state(state: Mapping[str, Any], generator: torch.Generator | None = 
 
 
 class EMA:
-    """Exponential moving averages of the parameters of named modules (fp32 copies)."""
+    """Exponential moving averages of the trainable parameters of named modules (fp32 copies)."""
 
     def __init__(self, modules: Mapping[str, nn.Module], decay: float):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1); got {decay}")
         self.decay = decay
         self.shadow = {
-            name: {k: p.detach().float().clone() for k, p in m.named_parameters()}
+            name: {
+                k: p.detach().float().clone() for k, p in m.named_parameters() if p.requires_grad
+            }
             for name, m in modules.items()
         }
 
@@ -78,7 +80,8 @@ class EMA:
         for name, m in modules.items():
             shadow = self.shadow[name]
             for k, p in m.named_parameters():
-                shadow[k].lerp_(p.detach().float(), 1.0 - d)
+                if k in shadow:  # frozen parameters (LoRA's base weights) are not averaged
+                    shadow[k].lerp_(p.detach().float(), 1.0 - d)
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         return {"decay": self.decay, "shadow": self.shadow}
@@ -128,7 +131,8 @@ def export_model(
     Args:
         checkpoint_path: a training checkpoint (`checkpoint.pt`), or several whose experts
             together make the model (runs that each trained a subset, `TrainConfig.experts`).
-        config: the `ModelConfig` to write as `vidmoe.json` (its experts must match the run's).
+        config: the `ModelConfig` to write as `vidmoe.json`; its experts and each expert's
+            architecture (`transformer_for`, overrides included) must match the runs'.
         vae_state: the VAE's state_dict, written as float32 `vae.safetensors`.
         out_dir: the model folder: vidmoe.json, experts/<name>.safetensors, vae.safetensors.
         use_ema: export the EMA weights (else the raw weights).
@@ -141,8 +145,14 @@ def export_model(
     paths = [checkpoint_path] if isinstance(checkpoint_path, (str, Path)) else checkpoint_path
     names = list(config.moe.expert_names)
     experts: dict[str, dict[str, torch.Tensor]] = {}
+    trained: dict[str, tuple[Path, dict[str, Any]]] = {}  # expert -> (checkpoint, run config)
     for path in paths:
         state = load_checkpoint(path)
+        if (state.get("config") or {}).get("lora_rank"):
+            raise ValueError(
+                f"{path} is a LoRA run, which holds adapters only: load {Path(path).parent}/lora/ "
+                "with Pipeline.load_lora on its init model (TrainConfig.init)"
+            )
         for name, weights in state["experts"].items():
             if name in experts:
                 raise ValueError(f"expert {name!r} is in more than one checkpoint ({path})")
@@ -150,10 +160,14 @@ def export_model(
             if use_ema:
                 weights.update(state["ema"]["shadow"][name])
             experts[name] = weights
+            trained[name] = (Path(path), state.get("config"))
     if sorted(names) != sorted(experts):
         raise ValueError(
             f"the config's experts {names} differ from the checkpoints' {sorted(experts)}"
         )
+    for name, (path, run_config) in trained.items():
+        if run_config is not None:
+            _check_architecture(config, name, run_config, path)
     out_dir = Path(out_dir)
     export_experts(experts, out_dir, dtype=dtype)
     save_safetensors_atomic(
@@ -161,3 +175,28 @@ def export_model(
     )
     write_text_atomic(config.to_json() + "\n", out_dir / "vidmoe.json")
     return out_dir
+
+
+def _check_architecture(config, name: str, run_config: Mapping[str, Any], path: Path) -> None:
+    """Raise if expert `name` of the run (its saved TrainConfig dict) differs from `config`'s."""
+    import dataclasses
+
+    from vidmoe.config import TransformerConfig, expert_transformer, normalize_expert_overrides
+
+    shared = TransformerConfig.from_dict(run_config["transformer"])
+    run_names = tuple(run_config["moe"]["expert_names"])
+    run_overrides = run_config.get("expert_overrides", {})
+    overrides = normalize_expert_overrides(run_overrides, shared, run_names)
+    ran = expert_transformer(shared, overrides, run_names, name)
+    wanted = config.transformer_for(name)
+    if ran == wanted:
+        return
+    fields = [
+        f.name for f in dataclasses.fields(ran) if getattr(ran, f.name) != getattr(wanted, f.name)
+    ]
+    detail = ", ".join(f"{f} {getattr(ran, f)} (config: {getattr(wanted, f)})" for f in fields)
+    raise ValueError(
+        f"expert {name!r} in {path} was trained with {detail}: export with a ModelConfig whose "
+        f"transformer and expert_overrides match the run's (its expert_overrides: "
+        f"{dict(run_overrides) or 'none'})"
+    )

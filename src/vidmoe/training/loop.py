@@ -20,8 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from vidmoe.config import MoEConfig, TransformerConfig
+from vidmoe.config import (
+    ExpertOverrides,
+    MoEConfig,
+    TransformerConfig,
+    expert_transformer,
+    normalize_expert_overrides,
+)
 from vidmoe.models.transformer import WanTransformer
+from vidmoe.training import finetune
 from vidmoe.training.checkpoint import (
     CHECKPOINT_FILE,
     EMA,
@@ -32,6 +39,7 @@ from vidmoe.training.checkpoint import (
 )
 from vidmoe.training.data import EpochSampler, LatentCache
 from vidmoe.training.objective import expert_ranges, flow_matching_loss, sample_sigma
+from vidmoe.training.objective_terms import ObjectiveOptions
 
 LOG_FILE = "log.jsonl"
 NUM_SIGMA_BINS = 20
@@ -53,6 +61,10 @@ class TrainConfig:
     """Train only these experts (sigmas drawn inside their ranges); empty: all. Experts never
     share parameters, so a 2-expert model can train as two runs, one per device or CPU core,
     merged by `export_model([run_a, run_b], ...)`."""
+    expert_overrides: ExpertOverrides = ()
+    """Per-expert changes to `transformer` (TOML: `[expert_overrides.low_noise]` with
+    `ffn_dim = 512`, `window_size = [-1, 64]`); as `ModelConfig.expert_overrides`. Empty: every
+    expert is `transformer`."""
     batch_size: int = 16
     """Clips per step (split between the experts by sigma)."""
     lr: float = 3e-4
@@ -81,6 +93,16 @@ class TrainConfig:
     """Std of the logit-normal draw."""
     caption_dropout: float = 0.1
     """Fraction of samples trained on the empty prompt (for classifier-free guidance)."""
+    band_training: bool = False
+    """Score samples inside a transition band (`[moe] band` > 0) on the router's blend of the
+    two neighbouring experts, as sampling with that band runs them; needs every expert."""
+    temporal_weight: float = 0.0
+    """Weight of the frame-difference MSE of the predicted clean latent; 0: off."""
+    specialisation_weight: float = 0.0
+    """Weight of the owner-beats-the-others margin term (every sample runs through every
+    expert); 0: off; needs every expert."""
+    specialisation_margin: float = 0.05
+    """Velocity-MSE margin by which the owner should beat each other expert on its samples."""
     use_bf16: bool = False
     """Run the experts under bf16 autocast."""
     use_checkpointing: bool = False
@@ -95,6 +117,17 @@ class TrainConfig:
     """torch CPU threads; 0 leaves torch's default."""
     use_progress: bool = True
     """Show a tqdm bar."""
+    init: str = ""
+    """Start from this model (a vidmoe, official or diffusers folder; its experts' architecture
+    must equal `transformer`); empty: fresh weights. See `vidmoe.training.finetune`."""
+    lora_rank: int = 0
+    """> 0: train one peft LoRA adapter of this rank per expert on frozen weights; 0: all weights."""
+    lora_alpha: float = 0.0
+    """LoRA alpha (scale alpha / rank); 0: equal to `lora_rank`."""
+    lora_targets: tuple[str, ...] = finetune.DEFAULT_LORA_TARGETS
+    """Module-name suffixes that get adapters (default: attention q/k/v/o and FFN linears)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input."""
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
@@ -105,6 +138,12 @@ class TrainConfig:
             raise ValueError(f"caption_dropout must be in [0, 1]; got {self.caption_dropout}")
         object.__setattr__(self, "experts", tuple(self.experts))
         expert_ranges(self.moe, self.experts)  # unknown names are an error
+        finetune.check_finetune_config(self)
+        self.objective_options.check_run(self.moe, self.experts)
+        overrides = normalize_expert_overrides(
+            self.expert_overrides, self.transformer, self.moe.expert_names
+        )
+        object.__setattr__(self, "expert_overrides", overrides)
         for name in ("batch_size", "max_steps", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
@@ -127,12 +166,28 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["transformer"] = self.transformer.to_dict()
+        d["expert_overrides"] = {n: dict(changes) for n, changes in self.expert_overrides}
         return d
+
+    def transformer_for(self, name: str) -> TransformerConfig:
+        """The architecture of expert `name` (the shared `transformer` plus its overrides)."""
+        return expert_transformer(
+            self.transformer, self.expert_overrides, self.moe.expert_names, name
+        )
 
     @property
     def trained_experts(self) -> tuple[str, ...]:
         """The experts this run trains, noisiest first."""
         return tuple(n for n in self.moe.expert_names if not self.experts or n in self.experts)
+
+    @property
+    def objective_options(self) -> ObjectiveOptions:
+        """The optional objective terms of this run (`vidmoe.training.objective_terms`)."""
+        return ObjectiveOptions(
+            band_training=self.band_training, temporal_weight=self.temporal_weight,
+            specialisation_weight=self.specialisation_weight,
+            specialisation_margin=self.specialisation_margin,
+        )  # fmt: skip
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
@@ -161,10 +216,12 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 
 def build_experts(cfg: TrainConfig) -> dict[str, WanTransformer]:
     """One freshly initialised expert per trained name, seeded by `cfg.seed` (in name order)."""
+    if cfg.init or cfg.lora_rank:
+        return finetune.build_finetune_experts(cfg)
     torch.manual_seed(cfg.seed)
     experts = {}
     for name in cfg.trained_experts:
-        expert = WanTransformer(cfg.transformer).train()
+        expert = WanTransformer(cfg.transformer_for(name)).train()
         expert.use_checkpointing = cfg.use_checkpointing
         experts[name] = expert
     return experts
@@ -184,7 +241,8 @@ class Trainer:
             )
         self.experts = build_experts(cfg)
         self.sigma_ranges = expert_ranges(cfg.moe, cfg.experts) if cfg.experts else None
-        groups = [{"params": list(e.parameters()), "name": n} for n, e in self.experts.items()]
+        groups = [{"params": [p for p in e.parameters() if p.requires_grad], "name": n}
+                  for n, e in self.experts.items()]  # fmt: skip
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(cfg, s))
         self.ema = EMA(self.experts, cfg.ema_decay)
@@ -199,7 +257,7 @@ class Trainer:
         return {
             "step": self.step,
             "config": self.cfg.to_dict(),
-            "experts": {n: e.state_dict() for n, e in self.experts.items()},
+            "experts": {n: finetune.trainable_state(e) for n, e in self.experts.items()},
             "ema": self.ema.state_dict(),
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
@@ -212,7 +270,7 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
         for n, e in self.experts.items():
-            e.load_state_dict(state["experts"][n])
+            finetune.load_trainable_state(e, state["experts"][n])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
@@ -222,7 +280,9 @@ class Trainer:
         self.log_window = list(state["log_window"])
 
     def save(self) -> Path:
-        return save_checkpoint(self.state_dict(), self.out_dir / CHECKPOINT_FILE)
+        path = save_checkpoint(self.state_dict(), self.out_dir / CHECKPOINT_FILE)
+        finetune.on_checkpoint(self)  # LoRA runs: the adapter files
+        return path
 
     def try_resume(self) -> bool:
         """Load out_dir/checkpoint.pt if present; drop log lines written after it."""
@@ -251,12 +311,14 @@ class Trainer:
         )  # fmt: skip
         noise = torch.randn(x0.shape, generator=g)  # (B, Z, F, H, W)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.use_bf16):
-            out = flow_matching_loss(self.experts, cfg.moe, x0, text, sigma, noise)
+            out = flow_matching_loss(
+                self.experts, cfg.moe, x0, text, sigma, noise, options=cfg.objective_options
+            )
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         grad_norms = {}
         for name, expert in self.experts.items():
-            if out.counts[name] and cfg.grad_clip > 0:
+            if name in out.ran and cfg.grad_clip > 0:  # band/specialisation: not only owners
                 norm = nn.utils.clip_grad_norm_(expert.parameters(), cfg.grad_clip)
                 grad_norms[name] = round(float(norm), 4)
         self.opt.step()
@@ -266,13 +328,18 @@ class Trainer:
         bins = (out.sigma * NUM_SIGMA_BINS).long().clamp(0, NUM_SIGMA_BINS - 1)  # (B,)
         self.sigma_bins[0].index_add_(0, bins, out.sample_loss.double())
         self.sigma_bins[1].index_add_(0, bins, torch.ones(b, dtype=torch.float64))
-        return {
+        record = {
             "step": self.step,
             "loss": {n: round(v.item(), 6) for n, v in out.per_expert.items()},
             "count": out.counts,
             "grad_norm": grad_norms,
             "lr": self.sched.get_last_lr()[0],
         }
+        if out.terms:  # optional objective terms: unweighted batch means
+            record["terms"] = {n: round(v, 6) for n, v in out.terms.items()}
+        if cfg.band_training:
+            record["band_count"] = out.band_count
+        return record
 
 
 def train(cfg: TrainConfig, *, callback: Callable[[Trainer], None] | None = None) -> Trainer:
@@ -329,8 +396,14 @@ def _summarise(window: list[dict], seconds: float) -> dict[str, Any]:
         if c
     }
     last = window[-1]
-    return {"step": last["step"], "loss": loss, "count": counts, "grad_norm": last["grad_norm"],
-            "lr": last["lr"], "seconds": round(seconds, 1)}  # fmt: skip
+    summary = {"step": last["step"], "loss": loss, "count": counts,
+               "grad_norm": last["grad_norm"], "lr": last["lr"], "seconds": round(seconds, 1)}  # fmt: skip
+    terms = [r["terms"] for r in window if "terms" in r]  # optional objective terms: step mean
+    if terms:
+        summary["terms"] = {n: round(sum(t[n] for t in terms) / len(terms), 6) for n in terms[0]}
+    if any("band_count" in r for r in window):
+        summary["band_count"] = sum(r.get("band_count", 0) for r in window)
+    return summary
 
 
 def write_plots(trainer: Trainer) -> None:

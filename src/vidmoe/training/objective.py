@@ -2,20 +2,28 @@
 
 Time convention (see DESIGN.md): sigma in [0, 1]; x_sigma = (1 - sigma) x0 + sigma noise; the
 network predicts velocity = noise - x0. Each sample goes to the one expert that owns its sigma
-(hard switch at the MoE config's boundaries), so an expert's gradient sees only its own samples.
+(hard switch at the MoE config's boundaries), so an expert's gradient sees only its own samples;
+the optional terms of `objective_terms` (band blends, temporal, specialisation) change that.
 Shape letters: B batch, C latent channels, F/H/W latent grid, S text tokens, D text width.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from vidmoe.config import MoEConfig
 from vidmoe.models.moe import Router
+from vidmoe.training.objective_terms import (
+    ObjectiveOptions,
+    per_sample_mse,
+    predicted_x0,
+    specialisation_penalty,
+    temporal_error,
+)
 
 SIGMA_SAMPLINGS = ("uniform", "logit_normal")
 
@@ -104,15 +112,22 @@ class ObjectiveOutput:
     """What one evaluation of the objective gives the loop."""
 
     loss: Tensor
-    """Scalar to backpropagate: the sum over experts of each expert's mean loss."""
+    """Scalar to backpropagate: the sum over experts of each expert's mean loss (velocity MSE
+    plus any optional terms, each sample counted for the expert that owns its sigma)."""
     per_expert: dict[str, Tensor]
-    """Mean loss of each expert that got samples (graph attached)."""
+    """Mean velocity MSE of each expert that owns samples, over those samples (graph attached)."""
     counts: dict[str, int]
-    """Samples each expert got (every expert is a key; 0 when it got none)."""
+    """Samples each expert owns (hard switch; every given expert is a key; 0 when none)."""
     sigma: Tensor
     """(B,) the noise levels drawn."""
     sample_loss: Tensor
-    """(B,) detached per-sample loss, for loss-vs-sigma curves."""
+    """(B,) detached per-sample velocity MSE (of the blend inside a band), for loss-vs-sigma."""
+    terms: dict[str, float] = field(default_factory=dict)
+    """Batch mean of each optional term that is on ('temporal', 'specialisation'), unweighted."""
+    band_count: int = 0
+    """Samples inside a transition band, scored on a blend (0 without band training)."""
+    ran: tuple[str, ...] = ()
+    """Experts that ran with gradients (their parameters may have .grad)."""
 
 
 def flow_matching_loss(
@@ -122,11 +137,14 @@ def flow_matching_loss(
     context: Tensor,
     sigma: Tensor,
     noise: Tensor,
+    *,
+    options: ObjectiveOptions | None = None,
 ) -> ObjectiveOutput:
     """Mean squared velocity error, each sample scored by the expert that owns its sigma.
 
     Each expert's loss is the mean over its own samples, and the total is their sum, so an
-    expert's update does not shrink when the batch happens to give it few samples.
+    expert's update does not shrink when the batch happens to give it few samples. `options`
+    adds the optional terms of `objective_terms` (all off by default).
 
     Args:
         experts: modules keyed by the names in `moe.expert_names`, called as
@@ -134,33 +152,95 @@ def flow_matching_loss(
         x0: (B, C, F, H, W) clean latents; noise: same shape.
         context: (B, S, D) text embeddings (zero-padded).
         sigma: (B,) noise levels in [0, 1].
+        options: the optional terms; None: none.
     Returns:
         an `ObjectiveOutput`.
     """
-    x_sigma, target = noisy_sample(x0, noise, sigma)  # (B, C, F, H, W) each
-    owner = assign_experts(sigma, moe)  # (B,)
-    missing = sorted({moe.expert_names[k] for k in owner.tolist()} - set(experts))
-    if missing:
+    opts = options or ObjectiveOptions()
+    opts.check_run(moe, ())
+    if opts.specialisation_weight and len(moe.expert_names) < 2:
         raise ValueError(
-            f"samples fall in the sigma range of experts {missing} but only {sorted(experts)} "
-            "are given: pass every expert, or draw sigmas with `sample_sigma(..., ranges=)`"
+            "the specialisation term needs >= 2 experts; set specialisation_weight = 0"
         )
-    sample_loss = torch.zeros(x0.shape[0], device=x0.device)  # (B,)
+    router = Router(moe)
+    x_sigma, target = noisy_sample(x0, noise, sigma)  # (B, C, F, H, W) each
+    owner = router.assign(sigma)  # (B,)
+    num_experts = len(moe.expert_names)
+    hard = nn.functional.one_hot(owner, num_experts).double()  # (B, K)
+    weights = router.weights(sigma) if opts.band_training else hard  # (B, K)
+    needed = weights > 0  # (B, K) which expert runs on which sample
+    if opts.specialisation_weight:
+        needed = torch.ones_like(needed)  # every sample through every expert
+    _check_given(experts, moe, owner, needed)
+    pred = torch.zeros(target.shape, device=x0.device)  # (B, C, F, H, W) fp32
+    full: dict[int, Tensor] = {}  # expert index -> (B, C, F, H, W), zero where it did not run
+    for k, name in enumerate(moe.expert_names):
+        idx = needed[:, k].nonzero(as_tuple=True)[0]  # (B_k,)
+        if not idx.numel():
+            continue  # the expert is not run, so its gradients stay untouched
+        v = experts[name](x_sigma[idx], sigma[idx], context[idx]).float()  # (B_k, C, F, H, W)
+        full[k] = torch.zeros_like(pred).index_copy(0, idx, v)  # (B, C, F, H, W)
+        w = weights[:, k].float().view(-1, *([1] * (pred.dim() - 1)))  # (B, 1, 1, 1, 1)
+        pred = pred + w * full[k]  # the router's blend; exactly v outside a band
+    mse = per_sample_mse(pred, target)  # (B,)
+    total, terms = mse, {}
+    if opts.temporal_weight:
+        t = temporal_error(predicted_x0(x_sigma.float(), sigma, pred), x0.float())  # (B,)
+        total = total + opts.temporal_weight * t
+        terms["temporal"] = float(t.detach().mean())
+    in_band = weights.amax(1) < 1  # (B,) scored on a blend of two experts
+    if opts.specialisation_weight:
+        p = _specialisation(full, target, owner, opts.specialisation_margin) * ~in_band  # (B,)
+        total = total + opts.specialisation_weight * p
+        terms["specialisation"] = float(p.detach()[~in_band].mean()) if (~in_band).any() else 0.0
     per_expert: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
+    objective = []
     for k, name in enumerate(moe.expert_names):
         if name not in experts:
             continue  # trained in another run (its range got no samples, checked above)
         idx = (owner == k).nonzero(as_tuple=True)[0]  # (B_k,)
         counts[name] = int(idx.numel())
-        if not counts[name]:
-            continue  # the expert is not run, so its gradients stay untouched
-        v = experts[name](x_sigma[idx], sigma[idx], context[idx])  # (B_k, C, F, H, W)
-        err = (v.float() - target[idx].float()).pow(2).flatten(1).mean(1)  # (B_k,)
-        per_expert[name] = err.mean()
-        sample_loss[idx] = err.detach()
-    loss = torch.stack(list(per_expert.values())).sum()
-    return ObjectiveOutput(loss, per_expert, counts, sigma.detach(), sample_loss)
+        if counts[name]:
+            per_expert[name] = mse[idx].mean()
+            objective.append(total[idx].mean())
+    return ObjectiveOutput(
+        loss=torch.stack(objective).sum(), per_expert=per_expert, counts=counts,
+        sigma=sigma.detach(), sample_loss=mse.detach(), terms=terms,
+        band_count=int(in_band.sum()) if opts.band_training else 0,
+        ran=tuple(moe.expert_names[k] for k in full),
+    )  # fmt: skip
+
+
+def _check_given(
+    experts: Mapping[str, nn.Module], moe: MoEConfig, owner: Tensor, needed: Tensor
+) -> None:
+    """ValueError if a sample needs an expert that is not in `experts`."""
+    names = moe.expert_names
+    missing = sorted({names[k] for k in owner.tolist()} - set(experts))
+    if missing:
+        raise ValueError(
+            f"samples fall in the sigma range of experts {missing} but only {sorted(experts)} "
+            "are given: pass every expert, or draw sigmas with `sample_sigma(..., ranges=)`"
+        )
+    missing = sorted({names[k] for k in needed.any(0).nonzero().flatten().tolist()} - set(experts))
+    if missing:
+        raise ValueError(
+            f"band training and the specialisation term run experts {missing} on samples they do "
+            f"not own, but only {sorted(experts)} are given: pass every expert (these options "
+            "cannot train a subset of the experts)"
+        )
+
+
+def _specialisation(
+    full: dict[int, Tensor], target: Tensor, owner: Tensor, margin: float
+) -> Tensor:
+    """(B,) specialisation penalty from every expert's own (unblended) prediction."""
+    losses = torch.stack([per_sample_mse(full[k], target) for k in sorted(full)], 1)  # (B, K)
+    is_owner = nn.functional.one_hot(owner, losses.shape[1]).bool()  # (B, K)
+    own = losses[is_owner]  # (B,)
+    others = losses[~is_owner].view(losses.shape[0], -1)  # (B, K-1)
+    return specialisation_penalty(own, others, margin)  # (B,)
 
 
 @torch.no_grad()
