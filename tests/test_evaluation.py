@@ -32,6 +32,19 @@ def test_prompt_set_is_balanced_parseable_and_held_out():
     assert len(HELD_OUT_TEMPLATES) >= 3
 
 
+def test_held_out_motion_phrases_are_not_training_phrases_and_parse():
+    from vidmoe.evaluation import HELD_OUT_MOTIONS
+    from vidmoe.world.labels import MOTION_PHRASES
+
+    for motion, held_out in HELD_OUT_MOTIONS.items():
+        for phrase in held_out:
+            assert parse_prompt(f"a red circle {phrase}").motion == motion, phrase
+            for training in MOTION_PHRASES[motion]:
+                assert phrase not in training and training not in phrase, (phrase, training)
+        for training in MOTION_PHRASES[motion]:
+            assert parse_prompt(f"a red circle {training}").motion == motion, training
+
+
 def test_flicker_is_zero_for_still_and_linear_change_and_high_for_noise():
     still = np.full((9, 8, 8, 3), 100, np.uint8)
     ramp = np.stack([np.full((8, 8, 3), 10 * t, np.uint8) for t in range(9)])

@@ -33,9 +33,9 @@ HELD_OUT_MOTIONS = {
     "right": ("heading right", "gliding rightwards"),
     "up": ("going up", "ascending"),
     "down": ("going down", "descending"),
-    "growing": ("expanding", "getting bigger"),
-    "shrinking": ("getting smaller", "contracting"),
-    "rotating": ("spinning around", "turning in place"),
+    "growing": ("increasing in size", "becoming larger"),
+    "shrinking": ("decreasing in size", "becoming smaller"),
+    "rotating": ("revolving", "whirling around"),
 }
 
 

@@ -65,6 +65,11 @@ MOTION_PHRASES = {
         "slides to the left",
         "travelling leftward",
         "moves left",
+        "sliding left",
+        "drifting to the left",
+        "shifting left",
+        "travels to the left",
+        "moving leftward",
     ),
     "right": (
         "moving to the right",
@@ -72,9 +77,20 @@ MOTION_PHRASES = {
         "slides to the right",
         "travelling rightward",
         "moves right",
+        "sliding right",
+        "drifting to the right",
+        "shifting right",
+        "travels to the right",
+        "moving rightward",
     ),
-    "up": ("moving up", "rising", "drifts upward", "floating up", "moves upward"),
-    "down": ("moving down", "falling", "sinking", "drifts downward", "moves down"),
+    "up": (
+        "moving up", "rising", "drifts upward", "floating up", "moves upward", "climbing",
+        "rises", "shifting up", "travels upward", "climbs upward",
+    ),
+    "down": (
+        "moving down", "falling", "sinking", "drifts downward", "moves down", "dropping",
+        "falls", "shifting down", "travels downward", "drops down",
+    ),
     "diagonal": (
         "moving diagonally up and to the right",
         "drifts diagonally up-right",
@@ -176,13 +192,15 @@ _MOTION_PATTERNS = (
     ),
     (
         "shrinking",
-        r"shrink\w*|getting smaller|gets smaller|grow(s|ing)? smaller|contract\w*|dwindl\w*",
+        r"shrink\w*|getting smaller|gets smaller|grow(s|ing)? smaller|contract\w*|dwindl\w*"
+        r"|decreas\w* in size|becom\w* smaller",
     ),
     (
         "growing",
-        r"grow\w*|expand\w*|getting (bigger|larger)|gets (bigger|larger)|enlarg\w*|swell\w*",
+        r"grow\w*|expand\w*|getting (bigger|larger)|gets (bigger|larger)|enlarg\w*|swell\w*"
+        r"|increas\w* in size|becom\w* (bigger|larger)",
     ),
-    ("rotating", r"rotat\w*|spin\w*|turning|turns|twirl\w*|revolv\w*"),
+    ("rotating", r"rotat\w*|spin\w*|turning|turns|twirl\w*|revolv\w*|whirl\w*"),
     ("up", r"up|upwards?|ris(e|es|ing)|ascend\w*|climb\w*"),
     ("down", r"down|downwards?|fall(s|ing)?|sink(s|ing)?|drop(s|ping)?|descend\w*"),
     ("right", r"right|rightwards?"),
