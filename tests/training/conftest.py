@@ -15,6 +15,18 @@ TINY_EXPERT = TransformerConfig(
 TINY_MOE = MoEConfig(boundaries=(0.875,), guidance=(4.0, 3.0))
 
 
+def tiny_run(cache_dir, out_dir, **overrides) -> dict:
+    """A TrainConfig dict of a few-step run of TINY_EXPERT experts (`overrides` replace keys)."""
+    d = dict(
+        cache=str(cache_dir), out_dir=str(out_dir), transformer=TINY_EXPERT.to_dict(),
+        moe={"boundaries": [0.875], "guidance": [4.0, 3.0]}, batch_size=4, lr=1e-3,
+        warmup_steps=2, max_steps=8, log_every=2, checkpoint_every=3, ema_decay=0.9,
+        sigma_shift=3.0, num_threads=1, use_progress=False,
+    )  # fmt: skip
+    d.update(overrides)
+    return d
+
+
 class PoolVAE(nn.Module):
     """Stand-in VAE: a fixed 1x1x1 projection of 4x4x4-pooled pixels to 4 channels."""
 

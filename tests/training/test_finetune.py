@@ -11,7 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.training.conftest import TINY_EXPERT, TINY_MOE, HashTextEncoder, PoolVAE, fake_clips
+from tests.training.conftest import (
+    TINY_EXPERT,
+    TINY_MOE,
+    HashTextEncoder,
+    PoolVAE,
+    fake_clips,
+    tiny_run,
+)
 from vidmoe.config import PRESETS
 from vidmoe.io.checkpoints import detect_layout, load_expert
 from vidmoe.io.tensors import save_safetensors_atomic, write_text_atomic
@@ -54,14 +61,8 @@ def init_dir(tmp_path_factory):
 
 
 def _config(cache_dir, out_dir, **kw) -> TrainConfig:
-    d = dict(
-        cache=str(cache_dir), out_dir=str(out_dir), transformer=TINY_EXPERT.to_dict(),
-        moe={"boundaries": [0.875], "guidance": [4.0, 3.0]}, batch_size=4, lr=3e-3,
-        warmup_steps=1, max_steps=4, log_every=2, checkpoint_every=2, ema_decay=0.9,
-        sigma_shift=3.0, num_threads=1, use_progress=False,
-    )  # fmt: skip
-    d.update(kw)
-    return TrainConfig.from_dict(d)
+    kw = {"lr": 3e-3, "warmup_steps": 1, "max_steps": 4, "checkpoint_every": 2, **kw}
+    return TrainConfig.from_dict(tiny_run(cache_dir, out_dir, **kw))
 
 
 def _init_state(init_dir, name) -> dict[str, torch.Tensor]:

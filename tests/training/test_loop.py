@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training.conftest import TINY_EXPERT, TINY_MOE, HashTextEncoder, PoolVAE, fake_clips
+from tests.training.conftest import (
+    TINY_EXPERT,
+    TINY_MOE,
+    HashTextEncoder,
+    PoolVAE,
+    fake_clips,
+    tiny_run,
+)
 from vidmoe.training.checkpoint import load_checkpoint
 from vidmoe.training.data import build_latent_cache
 from vidmoe.training.loop import TrainConfig, build_experts, load_train_config, train
@@ -30,15 +37,7 @@ def cache_dir(tmp_path_factory):
     return folder
 
 
-def _config(cache_dir, out_dir, **kw) -> dict:
-    d = dict(
-        cache=str(cache_dir), out_dir=str(out_dir), transformer=TINY_EXPERT.to_dict(),
-        moe={"boundaries": [0.875], "guidance": [4.0, 3.0]}, batch_size=4, lr=1e-3,
-        warmup_steps=2, max_steps=8, log_every=2, checkpoint_every=3, ema_decay=0.9,
-        sigma_shift=3.0, num_threads=1, use_progress=False,
-    )  # fmt: skip
-    d.update(kw)
-    return d
+_config = tiny_run
 
 
 def test_tiny_model_overfits_one_batch():
