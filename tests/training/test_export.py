@@ -122,3 +122,15 @@ def test_experts_trained_in_separate_runs_export_as_one_model(tmp_path):
         export_model([ckpts[0], ckpts[0]], config, vae.state_dict(), tmp_path / "x")
     with pytest.raises(ValueError, match="differ from the checkpoints"):
         export_model([ckpts[0]], config, vae.state_dict(), tmp_path / "y")
+
+
+def test_vae_trainer_crop_follows_the_spatial_stride(tmp_path):
+    vae = VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1, dim_mult=(1, 2, 4),
+                    temperal_downsample=(True, True))  # fmt: skip
+    base = dict(vae=vae, width=32, height=32, clip_frames=5, window_frames=5, batch_size=1,
+                max_steps=1, num_stat_clips=1, sizes=("large",), motions=("left",))  # fmt: skip
+    with pytest.raises(ValueError, match="multiple of 4"):
+        train_vae(VAETrainConfig(crop=6, **base), tmp_path, log=lambda s: None)
+    trained, config = train_vae(VAETrainConfig(crop=12, **base), tmp_path, log=lambda s: None)
+    z = trained.encode(torch.zeros(1, 3, 5, 32, 32))
+    assert z.shape == (1, 4, 2, 8, 8)  # stride 4 in time and space
