@@ -153,7 +153,7 @@ def train_vae(
 
     from vidmoe.world.shapes import ShapesWorld
 
-    stride = 2 ** (len(cfg.vae.dim_mult) - 1)
+    stride = cfg.vae.spatial_stride
     if cfg.crop % stride or cfg.crop < 0:
         raise ValueError(
             f"crop must be 0 or a multiple of {stride} (the VAE's spatial stride); got {cfg.crop}"
