@@ -11,12 +11,17 @@ CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]  # fmt: skip
 
-# Record every text the status line shows (the run is faster than any polling of it).
+# Record every text the status line is given, each one, even several set in one task (the
+# server sends steps that ran between two polls together, and the observer runs once for them).
 WATCH_STATUS = """
 window.statusLog = [];
-new MutationObserver(() => {
-  const el = document.getElementById("status");
-  if (el) window.statusLog.push(el.textContent);
+new MutationObserver((records) => {
+  for (const r of records) {
+    if (!(r.target.id === "status" || (r.target.parentNode && r.target.parentNode.id === "status")))
+      continue;
+    if (r.type === "characterData") window.statusLog.push(r.target.data);
+    for (const n of r.addedNodes) window.statusLog.push(n.textContent);
+  }
 }).observe(document, {subtree: true, childList: true, characterData: true});
 """
 

@@ -256,16 +256,27 @@ def progress_of(job: dict) -> dict:
 
 
 async def event_stream(store: JobStore, job_id: str, interval: float):
-    """Server-sent events: one `progress` event per change, then one named by the final status."""
-    last, quiet = None, 0.0
+    """Server-sent events: one `progress` event per change, then one named by the final status.
+
+    Every denoising step gets its own `progress` event, with the expert(s) that ran it, even a
+    step that started and finished between two polls of the job store: those are sent late (in
+    order, before the newer state), so a client never misses which expert did what.
+    """
+    last, quiet, shown = None, 0.0, None  # shown: the last denoising step sent (-1: none yet)
     while True:
         job = store.get(job_id)
         view = {"id": job_id, "status": job["status"], "queue_position": job["queue_position"],
                 "progress": progress_of(job), "error": job["error"]}  # fmt: skip
         if view != last:
+            if shown is not None:
+                for step in missed_steps(job, shown):
+                    yield f"event: progress\ndata: {json.dumps(step)}\n\n"
             name = job["status"] if job["status"] in FINISHED else "progress"
             yield f"event: {name}\ndata: {json.dumps(view)}\n\n"
             last, quiet = view, 0.0
+            p = view["progress"]
+            shown = p["step"] if p["phase"] == "denoise" else (
+                -1 if job["status"] == "queued" else p["step"] - 1)  # fmt: skip
         if job["status"] in FINISHED:
             return
         if quiet > 15:
@@ -273,6 +284,20 @@ async def event_stream(store: JobStore, job_id: str, interval: float):
             quiet = 0.0
         await asyncio.sleep(interval)
         quiet += interval
+
+
+def missed_steps(job: dict, shown: int) -> list[dict]:
+    """`running` views of the denoising steps after `shown` that began before the job's state now."""
+    steps, now = job["plan"]["steps"], job["step"]
+    if job["status"] == "queued":
+        return []
+    views = []
+    for k in range(shown + 1, min(now, len(steps))):
+        views.append({"id": job["id"], "status": "running", "queue_position": None,
+                      "progress": {"step": k, "num_steps": job["num_steps"],
+                                   "experts": steps[k]["experts"], "phase": "denoise"},
+                      "error": None})  # fmt: skip
+    return views
 
 
 def describe(config) -> dict:
