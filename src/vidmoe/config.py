@@ -54,6 +54,10 @@ class TransformerConfig:
     """RMSNorm on queries and keys."""
     cross_attn_norm: bool = True
     """LayerNorm (with affine) before cross-attention (`norm3` in the checkpoints)."""
+    pooled_text: bool = False
+    """Also condition every block's modulation on the prompt's mean token embedding (an MLP of it
+    added to the time embedding, as SD3 and PixArt do with a pooled text vector). Not in the Wan
+    release (False there); small models trained from scratch follow prompts much sooner with it."""
     eps: float = 1e-6
     """Epsilon of every norm."""
 

@@ -89,3 +89,38 @@ def test_bad_inputs_are_clear():
         model(torch.randn(1, 16, 1, 4, 4), torch.tensor([0.5]), [torch.randn(40, 48)])
     with pytest.raises(ValueError, match="model_type"):
         TransformerConfig(model_type="video")
+
+
+def test_pooled_text_conditions_every_token_and_ignores_padding():
+    from vidmoe.models.transformer import pooled_tokens
+
+    plain = _tiny()
+    pooled = _tiny(pooled_text=True)
+    assert not hasattr(plain, "text_pool") and "text_pool.0.weight" in pooled.state_dict()
+    missing = pooled.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert all(k.startswith("text_pool.") for k in missing)
+    x, sigma = torch.randn(2, 16, 3, 4, 6), torch.tensor([0.9, 0.3])
+    ctx = [torch.randn(5, 48), torch.randn(9, 48)]
+    with torch.no_grad():
+        # the pooled path starts at zero: the same function as the model without it
+        torch.testing.assert_close(pooled(x, sigma, ctx), plain(x, sigma, ctx))
+        torch.nn.init.normal_(pooled.text_pool[2].weight, std=0.5)
+        a = pooled(x, sigma, ctx)
+        # a list of prompts and the zero-padded batch (the training cache's form) agree
+        torch.testing.assert_close(a, pooled(x, sigma, pooled.pad_context(ctx)))
+        assert (a - plain(x, sigma, ctx)).abs().max() > 1e-3
+    padded = pooled.pad_context(ctx)
+    torch.testing.assert_close(pooled_tokens(padded), torch.stack([c.mean(0) for c in ctx]))
+
+
+def test_pooled_text_is_inferred_from_tensor_names():
+    from vidmoe.io.layouts import transformer_config_from_shapes
+
+    class Shapes(dict):
+        def shape(self, name):
+            return list(self[name].shape)
+
+    for flag in (False, True):  # the release's head dim (128) is assumed: dim 256 is 2 heads
+        model = _tiny(pooled_text=flag, dim=256, num_heads=2, num_layers=1)
+        cfg, _ = transformer_config_from_shapes(Shapes(model.state_dict()))
+        assert cfg.pooled_text is flag

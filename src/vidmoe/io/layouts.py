@@ -350,6 +350,7 @@ def transformer_config_from_shapes(src: TensorSource) -> tuple[TransformerConfig
         num_layers=1 + max(int(n.split(".")[1]) for n in src if n.startswith("blocks.")),
         qk_norm="blocks.0.self_attn.norm_q.weight" in src,
         cross_attn_norm="blocks.0.norm3.weight" in src,
+        pooled_text="text_pool.0.weight" in src,
     )
     notes = (
         f"num_heads = dim / {RELEASE_HEAD_DIM} = {cfg.num_heads} (not stored in the file)",

@@ -115,6 +115,12 @@ class Head(nn.Module):
         return self.head(y.to(self.head.weight.dtype)).float()  # (B, L, p*q*r*C_out)
 
 
+def pooled_tokens(context: torch.Tensor) -> torch.Tensor:
+    """Mean of the prompt's token embeddings, the zero padding left out: (B, S, D) -> (B, D)."""
+    real = (context != 0).any(dim=-1, keepdim=True).to(context.dtype)  # (B, S, 1)
+    return (context * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)  # (B, D)
+
+
 class WanTransformer(nn.Module):
     """One expert: the Wan2.x diffusion transformer (t2v, i2v and ti2v in one class)."""
 
@@ -131,6 +137,8 @@ class WanTransformer(nn.Module):
         )
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        if cfg.pooled_text:
+            self.text_pool = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         if not any(p.is_meta for p in self.parameters()):
@@ -148,6 +156,9 @@ class WanTransformer(nn.Module):
                 if isinstance(m, nn.Linear):
                     nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
+        if self.config.pooled_text:  # starts as the model without it
+            nn.init.normal_(self.text_pool[0].weight, std=0.02)
+            nn.init.zeros_(self.text_pool[2].weight)
 
     def pad_context(self, context: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """Zero-pad prompt embeddings [(S_i, text_dim)] to (B, text_len, text_dim)."""
@@ -198,10 +209,12 @@ class WanTransformer(nn.Module):
             timestep = timestep[:, None]  # (B, 1): one timestep shared by all tokens
         t_emb = sinusoidal_embedding(timestep, cfg.freq_dim)  # (B, L|1, freq_dim)
         e = self.time_embedding(t_emb.to(dtype)).float()  # (B, L|1, D)
-        e6 = rearrange(self.time_projection(e.to(dtype)).float(), "b l (six d) -> b l six d", six=6)
-
         if not isinstance(context, torch.Tensor) or context.shape[1] != cfg.text_len:
             context = self.pad_context(context)  # (B, S, text_dim)
+        if cfg.pooled_text:
+            e = e + self.text_pool(pooled_tokens(context).to(dtype)).float()[:, None]  # (B, L|1, D)
+        e6 = rearrange(self.time_projection(e.to(dtype)).float(), "b l (six d) -> b l six d", six=6)
+
         # parity: the zero padding is embedded too (the bias makes it non-zero)
         context = self.text_embedding(context.to(dtype))  # (B, S, D)
 
