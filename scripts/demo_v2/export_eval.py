@@ -1,4 +1,4 @@
-"""usage: VAE_DIR=... python export_eval.py OUT_DIR NUM_PROMPTS [gh gl steps shift sampler] [EMA=1]"""
+"""usage: VAE_DIR=... [CKPTS=a,b] [TRAIN_TOML=...] python export_eval.py OUT_DIR NUM_PROMPTS [gh gl steps shift sampler] [EMA=1]"""
 import json, os, sys, time, torch
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 from safetensors.torch import load_file
@@ -8,7 +8,7 @@ from vidmoe.training.loop import load_train_config
 out, n = sys.argv[1], int(sys.argv[2])
 gh, gl, steps, shift, sampler = (float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]),
     float(sys.argv[6]), sys.argv[7]) if len(sys.argv) > 3 else (5.0, 4.0, 25, 3.0, "euler")
-tc = load_train_config("scripts/demo_v2/train_moe.toml")
+tc = load_train_config(os.environ.get("TRAIN_TOML", "scripts/demo_v2/train_moe.toml"))
 vae_dir = os.environ["VAE_DIR"]
 vae_cfg = VAEConfig(**json.loads(open(f"{vae_dir}/vae_config.json").read()))
 config = ModelConfig(

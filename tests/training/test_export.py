@@ -89,8 +89,10 @@ def test_vae_decoder_only_keeps_the_latent_space(tmp_path):
 
 
 def test_experts_trained_in_separate_runs_export_as_one_model(tmp_path):
-    model = PRESETS["tiny-t2v"]
-    tiny = dataclasses.replace(model.transformer, in_dim=4, out_dim=4, text_dim=16, text_len=8)
+    model = PRESETS["tiny-t2v"]  # pooled text conditioning too, as the demo model has
+    tiny = dataclasses.replace(
+        model.transformer, in_dim=4, out_dim=4, text_dim=16, text_len=8, pooled_text=True
+    )
     build_latent_cache(fake_clips(4), PoolVAE(), HashTextEncoder(), tmp_path / "c", text_len=8)
     runs = {}
     for name in ("high_noise", "low_noise"):
@@ -116,8 +118,10 @@ def test_experts_trained_in_separate_runs_export_as_one_model(tmp_path):
     layout = detect_layout(out)
     for name, trainer in runs.items():
         loaded = load_expert(layout, name, dtype=torch.float32).state_dict()
+        assert "text_pool.2.weight" in loaded and loaded.keys() == trainer.experts[name].state_dict().keys()
         for k, v in trainer.experts[name].state_dict().items():
             assert torch.equal(loaded[k], v), (name, k)
+    assert trainer.experts["low_noise"].text_pool[2].weight.abs().max() > 0  # it trained
     with pytest.raises(ValueError, match="more than one checkpoint"):
         export_model([ckpts[0], ckpts[0]], config, vae.state_dict(), tmp_path / "x")
     with pytest.raises(ValueError, match="differ from the checkpoints"):
