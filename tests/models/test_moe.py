@@ -189,3 +189,12 @@ def test_check_compatible():
     del bare.config
     with pytest.raises(ValueError, match="no `.config`"):
         MoETransformer({"high_noise": Stub(), "low_noise": bare}, T2V).check_compatible()
+
+
+def test_sigma_range_is_the_set_of_sigmas_each_expert_owns():
+    moe, router = K3, Router(K3)
+    for sigma in [i / 200 for i in range(201)] + [0.4, 0.8]:
+        owners = [n for n in moe.expert_names if router.sigma_range(n)[0] <= sigma < router.sigma_range(n)[1]]
+        assert owners == [router.owner(sigma)], sigma
+    with pytest.raises(ValueError, match="unknown expert 'd'"):
+        router.sigma_range("d")

@@ -88,6 +88,17 @@ class Router:
         """Name of the expert that owns `sigma` under a hard switch (band ignored)."""
         return self.expert_names[self.index(sigma)]
 
+    def sigma_range(self, name: str) -> tuple[float, float]:
+        """The [low, high) sigma interval `name` owns under a hard switch (the rule of `index`).
+
+        The noisiest expert's interval ends just past 1, so sigma = 1 belongs to it.
+        """
+        if name not in self.expert_names:
+            raise ValueError(f"unknown expert {name!r}; the model has {list(self.expert_names)}")
+        k = self.expert_names.index(name)
+        edges = (1.0 + 1e-6, *self.boundaries, 0.0)
+        return edges[k + 1], edges[k]
+
     def assign(self, sigma: torch.Tensor) -> torch.Tensor:
         """Owner index per sample for training batches (hard switch).
 

@@ -98,8 +98,8 @@ def expert_ranges(moe: MoEConfig, names: Sequence[str]) -> list[tuple[float, flo
     unknown = [n for n in names if n not in moe.expert_names]
     if unknown:
         raise ValueError(f"unknown experts {unknown}; the model has {list(moe.expert_names)}")
-    edges = (1.0 + 1e-6, *moe.boundaries, 0.0)  # sigma = 1 belongs to the noisiest expert
-    return [(edges[k + 1], edges[k]) for k, n in enumerate(moe.expert_names) if n in names]
+    router = Router(moe)
+    return [router.sigma_range(n) for n in moe.expert_names if n in names]
 
 
 def assign_experts(sigma: Tensor, moe: MoEConfig) -> Tensor:
