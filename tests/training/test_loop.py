@@ -145,3 +145,14 @@ def test_config_errors_name_the_problem(tmp_path):
     (tmp_path / "x.yaml").write_text("")
     with pytest.raises(ValueError, match="toml or .json"):
         load_train_config(tmp_path / "x.yaml")
+
+
+def test_a_head_narrower_than_a_tokens_outputs_is_warned():
+    narrow = {**TINY_EXPERT.to_dict(), "dim": 8, "num_heads": 2}  # a (1, 2, 2) patch x 4 = 16
+    with pytest.warns(UserWarning, match=r"width 8 is below the 16 values"):
+        TrainConfig.from_dict(_config("c", "o", transformer=narrow))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TrainConfig.from_dict(_config("c", "o"))  # width 32: no warning
