@@ -11,6 +11,7 @@ L = f*h*w video tokens, S text tokens (text_len), D width, N heads, Dh head widt
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from einops import rearrange
@@ -119,6 +120,24 @@ def pooled_tokens(context: torch.Tensor) -> torch.Tensor:
     """Mean of the prompt's token embeddings, the zero padding left out: (B, S, D) -> (B, D)."""
     real = (context != 0).any(dim=-1, keepdim=True).to(context.dtype)  # (B, S, 1)
     return (context * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)  # (B, D)
+
+
+def warn_if_head_too_narrow(cfg: TransformerConfig, name: str) -> None:
+    """Warn when a token's outputs (patch volume x channels) outnumber the width.
+
+    The head is linear from `dim` features to those outputs, so it reaches only a `dim`-wide
+    subspace of them: the starting noise outside it is never removed while sampling, and the
+    expert sees that noise at every step, far more than its noise level says. Measured on the
+    demo's v2 experts (width 192, 256 outputs per token): their clips were speckled blobs.
+    """
+    outputs = math.prod(cfg.patch_size) * cfg.out_dim
+    if cfg.dim < outputs:
+        warnings.warn(
+            f"expert {name!r}: width {cfg.dim} is below the {outputs} values each token outputs "
+            f"(patch {list(cfg.patch_size)} x {cfg.out_dim} channels); the head cannot remove "
+            f"{outputs - cfg.dim} of them from the noise. Use dim >= {outputs} or a smaller patch.",
+            stacklevel=3,
+        )
 
 
 class WanTransformer(nn.Module):

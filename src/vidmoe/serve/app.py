@@ -262,21 +262,18 @@ async def event_stream(store: JobStore, job_id: str, interval: float):
     step that started and finished between two polls of the job store: those are sent late (in
     order, before the newer state), so a client never misses which expert did what.
     """
-    last, quiet, shown = None, 0.0, None  # shown: the last denoising step sent (-1: none yet)
+    last, quiet = None, 0.0
     while True:
         job = store.get(job_id)
         view = {"id": job_id, "status": job["status"], "queue_position": job["queue_position"],
                 "progress": progress_of(job), "error": job["error"]}  # fmt: skip
         if view != last:
-            if shown is not None:
-                for step in missed_steps(job, shown):
+            if last is not None:
+                for step in missed_steps(job, view, last):
                     yield f"event: progress\ndata: {json.dumps(step)}\n\n"
             name = job["status"] if job["status"] in FINISHED else "progress"
             yield f"event: {name}\ndata: {json.dumps(view)}\n\n"
             last, quiet = view, 0.0
-            p = view["progress"]
-            shown = p["step"] if p["phase"] == "denoise" else (
-                -1 if job["status"] == "queued" else p["step"] - 1)  # fmt: skip
         if job["status"] in FINISHED:
             return
         if quiet > 15:
@@ -286,18 +283,21 @@ async def event_stream(store: JobStore, job_id: str, interval: float):
         quiet += interval
 
 
-def missed_steps(job: dict, shown: int) -> list[dict]:
-    """`running` views of the denoising steps after `shown` that began before the job's state now."""
-    steps, now = job["plan"]["steps"], job["step"]
+def missed_steps(job: dict, view: dict, last: dict) -> list[dict]:
+    """`running` views of the denoising steps that began after the `last` view sent and before
+    the job's state now (`view`)."""
     if job["status"] == "queued":
         return []
-    views = []
-    for k in range(shown + 1, min(now, len(steps))):
-        views.append({"id": job["id"], "status": "running", "queue_position": None,
-                      "progress": {"step": k, "num_steps": job["num_steps"],
-                                   "experts": steps[k]["experts"], "phase": "denoise"},
-                      "error": None})  # fmt: skip
-    return views
+    p = last["progress"]
+    if p["phase"] == "denoise":
+        sent = p["step"]  # the step at work in the last view
+    else:  # queued: none yet; decode/write: all of them
+        sent = -1 if last["status"] == "queued" else p["step"] - 1
+    steps = job["plan"]["steps"]
+    return [{**view, "status": "running", "queue_position": None, "error": None,
+             "progress": {"step": k, "num_steps": job["num_steps"],
+                          "experts": steps[k]["experts"], "phase": "denoise"}}
+            for k in range(sent + 1, min(job["step"], len(steps)))]  # fmt: skip
 
 
 def describe(config) -> dict:

@@ -27,7 +27,7 @@ from vidmoe.config import (
     expert_transformer,
     normalize_expert_overrides,
 )
-from vidmoe.models.transformer import WanTransformer
+from vidmoe.models.transformer import WanTransformer, warn_if_head_too_narrow
 from vidmoe.training import finetune
 from vidmoe.training.checkpoint import (
     CHECKPOINT_FILE,
@@ -190,26 +190,6 @@ class TrainConfig:
             specialisation_weight=self.specialisation_weight,
             specialisation_margin=self.specialisation_margin,
         )  # fmt: skip
-
-
-def warn_if_head_too_narrow(cfg: TransformerConfig, name: str) -> None:
-    """Warn when a token's outputs (patch volume x channels) outnumber the width.
-
-    The head is linear from `dim` features to those outputs, so it reaches only a `dim`-wide
-    subspace of them: the starting noise outside it is never removed while sampling, and the
-    expert sees that noise at every step, far more than its noise level says. Measured on the
-    demo's v2 experts (width 192, 256 outputs per token): their clips were speckled blobs.
-    """
-    outputs = math.prod(cfg.patch_size) * cfg.out_dim
-    if cfg.dim < outputs:
-        import warnings
-
-        warnings.warn(
-            f"expert {name!r}: width {cfg.dim} is below the {outputs} values each token outputs "
-            f"(patch {list(cfg.patch_size)} x {cfg.out_dim} channels); the head cannot remove "
-            f"{outputs - cfg.dim} of them from the noise. Use dim >= {outputs} or a smaller patch.",
-            stacklevel=3,
-        )
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
