@@ -98,7 +98,7 @@ ABLATIONS = {
 
 
 def train_config(run: Run, root: Path, cache: Path):
-    from vidmoe.training.loop import TrainConfig
+    from vidmoe.training.config import TrainConfig
 
     return TrainConfig(
         cache=str(cache), out_dir=str(root / run.name), transformer=expert_config(run.num_layers),

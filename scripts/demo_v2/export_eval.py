@@ -4,7 +4,7 @@ torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 from safetensors.torch import load_file
 from vidmoe.config import ModelConfig, MoEConfig, SchedulerConfig, VAEConfig
 from vidmoe.training.checkpoint import export_model
-from vidmoe.training.loop import load_train_config
+from vidmoe.training.config import load_train_config
 out, n = sys.argv[1], int(sys.argv[2])
 gh, gl, steps, shift, sampler = (float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]),
     float(sys.argv[6]), sys.argv[7]) if len(sys.argv) > 3 else (5.0, 4.0, 25, 3.0, "euler")

@@ -22,7 +22,8 @@ from torch import nn
 from vidmoe.models.transformer import WanTransformer
 
 if TYPE_CHECKING:
-    from vidmoe.training.loop import TrainConfig, Trainer
+    from vidmoe.training.config import TrainConfig
+    from vidmoe.training.loop import Trainer
 
 # Release module names: the attention q/k/v/o and FFN linears of every block (peft matches a
 # target against the end of a module name).

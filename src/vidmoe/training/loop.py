@@ -8,26 +8,16 @@ PNG. `train_main(path)` is the `vidmoe train CONFIG` entry point (TOML or JSON c
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vidmoe.config import (
-    ExpertOverrides,
-    MoEConfig,
-    TransformerConfig,
-    expert_transformer,
-    normalize_expert_overrides,
-)
-from vidmoe.models.transformer import WanTransformer, warn_if_head_too_narrow
+from vidmoe.models.transformer import WanTransformer
 from vidmoe.training import finetune
 from vidmoe.training.checkpoint import (
     CHECKPOINT_FILE,
@@ -37,183 +27,14 @@ from vidmoe.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from vidmoe.training.config import TrainConfig, load_train_config, lr_factor
 from vidmoe.training.data import EpochSampler, LatentCache
 from vidmoe.training.objective import expert_ranges, flow_matching_loss, sample_sigma
-from vidmoe.training.objective_terms import ObjectiveOptions
+
+__all__ = ["TrainConfig", "Trainer", "load_train_config", "lr_factor", "train", "train_main"]
 
 LOG_FILE = "log.jsonl"
 NUM_SIGMA_BINS = 20
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """Everything one training run needs; read from TOML or JSON by `load_train_config`."""
-
-    cache: str
-    """Folder of the latent cache (`vidmoe.training.data.build_latent_cache`)."""
-    out_dir: str
-    """Where checkpoint.pt, log.jsonl and the plots go; a run resumes from it."""
-    transformer: TransformerConfig
-    """Architecture of every expert."""
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    """Expert names and sigma boundaries (guidance is unused in training)."""
-    experts: tuple[str, ...] = ()
-    """Train only these experts (sigmas drawn inside their ranges); empty: all. Experts never
-    share parameters, so a 2-expert model can train as two runs, one per device or CPU core,
-    merged by `export_model([run_a, run_b], ...)`."""
-    expert_overrides: ExpertOverrides = ()
-    """Per-expert changes to `transformer` (TOML: `[expert_overrides.low_noise]` with
-    `ffn_dim = 512`, `window_size = [-1, 64]`); as `ModelConfig.expert_overrides`. Empty: every
-    expert is `transformer`."""
-    batch_size: int = 16
-    """Clips per step (split between the experts by sigma)."""
-    lr: float = 3e-4
-    """Peak AdamW learning rate."""
-    weight_decay: float = 0.01
-    """AdamW weight decay."""
-    warmup_steps: int = 100
-    """Linear learning-rate warm-up."""
-    lr_schedule: str = "constant"
-    """'constant' or 'cosine' (to 10% of `lr` at `max_steps`) after the warm-up."""
-    max_steps: int = 1000
-    """Optimiser steps of the whole run."""
-    max_minutes: float = 0.0
-    """Stop (with a checkpoint) after this many minutes in this process; 0: no limit."""
-    grad_clip: float = 1.0
-    """Max gradient norm, per expert; 0 disables clipping."""
-    ema_decay: float = 0.999
-    """EMA decay (warmed up as (1 + step) / (10 + step))."""
-    sigma_sampling: str = "uniform"
-    """'uniform' or 'logit_normal'."""
-    sigma_shift: float = 1.0
-    """Shift applied to drawn sigmas (> 1 favours high noise)."""
-    logit_mean: float = 0.0
-    """Mean of the logit-normal draw."""
-    logit_std: float = 1.0
-    """Std of the logit-normal draw."""
-    caption_dropout: float = 0.1
-    """Fraction of samples trained on the empty prompt (for classifier-free guidance)."""
-    band_training: bool = False
-    """Score samples inside a transition band (`[moe] band` > 0) on the router's blend of the
-    two neighbouring experts, as sampling with that band runs them; needs every expert."""
-    temporal_weight: float = 0.0
-    """Weight of the frame-difference MSE of the predicted clean latent; 0: off."""
-    specialisation_weight: float = 0.0
-    """Weight of the owner-beats-the-others margin term (every sample runs through every
-    expert); 0: off; needs every expert."""
-    specialisation_margin: float = 0.05
-    """Velocity-MSE margin by which the owner should beat each other expert on its samples."""
-    use_bf16: bool = False
-    """Run the experts under bf16 autocast."""
-    use_checkpointing: bool = False
-    """Gradient checkpointing of the transformer blocks."""
-    seed: int = 0
-    """Seeds the initialisation, the data order, sigmas, noise and caption dropout."""
-    log_every: int = 10
-    """Steps between log.jsonl lines."""
-    checkpoint_every: int = 200
-    """Steps between checkpoints (a final one is always written)."""
-    num_threads: int = 0
-    """torch CPU threads; 0 leaves torch's default."""
-    use_progress: bool = True
-    """Show a tqdm bar."""
-    init: str = ""
-    """Start from this model (a vidmoe, official or diffusers folder; its experts' architecture
-    must equal `transformer`); empty: fresh weights. See `vidmoe.training.finetune`."""
-    lora_rank: int = 0
-    """> 0: train one peft LoRA adapter of this rank per expert on frozen weights; 0: all weights."""
-    lora_alpha: float = 0.0
-    """LoRA alpha (scale alpha / rank); 0: equal to `lora_rank`."""
-    lora_targets: tuple[str, ...] = finetune.DEFAULT_LORA_TARGETS
-    """Module-name suffixes that get adapters (default: attention q/k/v/o and FFN linears)."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA input."""
-
-    def __post_init__(self) -> None:
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(
-                f"lr_schedule must be 'constant' or 'cosine'; got {self.lr_schedule!r}"
-            )
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1]; got {self.caption_dropout}")
-        object.__setattr__(self, "experts", tuple(self.experts))
-        expert_ranges(self.moe, self.experts)  # unknown names are an error
-        finetune.check_finetune_config(self)
-        self.objective_options.check_run(self.moe, self.experts)
-        overrides = normalize_expert_overrides(
-            self.expert_overrides, self.transformer, self.moe.expert_names
-        )
-        object.__setattr__(self, "expert_overrides", overrides)
-        for name in ("batch_size", "max_steps", "log_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        for name in self.trained_experts:
-            warn_if_head_too_narrow(self.transformer_for(name), name)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown train config keys {unknown}; known: {sorted(names)}")
-        if "transformer" not in d:
-            raise ValueError(
-                "the train config needs a [transformer] table (TransformerConfig fields)"
-            )
-        d = dict(d)
-        d["transformer"] = TransformerConfig.from_dict(d["transformer"])
-        d["moe"] = MoEConfig(**d.get("moe", {}))
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["transformer"] = self.transformer.to_dict()
-        d["expert_overrides"] = {n: dict(changes) for n, changes in self.expert_overrides}
-        return d
-
-    def transformer_for(self, name: str) -> TransformerConfig:
-        """The architecture of expert `name` (the shared `transformer` plus its overrides)."""
-        return expert_transformer(
-            self.transformer, self.expert_overrides, self.moe.expert_names, name
-        )
-
-    @property
-    def trained_experts(self) -> tuple[str, ...]:
-        """The experts this run trains, noisiest first."""
-        return tuple(n for n in self.moe.expert_names if not self.experts or n in self.experts)
-
-    @property
-    def objective_options(self) -> ObjectiveOptions:
-        """The optional objective terms of this run (`vidmoe.training.objective_terms`)."""
-        return ObjectiveOptions(
-            band_training=self.band_training, temporal_weight=self.temporal_weight,
-            specialisation_weight=self.specialisation_weight,
-            specialisation_margin=self.specialisation_margin,
-        )  # fmt: skip
-
-
-def load_train_config(path: str | Path) -> TrainConfig:
-    """Read a TrainConfig from a .toml or .json file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"train config {path} does not exist")
-    if path.suffix == ".toml":
-        import tomllib
-
-        return TrainConfig.from_dict(tomllib.loads(path.read_text()))
-    if path.suffix == ".json":
-        return TrainConfig.from_dict(json.loads(path.read_text()))
-    raise ValueError(f"train config must be .toml or .json; got {path.name}")
-
-
-def lr_factor(cfg: TrainConfig, step: int) -> float:
-    """Learning-rate multiplier after `step` optimiser steps."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return 1.0
-    progress = min((step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1), 1.0)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_experts(cfg: TrainConfig) -> dict[str, WanTransformer]:
