@@ -115,6 +115,8 @@ BAD = [
     (dict(boundary="sometimes"), "boundary must be one of"),
     (dict(guidance={"high_noise": -1.0}), "guidance for high_noise must be a number >= 0"),
     (dict(guidance={"mid_noise": 2.0}), "unknown expert 'mid_noise'.*valid experts: high_noise, low_noise"),
+    (dict(guidance=(5.0,)), "one scale per expert \\(high_noise, low_noise\\): 2 numbers; got 1"),
+    (dict(guidance="5"), "guidance must be a dict"),
     (dict(sampler="ddim"), "unknown sampler 'ddim'"),
     (dict(shift=0), "shift must be > 0"),
 ]
@@ -124,6 +126,19 @@ BAD = [
 def test_bad_settings_are_clear(kwargs, message):
     with pytest.raises(ValueError, match=message):
         resolve_settings(GenerateSettings(prompt="x", **kwargs), get_preset("tiny-t2v"))
+
+
+@pytest.mark.parametrize(
+    "guidance,expected",
+    [((6.0, 2.5), {"high_noise": 6.0, "low_noise": 2.5}), (3.0, {"high_noise": 3.0, "low_noise": 3.0}),
+     ({"low_noise": 1.5}, None)],
+)  # fmt: skip
+def test_guidance_as_sequence_number_or_dict(guidance, expected):
+    model = get_preset("tiny-t2v")
+    rs = resolve_settings(GenerateSettings(prompt="x", guidance=guidance), model)
+    if expected is None:  # a dict changes only the experts it names
+        expected = {"high_noise": model.moe.guidance[0], "low_noise": 1.5}
+    assert rs.guidance == expected
 
 
 def test_unknown_size_for_a_released_model():

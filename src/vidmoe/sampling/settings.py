@@ -31,8 +31,9 @@ class GenerateSettings:
     num_steps: int | None = None
     shift: float | None = None
     sampler: str | None = None
-    guidance: dict[str, float] = field(default_factory=dict)
-    """Classifier-free guidance per expert name; missing experts keep the model's value."""
+    guidance: dict[str, float] | tuple[float, ...] | float = field(default_factory=dict)
+    """Classifier-free guidance: per expert name (missing experts keep the model's value), one
+    number per expert in the model's order (noisiest first), or one number for every expert."""
     boundary: float | str | None = None
     """A sigma in (0, 1), or a mode: 'release', 'snr', 'steps:N'."""
     band: float | None = None
@@ -119,6 +120,25 @@ def _check_boundary(boundary: float | str) -> None:
         raise ValueError(f"boundary must lie in (0, 1) (a sigma); got {boundary}")
 
 
+def _guidance_items(value, names: tuple[str, ...]):
+    """(expert, scale) pairs from a dict, a per-expert sequence or one number."""
+    if isinstance(value, dict):
+        return list(value.items())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [(name, value) for name in names]
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(names):
+            raise ValueError(
+                f"guidance as a sequence needs one scale per expert ({', '.join(names)}): "
+                f"{len(names)} numbers; got {len(value)}"
+            )
+        return list(zip(names, value))
+    raise ValueError(
+        "guidance must be a dict {expert: scale}, one scale per expert in order, or one number; "
+        f"got {value!r}"
+    )
+
+
 def resolve_settings(s: GenerateSettings, model: ModelConfig) -> ResolvedSettings:
     """Validate `s` against `model` and fill in defaults; raise ValueError on bad input."""
     if not isinstance(s.prompt, str):
@@ -150,7 +170,7 @@ def resolve_settings(s: GenerateSettings, model: ModelConfig) -> ResolvedSetting
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     guidance = dict(zip(model.moe.expert_names, model.moe.guidance))
-    for name, scale in s.guidance.items():
+    for name, scale in _guidance_items(s.guidance, model.moe.expert_names):
         if name not in guidance:
             raise ValueError(
                 f"unknown expert {name!r} in guidance; valid experts: {', '.join(guidance)}"
