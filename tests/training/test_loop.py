@@ -111,6 +111,27 @@ def test_sigkill_then_resume_is_bit_exact(cache_dir, tmp_path):
     ]
 
 
+def test_stop_step_trains_a_schedule_in_parts(cache_dir, tmp_path):
+    """Stopping at stop_step and going on to max_steps equals one straight run of the schedule."""
+    common = dict(
+        max_steps=6, warmup_steps=1, lr_schedule="cosine", checkpoint_every=100, log_every=1
+    )
+    whole = train(TrainConfig.from_dict(_config(cache_dir, tmp_path / "whole", **common)))
+    part = train(
+        TrainConfig.from_dict(_config(cache_dir, tmp_path / "parts", stop_step=2, **common))
+    )
+    assert part.step == 2 and part.sched.get_last_lr() != whole.sched.get_last_lr()
+    parts = train(TrainConfig.from_dict(_config(cache_dir, tmp_path / "parts", **common)))
+    assert parts.step == whole.step == 6
+    for name, expert in whole.experts.items():
+        for (k, a), b in zip(
+            expert.state_dict().items(), parts.experts[name].state_dict().values()
+        ):
+            assert torch.equal(a, b), (name, k)
+    with pytest.raises(ValueError, match=r"stop_step must be in \[0, max_steps=6\].*got 7"):
+        TrainConfig.from_dict(_config(cache_dir, tmp_path / "bad", stop_step=7, max_steps=6))
+
+
 def test_logs_plots_and_counts(cache_dir, tmp_path):
     cfg = TrainConfig.from_dict(_config(cache_dir, tmp_path, max_steps=4, checkpoint_every=2))
     trainer = train(cfg)

@@ -61,6 +61,10 @@ class TrainConfig:
     """'constant' or 'cosine' (to 10% of `lr` at `max_steps`) after the warm-up."""
     max_steps: int = 1000
     """Optimiser steps of the whole run."""
+    stop_step: int = 0
+    """End this run at this step (with a checkpoint) while the schedule still runs to
+    `max_steps`; 0: at `max_steps`. A long schedule can so be trained in parts, and a run that
+    stopped on `max_minutes` be repeated exactly (the shipped demo's decay phase names its step)."""
     max_minutes: float = 0.0
     """Stop (with a checkpoint) after this many minutes in this process; 0: no limit."""
     grad_clip: float = 1.0
@@ -129,6 +133,11 @@ class TrainConfig:
         for name in ("batch_size", "max_steps", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if not 0 <= self.stop_step <= self.max_steps:
+            raise ValueError(
+                f"stop_step must be in [0, max_steps={self.max_steps}] (0: run to max_steps); "
+                f"got {self.stop_step}"
+            )
         for name in self.trained_experts:
             warn_if_head_too_narrow(self.transformer_for(name), name)
 
@@ -158,6 +167,11 @@ class TrainConfig:
         return expert_transformer(
             self.transformer, self.expert_overrides, self.moe.expert_names, name
         )
+
+    @property
+    def last_step(self) -> int:
+        """The step this run ends at: `stop_step`, or `max_steps` when that is 0."""
+        return self.stop_step or self.max_steps
 
     @property
     def trained_experts(self) -> tuple[str, ...]:

@@ -166,7 +166,7 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, *, callback: Callable[[Trainer], None] | None = None) -> Trainer:
-    """Run (or resume) a training run to `cfg.max_steps` or `cfg.max_minutes`.
+    """Run (or resume) a training run to `cfg.last_step` or `cfg.max_minutes`.
 
     Args:
         cfg: the run's config.
@@ -183,9 +183,9 @@ def train(cfg: TrainConfig, *, callback: Callable[[Trainer], None] | None = None
     trainer.try_resume()
     (trainer.out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     start = time.time()
-    bar = tqdm(total=cfg.max_steps, initial=trainer.step, disable=not cfg.use_progress)
+    bar = tqdm(total=cfg.last_step, initial=trainer.step, disable=not cfg.use_progress)
     with open(trainer.out_dir / LOG_FILE, "a") as log:
-        while trainer.step < cfg.max_steps:
+        while trainer.step < cfg.last_step:
             record = trainer.train_step()
             trainer.log_window.append(record)
             bar.update()
