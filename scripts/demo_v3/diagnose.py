@@ -1,0 +1,123 @@
+"""What limits a shapes-world model: three measurements behind docs/training.md's "What limits
+the demo" table.
+
+usage: python scripts/demo_v3/diagnose.py MODEL_DIR VAL_CACHE [N]
+
+1. Caption use: each expert's velocity MSE at fixed sigmas on N held-out clips with the true
+   caption, the empty caption, and the caption with its shape word (or its motion words)
+   swapped. A model that ignores the shape word scores the same with it swapped.
+2. Partial denoising: the held-out clips noised to a starting sigma, then sampled to 0 with the
+   true caption (no guidance); the analyser's reading against its reading of the clean clip.
+   Shows from which noise level on each attribute is still recovered.
+3. Per-word adherence on the held-out prompt set: motion by held-out motion phrase, shape by
+   shape word (what the analyser reads when it misses).
+
+VAL_CACHE: a latent cache (build_cache.py) of clips the model never trained on, encoded by the
+model's own VAE encoder. Runs on one thread (a few minutes at N=24).
+"""
+
+import collections
+import sys
+
+import numpy as np
+import torch
+
+from vidmoe.evaluation import HELD_OUT_MOTIONS, evaluate, prompt_set
+from vidmoe.loading import load_pipeline
+from vidmoe.sampling.schedules import make_sigmas
+from vidmoe.training.data import LatentCache
+from vidmoe.world.analyser import analyse
+
+torch.set_num_threads(1)
+model_dir, cache_dir = sys.argv[1], sys.argv[2]
+n = int(sys.argv[3]) if len(sys.argv) > 3 else 24
+pipe = load_pipeline(model_dir, device="cpu", dtype="float32")
+boundary = pipe.config.moe.boundaries[0]
+cache = LatentCache(cache_dir)
+x0, text = cache.batch(torch.arange(n))  # (N, Z, F, H, W), (N, S, D)
+captions = cache.captions[:n]
+
+SHAPE_SWAP = {"circle": "square", "square": "triangle", "triangle": "star", "star": "circle"}
+MOTION_SWAP = dict(
+    [("left", "right"), ("right", "left"), ("leftward", "rightward"), ("rightward", "leftward"),
+     ("up", "down"), ("down", "up"), ("upward", "downward"), ("downward", "upward"),
+     ("rising", "falling"), ("falling", "rising"), ("rises", "falls"), ("falls", "rises"),
+     ("climbing", "sinking"), ("sinking", "climbing"), ("climbs", "drops"), ("dropping", "climbing")]
+)  # fmt: skip
+
+
+def embed(texts: list[str]) -> torch.Tensor:
+    out = torch.zeros_like(text)
+    for i, e in enumerate(pipe.encode_prompt(texts)):
+        out[i, : min(len(e), out.shape[1])] = e[: out.shape[1]]
+    return out
+
+
+def swapped(table: dict[str, str]) -> torch.Tensor:
+    return embed([" ".join(table.get(w, w) for w in c.split()) for c in captions])
+
+
+def expert_at(sigma: float) -> str:
+    return (
+        pipe.config.moe.expert_names[0] if sigma >= boundary else pipe.config.moe.expert_names[-1]
+    )
+
+
+def velocity(name: str, x: torch.Tensor, sigma: float, ctx: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return pipe.experts[name](x, torch.full((len(x),), sigma), ctx)
+
+
+print("## 1. caption use: velocity MSE (lower is better)")
+variants = {"true": text, "empty": cache.empty_text.expand_as(text),
+            "shape swapped": swapped(SHAPE_SWAP), "motion swapped": swapped(MOTION_SWAP)}  # fmt: skip
+print("| sigma | expert | " + " | ".join(variants) + " |")
+g = torch.Generator().manual_seed(0)
+for sigma in (0.5, 0.7, 0.85, 0.9, 0.97):
+    noise = torch.randn(x0.shape, generator=g)
+    xs = (1 - sigma) * x0 + sigma * noise
+    name = expert_at(sigma)
+    row = [
+        ((velocity(name, xs, sigma, ctx) - (noise - x0)) ** 2).mean().item()
+        for ctx in variants.values()
+    ]
+    print(f"| {sigma} | {name} | " + " | ".join(f"{v:.4f}" for v in row) + " |", flush=True)
+
+print("\n## 2. partial denoising from a noised held-out clip (share read as the clean clip)")
+print("| start sigma | colour | shape | motion | all |")
+sch = pipe.config.scheduler
+grid = make_sigmas(sch.num_steps, sch.shift, solver=sch.sampler).tolist()
+references = [analyse(pipe.vae.decode(x0[i : i + 1])[0]) for i in range(n)]
+for start in (0.5, 0.7, 0.85, 0.95, 1.0):
+    sig = [start] + [s for s in grid if s < start]
+    ok = np.zeros(4)
+    for i in range(n):
+        noise = torch.randn(x0[i : i + 1].shape, generator=torch.Generator().manual_seed(i))
+        x = (1 - start) * x0[i : i + 1] + start * noise
+        for s, s_next in zip(sig[:-1], sig[1:]):
+            x = x + (s_next - s) * velocity(expert_at(s), x, s, text[i : i + 1])
+        r, ref = analyse(pipe.vae.decode(x)[0]), references[i]
+        hits = [r.colour == ref.colour, r.shape == ref.shape, r.motion == ref.motion]
+        ok += np.array(hits + [all(hits)])
+    print(f"| {start} | " + " | ".join(f"{v:.0%}" for v in ok / n) + " |", flush=True)
+
+print("\n## 3. adherence by word on the held-out prompt set (model guidance and steps)")
+items = prompt_set(int(sys.argv[4]) if len(sys.argv) > 4 else 64)
+res = evaluate(pipe, items, seeds=(0,), name="diagnose")
+motion = collections.defaultdict(lambda: [0, 0])
+shape = collections.defaultdict(lambda: [0, 0, collections.Counter()])
+phrases = [p for ps in HELD_OUT_MOTIONS.values() for p in ps]
+for item, row in zip(items, res.rows):
+    phrase = next(p for p in phrases if p in item.prompt)
+    motion[phrase][0] += row["motion"]
+    motion[phrase][1] += 1
+    shape[item.shape][0] += row["shape"]
+    shape[item.shape][1] += 1
+    shape[item.shape][2][row["read"][1]] += 1
+print("| motion phrase | right |")
+for phrase, (hit, total) in sorted(motion.items()):
+    print(f"| {phrase} | {hit}/{total} |")
+print("| shape word | right | read as |")
+for word, (hit, total, read) in sorted(shape.items()):
+    print(f"| {word} | {hit}/{total} | {dict(read.most_common())} |")
+print("summary", {k: round(v, 3) for k, v in res.summary().items()})
