@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 EXPERT_NAMES_2 = ("high_noise", "low_noise")
-# TransformerConfig fields every expert shares: the experts exchange latents (channels, patches)
-# and take the same text embeddings and timestep embedding width; the rest may differ per expert.
+# TransformerConfig fields every expert shares: the experts exchange latents (channels) and take
+# the same text embeddings and timestep embedding width; the rest may differ per expert. The
+# patch size may too: each expert cuts the latent into its own tokens and puts it back together,
+# so a coarse-patched expert for layout can hand over to a fine-patched one for detail.
 SHARED_TRANSFORMER_FIELDS = (
-    "model_type", "patch_size", "text_len", "in_dim", "out_dim", "text_dim", "freq_dim",
+    "model_type", "text_len", "in_dim", "out_dim", "text_dim", "freq_dim",
 )  # fmt: skip
 ExpertOverrides = tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
 """Per-expert TransformerConfig overrides, normalised: ((expert, ((field, value), ...)), ...)."""
@@ -273,6 +276,13 @@ class ModelConfig:
         return expert_transformer(
             self.transformer, self.expert_overrides, self.moe.expert_names, name
         )
+
+    @property
+    def size_multiple(self) -> int:
+        """Width and height must be multiples of this: the VAE's stride times the least common
+        multiple of every expert's spatial patch."""
+        patches = [self.transformer_for(n).patch_size[1:] for n in self.moe.expert_names]
+        return self.vae.spatial_stride * math.lcm(*(p for patch in patches for p in patch))
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)

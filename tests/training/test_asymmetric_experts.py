@@ -152,3 +152,48 @@ def test_asymmetric_run_trains_exports_loads_and_generates(tmp_path):
     assert f"({total}) total" in info and f"({want['high_noise']:,}) active per step" in info
     assert "per expert: high_noise " in info and f"({want['low_noise']:,})" in info
     assert "low_noise differs: ffn_dim 32, window_size (1, 1)" in info
+
+
+# A coarse-patched high-noise expert (layout) and a fine-patched low-noise one (detail); the
+# wider high-noise expert keeps its head able to output a whole 4x4 patch (64 values).
+PATCH_OVERRIDES = {"high_noise": {"patch_size": [1, 4, 4], "dim": 64}}
+
+
+def test_experts_with_different_patches_train_export_load_and_generate(tmp_path):
+    from vidmoe.loading import load_pipeline
+    from vidmoe.models.vae import WanVAE
+    from vidmoe.training.checkpoint import export_model
+    from vidmoe.training.data import build_latent_cache
+    from vidmoe.training.loop import train
+
+    build_latent_cache(fake_clips(4), PoolVAE(), HashTextEncoder(), tmp_path / "c", text_len=8)
+    cfg = TrainConfig(
+        cache=str(tmp_path / "c"), out_dir=str(tmp_path / "run"), transformer=TINY_EXPERT,
+        moe=TINY_MOE, expert_overrides=PATCH_OVERRIDES, batch_size=4, max_steps=2,
+        warmup_steps=1, num_threads=1, use_progress=False,
+    )  # fmt: skip
+    trainer = train(cfg)
+    high, low = trainer.experts["high_noise"], trainer.experts["low_noise"]
+    assert high.patch_embedding.weight.shape == (64, 4, 1, 4, 4)
+    assert low.patch_embedding.weight.shape == (32, 4, 1, 2, 2)
+    assert all(p.grad is not None for e in (high, low) for p in e.parameters())  # both trained
+
+    config = _model(expert_overrides=PATCH_OVERRIDES)
+    stride = config.vae.spatial_stride
+    assert (config.size_multiple, _model().size_multiple) == (4 * stride, 2 * stride)
+    out = export_model(tmp_path / "run" / "checkpoint.pt", config, WanVAE(config.vae).state_dict(),
+                       tmp_path / "m", dtype=torch.float32)  # fmt: skip
+    pipe = load_pipeline(out, device="cpu", dtype="float32")
+    assert pipe.experts["high_noise"].config.patch_size == (1, 4, 4)
+    assert pipe.experts["low_noise"].config.patch_size == (1, 2, 2)
+    embeds = HashTextEncoder().encode(["a red square", ""])
+    result = pipe.generate(
+        width=32, height=32, num_frames=5, num_steps=4, sampler="euler", seed=0,
+        prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1],
+    )  # fmt: skip
+    assert result.frames.shape == (5, 32, 32, 3) and torch.isfinite(result.latents).all()
+    assert {n for step in result.trace for n in step["experts"]} == {"high_noise", "low_noise"}
+    # 48 pixels is a whole number of the low-noise expert's patches but not of the high-noise one's
+    with pytest.raises(ValueError, match=rf"width must be a positive multiple of {4 * stride}.*got 48"):
+        pipe.generate(width=48, height=32, num_frames=5, num_steps=2, prompt_embeds=embeds[0],
+                      negative_prompt_embeds=embeds[1])  # fmt: skip

@@ -14,14 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vidmoe.config import MoEConfig
+from vidmoe.config import SHARED_TRANSFORMER_FIELDS, MoEConfig
 
-# Fields every expert must share so that one sampling loop can swap them (same input and output
-# interface); the others (width, depth, FFN width, attention window) may differ between experts
-# built for training. Released experts share every field.
-INTERFACE_FIELDS = (
-    "model_type", "patch_size", "text_len", "in_dim", "freq_dim", "text_dim", "out_dim",
-)  # fmt: skip
 _EPS = 1e-12  # touching bands (or a band ending at sigma 0 or 1) are allowed
 
 
@@ -196,7 +190,8 @@ class MoETransformer(nn.Module):
 
         Args:
             strict: compare every config field (released experts are identical); otherwise only
-                the input/output interface (INTERFACE_FIELDS) that lets one loop swap experts.
+                the input/output interface (`SHARED_TRANSFORMER_FIELDS`) that lets one loop swap
+                experts. Released experts share every field.
         """
         configs = {}
         for name, expert in self.experts.items():
@@ -207,7 +202,7 @@ class MoETransformer(nn.Module):
             cfg = expert.config
             configs[name] = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else vars(cfg)
         first, *rest = self.expert_names
-        fields = list(configs[first]) if strict else list(INTERFACE_FIELDS)
+        fields = list(configs[first]) if strict else list(SHARED_TRANSFORMER_FIELDS)
         diffs = [
             f"{f}: " + ", ".join(f"{n}={configs[n].get(f)!r}" for n in self.expert_names)
             for f in fields

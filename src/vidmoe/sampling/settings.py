@@ -94,7 +94,7 @@ def check_size(width: int, height: int, stride: int, model: ModelConfig) -> None
         if not isinstance(value, int) or value < stride or value % stride:
             near = max(stride, round(value / stride) * stride) if isinstance(value, int) else stride
             raise ValueError(
-                f"{name} must be a positive multiple of {stride} (VAE stride x patch size); "
+                f"{name} must be a positive multiple of {stride} (VAE stride x the experts' patch); "
                 f"got {value}: use {near}"
             )
     if model.sizes and (width, height) not in model.sizes:
@@ -144,7 +144,7 @@ def resolve_settings(s: GenerateSettings, model: ModelConfig) -> ResolvedSetting
     if not isinstance(s.prompt, str):
         raise ValueError(f"prompt must be a string; got {type(s.prompt).__name__}")
     width, height = s.width or model.default_size[0], s.height or model.default_size[1]
-    stride = model.vae.spatial_stride * model.transformer.patch_size[1]
+    stride = model.size_multiple
     check_size(width, height, stride, model)
     num_frames = s.num_frames if s.num_frames is not None else model.default_num_frames
     check_num_frames(num_frames, model.vae.temporal_stride)

@@ -313,7 +313,7 @@ def describe(config) -> dict:
         "params": {"total": sum(per_expert.values()), "active": max(per_expert.values()),
                    "per_expert": per_expert},
         "sizes": [list(s) for s in config.sizes] or None,
-        "size_multiple": vae.spatial_stride * t.patch_size[1],
+        "size_multiple": config.size_multiple,
         "default_size": list(config.default_size),
         "frames": {"rule": f"{vae.temporal_stride}k+1", "temporal_stride": vae.temporal_stride,
                    "default": config.default_num_frames},
