@@ -35,3 +35,24 @@ def test_demo_is_deterministic_by_seed(seed):
     a = pipe.generate("a blue square moving up", seed=seed, num_steps=4).frames
     b = pipe.generate("a blue square moving up", seed=seed, num_steps=4).frames
     assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("expert", ["high_noise", "low_noise"])
+def test_shipped_training_configs_describe_the_shipped_experts(expert):
+    """Each expert's two training phases (lr constant, then a cosine decay that resumes it) build
+    exactly the architecture and MoE split the shipped model uses."""
+    from vidmoe.training.config import load_train_config
+
+    config = model_config_for(None)
+    phase1 = load_train_config(DEMO_DIR / f"train_{expert}.toml")
+    phase2 = load_train_config(DEMO_DIR / f"train_{expert}_decay.toml")
+    for cfg in (phase1, phase2):
+        assert cfg.transformer_for(expert) == config.transformer_for(expert)
+        assert cfg.experts == (expert,)
+        assert (cfg.moe.expert_names, cfg.moe.boundaries) == (config.moe.expert_names, config.moe.boundaries)
+    assert (phase1.lr_schedule, phase2.lr_schedule) == ("constant", "cosine")
+    assert phase2.out_dir == phase1.out_dir and phase2.cache == phase1.cache  # phase 2 resumes phase 1
+    assert phase2.max_steps > phase1.max_steps
+    assert {k: v for k, v in phase1.to_dict().items() if k not in ("lr_schedule", "max_steps")} == {
+        k: v for k, v in phase2.to_dict().items() if k not in ("lr_schedule", "max_steps")
+    }
