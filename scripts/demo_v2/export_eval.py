@@ -16,7 +16,7 @@ config = ModelConfig(
     moe=MoEConfig(boundaries=tc.moe.boundaries, guidance=(gh, gl)),
     scheduler=SchedulerConfig(sampler=sampler, num_steps=steps, shift=shift),
     text_encoder="minilm", default_size=(64, 64), default_num_frames=17, fps=8,
-    expert_overrides={name: dict(changes) for name, changes in tc.expert_overrides},
+    expert_overrides=tc.expert_overrides,
 )
 ckpts = os.environ.get("CKPTS", "runs/demo2/moe/checkpoint.pt").split(",")
 export_model(ckpts, config, load_file(f"{vae_dir}/vae.safetensors"), out, use_ema=os.environ.get("EMA", "1") == "1")

@@ -24,6 +24,8 @@ import torch
 
 from vidmoe.evaluation import HELD_OUT_MOTIONS, evaluate, prompt_set
 from vidmoe.loading import load_pipeline
+from vidmoe.models.moe import Router
+from vidmoe.models.text_encoder import pad_text_embeddings
 from vidmoe.sampling.schedules import make_sigmas
 from vidmoe.training.data import LatentCache
 from vidmoe.world.analyser import analyse
@@ -32,7 +34,7 @@ torch.set_num_threads(1)
 model_dir, cache_dir = sys.argv[1], sys.argv[2]
 n = int(sys.argv[3]) if len(sys.argv) > 3 else 24
 pipe = load_pipeline(model_dir, device="cpu", dtype="float32")
-boundary = pipe.config.moe.boundaries[0]
+router = Router(pipe.config.moe)
 cache = LatentCache(cache_dir)
 x0, text = cache.batch(torch.arange(n))  # (N, Z, F, H, W), (N, S, D)
 captions = cache.captions[:n]
@@ -47,20 +49,11 @@ MOTION_SWAP = dict(
 
 
 def embed(texts: list[str]) -> torch.Tensor:
-    out = torch.zeros_like(text)
-    for i, e in enumerate(pipe.encode_prompt(texts)):
-        out[i, : min(len(e), out.shape[1])] = e[: out.shape[1]]
-    return out
+    return pad_text_embeddings(pipe.encode_prompt(texts), text.shape[1])[0]
 
 
 def swapped(table: dict[str, str]) -> torch.Tensor:
     return embed([" ".join(table.get(w, w) for w in c.split()) for c in captions])
-
-
-def expert_at(sigma: float) -> str:
-    return (
-        pipe.config.moe.expert_names[0] if sigma >= boundary else pipe.config.moe.expert_names[-1]
-    )
 
 
 def velocity(name: str, x: torch.Tensor, sigma: float, ctx: torch.Tensor) -> torch.Tensor:
@@ -76,7 +69,7 @@ g = torch.Generator().manual_seed(0)
 for sigma in (0.5, 0.7, 0.85, 0.9, 0.97):
     noise = torch.randn(x0.shape, generator=g)
     xs = (1 - sigma) * x0 + sigma * noise
-    name = expert_at(sigma)
+    name = router.owner(sigma)
     row = [
         ((velocity(name, xs, sigma, ctx) - (noise - x0)) ** 2).mean().item()
         for ctx in variants.values()
@@ -95,7 +88,7 @@ for start in (0.5, 0.7, 0.85, 0.95, 1.0):
         noise = torch.randn(x0[i : i + 1].shape, generator=torch.Generator().manual_seed(i))
         x = (1 - start) * x0[i : i + 1] + start * noise
         for s, s_next in zip(sig[:-1], sig[1:]):
-            x = x + (s_next - s) * velocity(expert_at(s), x, s, text[i : i + 1])
+            x = x + (s_next - s) * velocity(router.owner(s), x, s, text[i : i + 1])
         r, ref = analyse(pipe.vae.decode(x)[0]), references[i]
         hits = [r.colour == ref.colour, r.shape == ref.shape, r.motion == ref.motion]
         ok += np.array(hits + [all(hits)])

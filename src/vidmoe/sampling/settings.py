@@ -89,7 +89,8 @@ def check_num_frames(num_frames: int, temporal_stride: int = 4) -> None:
         )
 
 
-def check_size(width: int, height: int, stride: int, model: ModelConfig) -> None:
+def check_size(width: int, height: int, model: ModelConfig) -> None:
+    stride = model.size_multiple
     for name, value in (("width", width), ("height", height)):
         if not isinstance(value, int) or value < stride or value % stride:
             near = max(stride, round(value / stride) * stride) if isinstance(value, int) else stride
@@ -144,8 +145,7 @@ def resolve_settings(s: GenerateSettings, model: ModelConfig) -> ResolvedSetting
     if not isinstance(s.prompt, str):
         raise ValueError(f"prompt must be a string; got {type(s.prompt).__name__}")
     width, height = s.width or model.default_size[0], s.height or model.default_size[1]
-    stride = model.size_multiple
-    check_size(width, height, stride, model)
+    check_size(width, height, model)
     num_frames = s.num_frames if s.num_frames is not None else model.default_num_frames
     check_num_frames(num_frames, model.vae.temporal_stride)
     num_steps = s.num_steps if s.num_steps is not None else model.scheduler.num_steps
