@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from tests.training.conftest import HashTextEncoder, PoolVAE, fake_clips
@@ -14,6 +15,7 @@ from vidmoe.training.data import (
     VideoFolderDataset,
     build_latent_cache,
     collate_videos,
+    recaption_cache,
 )
 
 
@@ -34,6 +36,67 @@ def test_cache_equals_fresh_encoding(tmp_path):
         torch.equal(cache.empty_text[: len(empty)], empty)
         and not cache.empty_text[len(empty) :].any()
     )
+
+
+def _with_variants(clips: list[dict], k: int) -> list[dict]:
+    return [
+        {"video": c["video"], "captions": [f"{c['caption']} v{j}" for j in range(k)]} for c in clips
+    ]
+
+
+def test_cache_with_caption_variants_draws_one_per_sample(tmp_path):
+    clips = _with_variants(fake_clips(5), 3)
+    vae, text = PoolVAE(), HashTextEncoder()
+    build_latent_cache(clips, vae, text, tmp_path, text_len=8, shard_size=2, batch_size=2)
+    cache = LatentCache(tmp_path)
+    assert cache.captions_per_clip == 3 and cache.caption_variants == [c["captions"] for c in clips]
+    assert cache.captions == [c["captions"][0] for c in clips]
+    for i, clip in enumerate(clips):
+        emb, _ = pad_text_embeddings(text.encode(clip["captions"]), 8)  # (3, S, D)
+        assert torch.equal(cache.text_variants[i], emb)
+    indices = torch.tensor([0, 4, 2, 2])
+    assert torch.equal(cache.batch(indices)[1], cache.text[indices])  # no generator: the first
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        latents, batch_text = cache.batch(indices, g)
+        assert torch.equal(latents, cache.latents[indices])
+        for row, i in zip(batch_text, indices.tolist()):
+            (match,) = [v for v in range(3) if torch.equal(row, cache.text_variants[i, v])]
+            seen.add(match)
+    assert seen == {0, 1, 2}
+
+
+def test_single_caption_cache_draws_nothing_from_the_generator(tmp_path):
+    build_latent_cache(fake_clips(3), PoolVAE(), HashTextEncoder(), tmp_path, text_len=8)
+    cache = LatentCache(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    assert torch.equal(cache.batch(torch.tensor([2, 0]), g)[1], cache.text[[2, 0]])
+    assert torch.equal(g.get_state(), state)  # runs on one-caption caches stay bit-identical
+
+
+def test_recaption_equals_building_with_those_captions(tmp_path):
+    clips = fake_clips(5)
+    vae, text = PoolVAE(), HashTextEncoder()
+    build_latent_cache(clips, vae, text, tmp_path / "a", text_len=8, shard_size=2, batch_size=2)
+    variants = [c["captions"] for c in _with_variants(clips, 2)]
+    recaption_cache(tmp_path / "a", tmp_path / "b", variants, text, batch_size=3)
+    build_latent_cache(
+        _with_variants(clips, 2), vae, text, tmp_path / "c", text_len=8, shard_size=2, batch_size=2
+    )
+    b, c = LatentCache(tmp_path / "b"), LatentCache(tmp_path / "c")
+    assert torch.equal(b.latents, LatentCache(tmp_path / "a").latents)
+    assert torch.equal(b.text_variants, c.text_variants)
+    assert torch.equal(b.text_length_variants, c.text_length_variants)
+    assert b.caption_variants == c.caption_variants == variants
+    with pytest.raises(ValueError, match="holds 5 clips; got captions for 4"):
+        recaption_cache(tmp_path / "a", tmp_path / "d", variants[:4], text)
+    with pytest.raises(ValueError, match="same number of captions"):
+        build_latent_cache(
+            [{"video": clips[0]["video"], "captions": ["x", "y"]}, clips[1]], vae, text,
+            tmp_path / "e", text_len=8,
+        )  # fmt: skip
 
 
 def _write_folder(tmp_path, n=3):
@@ -77,6 +140,19 @@ def test_csv_metadata(tmp_path):
     (tmp_path / "metadata.csv").write_text(f'file,caption\n000000.mp4,"{rows[0]["caption"]}"\n')
     ds = VideoFolderDataset(tmp_path, num_frames=9, width=32, height=32)
     assert ds[0]["caption"] == rows[0]["caption"]
+
+
+def test_jsonl_rows_may_give_several_captions(tmp_path):
+    rows = _write_folder(tmp_path, 2)
+    lines = [{"file": r["file"], "captions": [r["caption"], "another phrasing"]} for r in rows]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    ds = VideoFolderDataset(tmp_path, num_frames=9, width=32, height=32)
+    assert ds[1]["captions"] == lines[1]["captions"] and "caption" not in ds[1]
+    build_latent_cache([ds[0], ds[1]], PoolVAE(), HashTextEncoder(), tmp_path / "cache", text_len=8)
+    assert LatentCache(tmp_path / "cache").caption_variants == [r["captions"] for r in lines]
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file": "a.mp4", "captions": []}) + "\n")
+    with pytest.raises(ValueError, match="row 0 .* non-empty list of strings"):
+        VideoFolderDataset(tmp_path, num_frames=9, width=32, height=32)
 
 
 def test_epoch_sampler_resumes_its_position():

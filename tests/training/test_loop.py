@@ -132,6 +132,42 @@ def test_stop_step_trains_a_schedule_in_parts(cache_dir, tmp_path):
         TrainConfig.from_dict(_config(cache_dir, tmp_path / "bad", stop_step=7, max_steps=6))
 
 
+def test_caption_variants_train_and_resume_exactly(tmp_path):
+    """On a cache with 3 captions per clip the run draws among them (it differs from the same
+    run whose variants all repeat the first caption) and still resumes exactly (the draws come
+    from the saved generator)."""
+    clips = fake_clips(12)
+    build_latent_cache(
+        [{"video": c["video"], "captions": [c["caption"], "an echo", "x"]} for c in clips],
+        PoolVAE(), HashTextEncoder(), tmp_path / "cache3", text_len=8,
+    )  # fmt: skip
+    build_latent_cache(  # the same draws, but every variant is the first caption
+        [{"video": c["video"], "captions": [c["caption"]] * 3} for c in clips],
+        PoolVAE(), HashTextEncoder(), tmp_path / "cache1", text_len=8,
+    )  # fmt: skip
+    common = dict(max_steps=4, warmup_steps=1, checkpoint_every=100, log_every=1)
+    runs = {}
+    for name, cache, stop in (
+        ("whole", "cache3", 0),
+        ("parts", "cache3", 2),
+        ("first", "cache1", 0),
+    ):
+        runs[name] = train(
+            TrainConfig.from_dict(
+                _config(tmp_path / cache, tmp_path / name, stop_step=stop, **common)
+            )
+        )
+    runs["parts"] = train(
+        TrainConfig.from_dict(_config(tmp_path / "cache3", tmp_path / "parts", **common))
+    )
+    for name, expert in runs["whole"].experts.items():
+        whole = expert.state_dict()
+        parts = runs["parts"].experts[name].state_dict()
+        first = runs["first"].experts[name].state_dict()
+        assert all(torch.equal(whole[k], parts[k]) for k in whole), name
+        assert not all(torch.equal(whole[k], first[k]) for k in whole), name
+
+
 def test_logs_plots_and_counts(cache_dir, tmp_path):
     cfg = TrainConfig.from_dict(_config(cache_dir, tmp_path, max_steps=4, checkpoint_every=2))
     trainer = train(cfg)

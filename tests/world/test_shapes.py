@@ -97,6 +97,21 @@ def test_parse_prompt_recovers_every_caption():
             assert parsed.texture == texture
 
 
+def test_caption_variants_start_with_the_sampled_caption_and_name_the_label():
+    world = ShapesWorld(32, 32, 5, seed=3, textures=ALL_TEXTURES)
+    for index in (0, 1, 57):
+        clip, variants = world.sample(index), world.captions(index, 6)
+        assert variants[0] == clip.caption and len(set(variants)) >= 3
+        assert world.captions(index, 3) == variants[:3]  # a variant does not depend on the count
+        for text in variants:
+            parsed = parse_prompt(text)
+            assert (parsed.colour, parsed.shape, parsed.motion) == (
+                clip.label.colour, clip.label.shape, clip.label.motion,
+            )  # fmt: skip
+    with pytest.raises(ValueError, match="count must be >= 1"):
+        world.captions(0, 0)
+
+
 def test_parse_prompt_multi_object_caption_reads_the_first_object():
     world = ShapesWorld(64, 64, 17, num_objects=2, seed=3)
     for index in range(100):

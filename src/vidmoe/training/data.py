@@ -61,11 +61,13 @@ class VideoFolderDataset(torch.utils.data.Dataset):
             video = F.interpolate(
                 video, size=(self.height, self.width), mode="bilinear", antialias=True
             ).clamp(-1.0, 1.0)  # (T, 3, H, W)
-        return {"video": rearrange(video, "t c h w -> c t h w"), "caption": caption}
+        key = "caption" if isinstance(caption, str) else "captions"
+        return {"video": rearrange(video, "t c h w -> c t h w"), key: caption}
 
 
-def read_metadata(folder: Path) -> list[tuple[str, str]]:
-    """(file, caption) pairs from `metadata.jsonl` or `metadata.csv` in `folder`."""
+def read_metadata(folder: Path) -> list[tuple[str, str | list[str]]]:
+    """(file, caption) pairs from `metadata.jsonl` or `metadata.csv` in `folder`; a jsonl row
+    may give "captions" (a list of phrasings, the same count on every row) instead."""
     jsonl, csv_path = folder / "metadata.jsonl", folder / "metadata.csv"
     if jsonl.is_file():
         rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
@@ -77,10 +79,17 @@ def read_metadata(folder: Path) -> list[tuple[str, str]]:
             f"no metadata.jsonl or metadata.csv in {folder}: write one line per video with "
             '{"file": "clip.mp4", "caption": "..."} (vidmoe.world.shapes.write_dataset does)'
         )
+    out = []
     for i, row in enumerate(rows):
-        if "file" not in row or "caption" not in row:
-            raise ValueError(f"metadata row {i} in {folder} needs 'file' and 'caption'; got {row}")
-    return [(row["file"], row["caption"]) for row in rows]
+        caption = row.get("caption", row.get("captions"))
+        several = isinstance(caption, list) and caption and all(isinstance(c, str) for c in caption)
+        if "file" not in row or not (isinstance(caption, str) or several):
+            raise ValueError(
+                f"metadata row {i} in {folder} needs 'file' and 'caption' (a string) or "
+                f"'captions' (a non-empty list of strings); got {row}"
+            )
+        out.append((row["file"], caption))
+    return out
 
 
 def collate_videos(items: list[dict | None]) -> dict | None:
@@ -108,14 +117,14 @@ def build_latent_cache(
 ) -> Path:
     """Encode clips ({"video": (3, T, H, W) in [-1, 1], "caption"}; None skipped) into a cache.
 
-    Writes `shard_XXXXX.safetensors` (latents (N, Z, F, H, W), text (N, S, D) zero-padded to
-    `text_len`, text_lengths (N,)), the empty prompt's embedding, and `index.json`.
-    Returns the index path.
+    A clip may give "captions" (K phrasings, the same K for every clip) instead of "caption":
+    training then draws one of them per sample (caption augmentation). Writes
+    `shard_XXXXX.safetensors` (latents (N, Z, F, H, W), text (N, S, D) zero-padded to
+    `text_len`, or (N, K, S, D) for K > 1, text_lengths (N,) or (N, K)), the empty prompt's
+    embedding, and `index.json`. Returns the index path.
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
-
-    from vidmoe.models.text_encoder import pad_text_embeddings
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -134,13 +143,19 @@ def build_latent_cache(
     def encode(batch: list[dict]) -> None:
         video = torch.stack([b["video"] for b in batch])  # (B, 3, T, H, W)
         latents = vae.encode(video.to(next(vae.parameters()).dtype)).float()  # (B, Z, F, H, W)
-        text, lengths = pad_text_embeddings(
-            text_encoder.encode([b["caption"] for b in batch]), text_len
-        )  # (B, S, D), (B,)
+        add(latents, [_clip_captions(b) for b in batch])
+
+    def add(latents: Tensor, texts: list[list[str]]) -> None:
+        counts = {len(t) for t in texts + captions[:1]}
+        if len(counts) > 1:
+            raise ValueError(
+                f"every clip of a cache needs the same number of captions; got {sorted(counts)}"
+            )
+        text, lengths = encode_captions(text_encoder, texts, text_len)  # (B, [K,] S, D)
         pending["latents"].append(latents.cpu())
-        pending["text"].append(text.float().cpu())
+        pending["text"].append(text)
         pending["text_lengths"].append(lengths)
-        captions.extend(b["caption"] for b in batch)
+        captions.extend(texts)
         if sum(t.shape[0] for t in pending["latents"]) >= shard_size:
             flush()
 
@@ -160,9 +175,78 @@ def build_latent_cache(
         raise ValueError("no clip could be encoded: the cache would be empty")
     empty = text_encoder.encode([""])[0].float().cpu()  # (S_0, D)
     save_file({"text": empty.contiguous()}, str(out_dir / EMPTY_PROMPT_FILE))
-    index = {"shards": shards, "captions": captions, "text_len": text_len, "skipped": skipped}
+    flat = [c[0] for c in captions] if len(captions[0]) == 1 else captions
+    index = {"shards": shards, "captions": flat, "text_len": text_len, "skipped": skipped}
     path = out_dir / CACHE_INDEX
     path.write_text(json.dumps(index, indent=1))
+    return path
+
+
+def _clip_captions(clip: dict) -> list[str]:
+    texts = clip.get("captions", [clip["caption"]] if "caption" in clip else None)
+    if not texts or isinstance(texts, str):
+        raise ValueError('a clip needs "caption" (a string) or "captions" (a non-empty list)')
+    return list(texts)
+
+
+def encode_captions(text_encoder, texts: list[list[str]], text_len: int) -> tuple[Tensor, Tensor]:
+    """Embed K captions per clip: text (B, S, D) and lengths (B,) for K = 1, else (B, K, S, D)
+    and (B, K); float32 on the CPU."""
+    from vidmoe.models.text_encoder import pad_text_embeddings
+
+    k = len(texts[0])
+    flat = [t for clip in texts for t in clip]
+    text, lengths = pad_text_embeddings(text_encoder.encode(flat), text_len)  # (B*K, S, D), (B*K,)
+    text, lengths = text.float().cpu(), lengths.cpu()
+    if k == 1:
+        return text, lengths
+    return rearrange(text, "(b k) s d -> b k s d", k=k), rearrange(lengths, "(b k) -> b k", k=k)
+
+
+@torch.no_grad()
+def recaption_cache(
+    cache_dir: str | Path,
+    out_dir: str | Path,
+    captions: list[list[str]],
+    text_encoder,
+    *,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> Path:
+    """Copy a cache with new captions (K per clip, in the cache's clip order): the latents stay,
+    the text is encoded afresh. Equal to building the cache with those captions."""
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    src, out_dir = Path(cache_dir), Path(out_dir)
+    index = json.loads((src / CACHE_INDEX).read_text())
+    total = sum(s["num_clips"] for s in index["shards"])
+    if len(captions) != total:
+        raise ValueError(f"{src} holds {total} clips; got captions for {len(captions)}")
+    if len({len(c) for c in captions}) != 1 or not captions[0]:
+        raise ValueError("every clip needs the same, non-zero number of captions")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = 0
+    bar = tqdm(total=total, desc="recaption", unit="clip", disable=not progress)
+    for shard in index["shards"]:
+        latents = load_file(str(src / shard["file"]))["latents"]  # (N, Z, F, H, W)
+        texts, lengths = [], []
+        for i in range(0, latents.shape[0], batch_size):
+            chunk = captions[start + i : start + min(i + batch_size, latents.shape[0])]
+            t, n = encode_captions(text_encoder, chunk, index["text_len"])
+            texts.append(t)
+            lengths.append(n)
+            bar.update(len(chunk))
+        tensors = {"latents": latents, "text": torch.cat(texts), "text_lengths": torch.cat(lengths)}
+        save_file(tensors, str(out_dir / shard["file"]))
+        start += latents.shape[0]
+    bar.close()
+    empty = text_encoder.encode([""])[0].float().cpu()  # (S_0, D)
+    save_file({"text": empty.contiguous()}, str(out_dir / EMPTY_PROMPT_FILE))
+    flat = [c[0] for c in captions] if len(captions[0]) == 1 else [list(c) for c in captions]
+    new_index = {**index, "captions": flat}
+    path = out_dir / CACHE_INDEX
+    path.write_text(json.dumps(new_index, indent=1))
     return path
 
 
@@ -182,12 +266,32 @@ class LatentCache(torch.utils.data.Dataset):
         self.index = json.loads(index_path.read_text())
         parts = [load_file(str(self.folder / s["file"])) for s in self.index["shards"]]
         self.latents = torch.cat([p["latents"] for p in parts])  # (N, Z, F, H, W)
-        self.text = torch.cat([p["text"] for p in parts])  # (N, S, D)
-        self.text_lengths = torch.cat([p["text_lengths"] for p in parts])  # (N,)
-        self.captions: list[str] = self.index["captions"]
+        text = torch.cat([p["text"] for p in parts])  # (N, S, D) or (N, K, S, D)
+        lengths = torch.cat([p["text_lengths"] for p in parts])  # (N,) or (N, K)
+        if text.ndim == 3:
+            text, lengths = text[:, None], lengths[:, None]
+        self.text_variants, self.text_length_variants = text, lengths  # (N, K, S, D), (N, K)
+        captions = self.index["captions"]  # one string per clip, or a list of K per clip
+        self.caption_variants: list[list[str]] = [
+            [c] if isinstance(c, str) else c for c in captions
+        ]
+        self.captions = [c[0] for c in self.caption_variants]  # the first phrasing of each clip
         self.text_len: int = self.index["text_len"]
         empty = load_file(str(self.folder / EMPTY_PROMPT_FILE))["text"]  # (S_0, D)
         self.empty_text = F.pad(empty, (0, 0, 0, self.text_len - empty.shape[0]))  # (S, D)
+
+    @property
+    def captions_per_clip(self) -> int:
+        return self.text_variants.shape[1]
+
+    @property
+    def text(self) -> Tensor:
+        """Text (N, S, D) of each clip's first caption."""
+        return self.text_variants[:, 0]
+
+    @property
+    def text_lengths(self) -> Tensor:
+        return self.text_length_variants[:, 0]  # (N,)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -199,9 +303,18 @@ class LatentCache(torch.utils.data.Dataset):
             "text_length": self.text_lengths[index],
         }
 
-    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
-        """Latents (B, Z, F, H, W) and text (B, S, D) of the clips at `indices` (B,)."""
-        return self.latents[indices], self.text[indices]
+    def batch(
+        self, indices: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Latents (B, Z, F, H, W) and text (B, S, D) of the clips at `indices` (B,).
+
+        With several captions per clip and a generator, each sample takes one drawn from it
+        (without one, the first); with one caption per clip nothing is drawn.
+        """
+        if self.captions_per_clip == 1 or generator is None:
+            return self.latents[indices], self.text[indices]
+        variant = torch.randint(self.captions_per_clip, indices.shape, generator=generator)  # (B,)
+        return self.latents[indices], self.text_variants[indices, variant]
 
 
 class EpochSampler:

@@ -124,7 +124,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """Draw a batch, noise and sigmas; one optimiser step; returns the log record."""
         cfg, g = self.cfg, self.generator
-        x0, text = self.data.batch(self.sampler.next())  # (B, Z, F, H, W), (B, S, D)
+        x0, text = self.data.batch(self.sampler.next(), g)  # (B, Z, F, H, W), (B, S, D)
         b = x0.shape[0]
         drop = torch.rand(b, generator=g) < cfg.caption_dropout  # (B,)
         text = torch.where(drop[:, None, None], self.data.empty_text, text)  # (B, S, D)

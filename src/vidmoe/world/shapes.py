@@ -311,6 +311,19 @@ class ShapesWorld:
         video = self.render(labels, int(rng.integers(2**63)))
         return Clip(video=video, caption=caption, label=labels[0], objects=labels)
 
+    def captions(self, index: int, count: int) -> list[str]:
+        """`count` phrasings of clip `index` (not rendered): the first is `sample(index).caption`,
+        the others are drawn from streams of their own, so they do not depend on `count`."""
+        if count < 1:
+            raise ValueError(f"count must be >= 1; got {count}")
+        rng = np.random.default_rng([self.seed, index])
+        labels = self.draw_labels(rng)
+        label = labels if len(labels) > 1 else labels[0]
+        out = [caption_for(label, rng)]
+        for variant in range(1, count):
+            out.append(caption_for(label, np.random.default_rng([self.seed, index, variant])))
+        return out
+
     def render(self, label: ShapeLabel | Sequence[ShapeLabel], seed) -> torch.Tensor:
         """Render `label` at this world's size: (3, T, H, W) float32 in [-1, 1]."""
         return render(label, seed, width=self.width, height=self.height, num_frames=self.num_frames)
