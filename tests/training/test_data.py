@@ -90,6 +90,10 @@ def test_recaption_equals_building_with_those_captions(tmp_path):
     assert torch.equal(b.text_variants, c.text_variants)
     assert torch.equal(b.text_length_variants, c.text_length_variants)
     assert b.caption_variants == c.caption_variants == variants
+    with pytest.raises(ValueError, match="out_dir must differ"):
+        recaption_cache(tmp_path / "a", tmp_path / "a", variants, text)
+    with pytest.raises(ValueError, match="not a latent cache"):
+        recaption_cache(tmp_path / "nothing", tmp_path / "d", variants, text)
     with pytest.raises(ValueError, match="holds 5 clips; got captions for 4"):
         recaption_cache(tmp_path / "a", tmp_path / "d", variants[:4], text)
     with pytest.raises(ValueError, match="same number of captions"):

@@ -219,6 +219,10 @@ def recaption_cache(
     from tqdm.auto import tqdm
 
     src, out_dir = Path(cache_dir), Path(out_dir)
+    if not (src / CACHE_INDEX).is_file():
+        raise ValueError(f"{src} is not a latent cache (no {CACHE_INDEX})")
+    if out_dir.resolve() == src.resolve():
+        raise ValueError(f"recaption_cache writes a new cache; out_dir must differ from {src}")
     index = json.loads((src / CACHE_INDEX).read_text())
     total = sum(s["num_clips"] for s in index["shards"])
     if len(captions) != total:
