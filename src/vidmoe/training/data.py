@@ -141,16 +141,10 @@ def build_latent_cache(
             v.clear()
 
     def encode(batch: list[dict]) -> None:
+        texts = [_clip_captions(b) for b in batch]
+        _check_caption_counts(texts + captions[:1])
         video = torch.stack([b["video"] for b in batch])  # (B, 3, T, H, W)
         latents = vae.encode(video.to(next(vae.parameters()).dtype)).float()  # (B, Z, F, H, W)
-        add(latents, [_clip_captions(b) for b in batch])
-
-    def add(latents: Tensor, texts: list[list[str]]) -> None:
-        counts = {len(t) for t in texts + captions[:1]}
-        if len(counts) > 1:
-            raise ValueError(
-                f"every clip of a cache needs the same number of captions; got {sorted(counts)}"
-            )
         text, lengths = encode_captions(text_encoder, texts, text_len)  # (B, [K,] S, D)
         pending["latents"].append(latents.cpu())
         pending["text"].append(text)
@@ -173,12 +167,29 @@ def build_latent_cache(
     flush()
     if not shards:
         raise ValueError("no clip could be encoded: the cache would be empty")
+    index = {"shards": shards, "text_len": text_len, "skipped": skipped}
+    return _write_index(out_dir, index, captions, text_encoder)
+
+
+def _check_caption_counts(texts: list[list[str]]) -> None:
+    counts = {len(t) for t in texts}
+    if len(counts) > 1 or 0 in counts:
+        raise ValueError(
+            "every clip of a cache needs the same number of captions (at least one); got "
+            f"{sorted(counts)}"
+        )
+
+
+def _write_index(out_dir: Path, index: dict, captions: list[list[str]], text_encoder) -> Path:
+    """The empty prompt's embedding and `index.json` (captions: one string per clip when K = 1,
+    else a list per clip); returns the index path."""
+    from safetensors.torch import save_file
+
     empty = text_encoder.encode([""])[0].float().cpu()  # (S_0, D)
     save_file({"text": empty.contiguous()}, str(out_dir / EMPTY_PROMPT_FILE))
-    flat = [c[0] for c in captions] if len(captions[0]) == 1 else captions
-    index = {"shards": shards, "captions": flat, "text_len": text_len, "skipped": skipped}
+    flat = [c[0] for c in captions] if len(captions[0]) == 1 else [list(c) for c in captions]
     path = out_dir / CACHE_INDEX
-    path.write_text(json.dumps(index, indent=1))
+    path.write_text(json.dumps({**index, "captions": flat}, indent=1))
     return path
 
 
@@ -227,8 +238,7 @@ def recaption_cache(
     total = sum(s["num_clips"] for s in index["shards"])
     if len(captions) != total:
         raise ValueError(f"{src} holds {total} clips; got captions for {len(captions)}")
-    if len({len(c) for c in captions}) != 1 or not captions[0]:
-        raise ValueError("every clip needs the same, non-zero number of captions")
+    _check_caption_counts(captions)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = 0
     bar = tqdm(total=total, desc="recaption", unit="clip", disable=not progress)
@@ -245,13 +255,7 @@ def recaption_cache(
         save_file(tensors, str(out_dir / shard["file"]))
         start += latents.shape[0]
     bar.close()
-    empty = text_encoder.encode([""])[0].float().cpu()  # (S_0, D)
-    save_file({"text": empty.contiguous()}, str(out_dir / EMPTY_PROMPT_FILE))
-    flat = [c[0] for c in captions] if len(captions[0]) == 1 else [list(c) for c in captions]
-    new_index = {**index, "captions": flat}
-    path = out_dir / CACHE_INDEX
-    path.write_text(json.dumps(new_index, indent=1))
-    return path
+    return _write_index(out_dir, index, captions, text_encoder)
 
 
 class LatentCache(torch.utils.data.Dataset):
