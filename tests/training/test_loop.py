@@ -24,7 +24,14 @@ from tests.training.conftest import (
 )
 from vidmoe.training.checkpoint import load_checkpoint
 from vidmoe.training.data import build_latent_cache
-from vidmoe.training.loop import TrainConfig, build_experts, load_train_config, train
+from vidmoe.training.loop import (
+    TrainConfig,
+    Trainer,
+    build_experts,
+    load_train_config,
+    lr_factor,
+    train,
+)
 from vidmoe.training.objective import flow_matching_loss
 
 REPO = Path(__file__).resolve().parents[2]
@@ -130,6 +137,60 @@ def test_stop_step_trains_a_schedule_in_parts(cache_dir, tmp_path):
             assert torch.equal(a, b), (name, k)
     with pytest.raises(ValueError, match=r"stop_step must be in \[0, max_steps=6\].*got 7"):
         TrainConfig.from_dict(_config(cache_dir, tmp_path / "bad", stop_step=7, max_steps=6))
+
+
+def test_compiled_experts_train_like_eager_ones_and_keep_checkpoint_keys(cache_dir, tmp_path):
+    """`compile = true` runs the experts through torch.compile: the losses follow the eager run's
+    (fp32; inductor may reorder sums, so to 1e-4), the checkpoint has the eager key names, and an
+    eager config resumes it."""
+    common = dict(max_steps=3, checkpoint_every=100, log_every=1)
+    eager = train(TrainConfig.from_dict(_config(cache_dir, tmp_path / "eager", **common)))
+    compiled = train(
+        TrainConfig.from_dict(_config(cache_dir, tmp_path / "compiled", compile=True, **common))
+    )
+    logs = [
+        [json.loads(ln)["loss"] for ln in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        for run in ("eager", "compiled")
+    ]
+    assert len(logs[0]) == len(logs[1]) == 3
+    for a, b in zip(*logs):
+        assert a.keys() == b.keys()
+        for name in a:
+            assert abs(a[name] - b[name]) < 1e-4 * max(1.0, abs(a[name])), (name, a, b)
+    state = load_checkpoint(tmp_path / "compiled" / "checkpoint.pt")
+    assert {n: list(s) for n, s in state["experts"].items()} == {
+        n: list(e.state_dict()) for n, e in eager.experts.items()
+    }
+    resumed = train(
+        TrainConfig.from_dict(_config(cache_dir, tmp_path / "compiled", max_steps=4, log_every=1))
+    )
+    assert resumed.step == 4 and not resumed.cfg.compile
+    assert compiled.step == 3
+
+
+def test_schedule_start_restarts_the_learning_rate_cycle(cache_dir, tmp_path):
+    """A run resumed with schedule_start = its step warms up again and runs a fresh cosine."""
+    common = dict(warmup_steps=2, lr_schedule="cosine", checkpoint_every=100, log_every=1)
+    first = train(TrainConfig.from_dict(_config(cache_dir, tmp_path, max_steps=4, **common)))
+    lr = first.cfg.lr
+    assert first.sched.get_last_lr()[0] == pytest.approx(0.1 * lr)  # the first cosine's end
+    cfg = TrainConfig.from_dict(_config(cache_dir, tmp_path, max_steps=10, schedule_start=4,
+                                        lr=lr / 2, **common))  # fmt: skip
+    factors = [lr_factor(cfg, s) for s in range(4, 11)]
+    assert factors[:2] == [0.5, 1.0] and factors[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:]))  # cosine decay after warm-up
+    resumed = Trainer(cfg)
+    assert resumed.try_resume() and resumed.step == 4  # its first step runs at the new cycle's lr
+    assert resumed.opt.param_groups[0]["lr"] == pytest.approx(lr / 2 * 0.5)
+    second = train(cfg)
+    lrs = [json.loads(ln)["lr"] for ln in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert second.step == 10 and lrs[4:] == pytest.approx([lr / 2 * f for f in factors[1:]])
+    fresh = TrainConfig.from_dict(_config(cache_dir, tmp_path / "fresh", max_steps=10,
+                                          schedule_start=4, **common))  # fmt: skip
+    with pytest.raises(ValueError, match="schedule_start=4 .* is at step 0"):
+        train(fresh)
+    with pytest.raises(ValueError, match=r"schedule_start must be in \[0, max_steps=10\); got 10"):
+        TrainConfig.from_dict(_config(cache_dir, tmp_path, max_steps=10, schedule_start=10))
 
 
 def test_caption_variants_train_and_resume_exactly(tmp_path):

@@ -1,9 +1,9 @@
 """The training loop of a Mixture of Experts over noise levels, trained from a latent cache.
 
 `train(config)` builds the experts, resumes from `out_dir/checkpoint.pt` when one exists, and
-runs AdamW steps (warm-up, per-expert gradient clipping, EMA, optional bf16 autocast and
-gradient checkpointing), logging per-expert losses and sample counts to `log.jsonl` and plots to
-PNG. `train_main(path)` is the `vidmoe train CONFIG` entry point (TOML or JSON config).
+runs AdamW steps (warm-up, per-expert gradient clipping, EMA, optional bf16 autocast, gradient
+checkpointing and torch.compile), logging per-expert losses and sample counts to `log.jsonl` and
+plots to PNG. `train_main(path)` is the `vidmoe train CONFIG` entry point (TOML or JSON config).
 """
 
 from __future__ import annotations
@@ -63,6 +63,9 @@ class Trainer:
                 f"text_len={cfg.transformer.text_len}: rebuild the cache or set text_len"
             )
         self.experts = build_experts(cfg)
+        if cfg.compile:
+            for expert in self.experts.values():
+                expert.compile()  # in place: state_dict keys and the optimiser's params unchanged
         self.sigma_ranges = expert_ranges(cfg.moe, cfg.experts) if cfg.experts else None
         groups = [{"params": [p for p in e.parameters() if p.requires_grad], "name": n}
                   for n, e in self.experts.items()]  # fmt: skip
@@ -97,6 +100,13 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
+        # The config's lr and schedule rule from here on (the scheduler's state holds the old
+        # base lr): a resumed run may change them, as a warm restart (schedule_start) does.
+        self.sched.base_lrs = [self.cfg.lr] * len(self.opt.param_groups)
+        for group in self.opt.param_groups:
+            group["initial_lr"] = self.cfg.lr
+            group["lr"] = self.cfg.lr * lr_factor(self.cfg, self.step)
+        self.sched._last_lr = [group["lr"] for group in self.opt.param_groups]
         self.sampler.load_state_dict(state["data"])
         set_rng_state(state["rng"], self.generator)
         self.sigma_bins = state["sigma_bins"].clone()
@@ -181,6 +191,12 @@ def train(cfg: TrainConfig, *, callback: Callable[[Trainer], None] | None = None
     trainer = Trainer(cfg)
     trainer.out_dir.mkdir(parents=True, exist_ok=True)
     trainer.try_resume()
+    if trainer.step < cfg.schedule_start:
+        raise ValueError(
+            f"schedule_start={cfg.schedule_start} starts a new learning-rate cycle in a resumed "
+            f"run, but {trainer.out_dir} is at step {trainer.step}: resume from a checkpoint at "
+            f"step >= {cfg.schedule_start}, or set schedule_start = 0"
+        )
     (trainer.out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     start = time.time()
     bar = tqdm(total=cfg.last_step, initial=trainer.step, disable=not cfg.use_progress)
