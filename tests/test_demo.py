@@ -37,7 +37,7 @@ def test_demo_is_deterministic_by_seed(seed):
     assert np.array_equal(a, b)
 
 
-PHASES = ("", "_decay", "_captions")  # train_{expert}{phase}.toml, in the order they run
+PHASES = ("", "_decay", "_captions", "_restart")  # train_{expert}{phase}.toml, in the order they run
 
 
 @pytest.mark.parametrize("expert", ["high_noise", "low_noise"])
@@ -58,8 +58,12 @@ def test_shipped_training_configs_describe_the_shipped_experts(expert):
     assert len({c.out_dir for c in phases}) == 1  # each phase resumes the one before
     ends = [c.last_step for c in phases]
     assert ends == sorted(set(ends)), ends
+    for prev, cfg in zip(phases, phases[1:]):  # a warm restart starts where the phase before ended
+        assert cfg.schedule_start in (0, prev.last_step), (cfg.schedule_start, prev.last_step)
     # what may change between phases: the schedule's length and end, the cache (the same clips,
-    # recaptioned) and the CPU threads (the same arithmetic)
-    varying = ("lr_schedule", "max_steps", "stop_step", "cache", "num_threads")
+    # recaptioned), the CPU threads (the same arithmetic) and, for a warm restart, its peak lr,
+    # start step and the arithmetic (bf16 autocast, torch.compile)
+    varying = ("lr_schedule", "max_steps", "stop_step", "cache", "num_threads", "lr", "schedule_start",
+               "use_bf16", "compile")  # fmt: skip
     first = {k: v for k, v in phases[0].to_dict().items() if k not in varying}
     assert all({k: v for k, v in c.to_dict().items() if k not in varying} == first for c in phases)

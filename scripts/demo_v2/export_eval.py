@@ -1,4 +1,4 @@
-"""usage: VAE_DIR=... [CKPTS=a,b] [TRAIN_TOML=...] python export_eval.py OUT_DIR NUM_PROMPTS [gh gl steps shift sampler] [EMA=1]"""
+"""usage: VAE_DIR=... [CKPTS=a,b] [TRAIN_TOML=...] [SEEDS=0,1] python export_eval.py OUT_DIR NUM_PROMPTS [gh gl steps shift sampler] [EMA=1]"""
 import json, os, sys, time, torch
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 from safetensors.torch import load_file
@@ -25,7 +25,7 @@ from vidmoe.loading import load_pipeline
 pipe = load_pipeline(out, device="cpu", dtype="float32")
 items = prompt_set(n)
 t = time.time()
-res = evaluate(pipe, items, seeds=(0,), name="demo")
+res = evaluate(pipe, items, seeds=tuple(int(x) for x in os.environ.get("SEEDS", "0").split(",")), name="demo")
 print(sys.argv[3:], json.dumps(res.summary()), "wall", round(time.time() - t, 1), flush=True)
 for r in res.rows:
     if not r["all"]:

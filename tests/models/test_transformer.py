@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vidmoe.config import PRESETS, TINY_TRANSFORMER, TransformerConfig
 from vidmoe.models.transformer import WanTransformer
@@ -89,6 +90,27 @@ def test_bad_inputs_are_clear():
         model(torch.randn(1, 16, 1, 4, 4), torch.tensor([0.5]), [torch.randn(40, 48)])
     with pytest.raises(ValueError, match="model_type"):
         TransformerConfig(model_type="video")
+    with pytest.raises(ValueError, match=r"latent grid \(1, 5, 4\) .* patch size \(1, 2, 2\)"):
+        model(torch.randn(1, 16, 1, 5, 4), torch.tensor([0.5]), [torch.randn(4, 48)])
+
+
+@pytest.mark.parametrize("patch", [(1, 2, 2), (1, 4, 4), (2, 4, 4)])
+def test_patch_embedding_equals_its_conv_and_holds_in_bf16(patch):
+    """The patch embedding is the Conv3d's map (fp32, to 1e-5), and stays so under bf16 autocast
+    (to bf16 rounding), for every patch: torch 2.13's CPU bf16 convolution with a stride of 4 or
+    more returned noise (relative error 1.2), which made a (1, 4, 4) expert train on garbage."""
+    model = _tiny(patch_size=patch)
+    x = torch.randn(2, 16, 4, 8, 8)
+    emb = model.patch_embedding
+    want = F.conv3d(x, emb.weight, emb.bias, stride=patch)  # (B, D, f, h, w)
+    assert isinstance(emb, torch.nn.Conv3d)  # same parameters, state_dict and LoRA hooks
+    torch.testing.assert_close(emb(x), want, atol=1e-5, rtol=1e-5)
+    sigma, text = torch.tensor([0.9, 0.3]), torch.randn(2, 8, 48)
+    with torch.no_grad():
+        full = model(x, sigma, text)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(x, sigma, text)
+    assert ((half - full).norm() / full.norm()).item() < 0.03
 
 
 def test_pooled_text_conditions_every_token_and_ignores_padding():

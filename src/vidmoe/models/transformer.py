@@ -22,6 +22,7 @@ from vidmoe.config import TransformerConfig
 from vidmoe.models.layers import (
     LayerNorm,
     Modulation,
+    PatchEmbedding,
     RMSNorm,
     apply_rope,
     attention,
@@ -148,7 +149,7 @@ class WanTransformer(nn.Module):
         self.config = cfg
         self.use_checkpointing = False
         d = cfg.dim
-        self.patch_embedding = nn.Conv3d(
+        self.patch_embedding = PatchEmbedding(
             cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size
         )
         self.text_embedding = nn.Sequential(
