@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,6 +140,10 @@ def test_stop_step_trains_a_schedule_in_parts(cache_dir, tmp_path):
         TrainConfig.from_dict(_config(cache_dir, tmp_path / "bad", stop_step=7, max_steps=6))
 
 
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="torch.compile on the CPU needs a C++ compiler",
+)
 def test_compiled_experts_train_like_eager_ones_and_keep_checkpoint_keys(cache_dir, tmp_path):
     """`compile = true` runs the experts through torch.compile: the losses follow the eager run's
     (fp32; inductor may reorder sums, so to 1e-4), the checkpoint has the eager key names, and an
