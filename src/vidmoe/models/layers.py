@@ -42,10 +42,11 @@ def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 
 class PatchEmbedding(nn.Conv3d):
     """The transformer's patch embedding: an `nn.Conv3d` (same parameters and state_dict, and
-    LoRA adapters still attach to it) whose stride is its kernel, run by `patch_conv`."""
+    LoRA adapters still attach to it) whose stride is its kernel, run by `patch_conv` (its
+    `_conv_forward`, which LoRA's deltas call too)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return patch_conv(x, self.weight, self.bias)
+    def _conv_forward(self, x, weight, bias):
+        return patch_conv(x, weight, bias)
 
 
 class RMSNorm(nn.Module):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidmoe.models.layers import LayerNorm, PatchEmbedding, RMSNorm, patch_conv
+from vidmoe.models.layers import LayerNorm, RMSNorm
 
 STACK_NAME = "lora_adapters"
 ADAPTABLE = (nn.Linear, nn.Conv3d, LayerNorm, RMSNorm)
@@ -105,11 +105,7 @@ def _adapter_output(module: nn.Module, a: Adapter, x: torch.Tensor) -> torch.Ten
             out = out + a.diff_b
         return out
     if isinstance(module, nn.Conv3d):
-        def conv(inp, weight, bias=None):  # the module's own map: a patch embedding's patch_conv
-            if isinstance(module, PatchEmbedding):
-                return patch_conv(inp, weight, bias)
-            return F.conv3d(inp, weight, bias, module.stride, module.padding, module.dilation)
-
+        conv = module._conv_forward  # the module's own map (a patch embedding's patch_conv)
         out = 0.0
         if a.diff is not None or a.diff_b is not None:
             dw = a.diff if a.diff is not None else torch.zeros_like(module.weight)
@@ -117,7 +113,7 @@ def _adapter_output(module: nn.Module, a: Adapter, x: torch.Tensor) -> torch.Ten
         if a.down is not None:
             down = a.down.reshape(a.down.shape[0], *module.weight.shape[1:])  # (R, I, *k)
             up = a.up.reshape(*a.up.shape[:2], 1, 1, 1)  # (O, R, 1, 1, 1)
-            out = out + F.conv3d(conv(x, down), up) * a.scale  # (B, O, f, h, w)
+            out = out + F.conv3d(conv(x, down, None), up) * a.scale  # (B, O, f, h, w)
         return out
     return _norm_delta(module, x, a.diff, a.diff_b)
 
