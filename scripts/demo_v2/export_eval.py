@@ -1,4 +1,4 @@
-"""usage: VAE_DIR=... [CKPTS=a,b] [TRAIN_TOML=...] [SEEDS=0,1] python export_eval.py OUT_DIR NUM_PROMPTS [gh gl steps shift sampler] [EMA=1]"""
+"""usage: VAE_DIR=... [CKPTS=a,b] [TRAIN_TOML=...] [SEEDS=0,1] [PROMPTS=train] python export_eval.py OUT_DIR NUM_PROMPTS [gh gl steps shift sampler] [EMA=1]"""
 import json, os, sys, time, torch
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 from safetensors.torch import load_file
@@ -24,6 +24,11 @@ from vidmoe.evaluation import evaluate, prompt_set
 from vidmoe.loading import load_pipeline
 pipe = load_pipeline(out, device="cpu", dtype="float32")
 items = prompt_set(n)
+if os.environ.get("PROMPTS") == "train":  # the same triples in the training captions' phrasing
+    import dataclasses, numpy as np
+    from vidmoe.world.labels import ShapeLabel, caption_for
+    rng = np.random.default_rng(0)
+    items = [dataclasses.replace(it, prompt=caption_for(ShapeLabel(it.colour, it.shape, it.motion, size="large"), rng)) for it in items]
 t = time.time()
 res = evaluate(pipe, items, seeds=tuple(int(x) for x in os.environ.get("SEEDS", "0").split(",")), name="demo")
 print(sys.argv[3:], json.dumps(res.summary()), "wall", round(time.time() - t, 1), flush=True)
