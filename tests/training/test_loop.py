@@ -260,6 +260,42 @@ def test_toml_config_round_trip(cache_dir, tmp_path):
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
+def test_a_config_states_only_what_changes_from_its_base(cache_dir, tmp_path):
+    """`base = "other.toml"`: the base's keys, this file's in their place; tables merged by key."""
+    (tmp_path / "phases").mkdir()
+    (tmp_path / "phase1.toml").write_text(
+        f'cache = "{cache_dir}"\nout_dir = "{tmp_path / "run"}"\nbatch_size = 2\nlr = 1e-3\n'
+        "[transformer]\n"
+        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in TINY_EXPERT.to_dict().items())
+        + "[moe]\nboundaries = [0.9]\nguidance = [5.0, 4.0]\n"
+    )
+    (tmp_path / "phases" / "phase2.toml").write_text(
+        'base = "../phase1.toml"\nlr_schedule = "cosine"\nmax_steps = 40\n'
+        "[moe]\nguidance = [6.0, 3.0]\n"
+    )
+    (tmp_path / "phases" / "phase3.json").write_text(
+        json.dumps({"base": "phase2.toml", "lr": 5e-4})
+    )
+    first = load_train_config(tmp_path / "phase1.toml")
+    third = load_train_config(tmp_path / "phases" / "phase3.json")
+    assert (third.lr, third.lr_schedule, third.max_steps) == (5e-4, "cosine", 40)
+    assert third.moe.guidance == (6.0, 3.0) and third.moe.boundaries == first.moe.boundaries
+    changed = {"lr", "lr_schedule", "max_steps", "moe"}
+    assert {k: v for k, v in third.to_dict().items() if k not in changed} == {
+        k: v for k, v in first.to_dict().items() if k not in changed
+    }
+    (tmp_path / "loop_a.toml").write_text('base = "loop_b.toml"\n')
+    (tmp_path / "loop_b.toml").write_text('base = "loop_a.toml"\n')
+    with pytest.raises(ValueError, match="bases form a cycle"):
+        load_train_config(tmp_path / "loop_a.toml")
+    (tmp_path / "orphan.toml").write_text('base = "gone.toml"\n')
+    with pytest.raises(ValueError, match=r"gone.toml \(the base of .*orphan.toml\) does not exist"):
+        load_train_config(tmp_path / "orphan.toml")
+    (tmp_path / "broken.toml").write_text("lr = \n")
+    with pytest.raises(ValueError, match="broken.toml is not valid toml"):
+        load_train_config(tmp_path / "broken.toml")
+
+
 def test_config_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="unknown train config keys"):
         TrainConfig.from_dict({**_config("c", "o"), "learning_rate": 1.0})

@@ -202,17 +202,51 @@ class TrainConfig:
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
-    """Read a TrainConfig from a .toml or .json file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"train config {path} does not exist")
-    if path.suffix == ".toml":
-        import tomllib
+    """Read a TrainConfig from a .toml or .json file.
 
-        return TrainConfig.from_dict(tomllib.loads(path.read_text()))
-    if path.suffix == ".json":
-        return TrainConfig.from_dict(json.loads(path.read_text()))
-    raise ValueError(f"train config must be .toml or .json; got {path.name}")
+    A config may name another one it starts from with `base = "other.toml"` (a path relative to
+    this file): the base is read first (it may have a base of its own) and this file's keys
+    replace its keys; tables (`[transformer]`, `[moe]`, `[expert_overrides.NAME]`) are merged key
+    by key. A training phase that resumes another then says only what changes.
+    """
+    return TrainConfig.from_dict(_read_config_chain(Path(path), ()))
+
+
+def _read_config_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    if not path.is_file():
+        named = f" (the base of {seen[-1]})" if seen else ""
+        raise ValueError(f"train config {path}{named} does not exist")
+    if path.suffix not in (".toml", ".json"):
+        raise ValueError(f"train config must be .toml or .json; got {path.name}")
+    key = path.resolve()
+    if key in seen:
+        chain = " -> ".join(str(p) for p in (*seen, key))
+        raise ValueError(f"train config bases form a cycle: {chain}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            d = tomllib.loads(text)
+        else:
+            d = json.loads(text)
+    except ValueError as e:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
+        raise ValueError(f"train config {path} is not valid {path.suffix[1:]}: {e}") from None
+    base = d.pop("base", None)
+    if base is None:
+        return d
+    if not isinstance(base, str):
+        raise ValueError(f"train config {path}: base must be a file name; got {base!r}")
+    return _merged(_read_config_chain(path.parent / base, (*seen, key)), d)
+
+
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `override`'s keys in place of its own; tables are merged key by key."""
+    out = dict(base)
+    for k, v in override.items():
+        both_tables = isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = _merged(out[k], v) if both_tables else v
+    return out
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
