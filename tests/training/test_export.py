@@ -76,7 +76,9 @@ def test_vae_decoder_only_keeps_the_latent_space(tmp_path):
         clip_frames=9, window_frames=9, crop=0, batch_size=1, max_steps=1, num_stat_clips=2,
     )  # fmt: skip
     _, first = train_vae(base, tmp_path / "a", log=lambda s: None)
-    frozen = dataclasses.replace(base, freeze_encoder=True, max_steps=2, lr=1e-2)
+    # stars drawn half the time and outlines weighted: the statistics stay those of even shapes
+    frozen = dataclasses.replace(base, freeze_encoder=True, max_steps=2, lr=1e-2, edge_weight=5.0,
+                                 shapes=("circle", "square", "triangle", "star", "star", "star"))  # fmt: skip
     _, second = train_vae(frozen, tmp_path / "b", init=tmp_path / "a" / "vae.safetensors",
                           log=lambda s: None)  # fmt: skip
     a = load_file(str(tmp_path / "a" / "vae.safetensors"))
@@ -86,6 +88,26 @@ def test_vae_decoder_only_keeps_the_latent_space(tmp_path):
     assert enc and all(torch.equal(a[k], b[k]) for k in enc)
     assert any(not torch.equal(a[k], b[k]) for k in dec)
     assert second.latents_mean == first.latents_mean and second.latents_std == first.latents_std
+
+
+def test_outline_weight_marks_the_pixels_beside_an_objects_boundary():
+    from vidmoe.training.vae_train import VAETrainConfig, outline, vae_loss
+
+    mask = torch.zeros(1, 1, 1, 8, 8, dtype=torch.bool)
+    mask[..., 2:6, 2:6] = True  # a 4x4 square
+    ring = outline(mask)[0, 0, 0]
+    inside, outside = torch.zeros(8, 8, dtype=torch.bool), torch.zeros(8, 8, dtype=torch.bool)
+    inside[3:5, 3:5] = True  # the square's own interior, two pixels from every edge
+    outside[1:7, 1:7] = True
+    assert torch.equal(ring.bool(), outside & ~inside)  # one pixel either side of the boundary
+    vae = WanVAE(VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1)).eval()
+    from vidmoe.world.shapes import ShapesWorld
+
+    video = ShapesWorld(32, 32, 5, shapes=("star",), seed=0).sample(0).video[None]
+    plain = VAETrainConfig(vae=vae.config, latent_noise=0.0)
+    edged = dataclasses.replace(plain, edge_weight=10.0)
+    with torch.no_grad():
+        assert vae_loss(vae, video, plain)[0] != vae_loss(vae, video, edged)[0]
 
 
 def test_experts_trained_in_separate_runs_export_as_one_model(tmp_path):
