@@ -153,6 +153,15 @@ def latent_stats(vae: WanVAE, world, num_clips: int) -> tuple[list[float], list[
     return [round(float(v), 5) for v in mean], [round(float(v), 5) for v in std]
 
 
+def _world(cfg: VAETrainConfig, shapes: tuple[str, ...]):
+    from vidmoe.world.shapes import ShapesWorld
+
+    return ShapesWorld(
+        cfg.width, cfg.height, cfg.clip_frames, sizes=cfg.sizes, motions=cfg.motions,
+        shapes=shapes, seed=cfg.seed,
+    )  # fmt: skip
+
+
 def _unit_scale(z_dim: int) -> tuple[Tensor, Tensor]:
     return torch.zeros(z_dim), torch.ones(z_dim)
 
@@ -169,8 +178,6 @@ def train_vae(
     """
     from safetensors.torch import save_file
 
-    from vidmoe.world.shapes import ShapesWorld
-
     stride = cfg.vae.spatial_stride
     if cfg.crop % stride or cfg.crop < 0:
         raise ValueError(
@@ -185,10 +192,7 @@ def train_vae(
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    world = ShapesWorld(
-        cfg.width, cfg.height, cfg.clip_frames, sizes=cfg.sizes, motions=cfg.motions,
-        shapes=cfg.shapes, seed=cfg.seed,
-    )
+    world = _world(cfg, cfg.shapes)
     vae = WanVAE(dataclasses.replace(cfg.vae, latents_mean=(), latents_std=())).train()
     if init is not None:
         from safetensors.torch import load_file
@@ -219,10 +223,7 @@ def train_vae(
     vae.eval()
     # the statistics are of the world's shapes drawn evenly, however the training drew them, so a
     # decoder-only stage keeps the normalisation its latent cache was built with
-    even = ShapesWorld(
-        cfg.width, cfg.height, cfg.clip_frames, sizes=cfg.sizes, motions=cfg.motions,
-        shapes=tuple(dict.fromkeys(cfg.shapes)), seed=cfg.seed,
-    )  # fmt: skip
+    even = _world(cfg, tuple(dict.fromkeys(cfg.shapes)))
     mean, std = latent_stats(vae, even, cfg.num_stat_clips)
     config = dataclasses.replace(cfg.vae, latents_mean=tuple(mean), latents_std=tuple(std))
     vae.config = config
