@@ -37,7 +37,7 @@ def test_demo_is_deterministic_by_seed(seed):
     assert np.array_equal(a, b)
 
 
-PHASES = ("", "_decay", "_captions", "_restart", "_restart2", "_restart3")  # train_{expert}{phase}.toml, in the order they run
+PHASES = ("", "_decay", "_captions", "_restart", "_restart2", "_restart3", "_restart4")  # train_{expert}{phase}.toml, in the order they run
 
 
 @pytest.mark.parametrize("expert", ["high_noise", "low_noise"])
