@@ -21,11 +21,18 @@ def test_demo_model_is_shipped_small_and_complete():
 
 def test_main_command_makes_the_default_clip(tmp_path):
     out = tmp_path / "red.mp4"
-    result = CliRunner().invoke(app, ["generate", "a red circle moving to the right", "-o", str(out), "--quiet"])
+    result = CliRunner().invoke(
+        app, ["generate", "a red circle moving to the right", "-o", str(out), "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     frames, fps = read_video(out)
     config = model_config_for(None)
-    assert frames.shape == (config.default_num_frames, config.default_size[1], config.default_size[0], 3)
+    assert frames.shape == (
+        config.default_num_frames,
+        config.default_size[1],
+        config.default_size[0],
+        3,
+    )
     assert fps == config.fps
 
 
@@ -37,7 +44,33 @@ def test_demo_is_deterministic_by_seed(seed):
     assert np.array_equal(a, b)
 
 
-PHASES = ("", "_decay", "_captions", "_restart", "_restart2", "_restart3", "_restart4")  # train_{expert}{phase}.toml, in the order they run
+PHASES = (
+    "",
+    "_decay",
+    "_captions",
+    "_restart",
+    "_restart2",
+    "_restart3",
+    "_restart4",
+)  # train_{expert}{phase}.toml, in the order they run
+
+
+def test_shipped_vae_stage_config_describes_the_shipped_vae():
+    """The VAE's decoder-only stage config builds the shipped VAE's architecture and keeps its
+    encoder (so the latent statistics and caches the experts were trained on stay valid)."""
+    import dataclasses
+
+    from vidmoe.training.vae_train import load_vae_train_config
+
+    shipped = model_config_for(None).vae
+    cfg, _, init = load_vae_train_config(DEMO_DIR / "train_vae_decoder.toml")
+    assert cfg.vae == dataclasses.replace(shipped, latents_mean=(), latents_std=())
+    assert (
+        init is not None
+        and cfg.freeze_encoder
+        and cfg.edge_weight > 0
+        and cfg.shapes.count("star") > 1
+    )
 
 
 @pytest.mark.parametrize("expert", ["high_noise", "low_noise"])
@@ -53,7 +86,10 @@ def test_shipped_training_configs_describe_the_shipped_experts(expert):
     for cfg in phases:
         assert cfg.transformer_for(expert) == config.transformer_for(expert)
         assert cfg.experts == (expert,)
-        assert (cfg.moe.expert_names, cfg.moe.boundaries) == (config.moe.expert_names, config.moe.boundaries)
+        assert (cfg.moe.expert_names, cfg.moe.boundaries) == (
+            config.moe.expert_names,
+            config.moe.boundaries,
+        )
     assert [c.lr_schedule for c in phases] == ["constant"] + ["cosine"] * (len(phases) - 1)
     assert len({c.out_dir for c in phases}) == 1  # each phase resumes the one before
     ends = [c.last_step for c in phases]

@@ -5,7 +5,8 @@ Decoder-only stage of the demo VAE: the encoder, hence the latent cache and its 
 fixed; whole 17-frame clips. Stage 3: `train_dec.py runs/demo2/A_s2 runs/demo2/A_s3 80`;
 stage 4 (shipped with demo v3): `train_dec.py runs/demo2/A_s3 runs/demo2/A_s4 27`;
 stage 5 (outlines and stars): `THREADS=2 LR=2e-4 EDGE_WEIGHT=20
-SHAPES=circle,square,triangle,star,star,star train_dec.py runs/demo2/A_s4 runs/demo7/A_s5 35`.
+SHAPES=circle,square,triangle,star,star,star STEPS=1600 train_dec.py runs/demo2/A_s4 runs/demo7/A_s5 60`
+(the same as `vidmoe train-vae src/vidmoe/assets/demo/train_vae_decoder.toml`).
 """
 
 import os

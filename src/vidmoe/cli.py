@@ -283,6 +283,21 @@ def train(config: Path = typer.Argument(..., help="Training config (TOML or JSON
     typer.echo(f"training state in {out}")
 
 
+@app.command("train-vae")
+def train_vae_command(
+    config: Path = typer.Argument(..., help="VAE training config (TOML or JSON); see docs/training.md."),
+):
+    """Train or fine-tune a small causal VAE on the shapes world (a decoder-only stage keeps the
+    latent space, so latent caches and trained experts stay valid)."""
+    from vidmoe.training.vae_train import train_vae_main
+
+    try:
+        out = train_vae_main(config, log=typer.echo)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    typer.echo(f"VAE in {out}")
+
+
 @app.command("eval")
 def eval_(
     model: str | None = typer.Argument(None, help=MODEL_HELP),

@@ -140,7 +140,10 @@ def test_experts_trained_in_separate_runs_export_as_one_model(tmp_path):
     layout = detect_layout(out)
     for name, trainer in runs.items():
         loaded = load_expert(layout, name, dtype=torch.float32).state_dict()
-        assert "text_pool.2.weight" in loaded and loaded.keys() == trainer.experts[name].state_dict().keys()
+        assert (
+            "text_pool.2.weight" in loaded
+            and loaded.keys() == trainer.experts[name].state_dict().keys()
+        )
         for k, v in trainer.experts[name].state_dict().items():
             assert torch.equal(loaded[k], v), (name, k)
     assert trainer.experts["low_noise"].text_pool[2].weight.abs().max() > 0  # it trained
@@ -160,3 +163,57 @@ def test_vae_trainer_crop_follows_the_spatial_stride(tmp_path):
     trained, config = train_vae(VAETrainConfig(crop=12, **base), tmp_path, log=lambda s: None)
     z = trained.encode(torch.zeros(1, 3, 5, 32, 32))
     assert z.shape == (1, 4, 2, 8, 8)  # stride 4 in time and space
+
+
+def test_train_vae_command_trains_then_fine_tunes_the_decoder(tmp_path):
+    """`vidmoe train-vae`: a first stage from a TOML config, then a decoder-only stage that names
+    it as `base` and `init` and says only what changes; bad configs are refused by name."""
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from vidmoe.cli import app
+
+    runner = CliRunner()
+    (tmp_path / "stage1.toml").write_text(
+        f'out_dir = "{tmp_path / "s1"}"\nwidth = 32\nheight = 32\nclip_frames = 9\n'
+        "window_frames = 5\ncrop = 16\nbatch_size = 1\nmax_steps = 10\nnum_stat_clips = 2\n"
+        '[vae]\ngeneration = "2.1"\ndim = 4\nz_dim = 4\nnum_res_blocks = 1\n'
+    )
+    r = runner.invoke(app, ["train-vae", str(tmp_path / "stage1.toml")])
+    assert r.exit_code == 0, r.output
+    first = tmp_path / "s1"
+    assert {"vae.safetensors", "vae_config.json", "log.jsonl", "loss.png"} <= {
+        p.name for p in first.iterdir()
+    }
+    assert [json.loads(ln)["step"] for ln in (first / "log.jsonl").read_text().splitlines()] == [10]
+    assert (first / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "stage2.toml").write_text(
+        f'base = "stage1.toml"\nout_dir = "{tmp_path / "s2"}"\ninit = "{first}"\n'
+        'freeze_encoder = true\nedge_weight = 5.0\nshapes = ["square", "star", "star"]\n'
+        "max_steps = 2\n"
+    )
+    r = runner.invoke(app, ["train-vae", str(tmp_path / "stage2.toml")])
+    assert r.exit_code == 0, r.output
+    a, b = (
+        load_file(str(first / "vae.safetensors")),
+        load_file(str(tmp_path / "s2" / "vae.safetensors")),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("encoder.", "conv1.")))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+
+    def refused(text: str) -> str:
+        (tmp_path / "bad.toml").write_text(text)
+        r = runner.invoke(app, ["train-vae", str(tmp_path / "bad.toml")])
+        assert r.exit_code != 0
+        return r.output
+
+    assert "shapes must be non-empty names from" in refused(
+        'base = "stage1.toml"\nshapes = ["hexagon"]\n'
+    )
+    assert "needs out_dir" in refused("max_steps = 1\n[vae]\ndim = 4\n")
+    assert "unknown VAE train config keys ['learning_rate']" in refused(
+        'base = "stage1.toml"\nlearning_rate = 1.0\n'
+    )
+    assert "init" in refused(f'base = "stage1.toml"\ninit = "{tmp_path / "gone"}"\n')
+    wider = refused(f'base = "stage1.toml"\ninit = "{first}"\n[vae]\ndim = 8\n')
+    assert "does not fit this config's VAE" in wider and "mis-shaped" in wider

@@ -209,19 +209,25 @@ def load_train_config(path: str | Path) -> TrainConfig:
     replace its keys; tables (`[transformer]`, `[moe]`, `[expert_overrides.NAME]`) are merged key
     by key. A training phase that resumes another then says only what changes.
     """
-    return TrainConfig.from_dict(_read_config_chain(Path(path), ()))
+    return TrainConfig.from_dict(read_config(path))
 
 
-def _read_config_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+def read_config(path: str | Path, what: str = "train config") -> dict[str, Any]:
+    """The dict of a .toml or .json config file, its `base` chain resolved (see
+    `load_train_config`); `what` names the kind of config in error messages."""
+    return _read_config_chain(Path(path), (), what)
+
+
+def _read_config_chain(path: Path, seen: tuple[Path, ...], what: str) -> dict[str, Any]:
     if not path.is_file():
         named = f" (the base of {seen[-1]})" if seen else ""
-        raise ValueError(f"train config {path}{named} does not exist")
+        raise ValueError(f"{what} {path}{named} does not exist")
     if path.suffix not in (".toml", ".json"):
-        raise ValueError(f"train config must be .toml or .json; got {path.name}")
+        raise ValueError(f"{what} must be .toml or .json; got {path.name}")
     key = path.resolve()
     if key in seen:
         chain = " -> ".join(str(p) for p in (*seen, key))
-        raise ValueError(f"train config bases form a cycle: {chain}")
+        raise ValueError(f"{what} bases form a cycle: {chain}")
     text = path.read_text()
     try:
         if path.suffix == ".toml":
@@ -231,13 +237,13 @@ def _read_config_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         else:
             d = json.loads(text)
     except ValueError as e:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
-        raise ValueError(f"train config {path} is not valid {path.suffix[1:]}: {e}") from None
+        raise ValueError(f"{what} {path} is not valid {path.suffix[1:]}: {e}") from None
     base = d.pop("base", None)
     if base is None:
         return d
     if not isinstance(base, str):
-        raise ValueError(f"train config {path}: base must be a file name; got {base!r}")
-    return _merged(_read_config_chain(path.parent / base, (*seen, key)), d)
+        raise ValueError(f"{what} {path}: base must be a file name; got {base!r}")
+    return _merged(_read_config_chain(path.parent / base, (*seen, key), what), d)
 
 
 def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

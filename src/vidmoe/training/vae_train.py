@@ -1,7 +1,8 @@
 """Train a small Wan-style VAE on shapes clips (the demo model's own VAE), then measure the
 per-channel latent mean and std that normalise its latents for the diffusion model.
 
-The loss is L1 + MSE reconstruction of a slightly noised posterior mean (the latents are\nnormalised afterwards, so their scale is free). Short
+The loss is L1 + MSE reconstruction of a slightly noised posterior mean (the latents are
+normalised afterwards, so their scale is free). Short
 windows and spatial crops keep CPU steps cheap; the network is convolutional, so it encodes whole
 17-frame 64x64 clips afterwards. Shape letters: B batch, Z latent channels, T frames, H, W.
 """
@@ -13,12 +14,14 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from vidmoe.config import VAEConfig
+from vidmoe.io.tensors import save_safetensors_atomic, write_text_atomic
 from vidmoe.models.vae import WanVAE
 from vidmoe.models.vae_blocks import CausalCache
 from vidmoe.world.labels import MOTIONS, SHAPES, SIZES
@@ -73,6 +76,41 @@ class VAETrainConfig:
     """Extra loss weight of the pixels on an object's outline (inside or outside it by one pixel),
     on top of `object_weight`: corners and points are a few pixels each, and a VAE that rounds them
     off loses little loss but turns a star into a circle."""
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("sizes", SIZES), ("motions", MOTIONS), ("shapes", SHAPES)):
+            values = tuple(getattr(self, name))
+            object.__setattr__(self, name, values)
+            bad = [v for v in values if v not in allowed]
+            if not values or bad:
+                raise ValueError(f"{name} must be non-empty names from {allowed}; got {values}")
+        stride = self.vae.spatial_stride
+        if self.crop % stride or self.crop < 0:
+            raise ValueError(
+                f"crop must be 0 or a multiple of {stride} (the VAE's spatial stride); "
+                f"got {self.crop}"
+            )
+        if (self.window_frames - 1) % 4 or self.window_frames > self.clip_frames:
+            raise ValueError(
+                f"window_frames must be 4k+1 and <= clip_frames ({self.clip_frames}); "
+                f"got {self.window_frames}"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VAETrainConfig:
+        """Build from a config dict; the `vae` table holds VAEConfig fields."""
+        d = dict(d)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            known = sorted(f.name for f in dataclasses.fields(cls))
+            raise ValueError(f"unknown VAE train config keys {unknown}; known: {known}")
+        if "vae" in d:
+            vae = dict(d["vae"])
+            bad = sorted(set(vae) - {f.name for f in dataclasses.fields(VAEConfig)})
+            if bad:
+                raise ValueError(f"unknown [vae] keys {bad}; VAEConfig fields are accepted")
+            d["vae"] = VAEConfig(**vae)
+        return cls(**d)
 
 
 def shapes_windows(cfg: VAETrainConfig, rng: np.random.Generator, world) -> Tensor:
@@ -176,18 +214,6 @@ def train_vae(
     Returns:
         the trained VAE (in eval mode) and its config with the measured latents_mean/std.
     """
-    from safetensors.torch import save_file
-
-    stride = cfg.vae.spatial_stride
-    if cfg.crop % stride or cfg.crop < 0:
-        raise ValueError(
-            f"crop must be 0 or a multiple of {stride} (the VAE's spatial stride); got {cfg.crop}"
-        )
-    if (cfg.window_frames - 1) % 4 or cfg.window_frames > cfg.clip_frames:
-        raise ValueError(
-            f"window_frames must be 4k+1 and <= clip_frames ({cfg.clip_frames}); "
-            f"got {cfg.window_frames}"
-        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -195,9 +221,13 @@ def train_vae(
     world = _world(cfg, cfg.shapes)
     vae = WanVAE(dataclasses.replace(cfg.vae, latents_mean=(), latents_std=())).train()
     if init is not None:
-        from safetensors.torch import load_file
+        from vidmoe.io.checkpoints import load_into
+        from vidmoe.io.tensors import open_tensors
 
-        vae.load_state_dict(load_file(str(init)))
+        try:
+            load_into(vae, open_tensors(init))
+        except ValueError as e:
+            raise ValueError(f"init {init} does not fit this config's VAE: {e}") from None
     if cfg.freeze_encoder:
         vae.encoder.requires_grad_(False)
         vae.conv1.requires_grad_(False)
@@ -207,7 +237,7 @@ def train_vae(
         opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(s / cfg.max_steps, 1.0)))
     )
     start = time.time()
-    step = 0
+    step, records = 0, []
     while step < cfg.max_steps and time.time() - start < 60 * cfg.max_minutes:
         loss, parts = vae_loss(vae, shapes_windows(cfg, rng, world), cfg)
         opt.zero_grad(set_to_none=True)
@@ -219,7 +249,8 @@ def train_vae(
         step += 1
         if step % 10 == 0:
             parts = {k: round(v, 5) for k, v in parts.items()}
-            log(json.dumps({"step": step, "seconds": round(time.time() - start, 1), **parts}))
+            records.append({"step": step, "seconds": round(time.time() - start, 1), **parts})
+            log(json.dumps(records[-1]))
     vae.eval()
     # the statistics are of the world's shapes drawn evenly, however the training drew them, so a
     # decoder-only stage keeps the normalisation its latent cache was built with
@@ -227,8 +258,51 @@ def train_vae(
     mean, std = latent_stats(vae, even, cfg.num_stat_clips)
     config = dataclasses.replace(cfg.vae, latents_mean=tuple(mean), latents_std=tuple(std))
     vae.config = config
-    state = {k: v.contiguous() for k, v in vae.state_dict().items()}
-    save_file(state, str(out_dir / "vae.safetensors"))
-    (out_dir / "vae_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    save_safetensors_atomic(vae.state_dict(), out_dir / "vae.safetensors")
+    write_text_atomic(json.dumps(dataclasses.asdict(config), indent=2), out_dir / "vae_config.json")
+    write_text_atomic("".join(json.dumps(r) + "\n" for r in records), out_dir / "log.jsonl")
+    _plot_loss(records, out_dir / "loss.png")
     log(json.dumps({"done": step, "seconds": round(time.time() - start, 1), "std": std}))
     return vae, config
+
+
+def _plot_loss(records: list[dict], path: Path) -> None:
+    """The weighted L1 and MSE of the logged steps, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for part in ("l1", "mse"):
+        ax.plot([r["step"] for r in records], [r[part] for r in records], label=part)
+    ax.set(xlabel="step", ylabel="weighted reconstruction loss", yscale="log", title="VAE loss")
+    if records:
+        ax.legend()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def load_vae_train_config(path: str | Path) -> tuple[VAETrainConfig, Path, Path | None]:
+    """Read a VAE training config (.toml or .json; `base = "other.toml"` as for the experts'):
+    VAETrainConfig fields, a `[vae]` table of VAEConfig fields, `out_dir` (required) and `init`
+    (a `vae.safetensors` to start from, or a folder holding one; optional). Returns the config,
+    out_dir and init (paths as written: relative ones are from the working directory)."""
+    from vidmoe.training.config import read_config
+
+    d = read_config(path, "VAE train config")
+    out_dir, init = d.pop("out_dir", None), d.pop("init", None)
+    if not out_dir:
+        raise ValueError(f"VAE train config {path} needs out_dir (where vae.safetensors goes)")
+    return VAETrainConfig.from_dict(d), Path(out_dir), Path(init) if init else None
+
+
+def train_vae_main(path: str | Path, log=print) -> Path:
+    """`vidmoe train-vae CONFIG`: train (or fine-tune) a VAE; returns its out_dir."""
+    cfg, out_dir, init = load_vae_train_config(path)
+    if init is not None:
+        init = init / "vae.safetensors" if init.is_dir() else init
+        if not init.is_file():
+            raise ValueError(f"VAE train config {path}: init {init} does not exist")
+    train_vae(cfg, out_dir, init=init, log=log)
+    return out_dir
