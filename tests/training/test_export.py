@@ -174,12 +174,16 @@ def test_train_vae_command_trains_then_fine_tunes_the_decoder(tmp_path):
     from vidmoe.cli import app
 
     runner = CliRunner()
-    (tmp_path / "stage1.toml").write_text(
+
+    def run(name: str, text: str):
+        (tmp_path / name).write_text(text)
+        return runner.invoke(app, ["train-vae", str(tmp_path / name)])
+
+    r = run("stage1.toml",
         f'out_dir = "{tmp_path / "s1"}"\nwidth = 32\nheight = 32\nclip_frames = 9\n'
         "window_frames = 5\ncrop = 16\nbatch_size = 1\nmax_steps = 10\nnum_stat_clips = 2\n"
         '[vae]\ngeneration = "2.1"\ndim = 4\nz_dim = 4\nnum_res_blocks = 1\n'
-    )
-    r = runner.invoke(app, ["train-vae", str(tmp_path / "stage1.toml")])
+    )  # fmt: skip
     assert r.exit_code == 0, r.output
     first = tmp_path / "s1"
     assert {"vae.safetensors", "vae_config.json", "log.jsonl", "loss.png"} <= {
@@ -187,12 +191,11 @@ def test_train_vae_command_trains_then_fine_tunes_the_decoder(tmp_path):
     }
     assert [json.loads(ln)["step"] for ln in (first / "log.jsonl").read_text().splitlines()] == [10]
     assert (first / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    (tmp_path / "stage2.toml").write_text(
+    r = run("stage2.toml",
         f'base = "stage1.toml"\nout_dir = "{tmp_path / "s2"}"\ninit = "{first}"\n'
         'freeze_encoder = true\nedge_weight = 5.0\nshapes = ["square", "star", "star"]\n'
         "max_steps = 2\n"
-    )
-    r = runner.invoke(app, ["train-vae", str(tmp_path / "stage2.toml")])
+    )  # fmt: skip
     assert r.exit_code == 0, r.output
     a, b = (
         load_file(str(first / "vae.safetensors")),
@@ -202,8 +205,7 @@ def test_train_vae_command_trains_then_fine_tunes_the_decoder(tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
 
     def refused(text: str) -> str:
-        (tmp_path / "bad.toml").write_text(text)
-        r = runner.invoke(app, ["train-vae", str(tmp_path / "bad.toml")])
+        r = run("bad.toml", text)
         assert r.exit_code != 0
         return r.output
 
