@@ -52,6 +52,7 @@ PHASES = (
     "_restart2",
     "_restart3",
     "_restart4",
+    "_restart5",
 )  # train_{expert}{phase}.toml, in the order they run
 
 
