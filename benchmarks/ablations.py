@@ -271,11 +271,9 @@ def sigma_table(rows: dict[str, list[float]]) -> str:
 
 def plot(names: list[str], evals: dict, root: Path, stem: Path) -> list[str]:
     """Training-loss curves and held-out MSE vs sigma of the runs; returns the PNG names."""
-    import matplotlib
+    from vidmoe.io.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for n in names:
         if n not in evals:

@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vidmoe.config import VAEConfig
+from vidmoe.io.video import to_uint8_frames
 from vidmoe.models.vae import WanVAE
 from vidmoe.world.analyser import analyse
 from vidmoe.world.shapes import ShapesWorld
@@ -27,18 +28,13 @@ for folder in sys.argv[1:3]:
     vaes.append(vae)
 
 
-def to_uint8(video: torch.Tensor) -> np.ndarray:
-    """(3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8."""
-    return ((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
-
-
 stars = [i for i in range(100000, 100128) if world.sample(i).label.shape == "star"][:4]
 rows = []
 with torch.no_grad():
     for index in stars:
         clip = world.sample(index).video
         videos = [clip] + [vae.decode(vae.encode(clip[None]))[0] for vae in vaes]
-        frames = [to_uint8(v) for v in videos]
+        frames = [to_uint8_frames(v) for v in videos]
         print(index, "clip / A / B read as", [analyse(f).shape for f in frames])
         rows += [np.concatenate(list(f[::4]), axis=1) for f in frames]
 grid = np.concatenate(rows, axis=0)

@@ -180,12 +180,11 @@ def write_report(results: list[EvalResult], out: Path, command: str) -> None:
         {r.name: {"summary": r.summary(), "rows": r.rows} for r in results},
         out.with_suffix(".json"),
     )
-    try:
-        import matplotlib
+    from vidmoe.io.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    try:
+        plt = pyplot()
+    except ImportError:  # the tables are written; the bar chart is optional
         return
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(results)), 3.5))
     keys = ("colour", "shape", "motion", "all")

@@ -179,24 +179,26 @@ def test_train_vae_command_trains_then_fine_tunes_the_decoder(tmp_path):
         (tmp_path / name).write_text(text)
         return runner.invoke(app, ["train-vae", str(tmp_path / name)])
 
-    r = run("stage1.toml",
+    def trained(name: str, text: str) -> None:
+        r = run(name, text)
+        assert r.exit_code == 0, r.output
+
+    trained("stage1.toml",
         f'out_dir = "{tmp_path / "s1"}"\nwidth = 32\nheight = 32\nclip_frames = 9\n'
         "window_frames = 5\ncrop = 16\nbatch_size = 1\nmax_steps = 10\nnum_stat_clips = 2\n"
         '[vae]\ngeneration = "2.1"\ndim = 4\nz_dim = 4\nnum_res_blocks = 1\n'
     )  # fmt: skip
-    assert r.exit_code == 0, r.output
     first = tmp_path / "s1"
     assert {"vae.safetensors", "vae_config.json", "log.jsonl", "loss.png"} <= {
         p.name for p in first.iterdir()
     }
     assert [json.loads(ln)["step"] for ln in (first / "log.jsonl").read_text().splitlines()] == [10]
     assert (first / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    r = run("stage2.toml",
+    trained("stage2.toml",
         f'base = "stage1.toml"\nout_dir = "{tmp_path / "s2"}"\ninit = "{first}"\n'
         'freeze_encoder = true\nedge_weight = 5.0\nshapes = ["square", "star", "star"]\n'
         "max_steps = 2\n"
     )  # fmt: skip
-    assert r.exit_code == 0, r.output
     a, b = (
         load_file(str(first / "vae.safetensors")),
         load_file(str(tmp_path / "s2" / "vae.safetensors")),

@@ -247,13 +247,9 @@ def _summarise(window: list[dict], seconds: float) -> dict[str, Any]:
 
 def write_plots(trainer: Trainer) -> None:
     """loss_per_expert.png (from log.jsonl) and loss_vs_sigma.png (running per-bin means)."""
-    try:
-        import matplotlib
+    from vidmoe.io.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ImportError("training plots need matplotlib: pip install matplotlib") from e
+    plt = pyplot()
     out = trainer.out_dir
     records = [json.loads(ln) for ln in (out / LOG_FILE).read_text().splitlines() if ln.strip()]
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -2,9 +2,9 @@
 per-channel latent mean and std that normalise its latents for the diffusion model.
 
 The loss is L1 + MSE reconstruction of a slightly noised posterior mean (the latents are
-normalised afterwards, so their scale is free). Short
-windows and spatial crops keep CPU steps cheap; the network is convolutional, so it encodes whole
-17-frame 64x64 clips afterwards. Shape letters: B batch, Z latent channels, T frames, H, W.
+normalised afterwards, so their scale is free). Short windows and spatial crops keep CPU steps
+cheap; the network is convolutional, so it encodes whole 17-frame 64x64 clips afterwards. Shape
+letters: B batch, Z latent channels, T frames, H, W.
 """
 
 from __future__ import annotations
@@ -268,11 +268,9 @@ def train_vae(
 
 def _plot_loss(records: list[dict], path: Path) -> None:
     """The weighted L1 and MSE of the logged steps, log scale."""
-    import matplotlib
+    from vidmoe.io.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for part in ("l1", "mse"):
         ax.plot([r["step"] for r in records], [r[part] for r in records], label=part)
