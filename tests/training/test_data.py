@@ -15,6 +15,7 @@ from vidmoe.training.data import (
     VideoFolderDataset,
     build_latent_cache,
     collate_videos,
+    oversampled_items,
     recaption_cache,
 )
 
@@ -166,3 +167,14 @@ def test_epoch_sampler_resumes_its_position():
     b = EpochSampler(10, 3, seed=5)
     b.load_state_dict(a.state_dict())
     assert all(torch.equal(a.next(), b.next()) for _ in range(7))
+
+
+def test_oversampled_items_repeat_named_clips_and_reject_unknown_words():
+    captions = ["a red Star moving left", "a blue circle, rising", "star or square", "starry sky"]
+    items = oversampled_items(captions, {"star": 3, "square": 2})
+    assert items.tolist() == [0, 0, 0, 1, 2, 2, 2, 3]  # whole words; the largest count wins
+    one_epoch = EpochSampler(4, 2, seed=0, items=items)
+    drawn = torch.cat([one_epoch.next() for _ in range(4)])
+    assert torch.bincount(drawn, minlength=4).tolist() == [3, 1, 3, 1]
+    with pytest.raises(ValueError, match=r"\['strar'\], which no caption of the cache has"):
+        oversampled_items(captions, {"strar": 2})

@@ -247,6 +247,16 @@ def test_logs_plots_and_counts(cache_dir, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
 
 
+def test_oversample_draws_the_named_clips_more_often(cache_dir, tmp_path):
+    cfg = TrainConfig.from_dict(_config(cache_dir, tmp_path, batch_size=6, oversample={"left": 3}))
+    trainer = Trainer(cfg)
+    drawn = torch.cat([trainer.sampler.next() for _ in range(4)])  # one epoch: 6 x 3 + 6 clips
+    left = torch.tensor(["left" in c for c in trainer.data.captions])
+    assert (left[drawn].sum().item(), (~left[drawn]).sum().item()) == (18, 6)
+    with pytest.raises(ValueError, match="no caption of the cache has"):
+        Trainer(TrainConfig.from_dict(_config(cache_dir, tmp_path, oversample={"up": 2})))
+
+
 def test_toml_config_round_trip(cache_dir, tmp_path):
     path = tmp_path / "train.toml"
     path.write_text(
@@ -301,6 +311,9 @@ def test_config_errors_name_the_problem(tmp_path):
         TrainConfig.from_dict({**_config("c", "o"), "learning_rate": 1.0})
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig.from_dict(_config("c", "o", lr_schedule="linear"))
+    for bad in ({"left": 0}, {"left": 1.5}, {"moving left": 2}):
+        with pytest.raises(ValueError, match="oversample"):
+            TrainConfig.from_dict(_config("c", "o", oversample=bad))
     (tmp_path / "x.yaml").write_text("")
     with pytest.raises(ValueError, match="toml or .json"):
         load_train_config(tmp_path / "x.yaml")

@@ -85,6 +85,10 @@ class TrainConfig:
     """Std of the logit-normal draw."""
     caption_dropout: float = 0.1
     """Fraction of samples trained on the empty prompt (for classifier-free guidance)."""
+    oversample: dict[str, int] = field(default_factory=dict)
+    """Class-balanced data: a clip whose caption has the word W appears N times per epoch
+    (`oversample = {star = 2}` draws stars twice as often). Whole words of each clip's first
+    caption, case-insensitive; a clip with several named words takes the largest N."""
     band_training: bool = False
     """Score samples inside a transition band (`[moe] band` > 0) on the router's blend of the
     two neighbouring experts, as sampling with that band runs them; needs every expert."""
@@ -131,6 +135,13 @@ class TrainConfig:
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1]; got {self.caption_dropout}")
         object.__setattr__(self, "experts", tuple(self.experts))
+        for word, times in self.oversample.items():
+            if not word.strip() or " " in word.strip():
+                raise ValueError(f"oversample names single words; got {word!r}")
+            if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+                raise ValueError(
+                    f"oversample[{word!r}] must be a whole number of times >= 1; got {times!r}"
+                )
         expert_ranges(self.moe, self.experts)  # unknown names are an error
         finetune.check_finetune_config(self)
         self.objective_options.check_run(self.moe, self.experts)

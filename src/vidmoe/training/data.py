@@ -13,6 +13,7 @@ import csv
 import json
 import logging
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -325,19 +326,44 @@ class LatentCache(torch.utils.data.Dataset):
         return self.latents[indices], self.text_variants[indices, variant]
 
 
-class EpochSampler:
-    """Seeded reshuffling batches over N items; its position (epoch, offset) is the data state."""
+def oversampled_items(captions: list[str], oversample: dict[str, int]) -> Tensor:
+    """Dataset indices (M,) with clip i listed N times when its caption has a word that
+    `oversample` maps to N (the largest such N; whole words, case-insensitive), else once.
 
-    def __init__(self, num_items: int, batch_size: int, seed: int):
-        if batch_size > num_items:
-            raise ValueError(f"batch_size {batch_size} is larger than the dataset ({num_items})")
-        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+    A named word that no caption has is an error (a misspelt word would silently do nothing).
+    """
+    wanted = {w.strip().lower(): int(n) for w, n in oversample.items()}
+    words = [set(re.findall(r"[a-z]+", c.lower())) for c in captions]
+    unused = sorted(w for w in wanted if not any(w in ws for ws in words))
+    if unused:
+        raise ValueError(
+            f"oversample names {unused}, which no caption of the cache has "
+            f"(first caption: {captions[0]!r})"
+        )
+    times = [max([wanted[w] for w in ws if w in wanted], default=1) for ws in words]
+    return torch.repeat_interleave(torch.arange(len(captions)), torch.tensor(times))  # (M,)
+
+
+class EpochSampler:
+    """Seeded reshuffling batches over N items; its position (epoch, offset) is the data state.
+
+    `items` (M,) lists the dataset indices one epoch covers (an index listed twice is drawn
+    twice per epoch, see `oversampled_items`); None: each of the N once.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, items: Tensor | None = None):
+        self.items = torch.arange(num_items) if items is None else items  # (M,)
+        if batch_size > len(self.items):
+            raise ValueError(
+                f"batch_size {batch_size} is larger than the dataset ({len(self.items)})"
+            )
+        self.num_items, self.batch_size, self.seed = len(self.items), batch_size, seed
         self.epoch, self.offset = 0, 0
         self._order = self._permutation()
 
     def _permutation(self) -> Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.num_items, generator=g)  # (N,)
+        return self.items[torch.randperm(self.num_items, generator=g)]  # (M,)
 
     @property
     def batches_per_epoch(self) -> int:

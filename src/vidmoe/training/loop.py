@@ -28,7 +28,7 @@ from vidmoe.training.checkpoint import (
     set_rng_state,
 )
 from vidmoe.training.config import TrainConfig, load_train_config, lr_factor
-from vidmoe.training.data import EpochSampler, LatentCache
+from vidmoe.training.data import EpochSampler, LatentCache, oversampled_items
 from vidmoe.training.objective import expert_ranges, flow_matching_loss, sample_sigma
 
 __all__ = ["TrainConfig", "Trainer", "load_train_config", "lr_factor", "train", "train_main"]
@@ -72,7 +72,8 @@ class Trainer:
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(cfg, s))
         self.ema = EMA(self.experts, cfg.ema_decay)
-        self.sampler = EpochSampler(len(self.data), cfg.batch_size, cfg.seed)
+        items = oversampled_items(self.data.captions, cfg.oversample) if cfg.oversample else None
+        self.sampler = EpochSampler(len(self.data), cfg.batch_size, cfg.seed, items)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.sigma_bins = torch.zeros(2, NUM_SIGMA_BINS, dtype=torch.float64)  # (sum, count)
