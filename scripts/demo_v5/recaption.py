@@ -1,19 +1,35 @@
-"""usage: python recaption.py SRC_CACHE OUT_DIR K [START]: a copy of a demo-v2 world cache
-(ShapesWorld(64, 64, 17, 4 directions, large, seed 1), clips START...) with K phrasings per clip.
+"""usage: [VOCABULARY=extended] python recaption.py SRC_CACHE OUT_DIR K [START]: a copy of a
+demo-v2 world cache (ShapesWorld(64, 64, 17, 4 directions, large, seed 1), clips START...) with K
+phrasings per clip, drawn from the world's `vocabulary` ("base" by default; see
+vidmoe.world.labels.motion_phrases).
 
-Every clip's first phrasing must equal the caption the source cache holds (else the clips are
-not the ones this world config makes, and it stops)."""
-import json, sys, time, torch
+Every clip's first phrasing must name the colour, shape and motion of the caption the source
+cache holds (else the clips are not the ones this world config makes, and it stops); with the
+base vocabulary it must be that very caption."""
+import json, os, sys, time, torch
 torch.set_num_threads(1)
 from vidmoe.models.text_encoder import build_text_encoder
 from vidmoe.training.data import recaption_cache
+from vidmoe.world.labels import parse_prompt
 from vidmoe.world.shapes import ShapesWorld
 src, out, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
 start = int(sys.argv[4]) if len(sys.argv) > 4 else 0
-world = ShapesWorld(64, 64, 17, motions=("left", "right", "up", "down"), sizes=("large",), seed=1)
-cached = json.loads(open(f"{src}/index.json").read())["captions"]
+vocabulary = os.environ.get("VOCABULARY", "base")
+world = ShapesWorld(64, 64, 17, motions=("left", "right", "up", "down"), sizes=("large",), seed=1,
+                    vocabulary=vocabulary)
+cached = [c if isinstance(c, str) else c[0] for c in json.loads(open(f"{src}/index.json").read())["captions"]]
 variants = [world.captions(start + i, k) for i in range(len(cached))]
-wrong = [i for i, (c, v) in enumerate(zip(cached, variants)) if c != v[0]]
+
+
+def label(text):
+    p = parse_prompt(text)
+    return p.colour, p.shape, p.motion
+
+
+if vocabulary == "base":
+    wrong = [i for i, (c, v) in enumerate(zip(cached, variants)) if c != v[0]]
+else:
+    wrong = [i for i, (c, v) in enumerate(zip(cached, variants)) if label(c) != label(v[0])]
 if wrong:
     sys.exit(f"{len(wrong)} clips do not match this world (first: {wrong[0]}); wrong START?")
 t = time.time()

@@ -12,11 +12,13 @@ import torch
 from vidmoe.world.labels import (
     BACKGROUNDS,
     COLOURS,
+    EXTRA_MOTION_PHRASES,
     MOTION_PHRASES,
     MOTIONS,
     SHAPES,
     SIZES,
     TEXTURES,
+    motion_phrases,
 )
 from vidmoe.world.shapes import (
     BACKGROUND_RGB,
@@ -74,6 +76,28 @@ def test_captions_name_the_label():
         words = clip.caption.split()
         assert clip.label.colour in words and clip.label.shape in words, clip.caption
         assert any(p in clip.caption for p in MOTION_PHRASES[clip.label.motion]), clip.caption
+
+
+def test_extended_vocabulary_changes_only_the_captions():
+    base = ShapesWorld(32, 32, 5, seed=3)
+    extended = ShapesWorld(32, 32, 5, seed=3, vocabulary="extended")
+    phrases = motion_phrases("extended")
+    assert all(set(MOTION_PHRASES[m]) < set(phrases[m]) for m in ("left", "right", "up", "down"))
+    used = set()
+    for index in range(120):
+        a, b = base.sample(index), extended.sample(index)
+        assert a.label == b.label
+        if index < 3:  # rendering is the slow part; the video follows the label and its seed
+            assert torch.equal(a.video, b.video)
+        captions = extended.captions(index, 4)
+        assert captions[0] == b.caption
+        for caption in captions:
+            p = parse_prompt(caption)
+            assert (p.colour, p.shape, p.motion) == (b.label.colour, b.label.shape, b.label.motion)
+            used |= {ph for ph in EXTRA_MOTION_PHRASES.get(b.label.motion, ()) if ph in caption}
+    assert len(used) > 10  # the new phrasings are drawn
+    with pytest.raises(ValueError, match="vocabulary must be one of"):
+        ShapesWorld(32, 32, 5, vocabulary="large")
 
 
 def test_sampled_labels_are_drawable():

@@ -101,6 +101,43 @@ MOTION_PHRASES = {
     "shrinking": ("shrinking", "getting smaller", "contracting", "shrinks", "dwindling"),
     "rotating": ("rotating", "spinning", "turning in place", "spins around", "twirling"),
 }
+# More phrasings of the four directions, for ShapesWorld(vocabulary="extended"), which draws
+# from these and MOTION_PHRASES together: more words per direction, so a model learns what the
+# motion words mean rather than a few of them (none is a held-out evaluation phrase).
+EXTRA_MOTION_PHRASES = {
+    "left": (
+        "sailing left", "scooting to the left", "cruising leftward", "moving toward the left edge",
+        "drifting to the left side", "passing to the left", "sweeping left", "wandering left",
+        "rolling leftward", "coasting left",
+    ),
+    "right": (
+        "sailing right", "scooting to the right", "cruising rightward",
+        "moving toward the right edge", "drifting to the right side", "passing to the right",
+        "sweeping right", "wandering right", "rolling rightward", "coasting right",
+    ),
+    "up": (
+        "soaring", "soars upward", "lifting off", "floating higher", "moving toward the top",
+        "bobbing upward", "flying up", "drifting skyward", "lifting upward", "rising to the top",
+    ),
+    "down": (
+        "plunging", "plummeting", "diving down", "sinking lower", "moving toward the bottom",
+        "tumbling down", "dropping lower", "settling downward", "plunges downward",
+        "drifting to the bottom",
+    ),
+}  # fmt: skip
+VOCABULARIES = ("base", "extended")
+
+
+def motion_phrases(vocabulary: str = "base") -> dict[str, tuple[str, ...]]:
+    """The motion phrasings captions draw from: MOTION_PHRASES ("base") or those and
+    EXTRA_MOTION_PHRASES ("extended")."""
+    if vocabulary not in VOCABULARIES:
+        raise ValueError(f"vocabulary must be one of {VOCABULARIES}; got {vocabulary!r}")
+    if vocabulary == "base":
+        return MOTION_PHRASES
+    return {m: p + EXTRA_MOTION_PHRASES.get(m, ()) for m, p in MOTION_PHRASES.items()}
+
+
 _SIZE_WORDS = {
     "small": ("small", "little"),
     "medium": ("medium-sized", "mid-sized"),
@@ -131,23 +168,29 @@ def _background_phrase(label: ShapeLabel) -> str:
     return words
 
 
-def caption_for(label: ShapeLabel | tuple[ShapeLabel, ...], rng: np.random.Generator) -> str:
+def caption_for(
+    label: ShapeLabel | tuple[ShapeLabel, ...],
+    rng: np.random.Generator,
+    vocabulary: str = "base",
+) -> str:
     """A caption for one label (or several objects on one background), phrasing drawn from `rng`.
 
-    The colour and shape appear as their label words; the motion as one of MOTION_PHRASES.
+    The colour and shape appear as their label words; the motion as one of
+    `motion_phrases(vocabulary)`.
     """
+    table = motion_phrases(vocabulary)
     labels = (label,) if isinstance(label, ShapeLabel) else tuple(label)
     if not labels:
         raise ValueError("caption_for needs at least one label")
     bg = _background_phrase(labels[0])
     if len(labels) > 1:
-        parts = [_object_phrase(lab, rng) for lab in labels]
+        parts = [_object_phrase(lab, rng, table) for lab in labels]
         return f"{' and '.join(parts)} on {_article(bg)} {bg} background"
     template = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
     lab = labels[0]
     size_words = _SIZE_WORDS[lab.size]
     size = size_words[int(rng.integers(len(size_words)))]
-    phrases = MOTION_PHRASES[lab.motion]
+    phrases = table[lab.motion]
     first = size if "{size}" in template else lab.colour
     text = template.format(
         a=_article(first),
@@ -161,8 +204,8 @@ def caption_for(label: ShapeLabel | tuple[ShapeLabel, ...], rng: np.random.Gener
     return text
 
 
-def _object_phrase(lab: ShapeLabel, rng: np.random.Generator) -> str:
-    phrases = MOTION_PHRASES[lab.motion]
+def _object_phrase(lab: ShapeLabel, rng: np.random.Generator, table: dict) -> str:
+    phrases = table[lab.motion]
     return f"{_article(lab.colour)} {lab.colour} {lab.shape} {phrases[int(rng.integers(len(phrases)))]}"
 
 
@@ -201,8 +244,12 @@ _MOTION_PATTERNS = (
         r"|increas\w* in size|becom\w* (bigger|larger)",
     ),
     ("rotating", r"rotat\w*|spin\w*|turning|turns|twirl\w*|revolv\w*|whirl\w*"),
-    ("up", r"up|upwards?|ris(e|es|ing)|ascend\w*|climb\w*"),
-    ("down", r"down|downwards?|fall(s|ing)?|sink(s|ing)?|drop(s|ping)?|descend\w*"),
+    ("up", r"up|upwards?|ris(e|es|ing)|ascend\w*|climb\w*|soar\w*|lift\w*|higher|skyward|top"),
+    (
+        "down",
+        r"down|downwards?|fall(s|ing)?|sink(s|ing)?|drop(s|ping)?|descend\w*|plung\w*|plummet\w*"
+        r"|lower|bottom",
+    ),
     ("right", r"right|rightwards?"),
     ("left", r"left|leftwards?"),
 )

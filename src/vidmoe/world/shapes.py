@@ -26,6 +26,7 @@ from vidmoe.world.labels import (
     PromptLabel,
     ShapeLabel,
     caption_for,
+    motion_phrases,
     parse_prompt,
 )
 
@@ -234,7 +235,11 @@ class Clip:
 
 
 class ShapesWorld:
-    """An endless, seeded family of shapes clips: `sample(i)` is the same clip for the same seed."""
+    """An endless, seeded family of shapes clips: `sample(i)` is the same clip for the same seed.
+
+    `vocabulary` picks the motion phrasings of the captions ("base" or "extended", see
+    `vidmoe.world.labels.motion_phrases`); the labels and videos do not depend on it.
+    """
 
     def __init__(
         self,
@@ -250,6 +255,7 @@ class ShapesWorld:
         motions: Sequence[str] = MOTIONS,
         sizes: Sequence[str] = SIZES,
         seed: int = 0,
+        vocabulary: str = "base",
     ):
         if width < 16 or height < 16:
             raise ValueError(f"width and height must be >= 16; got {width}x{height}")
@@ -271,7 +277,8 @@ class ShapesWorld:
                     f"{name} must be a non-empty subset of {allowed}; got {tuple(values)}"
                 )
         self.width, self.height, self.num_frames = width, height, num_frames
-        self.num_objects, self.seed = num_objects, seed
+        motion_phrases(vocabulary)  # an unknown vocabulary is an error
+        self.num_objects, self.seed, self.vocabulary = num_objects, seed, vocabulary
         self.backgrounds, self.textures = tuple(backgrounds), tuple(textures)
         self.colours, self.shapes, self.motions, self.sizes = (
             tuple(colours),
@@ -307,7 +314,7 @@ class ShapesWorld:
         """Clip number `index` of this world (a pure function of seed and index)."""
         rng = np.random.default_rng([self.seed, index])
         labels = self.draw_labels(rng)
-        caption = caption_for(labels if len(labels) > 1 else labels[0], rng)
+        caption = caption_for(labels if len(labels) > 1 else labels[0], rng, self.vocabulary)
         video = self.render(labels, int(rng.integers(2**63)))
         return Clip(video=video, caption=caption, label=labels[0], objects=labels)
 
@@ -319,9 +326,10 @@ class ShapesWorld:
         rng = np.random.default_rng([self.seed, index])
         labels = self.draw_labels(rng)
         label = labels if len(labels) > 1 else labels[0]
-        out = [caption_for(label, rng)]
+        out = [caption_for(label, rng, self.vocabulary)]
         for variant in range(1, count):
-            out.append(caption_for(label, np.random.default_rng([self.seed, index, variant])))
+            variant_rng = np.random.default_rng([self.seed, index, variant])
+            out.append(caption_for(label, variant_rng, self.vocabulary))
         return out
 
     def render(self, label: ShapeLabel | Sequence[ShapeLabel], seed) -> torch.Tensor:
@@ -332,7 +340,8 @@ class ShapesWorld:
         self, label: ShapeLabel | Sequence[ShapeLabel], rng: np.random.Generator
     ) -> str:
         """A caption for `label`; see `vidmoe.world.labels.caption_for`."""
-        return caption_for(label if isinstance(label, ShapeLabel) else tuple(label), rng)
+        labels = label if isinstance(label, ShapeLabel) else tuple(label)
+        return caption_for(labels, rng, self.vocabulary)
 
 
 class ShapesDataset(torch.utils.data.Dataset):
