@@ -53,6 +53,7 @@ PHASES = (
     "_restart3",
     "_restart4",
     "_restart5",
+    "_restart6",
 )  # train_{expert}{phase}.toml, in the order they run
 
 
@@ -99,8 +100,8 @@ def test_shipped_training_configs_describe_the_shipped_experts(expert):
         assert cfg.schedule_start in (0, prev.last_step), (cfg.schedule_start, prev.last_step)
     # what may change between phases: the schedule's length and end, the cache (the same clips,
     # recaptioned), the CPU threads (the same arithmetic) and, for a warm restart, its peak lr,
-    # start step and the arithmetic (bf16 autocast, torch.compile)
+    # start step and the arithmetic (bf16 autocast, torch.compile), and how often each clip is drawn
     varying = ("lr_schedule", "max_steps", "stop_step", "cache", "num_threads", "lr", "schedule_start",
-               "use_bf16", "compile")  # fmt: skip
+               "use_bf16", "compile", "oversample")  # fmt: skip
     first = {k: v for k, v in phases[0].to_dict().items() if k not in varying}
     assert all({k: v for k, v in c.to_dict().items() if k not in varying} == first for c in phases)
