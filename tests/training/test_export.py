@@ -68,6 +68,42 @@ def test_vae_trainer_writes_normalised_vae(tmp_path):
     assert (z.std(dim=(0, 2, 3, 4)) - 1).abs().max() < 1e-2
 
 
+def test_a_killed_vae_run_resumes_bit_exactly(tmp_path):
+    """A run stopped after its checkpoint at step 8 (here by an exception in the log callback at
+    step 10) and started again equals one uninterrupted run: weights, statistics and log."""
+    from safetensors.torch import load_file
+
+    cfg = VAETrainConfig(
+        vae=VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1), width=32, height=32,
+        clip_frames=9, window_frames=5, crop=16, batch_size=1, max_steps=20, num_stat_clips=2,
+        checkpoint_every=4, latent_noise=0.2,
+    )  # fmt: skip
+    train_vae(cfg, tmp_path / "once", log=lambda s: None)
+
+    def killed_at_step_10(line: str) -> None:
+        if json.loads(line).get("step") == 10 and "l1" in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_vae(cfg, tmp_path / "twice", log=killed_at_step_10)
+    assert not (tmp_path / "twice" / "vae.safetensors").exists()
+    lines = []
+    train_vae(cfg, tmp_path / "twice", log=lines.append)
+    assert json.loads(lines[0]) == {
+        "resumed": str(tmp_path / "twice" / "vae_checkpoint.pt"), "step": 8
+    }
+    once, twice = (load_file(str(tmp_path / d / "vae.safetensors")) for d in ("once", "twice"))
+    assert once.keys() == twice.keys() and all(torch.equal(once[k], twice[k]) for k in once)
+    for name in ("vae_config.json",):
+        assert (tmp_path / "once" / name).read_text() == (tmp_path / "twice" / name).read_text()
+    logs = [[{k: v for k, v in json.loads(ln).items() if k != "seconds"}
+             for ln in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("once", "twice")]  # fmt: skip
+    assert logs[0] == logs[1] and [r["step"] for r in logs[0]] == [10, 20]
+    with pytest.raises(ValueError, match=r"another VAE config \(differs in \['lr'\]"):
+        train_vae(dataclasses.replace(cfg, lr=1e-3), tmp_path / "twice", log=lambda s: None)
+    train_vae(dataclasses.replace(cfg, max_minutes=5.0), tmp_path / "twice", log=lambda s: None)
+
+
 def test_vae_decoder_only_keeps_the_latent_space(tmp_path):
     from safetensors.torch import load_file
 

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,7 +24,7 @@ from tests.training.conftest import (
     fake_clips,
     tiny_run,
 )
-from vidmoe.training.checkpoint import load_checkpoint
+from vidmoe.training.checkpoint import load_checkpoint, rng_state, set_rng_state
 from vidmoe.training.data import build_latent_cache
 from vidmoe.training.loop import (
     TrainConfig,
@@ -304,6 +305,26 @@ def test_a_config_states_only_what_changes_from_its_base(cache_dir, tmp_path):
     (tmp_path / "broken.toml").write_text("lr = \n")
     with pytest.raises(ValueError, match="broken.toml is not valid toml"):
         load_train_config(tmp_path / "broken.toml")
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("unpickling ran code",))
+
+
+def test_checkpoints_load_without_running_code_and_old_rng_states_still_resume(tmp_path, capsys):
+    """load_checkpoint unpickles weights-only: a pickle that would call a function is refused;
+    a checkpoint from before the numpy RNG state was stored as a tensor still restores it."""
+    bad = tmp_path / "bad.pt"
+    torch.save({"step": 1, "x": _Payload()}, bad)
+    with pytest.raises(ValueError, match="bad.pt is not a readable training checkpoint"):
+        load_checkpoint(bad)
+    assert "unpickling ran code" not in capsys.readouterr().out
+    old = tmp_path / "old.pt"
+    torch.save({"rng": {**rng_state(), "numpy": np.random.get_state()}}, old)
+    expected = np.random.rand(3)
+    set_rng_state(load_checkpoint(old)["rng"])
+    assert np.array_equal(np.random.rand(3), expected)
 
 
 def test_config_errors_name_the_problem(tmp_path):

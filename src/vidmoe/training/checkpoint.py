@@ -5,6 +5,7 @@ of EMA experts into vidmoe's model folder layout (`experts/<name>.safetensors`).
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,18 +29,42 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint written by `save_checkpoint` (on the CPU)."""
+    """Load a checkpoint written by `save_checkpoint` (on the CPU).
+
+    Unpickles with `weights_only=True` (tensors, containers and numbers only; nothing in the file
+    can run code); the numpy array reconstruction that checkpoints written before the numpy RNG
+    state was stored as a tensor need is the one other thing allowed.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    if hasattr(torch.serialization, "safe_globals"):
+        allowed = torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS)
+    else:  # torch 2.4: only the process-wide list
+        torch.serialization.add_safe_globals(_NUMPY_ARRAY_GLOBALS)
+        allowed = contextlib.nullcontext()
+    try:
+        with allowed:
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn file or a foreign pickle: say which file and why
+        raise ValueError(f"{path} is not a readable training checkpoint: {e}") from None
+
+
+_NUMPY_ARRAY_GLOBALS = [
+    np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct,
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+]
 
 
 def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
-    """The states of python's, numpy's and torch's global RNGs, and of `generator`."""
+    """The states of python's, numpy's and torch's global RNGs, and of `generator` (all of them
+    tensors, tuples and numbers, so `load_checkpoint` reads them with `weights_only=True`)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
         "torch": torch.get_rng_state(),
     }
     if generator is not None:
@@ -50,7 +75,9 @@ def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
 def set_rng_state(state: Mapping[str, Any], generator: torch.Generator | None = None) -> None:
     """Restore what `rng_state` returned."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if generator is not None:
         generator.set_state(state["generator"])

@@ -24,6 +24,7 @@ from vidmoe.config import VAEConfig
 from vidmoe.io.tensors import save_safetensors_atomic, write_text_atomic
 from vidmoe.models.vae import WanVAE
 from vidmoe.models.vae_blocks import CausalCache
+from vidmoe.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from vidmoe.world.labels import MOTIONS, SHAPES, SIZES
 
 
@@ -58,7 +59,11 @@ class VAETrainConfig:
     max_steps: int = 2000
     """Step limit."""
     max_minutes: float = 15.0
-    """Wall-clock limit; training stops at whichever limit comes first."""
+    """Wall-clock limit of one invocation; training stops at whichever limit comes first (a run
+    stopped by it goes on from its checkpoint when started again)."""
+    checkpoint_every: int = 100
+    """Steps between writes of `out_dir/vae_checkpoint.pt` (weights, optimiser, step, RNG
+    states), from which a killed or time-limited run resumes bit-exactly; 0: none."""
     seed: int = 0
     """Seed of the world and of the initialisation."""
     freeze_encoder: bool = False
@@ -90,6 +95,8 @@ class VAETrainConfig:
                 f"crop must be 0 or a multiple of {stride} (the VAE's spatial stride); "
                 f"got {self.crop}"
             )
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0; got {self.checkpoint_every}")
         if (self.window_frames - 1) % 4 or self.window_frames > self.clip_frames:
             raise ValueError(
                 f"window_frames must be 4k+1 and <= clip_frames ({self.clip_frames}); "
@@ -209,7 +216,9 @@ def train_vae(
 ) -> tuple[WanVAE, VAEConfig]:
     """Train a VAE on shapes clips; write `vae.safetensors` and `vae_config.json` to `out_dir`.
 
-    `init` names a `vae.safetensors` to start from (e.g. to fine-tune on longer windows).
+    `init` names a `vae.safetensors` to start from (e.g. to fine-tune on longer windows). A run
+    whose `out_dir` holds `vae_checkpoint.pt` resumes from it (and ignores `init`); its config
+    must be the same but for `max_minutes`.
 
     Returns:
         the trained VAE (in eval mode) and its config with the measured latents_mean/std.
@@ -234,10 +243,14 @@ def train_vae(
     params = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(s / cfg.max_steps, 1.0)))
+        opt, lambda s: float(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(s / cfg.max_steps, 1.0))))
     )
     start = time.time()
     step, records = 0, []
+    ckpt_path = out_dir / VAE_CHECKPOINT_FILE
+    if ckpt_path.is_file():
+        step, records = _resume(ckpt_path, cfg, vae, opt, sched, rng)
+        log(json.dumps({"resumed": str(ckpt_path), "step": step}))
     while step < cfg.max_steps and time.time() - start < 60 * cfg.max_minutes:
         loss, parts = vae_loss(vae, shapes_windows(cfg, rng, world), cfg)
         opt.zero_grad(set_to_none=True)
@@ -251,6 +264,12 @@ def train_vae(
             parts = {k: round(v, 5) for k, v in parts.items()}
             records.append({"step": step, "seconds": round(time.time() - start, 1), **parts})
             log(json.dumps(records[-1]))
+        if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
+            state = {"config": _comparable(cfg), "step": step, "records": records,
+                     "vae": vae.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "world_rng": rng.bit_generator.state,
+                     "rng": rng_state()}  # fmt: skip
+            save_checkpoint(state, ckpt_path)
     vae.eval()
     # the statistics are of the world's shapes drawn evenly, however the training drew them, so a
     # decoder-only stage keeps the normalisation its latent cache was built with
@@ -264,6 +283,34 @@ def train_vae(
     _plot_loss(records, out_dir / "loss.png")
     log(json.dumps({"done": step, "seconds": round(time.time() - start, 1), "std": std}))
     return vae, config
+
+
+VAE_CHECKPOINT_FILE = "vae_checkpoint.pt"
+
+
+def _comparable(cfg: VAETrainConfig) -> dict[str, Any]:
+    """The config as a checkpoint stores it, less what a resumed run may change."""
+    d = dataclasses.asdict(cfg)
+    d.pop("max_minutes")
+    return json.loads(json.dumps(d))  # tuples as lists, as they read back
+
+
+def _resume(path: Path, cfg: VAETrainConfig, vae, opt, sched, rng) -> tuple[int, list[dict]]:
+    """Load `path` into the run's objects; returns the step and the log records so far."""
+    state = load_checkpoint(path)
+    if state.get("config") != _comparable(cfg):
+        saved, now = state.get("config") or {}, _comparable(cfg)
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        raise ValueError(
+            f"{path} is a checkpoint of another VAE config (differs in {changed}; only max_minutes "
+            "may change): remove it to start afresh, or choose another out_dir"
+        )
+    vae.load_state_dict(state["vae"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    rng.bit_generator.state = state["world_rng"]
+    set_rng_state(state["rng"])
+    return int(state["step"]), list(state["records"])
 
 
 def _plot_loss(records: list[dict], path: Path) -> None:
