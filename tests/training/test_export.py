@@ -101,7 +101,13 @@ def test_a_killed_vae_run_resumes_bit_exactly(tmp_path):
     assert logs[0] == logs[1] and [r["step"] for r in logs[0]] == [10, 20]
     with pytest.raises(ValueError, match=r"another VAE config \(differs in \['lr'\]"):
         train_vae(dataclasses.replace(cfg, lr=1e-3), tmp_path / "twice", log=lambda s: None)
-    train_vae(dataclasses.replace(cfg, max_minutes=5.0), tmp_path / "twice", log=lambda s: None)
+    threads = torch.get_num_threads()
+    try:  # what may change: the time limit and the threads
+        again = dataclasses.replace(cfg, max_minutes=5.0, num_threads=1)
+        train_vae(again, tmp_path / "twice", log=lambda s: None)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_vae_decoder_only_keeps_the_latent_space(tmp_path):

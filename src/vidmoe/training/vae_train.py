@@ -61,6 +61,8 @@ class VAETrainConfig:
     max_minutes: float = 15.0
     """Wall-clock limit of one invocation; training stops at whichever limit comes first (a run
     stopped by it goes on from its checkpoint when started again)."""
+    num_threads: int = 0
+    """torch CPU threads for the run; 0 leaves torch's default (all cores)."""
     checkpoint_every: int = 100
     """Steps between writes of `out_dir/vae_checkpoint.pt` (weights, optimiser, step, RNG
     states), from which a killed or time-limited run resumes bit-exactly; 0: none."""
@@ -95,6 +97,8 @@ class VAETrainConfig:
                 f"crop must be 0 or a multiple of {stride} (the VAE's spatial stride); "
                 f"got {self.crop}"
             )
+        if self.num_threads < 0:
+            raise ValueError(f"num_threads must be >= 0 (0: torch's default); got {self.num_threads}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0; got {self.checkpoint_every}")
         if (self.window_frames - 1) % 4 or self.window_frames > self.clip_frames:
@@ -225,6 +229,8 @@ def train_vae(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     world = _world(cfg, cfg.shapes)
@@ -291,7 +297,8 @@ VAE_CHECKPOINT_FILE = "vae_checkpoint.pt"
 def _comparable(cfg: VAETrainConfig) -> dict[str, Any]:
     """The config as a checkpoint stores it, less what a resumed run may change."""
     d = dataclasses.asdict(cfg)
-    d.pop("max_minutes")
+    for free in ("max_minutes", "num_threads"):
+        del d[free]
     return json.loads(json.dumps(d))  # tuples as lists, as they read back
 
 
@@ -303,7 +310,7 @@ def _resume(path: Path, cfg: VAETrainConfig, vae, opt, sched, rng) -> tuple[int,
         changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         raise ValueError(
             f"{path} is a checkpoint of another VAE config (differs in {changed}; only max_minutes "
-            "may change): remove it to start afresh, or choose another out_dir"
+            "and num_threads may change): remove it to start afresh, or choose another out_dir"
         )
     vae.load_state_dict(state["vae"])
     opt.load_state_dict(state["optimizer"])
