@@ -54,6 +54,7 @@ PHASES = (
     "_restart4",
     "_restart5",
     "_restart6",
+    "_restart7",
 )  # train_{expert}{phase}.toml, in the order they run
 
 
