@@ -21,15 +21,16 @@ cached = [c if isinstance(c, str) else c[0] for c in json.loads(open(f"{src}/ind
 variants = [world.captions(start + i, k) for i in range(len(cached))]
 
 
-def label(text):
+def key(text):
+    """What a clip's first caption must share with the cached one: the text itself, or with
+    another vocabulary the colour, shape and motion it names."""
+    if vocabulary == "base":
+        return text
     p = parse_prompt(text)
     return p.colour, p.shape, p.motion
 
 
-if vocabulary == "base":
-    wrong = [i for i, (c, v) in enumerate(zip(cached, variants)) if c != v[0]]
-else:
-    wrong = [i for i, (c, v) in enumerate(zip(cached, variants)) if label(c) != label(v[0])]
+wrong = [i for i, (c, v) in enumerate(zip(cached, variants)) if key(c) != key(v[0])]
 if wrong:
     sys.exit(f"{len(wrong)} clips do not match this world (first: {wrong[0]}); wrong START?")
 t = time.time()

@@ -253,9 +253,9 @@ def train_vae(
     )
     start = time.time()
     step, records = 0, []
-    ckpt_path = out_dir / VAE_CHECKPOINT_FILE
+    ckpt_path, identity = out_dir / VAE_CHECKPOINT_FILE, _comparable(cfg)
     if ckpt_path.is_file():
-        step, records = _resume(ckpt_path, cfg, vae, opt, sched, rng)
+        step, records = _resume(ckpt_path, identity, vae, opt, sched, rng)
         log(json.dumps({"resumed": str(ckpt_path), "step": step}))
     while step < cfg.max_steps and time.time() - start < 60 * cfg.max_minutes:
         loss, parts = vae_loss(vae, shapes_windows(cfg, rng, world), cfg)
@@ -271,7 +271,7 @@ def train_vae(
             records.append({"step": step, "seconds": round(time.time() - start, 1), **parts})
             log(json.dumps(records[-1]))
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
-            state = {"config": _comparable(cfg), "step": step, "records": records,
+            state = {"config": identity, "step": step, "records": records,
                      "vae": vae.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "world_rng": rng.bit_generator.state,
                      "rng": rng_state()}  # fmt: skip
@@ -302,11 +302,12 @@ def _comparable(cfg: VAETrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(d))  # tuples as lists, as they read back
 
 
-def _resume(path: Path, cfg: VAETrainConfig, vae, opt, sched, rng) -> tuple[int, list[dict]]:
-    """Load `path` into the run's objects; returns the step and the log records so far."""
+def _resume(path: Path, identity: dict, vae, opt, sched, rng) -> tuple[int, list[dict]]:
+    """Load `path` into the run's objects if it was written by a run of the config `identity`
+    (`_comparable`); returns the step and the log records so far."""
     state = load_checkpoint(path)
-    if state.get("config") != _comparable(cfg):
-        saved, now = state.get("config") or {}, _comparable(cfg)
+    saved, now = state.get("config") or {}, identity
+    if saved != now:
         changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         raise ValueError(
             f"{path} is a checkpoint of another VAE config (differs in {changed}; only max_minutes "

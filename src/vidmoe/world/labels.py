@@ -125,17 +125,19 @@ EXTRA_MOTION_PHRASES = {
         "drifting to the bottom",
     ),
 }  # fmt: skip
-VOCABULARIES = ("base", "extended")
+_VOCABULARY_TABLES = {
+    "base": MOTION_PHRASES,
+    "extended": {m: p + EXTRA_MOTION_PHRASES.get(m, ()) for m, p in MOTION_PHRASES.items()},
+}
+VOCABULARIES = tuple(_VOCABULARY_TABLES)
 
 
 def motion_phrases(vocabulary: str = "base") -> dict[str, tuple[str, ...]]:
     """The motion phrasings captions draw from: MOTION_PHRASES ("base") or those and
     EXTRA_MOTION_PHRASES ("extended")."""
-    if vocabulary not in VOCABULARIES:
+    if vocabulary not in _VOCABULARY_TABLES:
         raise ValueError(f"vocabulary must be one of {VOCABULARIES}; got {vocabulary!r}")
-    if vocabulary == "base":
-        return MOTION_PHRASES
-    return {m: p + EXTRA_MOTION_PHRASES.get(m, ()) for m, p in MOTION_PHRASES.items()}
+    return _VOCABULARY_TABLES[vocabulary]
 
 
 _SIZE_WORDS = {
