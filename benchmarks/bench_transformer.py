@@ -2,13 +2,21 @@
 weights, in the same process (the ratio is the number to read; absolute seconds are the machine's).
 
     python benchmarks/bench_transformer.py --dim 512 --layers 8 --frames 5 --size 32 --write docs/performance.md
+
+On a CUDA GPU (Wan2.1-1.3B shape, 81 frames at 480x832 = latent 21x60x104, 32760 tokens) it also
+reports achieved TFLOP/s, the fraction of a same-process GEMM rate, and peak memory:
+
+    python benchmarks/bench_transformer.py --device cuda --dtype bfloat16 --dim 1536 --layers 30 \
+        --ffn-dim 8960 --heads 12 --frames 21 --size 60 --width 104 --repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -17,15 +25,76 @@ from vidmoe.config import TransformerConfig
 from vidmoe.io.keymaps import transformer_config_to_diffusers, transformer_to_diffusers
 from vidmoe.models.transformer import WanTransformer
 
+GEMM_N = 8192  # the machine reference: an N x N x N matmul in the benchmark's dtype
 
-def _time(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
+
+def _time(fn, repeats: int, warmup: int, sync) -> list[float]:
+    for _ in range(warmup):
+        fn()
     out = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         out.append(time.perf_counter() - t0)
     return out
+
+
+def forward_flops(cfg: TransformerConfig, batch: int, tokens: int, text_len: int) -> int:
+    """Forward FLOPs of one call, counted analytically (a multiply-add is 2 FLOPs).
+
+    B batch, L video tokens, S text tokens, D width, Fd FFN width, N heads, Dh head width,
+    P patch volume, C_in / C_out latent channels, T text-encoder width:
+      per block:
+        self-attn q, k, v, o      4 * 2*B*L*D*D
+        cross-attn q, o           2 * 2*B*L*D*D
+        cross-attn k, v (text)    2 * 2*B*S*D*D
+        FFN (two linears)         2 * 2*B*L*D*Fd
+        self-attn QK^T and AV     4*B*N*L*L*Dh      (global attention: S_q = S_k = L)
+        cross-attn QK^T and AV    4*B*N*L*S*Dh      (S_k = S)
+      once:
+        patch embedding           2*B*L*(C_in*P)*D
+        head                      2*B*L*D*(P*C_out)
+        text embedding            2*B*S*(T*D + D*D)
+    Left out (well under 1%): norms, RoPE, modulation, softmax, GELU, the timestep MLPs.
+    """
+    B, L, S, D, Fd = batch, tokens, text_len, cfg.dim, cfg.ffn_dim
+    N, Dh, P = cfg.num_heads, cfg.head_dim, math.prod(cfg.patch_size)
+    block = (
+        4 * 2 * B * L * D * D
+        + 2 * 2 * B * L * D * D
+        + 2 * 2 * B * S * D * D
+        + 2 * 2 * B * L * D * Fd
+        + 4 * B * N * L * L * Dh
+        + 4 * B * N * L * S * Dh
+    )
+    once = (
+        2 * B * L * cfg.in_dim * P * D
+        + 2 * B * L * D * P * cfg.out_dim
+        + 2 * B * S * (cfg.text_dim * D + D * D)
+    )
+    return cfg.num_layers * block + once
+
+
+def gemm_tflops(dtype: torch.dtype, device: str, n: int = GEMM_N) -> float:
+    """Mean rate of an n x n x n matmul over 10 calls after 3 warm-ups, TFLOP/s."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    times = _time(lambda: a @ b, 10, 3, torch.cuda.synchronize)
+    a = b = None  # free them before the models run
+    torch.cuda.empty_cache()
+    return 2 * n**3 / statistics.mean(times) / 1e12
+
+
+def cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast as `from_pretrained(torch_dtype=dtype)` does: parameters of `_keep_in_fp32_modules`
+    stay float32, the other parameters go to `dtype`, buffers (RoPE tables) stay as built."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, p in model.named_parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(torch.float32 if any(k in name.split(".") for k in keep) else dtype)
+    return model
 
 
 def main() -> None:
@@ -33,50 +102,152 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--frames", type=int, default=5, help="latent frames")
-    ap.add_argument("--size", type=int, default=32, help="latent height = width")
+    ap.add_argument("--size", type=int, default=32, help="latent height (and width unless --width)")
+    ap.add_argument("--width", type=int, default=None, help="latent width (default: --size)")
+    ap.add_argument("--ffn-dim", type=int, default=None, help="FFN width (default: 4 * dim)")
+    ap.add_argument("--heads", type=int, default=None, help="attention heads (default: dim // 64)")
+    ap.add_argument("--text-len", type=int, default=512, help="text tokens")
+    ap.add_argument("--batch", type=int, default=2, help="batch (2: cond + uncond)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write", default=None, help="append the table to this markdown file")
     args = ap.parse_args()
+    defaults = {"width": args.size, "ffn_dim": 4 * args.dim, "heads": args.dim // 64,
+                "text_len": 512, "batch": 2, "device": "cpu"}  # fmt: skip
+    for k in ("width", "ffn_dim", "heads"):
+        if getattr(args, k) is None:
+            setattr(args, k, defaults[k])
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        ap.error("--device cuda: torch.cuda.is_available() is False")
     torch.set_num_threads(args.threads)
-    from diffusers import WanTransformer3DModel
+    try:
+        from diffusers import WanTransformer3DModel
+    except ImportError as e:
+        if not cuda:
+            sys.exit(f"diffusers is needed for the CPU comparison ({e}); pip install diffusers")
+        print(f"NOTE: diffusers failed to import ({e}); timing vidmoe alone against the GEMM "
+              "reference.", file=sys.stderr)  # fmt: skip
+        WanTransformer3DModel = None
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    warmup = 2 if cuda else 1
 
     dtype = getattr(torch, args.dtype)
-    cfg = TransformerConfig(dim=args.dim, ffn_dim=4 * args.dim, num_heads=args.dim // 64, num_layers=args.layers,
-                            text_len=512, text_dim=4096)  # fmt: skip
+    cfg = TransformerConfig(dim=args.dim, ffn_dim=args.ffn_dim, num_heads=args.heads, num_layers=args.layers,
+                            text_len=args.text_len, text_dim=4096)  # fmt: skip
+    t_build = time.perf_counter()
     torch.manual_seed(0)
-    ours = WanTransformer(cfg)
-    torch.nn.init.normal_(ours.head.head.weight, std=0.02)  # the release init zeroes it
-    ours = ours.to(dtype).eval()
-    theirs = WanTransformer3DModel(**transformer_config_to_diffusers(cfg)).to(dtype).eval()
-    theirs.load_state_dict({transformer_to_diffusers(k): v for k, v in ours.state_dict().items()})
-    x = torch.randn(2, 16, args.frames, args.size, args.size, dtype=dtype)
-    ctx = torch.randn(2, 512, 4096, dtype=dtype)
-    sigma = torch.tensor([0.7, 0.7])
-    tokens = args.frames * args.size * args.size // 4
+    with torch.device(args.device):  # random init on the GPU: seconds, not minutes, at 1.3B
+        ours = WanTransformer(cfg)
+        torch.nn.init.normal_(ours.head.head.weight, std=0.02)  # the release init zeroes it
+        ours = ours.to(dtype).eval()
+        theirs = None
+        if WanTransformer3DModel is not None:
+            theirs = WanTransformer3DModel(**transformer_config_to_diffusers(cfg))
+            theirs = cast_like_from_pretrained(theirs, dtype).eval()
+            theirs.load_state_dict(
+                {transformer_to_diffusers(k): v for k, v in ours.state_dict().items()}
+            )
+        x = torch.randn(args.batch, cfg.in_dim, args.frames, args.size, args.width, dtype=dtype)
+        ctx = torch.randn(args.batch, args.text_len, cfg.text_dim, dtype=dtype)
+        sigma = torch.full((args.batch,), 0.7)
+    sync()
+    t_build = time.perf_counter() - t_build
+    p_t, p_h, p_w = cfg.patch_size
+    tokens = (args.frames // p_t) * (args.size // p_h) * (args.width // p_w)
+    flops = forward_flops(cfg, args.batch, tokens, args.text_len)
+    gemm = gemm_tflops(dtype, args.device) if cuda else None
+
+    def run_ours():
+        return ours(x, sigma, ctx)
+
+    def run_theirs():
+        return theirs(x, timestep=sigma * 1000, encoder_hidden_states=ctx, return_dict=False)
+
+    def measure(fn, model):
+        """Times of fn; on CUDA also the peak GiB it alone needs: its own weights plus the
+        forward's peak allocation above what was resident before (the other model not counted)."""
+        if not cuda:
+            return _time(fn, args.repeats, warmup, sync), None
+        sync()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        times = _time(fn, args.repeats, warmup, sync)
+        weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        return times, (torch.cuda.max_memory_allocated() - base + weights) / 2**30
+
     with torch.no_grad():
-        ref = theirs(x, timestep=sigma * 1000, encoder_hidden_states=ctx, return_dict=False)[0]
-        got = ours(x, sigma, ctx)
-        err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-        rows = []
-        t_ours = _time(lambda: ours(x, sigma, ctx), args.repeats)
-        t_theirs = _time(lambda: theirs(x, timestep=sigma * 1000, encoder_hidden_states=ctx, return_dict=False),
-                         args.repeats)  # fmt: skip
-    m_ours, m_theirs = statistics.median(t_ours), statistics.median(t_theirs)
-    rows.append(f"| vidmoe `WanTransformer` | {m_ours:.3f} | {m_ours / m_theirs:.2f}x |")
-    rows.append(f"| diffusers `WanTransformer3DModel` | {m_theirs:.3f} | 1.00x |")
+        err = None
+        if theirs is not None:
+            ref = run_theirs()[0]
+            got = run_ours()
+            err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+            del ref, got
+        t_ours, mem_ours = measure(run_ours, ours)
+        t_theirs, mem_theirs = measure(run_theirs, theirs) if theirs is not None else (None, None)
+    m_ours = statistics.median(t_ours)
+    m_theirs = statistics.median(t_theirs) if t_theirs else None
     n = sum(p.numel() for p in ours.parameters())
-    head = (f"Cond+uncond batch of 2, {tokens} video tokens, 512 text tokens; expert dim {args.dim}, {args.layers} "
-            f"layers, {n / 1e6:.1f}M parameters; {args.dtype} on CPU, {args.threads} threads, {platform.machine()}, "
-            f"torch {torch.__version__}. Median of {args.repeats}. Outputs agree to {err:.1e} relative.")  # fmt: skip
-    table = "\n".join(
-        ["| implementation | s / step | vs diffusers |", "| --- | --- | --- |", *rows]
+
+    impls = [("vidmoe `WanTransformer`", m_ours, mem_ours)]
+    if m_theirs is not None:
+        impls.append(("diffusers `WanTransformer3DModel`", m_theirs, mem_theirs))
+    rows = []
+    for name, m, mem in impls:
+        vs = f"{m / m_theirs:.2f}x" if m_theirs is not None else "n/a"
+        row = f"| {name} | {m:.3f} | {vs} |"
+        if cuda:
+            rate = flops / m / 1e12
+            row += f" {rate:.4g} | {rate / gemm:.1%} | {mem:.2f} |"
+        rows.append(row)
+    cols = ["implementation", "s / step", "vs diffusers"]
+    if cuda:
+        cols += ["TFLOP/s", "MFU vs GEMM", "peak GiB"]
+    table = "\n".join(["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols), *rows])
+
+    batch = "Cond+uncond batch of 2" if args.batch == 2 else f"Batch of {args.batch}"
+    shape = (
+        f"{args.frames}x{args.size}x{args.width} latent, "
+        if cuda or args.width != args.size
+        else ""
     )
+    model = (f"expert dim {args.dim}, {args.layers} layers"
+             + (f", FFN {args.ffn_dim}, {args.heads} heads" if cuda or args.ffn_dim != 4 * args.dim
+                or args.heads != args.dim // 64 else "")
+             + f", {n / 1e6:.1f}M parameters")  # fmt: skip
+    agree = (f"Outputs agree to {err:.1e} relative." if err is not None
+             else "Not compared: diffusers did not import.")  # fmt: skip
+    rates = f"{flops / m_ours / 1e12:.3g} TFLOP/s vidmoe" + (
+        f", {flops / m_theirs / 1e12:.3g} diffusers" if m_theirs is not None else ""
+    )
+    if cuda:
+        where = (f"{args.dtype} on {torch.cuda.get_device_name()}, torch {torch.__version__} "
+                 f"(CUDA {torch.version.cuda})")  # fmt: skip
+        head = (f"{batch}, {shape}{tokens} video tokens, {args.text_len} text tokens; {model}; {where}. "
+                f"Median of {args.repeats} after {warmup} warm-ups. {agree} "
+                f"A forward is {flops / 1e12:.4g} TFLOP (counted analytically: linears, attention, "
+                f"patch embedding, head; see `forward_flops`). MFU vs GEMM = achieved TFLOP/s / "
+                f"{GEMM_N}x{GEMM_N}x{GEMM_N} {args.dtype} matmul rate in the same process, "
+                f"{gemm:.1f} TFLOP/s (mean of 10 after 3 warm-ups). Peak GiB = the implementation's "
+                f"weights + its forward's peak allocation. Models built in {t_build:.1f} s.")  # fmt: skip
+        title = (
+            "Expert transformer vs diffusers (GPU)"
+            if theirs is not None
+            else "Expert transformer (GPU)"
+        )
+    else:
+        head = (f"{batch}, {shape}{tokens} video tokens, {args.text_len} text tokens; {model}; {args.dtype} on "
+                f"CPU, {args.threads} threads, {platform.machine()}, torch {torch.__version__}. Median of "
+                f"{args.repeats}. {agree} Forward {flops / 1e12:.3g} TFLOP (analytic): {rates}.")  # fmt: skip
+        title = "Expert transformer vs diffusers"
     cmd = "python benchmarks/bench_transformer.py " + " ".join(
-        f"--{k} {v}" for k, v in vars(args).items() if k != "write" and v is not None
-    )
-    text = f"\n## Expert transformer vs diffusers\n\n{head}\n\n{table}\n\n```\n{cmd}\n```\n"
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if k != "write" and v is not None and not (k in defaults and v == defaults[k])
+    )  # fmt: skip
+    text = f"\n## {title}\n\n{head}\n\n{table}\n\n```\n{cmd}\n```\n"
     print(text)
     if args.write:
         with open(args.write, "a") as f:

@@ -349,3 +349,49 @@ def test_a_head_narrower_than_a_tokens_outputs_is_warned():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         TrainConfig.from_dict(_config("c", "o"))  # width 32: no warning
+
+
+def test_device_is_checked_and_auto_trains_where_cuda_is(cache_dir, tmp_path):
+    """`device` names a CPU or CUDA device; "auto" takes CUDA when there is one and is the same
+    run as "cpu" without (every draw is made on the CPU)."""
+    for bad in ("tpu", "mps", "gpu0"):
+        with pytest.raises(ValueError, match=r'device must be "cpu", "cuda", "cuda:N" or "auto"'):
+            TrainConfig.from_dict(_config(cache_dir, tmp_path, device=bad))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device here"):
+            Trainer(TrainConfig.from_dict(_config(cache_dir, tmp_path / "c", device="cuda")))
+    common = dict(max_steps=3, checkpoint_every=100, log_every=1)
+    cpu = train(TrainConfig.from_dict(_config(cache_dir, tmp_path / "cpu", **common)))
+    auto = train(TrainConfig.from_dict(_config(cache_dir, tmp_path / "auto", device="auto",
+                                               **common)))  # fmt: skip
+    assert auto.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    logs = [
+        [json.loads(ln)["loss"] for ln in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        for run in ("cpu", "auto")
+    ]
+    for a, b in zip(*logs, strict=True):  # CUDA kernels sum in another order: to 1e-3
+        for name in a:
+            assert abs(a[name] - b[name]) <= 1e-3 * max(1.0, abs(a[name])), (name, a, b)
+    if auto.device.type == "cpu":  # the very same run: bit-exact
+        for name, expert in cpu.experts.items():
+            for (k, x), y in zip(expert.state_dict().items(), auto.experts[name].state_dict().values()):
+                assert torch.equal(x, y), (name, k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_run_resumes_on_the_cpu(cache_dir, tmp_path):
+    """A checkpoint written by a CUDA run resumes on the CPU (and back): tensors are read onto
+    the CPU and moved to the run's device; the optimiser and EMA state follow the experts."""
+    common = dict(max_steps=2, checkpoint_every=100, log_every=1)
+    gpu = train(TrainConfig.from_dict(_config(cache_dir, tmp_path, device="cuda", **common)))
+    assert all(p.is_cuda for e in gpu.experts.values() for p in e.parameters())
+    cpu = train(TrainConfig.from_dict(_config(cache_dir, tmp_path, device="cpu", max_steps=4,
+                                              checkpoint_every=100, log_every=1)))  # fmt: skip
+    assert cpu.step == 4 and not any(p.is_cuda for e in cpu.experts.values() for p in e.parameters())
+    state = cpu.opt.state_dict()["state"]
+    assert state and all(not v.is_cuda for s in state.values() for v in s.values())
+    again = train(TrainConfig.from_dict(_config(cache_dir, tmp_path, device="cuda", max_steps=5,
+                                                checkpoint_every=100, log_every=1)))  # fmt: skip
+    assert again.step == 5 and all(
+        v.is_cuda for s in again.ema.shadow.values() for v in s.values()
+    )

@@ -113,9 +113,14 @@ class EMA:
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         return {"decay": self.decay, "shadow": self.shadow}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(
+        self, state: Mapping[str, Any], device: torch.device | str | None = None
+    ) -> None:
+        """Take the averages of `state` (onto `device`, the experts' device, when given)."""
         self.decay = state["decay"]
-        self.shadow = {n: {k: v.clone() for k, v in s.items()} for n, s in state["shadow"].items()}
+        self.shadow = {
+            n: {k: v.to(device, copy=True) for k, v in s.items()} for n, s in state["shadow"].items()
+        }
 
     def expert_state(self, name: str, like: nn.Module) -> dict[str, torch.Tensor]:
         """A full state_dict of expert `name` with EMA parameters (buffers taken from `like`)."""

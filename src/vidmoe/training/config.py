@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vidmoe.config import (
     ExpertOverrides,
     MoEConfig,
@@ -115,6 +117,11 @@ class TrainConfig:
     """Steps between checkpoints (a final one is always written)."""
     num_threads: int = 0
     """torch CPU threads; 0 leaves torch's default."""
+    device: str = "cpu"
+    """Where the experts train: "cpu", "cuda", "cuda:N" or "auto" (CUDA when there is one).
+    Data, sigmas, noise and caption dropout are drawn on the CPU from the run's generator
+    whatever the device, and checkpoints are read onto the CPU, so a run resumes on another
+    device with the same draws."""
     use_progress: bool = True
     """Show a tqdm bar."""
     init: str = ""
@@ -135,6 +142,7 @@ class TrainConfig:
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1]; got {self.caption_dropout}")
         object.__setattr__(self, "experts", tuple(self.experts))
+        check_device(self.device)
         for word, times in self.oversample.items():
             if not word.strip() or " " in word.strip():
                 raise ValueError(f"oversample names single words; got {word!r}")
@@ -264,6 +272,32 @@ def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         both_tables = isinstance(v, dict) and isinstance(out.get(k), dict)
         out[k] = _merged(out[k], v) if both_tables else v
     return out
+
+
+def check_device(device: str) -> None:
+    """ValueError unless `device` is "auto" or a CPU/CUDA device string torch parses."""
+    if device == "auto":
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f'device must be "cpu", "cuda", "cuda:N" or "auto"; got {device!r}')
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device of a config's `device` ("auto": CUDA when available); a CUDA device
+    on a machine without one is an error that says so."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device = {device!r} but torch sees no CUDA device here "
+            f"(torch {torch.__version__}): set device = \"cpu\" or \"auto\""
+        )
+    return dev
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:

@@ -145,7 +145,8 @@ def build_latent_cache(
         texts = [_clip_captions(b) for b in batch]
         _check_caption_counts(texts + captions[:1])
         video = torch.stack([b["video"] for b in batch])  # (B, 3, T, H, W)
-        latents = vae.encode(video.to(next(vae.parameters()).dtype)).float()  # (B, Z, F, H, W)
+        p = next(vae.parameters())  # the VAE's device and dtype (a CUDA VAE encodes there)
+        latents = vae.encode(video.to(p.device, p.dtype)).float()  # (B, Z, F, H, W)
         text, lengths = encode_captions(text_encoder, texts, text_len)  # (B, [K,] S, D)
         pending["latents"].append(latents.cpu())
         pending["text"].append(text)

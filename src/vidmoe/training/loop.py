@@ -27,7 +27,7 @@ from vidmoe.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from vidmoe.training.config import TrainConfig, load_train_config, lr_factor
+from vidmoe.training.config import TrainConfig, load_train_config, lr_factor, resolve_device
 from vidmoe.training.data import EpochSampler, LatentCache, oversampled_items
 from vidmoe.training.objective import expert_ranges, flow_matching_loss, sample_sigma
 
@@ -62,7 +62,8 @@ class Trainer:
                 f"the cache pads text to {self.data.text_len} tokens but the experts take "
                 f"text_len={cfg.transformer.text_len}: rebuild the cache or set text_len"
             )
-        self.experts = build_experts(cfg)
+        self.device = resolve_device(cfg.device)
+        self.experts = {n: e.to(self.device) for n, e in build_experts(cfg).items()}
         if cfg.compile:
             for expert in self.experts.values():
                 expert.compile()  # in place: state_dict keys and the optimiser's params unchanged
@@ -98,7 +99,7 @@ class Trainer:
         self.step = state["step"]
         for n, e in self.experts.items():
             finetune.load_trainable_state(e, state["experts"][n])
-        self.ema.load_state_dict(state["ema"])
+        self.ema.load_state_dict(state["ema"], device=self.device)
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         # The config's lr and schedule rule from here on (the scheduler's state holds the old
@@ -144,7 +145,10 @@ class Trainer:
             logit_std=cfg.logit_std, generator=g, ranges=self.sigma_ranges,
         )  # fmt: skip
         noise = torch.randn(x0.shape, generator=g)  # (B, Z, F, H, W)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.use_bf16):
+        # every draw above is made on the CPU, so any device sees the same numbers
+        dev = self.device
+        x0, text, sigma, noise = (t.to(dev, non_blocking=True) for t in (x0, text, sigma, noise))
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.use_bf16):
             out = flow_matching_loss(
                 self.experts, cfg.moe, x0, text, sigma, noise, options=cfg.objective_options
             )
@@ -159,8 +163,8 @@ class Trainer:
         self.sched.step()
         self.step += 1
         self.ema.update(self.experts, self.step)
-        bins = (out.sigma * NUM_SIGMA_BINS).long().clamp(0, NUM_SIGMA_BINS - 1)  # (B,)
-        self.sigma_bins[0].index_add_(0, bins, out.sample_loss.double())
+        bins = (out.sigma.cpu() * NUM_SIGMA_BINS).long().clamp(0, NUM_SIGMA_BINS - 1)  # (B,)
+        self.sigma_bins[0].index_add_(0, bins, out.sample_loss.double().cpu())
         self.sigma_bins[1].index_add_(0, bins, torch.ones(b, dtype=torch.float64))
         record = {
             "step": self.step,
