@@ -1,0 +1,69 @@
+"""usage: [SEEDS=0,1] [GUIDANCE=5,3] python eval_experts.py OUT_DIR [NAME=EXPERT.safetensors ...]
+
+The demo model (src/vidmoe/assets/demo) with some experts' weights replaced (e.g.
+`low_noise=runs/gpu/low_noise.safetensors`), copied to OUT_DIR and scored on the 128 held-out
+prompts (`vidmoe.evaluation.prompt_set(128)`), one process per seed (1 thread each). Prints the
+summary, what each shape is read as, and the direction misses by motion phrase; writes
+OUT_DIR/eval.json (summary + every row)."""
+import collections, json, os, shutil, subprocess, sys, time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "src/vidmoe/assets/demo"
+
+
+def one_seed(model_dir, seed, out):
+    import torch
+    torch.set_num_threads(1)
+    from vidmoe.evaluation import evaluate, prompt_set
+    from vidmoe.loading import load_pipeline
+    pipe = load_pipeline(model_dir, device="cpu", dtype="float32")
+    res = evaluate(pipe, prompt_set(128), seeds=(seed,), name="demo")
+    Path(out).write_text(json.dumps(res.rows))
+
+
+def main():
+    out = Path(sys.argv[1])
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(DEMO, out, ignore=shutil.ignore_patterns("*.toml"))
+    for arg in sys.argv[2:]:
+        name, path = arg.split("=", 1)
+        if not (out / "experts" / f"{name}.safetensors").is_file():
+            sys.exit(f"the demo has no expert {name!r}")
+        shutil.copy(path, out / "experts" / f"{name}.safetensors")
+    if "GUIDANCE" in os.environ:
+        cfg = json.loads((out / "vidmoe.json").read_text())
+        cfg["moe"]["guidance"] = [float(g) for g in os.environ["GUIDANCE"].split(",")]
+        (out / "vidmoe.json").write_text(json.dumps(cfg, indent=2))
+    seeds = [int(s) for s in os.environ.get("SEEDS", "0,1").split(",")]
+    t = time.time()
+    procs = [subprocess.Popen([sys.executable, __file__, "--seed", str(out), str(s),
+                               str(out / f"rows_{s}.json")]) for s in seeds]
+    if any(p.wait() for p in procs):
+        sys.exit("an evaluation process failed")
+    rows = [r for s in seeds for r in json.loads((out / f"rows_{s}.json").read_text())]
+    from vidmoe.evaluation import EvalResult, HELD_OUT_MOTIONS, prompt_set
+    res = EvalResult("demo", rows)
+    summary = res.summary()
+    items = {it.prompt: it for it in prompt_set(128)}
+    shapes = collections.defaultdict(collections.Counter)
+    phrases = collections.Counter()
+    for r in rows:
+        it = items[r["prompt"]]
+        shapes[it.shape][r["read"][1]] += 1
+        if not r["motion"]:
+            phrases[next(p for p in HELD_OUT_MOTIONS[it.motion] if p in it.prompt)] += 1
+    print(" ".join(sys.argv[2:]) or "shipped", json.dumps({k: round(v, 4) for k, v in summary.items()}),
+          f"wall {time.time() - t:.0f} s")
+    for shape, read in sorted(shapes.items()):
+        print(f"  {shape}: {read[shape]}/{sum(read.values())} right; read as {dict(read.most_common())}")
+    print("  direction misses by phrase:", dict(phrases.most_common()))
+    (out / "eval.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--seed":
+        one_seed(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    else:
+        main()
