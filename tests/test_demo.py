@@ -56,7 +56,8 @@ PHASES = (
     "_restart6",
     "_restart7",
 )  # train_{expert}{phase}.toml, in the order they run
-GPU_PHASES = ("_gpu", "_gpu2")  # then these, each a fine-tuning run from the one before's export
+# then these fine-tuning runs, each from the export of the one before: (phase, device)
+FINETUNE_PHASES = (("_gpu", "cuda"), ("_gpu2", "cuda"), ("_cpu3", "cpu"))
 
 
 def test_shipped_vae_stage_config_describes_the_shipped_vae():
@@ -107,17 +108,17 @@ def test_shipped_training_configs_describe_the_shipped_experts(expert):
                "use_bf16", "compile", "oversample")  # fmt: skip
     first = {k: v for k, v in phases[0].to_dict().items() if k not in varying}
     assert all({k: v for k, v in c.to_dict().items() if k not in varying} == first for c in phases)
-    # the GPU phases: fine-tuning runs, each from the export of the phases before (init), of the
+    # the fine-tuning phases: runs each from the export of the phases before (init), of the
     # same expert and objective; they may change the run's size, schedule, seed and place only
     run_keys = ("out_dir", "init", "device", "batch_size", "warmup_steps", "log_every",
                 "checkpoint_every", "seed")  # fmt: skip
     last = {k: v for k, v in phases[-1].to_dict().items() if k not in varying + run_keys}
     out_dirs = {phases[-1].out_dir}
-    for phase in GPU_PHASES:
-        gpu = load_train_config(DEMO_DIR / f"train_{expert}{phase}.toml")
-        assert gpu.transformer_for(expert) == config.transformer_for(expert)
-        assert gpu.experts == (expert,) and gpu.init and gpu.device == "cuda"
-        assert 0 < gpu.stop_step <= gpu.max_steps and gpu.lr_schedule == "cosine"
-        assert gpu.out_dir not in out_dirs  # a new run, not a resume
-        out_dirs.add(gpu.out_dir)
-        assert {k: v for k, v in gpu.to_dict().items() if k not in varying + run_keys} == last
+    for phase, device in FINETUNE_PHASES:
+        cfg = load_train_config(DEMO_DIR / f"train_{expert}{phase}.toml")
+        assert cfg.transformer_for(expert) == config.transformer_for(expert)
+        assert cfg.experts == (expert,) and cfg.init and cfg.device == device
+        assert 0 <= cfg.stop_step <= cfg.max_steps and cfg.lr_schedule == "cosine"
+        assert cfg.out_dir not in out_dirs  # a new run, not a resume
+        out_dirs.add(cfg.out_dir)
+        assert {k: v for k, v in cfg.to_dict().items() if k not in varying + run_keys} == last
