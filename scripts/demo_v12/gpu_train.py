@@ -43,31 +43,33 @@ def world(vocabulary):
 
 
 def build_caches(num_clips):
-    from safetensors.torch import load_file
-    from vidmoe.config import VAEConfig
+    """WORK/cache (base vocabulary) and, when a run needs it, WORK/cache_x (extended); each
+    built only if missing."""
+    from vidmoe.io.checkpoints import detect_layout, load_vae
     from vidmoe.models.text_encoder import build_text_encoder
-    from vidmoe.models.vae import WanVAE
     from vidmoe.training.data import build_latent_cache, recaption_cache
 
-    if (WORK / "cache" / "index.json").is_file():
+    need_x = any(cache == "cache_x" for _, cache in RUNS.values())
+    if (WORK / "cache" / "index.json").is_file() and (
+        not need_x or (WORK / "cache_x" / "index.json").is_file()
+    ):
         return
-    vae = WanVAE(VAEConfig(**json.loads((DEMO / "vidmoe.json").read_text())["vae"]))
-    vae.load_state_dict(load_file(DEMO / "vae.safetensors"))
-    torch.backends.cudnn.allow_tf32 = False  # latents as a float32 CPU encode makes them
-    torch.backends.cuda.matmul.allow_tf32 = False
-    vae = vae.to(DEVICE).eval().requires_grad_(False)
     text = build_text_encoder("minilm", max_length=32, device=DEVICE)
-    base = world("base")
+    if not (WORK / "cache" / "index.json").is_file():
+        torch.backends.cudnn.allow_tf32 = False  # latents as a float32 CPU encode makes them
+        torch.backends.cuda.matmul.allow_tf32 = False
+        vae = load_vae(detect_layout(DEMO), device=DEVICE)
+        base = world("base")
 
-    def clips():
-        for i in range(num_clips):
-            yield {"video": base.sample(i).video, "captions": base.captions(i, 8)}
+        def clips():
+            for i in range(num_clips):
+                yield {"video": base.sample(i).video, "captions": base.captions(i, 8)}
 
-    t = time.time()
-    build_latent_cache(clips(), vae, text, WORK / "cache", text_len=32, shard_size=2000,
-                       batch_size=64)
-    print(f"cache: {num_clips} clips in {time.time() - t:.0f} s", flush=True)
-    if not any(cache == "cache_x" for _, cache in RUNS.values()):
+        t = time.time()
+        build_latent_cache(clips(), vae, text, WORK / "cache", text_len=32, shard_size=2000,
+                           batch_size=64)
+        print(f"cache: {num_clips} clips in {time.time() - t:.0f} s", flush=True)
+    if not need_x:
         return
     ext = world("extended")
     t = time.time()
