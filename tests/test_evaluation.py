@@ -15,7 +15,7 @@ from vidmoe.evaluation import (
 from vidmoe.io.video import to_uint8_frames
 from vidmoe.loading import build_random_pipeline
 from vidmoe.world.labels import ShapeLabel, parse_prompt
-from vidmoe.world.shapes import ShapesWorld, render
+from vidmoe.world.shapes import ShapesWorld, demo_world, render
 
 
 def test_prompt_set_is_balanced_parseable_and_held_out():
@@ -25,6 +25,16 @@ def test_prompt_set_is_balanced_parseable_and_held_out():
     world = ShapesWorld(64, 64, 17, seed=0)
     captions = {world.sample(i).caption for i in range(300)}
     assert not captions & {i.prompt for i in items}
+    # the demo's training captions (its world, 8 phrasings per clip, both vocabularies) hold none
+    # of the held-out prompts, and its clips show every colour, shape and motion they ask for
+    demo = [demo_world(v) for v in ("base", "extended")]
+    captions = {c for w in demo for i in range(150) for c in w.captions(i, 8)}
+    assert not captions & {i.prompt for i in prompt_set(128)}
+    labels = [demo[0].sample(i).label for i in range(150)]
+    for attr in ("colour", "shape", "motion"):
+        asked = {getattr(i, attr) for i in prompt_set(128)}
+        assert asked == {getattr(lab, attr) for lab in labels}, attr
+    assert {lab.size for lab in labels} == {"large"}
     for item in items:
         p = parse_prompt(item.prompt)
         assert (p.colour, p.shape, p.motion) == (item.colour, item.shape, item.motion)

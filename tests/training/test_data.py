@@ -178,3 +178,6 @@ def test_oversampled_items_repeat_named_clips_and_reject_unknown_words():
     assert torch.bincount(drawn, minlength=4).tolist() == [3, 1, 3, 1]
     with pytest.raises(ValueError, match=r"\['strar'\], which no caption of the cache has"):
         oversampled_items(captions, {"strar": 2})
+    for bad in (torch.tensor([0, 4]), torch.tensor([-1, 1]), torch.tensor([0.0, 1.0]), items[None]):
+        with pytest.raises(ValueError, match=r"1-D integer tensor of dataset indices in 0\.\.3"):
+            EpochSampler(4, 2, seed=0, items=bad)

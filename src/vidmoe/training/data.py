@@ -353,6 +353,16 @@ class EpochSampler:
     """
 
     def __init__(self, num_items: int, batch_size: int, seed: int, items: Tensor | None = None):
+        if items is not None and (
+            items.ndim != 1
+            or items.dtype.is_floating_point
+            or (len(items) and not (0 <= int(items.min()) and int(items.max()) < num_items))
+        ):
+            raise ValueError(
+                f"items must be a 1-D integer tensor of dataset indices in 0..{num_items - 1}; got "
+                f"{items.dtype} of shape {tuple(items.shape)}"
+                + (f", values {int(items.min())}..{int(items.max())}" if items.numel() else "")
+            )
         self.items = torch.arange(num_items) if items is None else items  # (M,)
         if batch_size > len(self.items):
             raise ValueError(

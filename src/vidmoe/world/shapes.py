@@ -344,6 +344,16 @@ class ShapesWorld:
         return caption_for(labels, rng, self.vocabulary)
 
 
+def demo_world(vocabulary: str = "base") -> ShapesWorld:
+    """The world the demo model (src/vidmoe/assets/demo) was trained on: 64x64, 17 frames, one
+    large object moving left, right, up or down, seed 1. Clip i of it is the i-th clip of every
+    demo training cache; `vocabulary` picks the captions' motion phrasings."""
+    return ShapesWorld(
+        64, 64, 17, motions=("left", "right", "up", "down"), sizes=("large",), seed=1,
+        vocabulary=vocabulary,
+    )  # fmt: skip
+
+
 class ShapesDataset(torch.utils.data.Dataset):
     """The first `length` clips of a ShapesWorld as a map-style Dataset of dicts."""
 
