@@ -34,7 +34,7 @@ def main():
     ap.add_argument("--sampler", choices=("euler", "unipc", "dpm++"))
     ap.add_argument("--steps", type=int)
     ap.add_argument("--shift", type=float)
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     out = args.out
     if out.exists():
         shutil.rmtree(out)
