@@ -58,6 +58,7 @@ PHASES = (
 )  # train_{expert}{phase}.toml, in the order they run
 # then these fine-tuning runs, each from the export of the one before: (phase, device)
 FINETUNE_PHASES = (("_gpu", "cuda"), ("_gpu2", "cuda"), ("_cpu3", "cpu"))
+MORE_FINETUNE_PHASES = {"low_noise": (("_cpu4", "cpu"),)}  # v14: the low-noise expert only
 
 
 def test_shipped_vae_stage_config_describes_the_shipped_vae():
@@ -114,7 +115,7 @@ def test_shipped_training_configs_describe_the_shipped_experts(expert):
                 "checkpoint_every", "seed")  # fmt: skip
     last = {k: v for k, v in phases[-1].to_dict().items() if k not in varying + run_keys}
     out_dirs = {phases[-1].out_dir}
-    for phase, device in FINETUNE_PHASES:
+    for phase, device in FINETUNE_PHASES + MORE_FINETUNE_PHASES.get(expert, ()):
         cfg = load_train_config(DEMO_DIR / f"train_{expert}{phase}.toml")
         assert cfg.transformer_for(expert) == config.transformer_for(expert)
         assert cfg.experts == (expert,) and cfg.init and cfg.device == device
