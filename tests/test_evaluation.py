@@ -28,11 +28,12 @@ def test_prompt_set_is_balanced_parseable_and_held_out():
     # the demo's training captions (its world, 8 phrasings per clip, both vocabularies) hold none
     # of the held-out prompts, and its clips show every colour, shape and motion they ask for
     demo = [demo_world(v) for v in ("base", "extended")]
+    held_out = prompt_set(128)
     captions = {c for w in demo for i in range(150) for c in w.captions(i, 8)}
-    assert not captions & {i.prompt for i in prompt_set(128)}
+    assert not captions & {i.prompt for i in held_out}
     labels = [demo[0].sample(i).label for i in range(150)]
     for attr in ("colour", "shape", "motion"):
-        asked = {getattr(i, attr) for i in prompt_set(128)}
+        asked = {getattr(i, attr) for i in held_out}
         assert asked == {getattr(lab, attr) for lab in labels}, attr
     assert {lab.size for lab in labels} == {"large"}
     for item in items:

@@ -32,7 +32,7 @@ def main():
     ap.add_argument("--seeds", default=os.environ.get("SEEDS", "0,1"))
     ap.add_argument("--guidance", default=os.environ.get("GUIDANCE"))
     ap.add_argument("--sampler", choices=("euler", "unipc", "dpm++"))
-    ap.add_argument("--steps", type=int)
+    ap.add_argument("--steps", dest="num_steps", type=int)
     ap.add_argument("--shift", type=float)
     args = ap.parse_intermixed_args()
     out = args.out
@@ -47,11 +47,10 @@ def main():
     cfg = json.loads((out / "vidmoe.json").read_text())
     if args.guidance:
         cfg["moe"]["guidance"] = [float(g) for g in args.guidance.split(",")]
-    for key in ("sampler", "steps", "shift"):
-        if getattr(args, key) is not None:
-            cfg["scheduler"]["num_steps" if key == "steps" else key] = getattr(args, key)
+    scheduler = ("sampler", "num_steps", "shift")
+    cfg["scheduler"].update({k: getattr(args, k) for k in scheduler if getattr(args, k) is not None})
     (out / "vidmoe.json").write_text(json.dumps(cfg, indent=2))
-    settings = {"guidance": cfg["moe"]["guidance"], **{k: cfg["scheduler"][k] for k in ("sampler", "num_steps", "shift")}}
+    settings = {"guidance": cfg["moe"]["guidance"], **{k: cfg["scheduler"][k] for k in scheduler}}
     seeds = [int(s) for s in args.seeds.split(",")]
     t = time.time()
     procs = [subprocess.Popen([sys.executable, __file__, "--seed", str(out), str(s),
@@ -70,8 +69,8 @@ def main():
         shapes[it.shape][r["read"][1]] += 1
         if not r["motion"]:
             phrases[next(p for p in HELD_OUT_MOTIONS[it.motion] if p in it.prompt)] += 1
-    print(" ".join(args.experts) or str(args.base), json.dumps(settings), f"seeds {args.seeds}", json.dumps({k: round(v, 4) for k, v in summary.items()}),
-          f"wall {time.time() - t:.0f} s")
+    print(" ".join(args.experts) or str(args.base), json.dumps(settings), f"seeds {args.seeds}",
+          json.dumps({k: round(v, 4) for k, v in summary.items()}), f"wall {time.time() - t:.0f} s")
     for shape, read in sorted(shapes.items()):
         print(f"  {shape}: {read[shape]}/{sum(read.values())} right; read as {dict(read.most_common())}")
     print("  direction misses by phrase:", dict(phrases.most_common()))

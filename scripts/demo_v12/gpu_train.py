@@ -2,8 +2,8 @@
 CUDA GPU, several runs at once (one process each), all done within about SECONDS of this script's
 start (the caches' time included). Made for a lent GPU with a time limit; demo v12 was trained so.
 
-1. Cache: clips 0..NUM_CLIPS-1 of the demo world (`vidmoe.world.shapes.demo_world`), 8 phrasings each) through the demo VAE's encoder and MiniLM on the GPU
-   (`build_latent_cache`); a copy with the extended motion vocabulary (`recaption_cache`).
+1. Cache: clips 0..NUM_CLIPS-1 of the demo world (`vidmoe.world.shapes.demo_world`), 8
+   phrasings each, through the demo VAE's encoder and MiniLM on the GPU (`build_latent_cache`); a copy with the extended motion vocabulary (`recaption_cache`).
 2. Runs: each is an asset config (src/vidmoe/assets/demo/train_*_gpu.toml: init weights, batch
    128, bf16 autocast, warm-up then cosine to 10%, device "cuda") with its paths put under WORK and
    its length set from 40 timed steps so that the cosine ends inside SECONDS (a time limit of 1.1x
