@@ -130,13 +130,31 @@ class LoadedComponents:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def load_expert(layout: Layout, name: str, *, device="cpu", dtype=torch.bfloat16, strict=True):
-    """One expert transformer of `layout`, built on meta and filled tensor by tensor."""
+QUANTIZE = (None, "fp8")
+
+
+def load_expert(layout: Layout, name: str, *, device="cpu", dtype=torch.bfloat16, strict=True,
+                quantize: str | None = None):  # fmt: skip
+    """One expert transformer of `layout`, built on meta and filled tensor by tensor.
+
+    Files in fp8 (plain e4m3, or ComfyUI `fp8_scaled` with a scale per weight) load dequantised
+    to `dtype`; `quantize="fp8"` keeps the block linear layers in fp8 instead (`FP8Linear`),
+    from fp8 files as they are and from float files quantised per output channel as they load.
+    """
+    from vidmoe.io.tensors import FP8Source
+    from vidmoe.models.fp8 import fp8_layer_names, quantize_fp8_
     from vidmoe.models.transformer import WanTransformer
 
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be None or 'fp8'; got {quantize!r}")
     with torch.device("meta"):
         expert = WanTransformer(layout.config.transformer_for(name)).to(dtype)
-    load_into(expert, layout.expert_tensors(name), strict=strict, device=device)
+    fp8_weights: set[str] = set()
+    if quantize == "fp8":
+        quantize_fp8_(expert)
+        fp8_weights = {f"{n}.weight" for n in fp8_layer_names(expert)}
+    source = FP8Source(layout.expert_tensors(name), fp8_weights)
+    load_into(expert, source, strict=strict, device=device)
     return expert.eval().requires_grad_(False)
 
 

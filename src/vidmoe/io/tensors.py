@@ -299,3 +299,110 @@ def replace_atomic(tmp: Path, path: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's marker tensor in fp8_scaled files
+_SCALE, _INPUT_SCALE = ".scale_weight", ".scale_input"
+
+
+class FP8Source(TensorSource):
+    """A view of a source in the weight format a module stores, so fp8 files load strictly.
+
+    Reads plain float files, plain `float8_e4m3fn` files (scale 1) and ComfyUI `fp8_scaled` files
+    (a `scaled_fp8` marker, `X.scale_weight` beside each fp8 `X.weight`; `X.scale_input` is for
+    fp8 activations and not needed by a weight-only load). For each weight the module stores in
+    fp8 (`fp8_weights`, e.g. the layers `quantize_fp8_` converted) it gives the fp8 values and
+    `X.scale_weight` per output channel, quantising float weights on the fly; every other weight
+    is given dequantised (fp8 * scale, in float32), so a scale is never dropped. A scale without
+    its weight, or a weight whose scale does not broadcast, is an error.
+    """
+
+    def __init__(self, source: TensorSource, fp8_weights: set[str] | frozenset[str] = frozenset()):
+        self.source, self.fp8_weights = source, frozenset(fp8_weights)
+        names = [n for n in source if n != SCALED_FP8_MARKER and not n.endswith(_INPUT_SCALE)]
+        scales = {n[: -len(_SCALE)] + ".weight" for n in names if n.endswith(_SCALE)}
+        orphans = sorted(w for w in scales if w not in source)
+        if orphans:
+            raise ValueError(f"scale_weight tensors without their weight: {orphans[:10]}")
+        self._scaled = scales
+        if SCALED_FP8_MARKER in source:  # a scaled file: every fp8 weight must carry its scale
+            bare = sorted(n for n in names if n.endswith(".weight") and n not in scales
+                          and source.dtype(n) in FP8_DTYPES)  # fmt: skip
+            if bare:
+                raise ValueError(
+                    f"this fp8_scaled file (it has the '{SCALED_FP8_MARKER}' marker) lacks the "
+                    f"scale_weight of {len(bare)} fp8 weight(s), e.g. {bare[:5]}: the file is "
+                    "damaged or was re-saved without its scales; re-download or re-convert it"
+                )
+        self.dropped = tuple(n for n in source if n not in names)
+        self._names = [n for n in names if not n.endswith(_SCALE)]
+        self._names += [w[: -len(".weight")] + _SCALE for w in self.fp8_weights if w in source]
+        self._name_set = frozenset(self._names)
+        self._cache: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._name_set
+
+    def _scale_of(self, weight_name: str) -> torch.Tensor:
+        """The file's scale of an fp8 weight as (O,) float32 (a scalar is broadcast; absent: 1)."""
+        rows = self.source.shape(weight_name)[0]
+        if weight_name not in self._scaled:
+            return torch.ones(rows)
+        scale = self.source[weight_name[: -len(".weight")] + _SCALE].float().flatten()  # (1|O,)
+        if scale.numel() not in (1, rows):
+            raise ValueError(
+                f"{weight_name}: scale_weight has {scale.numel()} values; a per-tensor scale (1) "
+                f"or one per output channel ({rows}) is accepted"
+            )
+        return scale.expand(rows).clone()
+
+    def _stored(self, weight_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fp8 values, (O,) scales) of a weight the module stores in fp8 (one cached at a time)."""
+        if self._cache is None or self._cache[0] != weight_name:
+            from vidmoe.models.fp8 import FP8_DTYPE, quantize_weight
+
+            raw = self.source[weight_name]
+            if raw.dtype == FP8_DTYPE:
+                pair = (raw, self._scale_of(weight_name))
+            else:
+                pair = quantize_weight(self._float(weight_name, raw))
+            self._cache = (weight_name, pair)
+        return self._cache[1]
+
+    def _float(self, name: str, raw: torch.Tensor) -> torch.Tensor:
+        if raw.dtype in FP8_DTYPES:
+            scale = self._scale_of(name).reshape(-1, *([1] * (raw.ndim - 1)))  # (O, 1, ...)
+            return raw.float() * scale
+        if name in self._scaled:
+            raise ValueError(f"{name} has a scale_weight but is stored as {raw.dtype}, not fp8")
+        return raw
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name.endswith(_SCALE):
+            weight = name[: -len(_SCALE)] + ".weight"
+            if weight not in self.fp8_weights:
+                raise KeyError(name)
+            return self._stored(weight)[1]
+        if name in self.fp8_weights:
+            return self._stored(name)[0]
+        return self._float(name, self.source[name])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name.endswith(_SCALE):
+            return (self.source.shape(name[: -len(_SCALE)] + ".weight")[0],)
+        return self.source.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        if name.endswith(_SCALE):
+            return torch.float32
+        if name in self.fp8_weights:
+            return torch.float8_e4m3fn
+        raw = self.source.dtype(name)
+        return torch.float32 if raw in FP8_DTYPES else raw

@@ -91,7 +91,7 @@ class Block(nn.Module):
 
     def forward(self, x, e, context, rope, mask):
         """x: (B, L, D) fp32 residual stream; e: (B, L|1, 6, D) fp32 time projection."""
-        dtype = self.ffn[0].weight.dtype
+        dtype = getattr(self.ffn[0], "compute_dtype", self.ffn[0].weight.dtype)  # fp8: its own
         m = (self.modulation.float() + e).unbind(dim=2)  # 6 x (B, L|1, D)
         attn_mod, ffn_mod = Modulation(m[0], m[1], m[2]), Modulation(m[3], m[4], m[5])
         y = self.self_attn(attn_mod.apply(self.norm1(x)).to(dtype), rope, mask)  # (B, L, D)
