@@ -152,20 +152,16 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * freqs[None, :, None, :]).flatten(3)  # (B, L, N, Dh)
 
 
-def window_mask(
-    grid: tuple[int, int, int], window: tuple[int, int], device: torch.device | None = None
-) -> torch.Tensor | None:
-    """Boolean (L, L) mask of a local window over the flattened token sequence.
-
-    `window` is (left, right) in tokens as in flash-attention; -1 means unbounded on that side.
-    """
+def band_mask(
+    queries: range, keys: range, window: tuple[int, int], device: torch.device | None = None
+) -> torch.Tensor:
+    """Boolean (len(queries), len(keys)) mask of a local window: True where key - query lies in
+    [-left, right]. `window` is (left, right) in tokens as in flash-attention; -1 is unbounded."""
     left, right = window
-    if left < 0 and right < 0:
-        return None
-    n = math.prod(grid)
-    pos = torch.arange(n, device=device)
-    offset = pos[None, :] - pos[:, None]  # key - query
-    allowed = torch.ones(n, n, dtype=torch.bool, device=device)
+    q = torch.arange(queries.start, queries.stop, device=device)
+    k = torch.arange(keys.start, keys.stop, device=device)
+    offset = k[None, :] - q[:, None]  # (Lq, Lk) key - query
+    allowed = torch.ones_like(offset, dtype=torch.bool)
     if left >= 0:
         allowed &= offset >= -left
     if right >= 0:
@@ -173,17 +169,51 @@ def window_mask(
     return allowed
 
 
+def window_mask(
+    grid: tuple[int, int, int], window: tuple[int, int], device: torch.device | None = None
+) -> torch.Tensor | None:
+    """Boolean (L, L) mask of a local window over the flattened token sequence (None: global).
+
+    Dense, so O(L^2) memory: `attention(..., window=)` never builds it; tests compare against it.
+    """
+    if window[0] < 0 and window[1] < 0:
+        return None
+    n = math.prod(grid)
+    return band_mask(range(n), range(n), window, device)
+
+
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: tuple[int, int] | None = None,
+    *,
+    chunk: int = 2048,
 ) -> torch.Tensor:
     """Exact softmax attention (SDPA picks flash / memory-efficient kernels where it can).
 
     Args:
         q: (B, Lq, N, Dh); k, v: (B, Lk, N, Dh).
-        mask: optional boolean (Lq, Lk), True where a query may attend to a key.
+        window: optional local window (left, right) in tokens (self-attention, Lq == Lk); -1 is
+            unbounded on that side. Computed in query chunks of `chunk` tokens against only the
+            keys their window reaches, so no (L, L) mask is ever built: memory grows with
+            chunk x (chunk + left + right), not L^2.
     Returns:
         (B, Lq, N, Dh) in v's dtype.
     """
     q, k, v = (rearrange(t.to(v.dtype), "b l n d -> b n l d") for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, N, Lq, Dh)
-    return rearrange(out, "b n l d -> b l n d")
+    if window is None or (window[0] < 0 and window[1] < 0):
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, N, Lq, Dh)
+        return rearrange(out, "b n l d -> b l n d")
+    left, right = window
+    n = q.shape[2]
+    outs = []
+    for start in range(0, n, chunk):
+        queries = range(start, min(start + chunk, n))
+        k0 = 0 if left < 0 else max(0, queries.start - left)
+        k1 = n if right < 0 else min(n, queries.stop - 1 + right + 1)
+        mask = band_mask(queries, range(k0, k1), window, q.device)  # (Lc, Kc)
+        outs.append(F.scaled_dot_product_attention(
+            q[:, :, queries.start:queries.stop], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=mask
+        ))  # (B, N, Lc, Dh)  # fmt: skip
+    return rearrange(torch.cat(outs, dim=2), "b n l d -> b l n d")

@@ -28,7 +28,6 @@ from vidmoe.models.layers import (
     attention,
     rope_angles,
     sinusoidal_embedding,
-    window_mask,
 )
 
 
@@ -43,12 +42,12 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x, rope, mask):
+    def forward(self, x, rope, window):
         heads = dict(n=self.num_heads)
         q = rearrange(self.norm_q(self.q(x)), "b l (n d) -> b l n d", **heads)  # (B, L, N, Dh)
         k = rearrange(self.norm_k(self.k(x)), "b l (n d) -> b l n d", **heads)  # (B, L, N, Dh)
         v = rearrange(self.v(x), "b l (n d) -> b l n d", **heads)  # (B, L, N, Dh)
-        out = attention(apply_rope(q, rope), apply_rope(k, rope), v, mask)  # (B, L, N, Dh)
+        out = attention(apply_rope(q, rope), apply_rope(k, rope), v, window)  # (B, L, N, Dh)
         return self.o(rearrange(out, "b l n d -> b l (n d)"))  # (B, L, D)
 
 
@@ -89,12 +88,12 @@ class Block(nn.Module):
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
-    def forward(self, x, e, context, rope, mask):
+    def forward(self, x, e, context, rope, window):
         """x: (B, L, D) fp32 residual stream; e: (B, L|1, 6, D) fp32 time projection."""
         dtype = getattr(self.ffn[0], "compute_dtype", self.ffn[0].weight.dtype)  # fp8: its own
         m = (self.modulation.float() + e).unbind(dim=2)  # 6 x (B, L|1, D)
         attn_mod, ffn_mod = Modulation(m[0], m[1], m[2]), Modulation(m[3], m[4], m[5])
-        y = self.self_attn(attn_mod.apply(self.norm1(x)).to(dtype), rope, mask)  # (B, L, D)
+        y = self.self_attn(attn_mod.apply(self.norm1(x)).to(dtype), rope, window)  # (B, L, D)
         x = attn_mod.gated(x, y.float())
         x = x + self.cross_attn(self.norm3(x).to(dtype), context).float()  # (B, L, D)
         y = self.ffn(ffn_mod.apply(self.norm2(x)).to(dtype))  # (B, L, D)
@@ -240,12 +239,12 @@ class WanTransformer(nn.Module):
 
         angles = rope_angles(grid, cfg.head_dim, device=x.device)  # (L, Dh/2)
         rope = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)  # (L, Dh/2)
-        mask = window_mask(grid, cfg.window_size, device=x.device)
+        window = None if cfg.window_size == (-1, -1) else cfg.window_size
         for block in self.blocks:
             if self.use_checkpointing and self.training:
-                x = checkpoint(block, x, e6, context, rope, mask, use_reentrant=False)
+                x = checkpoint(block, x, e6, context, rope, window, use_reentrant=False)
             else:
-                x = block(x, e6, context, rope, mask)  # (B, L, D)
+                x = block(x, e6, context, rope, window)  # (B, L, D)
         x = self.head(x, e)  # (B, L, p*q*r*C_out)
         (p, q, r), (f, h, w) = cfg.patch_size, grid
         return rearrange(
