@@ -198,8 +198,9 @@ class WanTransformer(nn.Module):
         return out
 
     def forward(
-        self, x: torch.Tensor, sigma: torch.Tensor, context, y: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, sigma: torch.Tensor, context, y: torch.Tensor | None = None,
+        *, cache=None,
+    ) -> torch.Tensor:  # fmt: skip
         """Predict the flow velocity.
 
         Args:
@@ -207,6 +208,7 @@ class WanTransformer(nn.Module):
             sigma: noise level in [0, 1]: (B,) per sample, or (B, L) per token (ti2v).
             context: (B, S<=text_len, text_dim) tensor or list of (S_i, text_dim) embeddings.
             y: (B, C_y, F, H, W) i2v condition (mask + image latents), concatenated on channels.
+            cache: a `StepCache` that may serve the blocks after the first from an earlier step.
         Returns:
             (B, C_out, F, H, W) velocity in float32.
         """
@@ -240,10 +242,13 @@ class WanTransformer(nn.Module):
         angles = rope_angles(grid, cfg.head_dim, device=x.device)  # (L, Dh/2)
         rope = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)  # (L, Dh/2)
         window = None if cfg.window_size == (-1, -1) else cfg.window_size
-        for block in self.blocks:
-            if self.use_checkpointing and self.training:
+        if cache is not None:
+            x = cache.run(self.blocks, x, e6, context, rope, window)  # (B, L, D)
+        elif self.use_checkpointing and self.training:
+            for block in self.blocks:
                 x = checkpoint(block, x, e6, context, rope, window, use_reentrant=False)
-            else:
+        else:
+            for block in self.blocks:
                 x = block(x, e6, context, rope, window)  # (B, L, D)
         x = self.head(x, e)  # (B, L, p*q*r*C_out)
         (p, q, r), (f, h, w) = cfg.patch_size, grid
