@@ -1,10 +1,11 @@
 """The phase plan of a MoE sampler: which expert(s) run at each step, with what blend weight and
 guidance scale, and how the expert boundary is chosen.
 
-Boundary modes: `release` (the checkpoint's value), `snr` (the Wan2.2 SNR criterion for the
-actual grid), `steps:N` (the first N steps to the noisiest expert), `calibrated` (the crossover of
-measured per-expert losses); per-expert step budgets fix every boundary. The plan is built once,
-printed before sampling, and written into the run's JSON trace.
+The boundary comes typed (`sampling.boundary`): `Release`, `Sigma`, `SNR` (the Wan2.2 criterion
+for the actual grid), `Steps` (the first N steps to the noisiest expert), `Budgets` (steps per
+expert, which fix every boundary) or `Calibrated` (the crossover of measured per-expert losses).
+`plan_for(settings, config)` is the plan of validated settings: built once, printed before
+sampling, and written into the run's JSON trace.
 """
 
 from __future__ import annotations
@@ -13,17 +14,28 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from vidmoe.config import EXPERT_NAMES_2, MoEConfig
+from vidmoe.config import EXPERT_NAMES_2, ModelConfig, MoEConfig
 from vidmoe.models.moe import Router
-from vidmoe.sampling.schedules import make_sigmas, shift_sigmas
+from vidmoe.sampling.boundary import (
+    SNR,
+    Boundary,
+    Budgets,
+    Calibrated,
+    LossTable,
+    Release,
+    Sigma,
+    Steps,
+    parse_boundary,
+)
+from vidmoe.sampling.schedules import make_sigmas, shift_sigmas, sigmas_from_list
 
-BOUNDARY_MODES = ("release", "snr", "steps:N", "calibrated")
-LossTable = tuple[Sequence[float], Sequence[float]]  # (sigmas, losses) measured for one expert
+if TYPE_CHECKING:
+    from vidmoe.sampling.settings import ResolvedSettings
 
 
 @dataclass(frozen=True)
@@ -286,54 +298,47 @@ def calibrated_boundaries(
 
 
 def resolve_boundary(
-    mode: str,
+    boundary: Boundary | str,
     *,
     release: float,
     shift: float,
     num_steps: int,
     sigmas: torch.Tensor | Sequence[float] | None = None,
-    losses: Mapping[str, LossTable] | None = None,
     expert_names: Sequence[str] = EXPERT_NAMES_2,
     num_train_timesteps: int = 1000,
 ) -> float:
-    """The boundary sigma between two experts for a boundary mode.
+    """The boundary sigma between two experts.
 
     Args:
-        mode: 'release', 'snr', 'steps:N' or 'calibrated'.
-        release: the checkpoint's boundary (mode 'release').
-        shift, num_steps: the sampler's grid (modes 'snr' and 'steps:N').
+        boundary: a `Release`, `Sigma`, `SNR`, `Steps` or `Calibrated` value (or its string).
+        release: the checkpoint's boundary (`Release`).
+        shift, num_steps: the sampler's grid (`SNR` and `Steps`).
         sigmas: the sampler's actual grid; default `make_sigmas(num_steps, shift)` (UniPC's).
-        losses: expert name -> (sigmas, losses) tables (mode 'calibrated').
     Returns:
         A sigma in (0, 1); the noisier expert runs every step with sigma >= it.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1; got {num_steps}")
+    boundary = parse_boundary(boundary)
     grid = _grid(num_steps, shift, sigmas, num_train_timesteps)
-    if mode == "release":
+    if isinstance(boundary, Release):
         b = float(release)
-    elif mode == "snr":
+    elif isinstance(boundary, Sigma):
+        b = boundary.value
+    elif isinstance(boundary, SNR):
         b = snr_boundary(grid, shift=shift, num_train_timesteps=num_train_timesteps)
-    elif mode.startswith("steps:"):
-        text = mode.removeprefix("steps:")
-        if not text.lstrip("-").isdigit():
+    elif isinstance(boundary, Steps):
+        if not 1 <= boundary.n <= num_steps:
             raise ValueError(
-                f"boundary mode {mode!r}: N must be an integer step count, e.g. 'steps:8'"
+                f"boundary {boundary.spec!r}: N must be in [1, {num_steps}]; got {boundary.n}"
             )
-        n = int(text)
-        if not 1 <= n <= num_steps:
-            raise ValueError(f"boundary mode {mode!r}: N must be in [1, {num_steps}]; got {n}")
-        b = boundary_between_steps(grid, n)
-    elif mode == "calibrated":
-        if losses is None:
-            raise ValueError(
-                "boundary mode 'calibrated' needs loss tables: losses={name: (sigmas, losses)}"
-            )
-        (b,) = calibrated_boundaries(losses, tuple(expert_names)[:2])
+        b = boundary_between_steps(grid, boundary.n)
+    elif isinstance(boundary, Calibrated):
+        (b,) = calibrated_boundaries(boundary.losses, tuple(expert_names)[:2])
     else:
-        raise ValueError(f"unknown boundary mode {mode!r}; accepted: {', '.join(BOUNDARY_MODES)}")
+        raise ValueError(f"{boundary} places every boundary: use make_plan")
     if not 0.0 < b < 1.0:
-        raise ValueError(f"boundary {b} (mode {mode!r}) is outside (0, 1)")
+        raise ValueError(f"boundary {b} ({boundary.spec!r}) is outside (0, 1)")
     return b
 
 
@@ -361,28 +366,25 @@ def make_plan(
     shift: float,
     num_steps: int | None = None,
     sigmas: torch.Tensor | Sequence[float] | None = None,
-    boundary: str = "release",
-    budgets: Mapping[str, int] | None = None,
-    losses: Mapping[str, LossTable] | None = None,
+    boundary: Boundary | str = "release",
     guidance: Mapping[str, float] | None = None,
     num_train_timesteps: int = 1000,
 ) -> Plan:
-    """The plan for a request: resolve the boundaries (mode or budgets), then build it.
+    """The plan for a request: place the boundaries on the grid, then build it.
 
     Args:
-        moe: the model's MoE config (its boundaries are the 'release' ones).
-        shift, num_steps: the grid; num_steps defaults to sum(budgets) when budgets are given.
+        moe: the model's MoE config (its boundaries are the `Release` ones).
+        shift, num_steps: the grid; num_steps defaults to the budgets' sum for `Budgets`.
         sigmas: the sampler's actual grid; default `make_sigmas(num_steps, shift)` (UniPC's).
-        boundary: boundary mode (see `resolve_boundary`); ignored when budgets are given.
-        budgets: steps per expert, e.g. {"high_noise": 2, "low_noise": 6}.
-        losses: loss tables for boundary='calibrated'.
+        boundary: a typed boundary (`sampling.boundary`) or its string form.
         guidance: per-expert guidance overrides.
     """
-    if budgets is not None:
-        total = sum(budgets.values())
+    boundary = parse_boundary(boundary)
+    if isinstance(boundary, Budgets):
+        total = sum(boundary.steps.values())
         if num_steps is not None and num_steps != total:
             raise ValueError(
-                f"step budgets {dict(budgets)} sum to {total}, not num_steps={num_steps}"
+                f"step budgets {dict(boundary.steps)} sum to {total}, not num_steps={num_steps}"
             )
         num_steps = total
     if num_steps is None:
@@ -390,25 +392,39 @@ def make_plan(
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1; got {num_steps}")
     grid = _grid(num_steps, shift, sigmas, num_train_timesteps)
-    if budgets is not None:
-        bounds = boundaries_from_budgets(budgets, grid, moe.expert_names)
-    elif boundary == "release":
+    if isinstance(boundary, Budgets):
+        bounds = boundaries_from_budgets(boundary.steps, grid, moe.expert_names)
+    elif isinstance(boundary, Release):
         bounds = moe.boundaries
-    elif boundary == "calibrated" and losses is not None:
-        bounds = calibrated_boundaries(losses, moe.expert_names)
+    elif isinstance(boundary, Calibrated):
+        bounds = calibrated_boundaries(boundary.losses, moe.expert_names)
     else:
         if len(moe.expert_names) != 2:
             raise ValueError(
-                f"boundary mode {boundary!r} places one boundary; this model has "
+                f"boundary {boundary.spec!r} places one boundary; this model has "
                 f"{len(moe.expert_names)} experts: use 'release', 'calibrated' or step budgets"
             )
-        release = moe.boundaries[0]
         bounds = (resolve_boundary(
-            boundary, release=release, shift=shift, num_steps=num_steps, sigmas=grid,
-            losses=losses, expert_names=moe.expert_names, num_train_timesteps=num_train_timesteps,
+            boundary, release=moe.boundaries[0], shift=shift, num_steps=num_steps, sigmas=grid,
+            expert_names=moe.expert_names, num_train_timesteps=num_train_timesteps,
         ),)  # fmt: skip
     moe = dataclasses.replace(moe, boundaries=tuple(bounds))
     return build_plan(grid, moe, guidance=guidance, num_train_timesteps=num_train_timesteps)
+
+
+def plan_for(rs: ResolvedSettings, config: ModelConfig) -> Plan:
+    """The plan of validated settings on `config`'s model: grid, boundary, band and guidance."""
+    if rs.sigmas is not None:
+        sigmas = sigmas_from_list(rs.sigmas)
+    else:
+        sigmas = make_sigmas(rs.num_steps, rs.shift, solver=rs.sampler)
+    moe = dataclasses.replace(config.moe, band=rs.band)
+    boundary = rs.boundary
+    if len(moe.expert_names) == 1:
+        boundary = Release()
+    elif isinstance(boundary, Sigma):  # one fixed boundary: the plan is the release's rule
+        moe, boundary = dataclasses.replace(moe, boundaries=(boundary.value,)), Release()
+    return make_plan(moe, shift=rs.shift, sigmas=sigmas, boundary=boundary, guidance=rs.guidance)
 
 
 def _grid(num_steps: int, shift: float, sigmas, num_train_timesteps: int) -> list[float]:

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from vidmoe.sampling.pipeline import build_plan_for
+from vidmoe.sampling.plan import plan_for
 from vidmoe.sampling.settings import SAMPLERS, resolve_settings
 from vidmoe.serve.queue import FINISHED, STATUSES, JobStore, QueueFull, is_job_id, new_job_id
 from vidmoe.serve.requests import PayloadTooLarge, decode_image, read_body, save_image, to_settings
@@ -114,7 +114,7 @@ def create_app(cfg: ServeConfig, *, load=None) -> FastAPI:
                 image = await run_in_threadpool(decode_image, image_bytes, cfg.max_upload_bytes)
             settings = to_settings(fields, "<upload>" if image is not None else None)
             resolved = resolve_settings(settings, config)
-            plan = build_plan_for(resolved, config)
+            plan = plan_for(resolved, config)
         except PayloadTooLarge as e:
             raise HTTPException(413, str(e)) from None
         except ValueError as e:
