@@ -10,15 +10,14 @@ import pytest
 import torch
 
 from vidmoe.config import PRESETS, MoEConfig
-from vidmoe.sampling.boundary import Budgets, Calibrated
-from vidmoe.sampling.plan import (
-    Plan,
-    build_plan,
+from vidmoe.sampling.boundary import (
+    Budgets,
+    Calibrated,
     calibrated_boundaries,
-    make_plan,
     resolve_boundary,
     snr,
 )
+from vidmoe.sampling.plan import Plan, build_plan, make_plan
 from vidmoe.sampling.schedules import make_sigmas
 
 T2V = PRESETS["t2v-A14B"].moe

@@ -23,9 +23,10 @@ from vidmoe.sampling.boundary import (
     Release,
     Sigma,
     Steps,
+    calibrated_boundaries,
+    kind_of,
     parse_boundary,
 )
-from vidmoe.sampling.plan import calibrated_boundaries
 from vidmoe.sampling.schedules import sigmas_from_list
 
 SAMPLERS = ("euler", "unipc", "dpm++")
@@ -122,15 +123,10 @@ class ResolvedSettings:
         return d
 
 
-def _kind(value) -> str:
-    names = {str: "a string", bool: "a boolean", list: "a list", tuple: "a list", dict: "a dict"}
-    return names.get(type(value), f"a {type(value).__name__}")
-
-
 def _integer(name: str, value, lo: int | None, hi: int | None = None, why: str = "") -> int:
     """`value` as an int in [lo, hi]: bools, floats and strings are refused, never converted."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer; got {value!r} ({_kind(value)})")
+        raise ValueError(f"{name} must be an integer; got {value!r} ({kind_of(value)})")
     if lo is not None and value < lo:
         raise ValueError(f"{name} must be an integer >= {lo}; got {value}")
     if hi is not None and value > hi:
@@ -141,7 +137,7 @@ def _integer(name: str, value, lo: int | None, hi: int | None = None, why: str =
 def _number(name: str, value) -> float:
     """`value` as a finite float: bools, strings, NaN and infinities are refused."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number; got {value!r} ({_kind(value)})")
+        raise ValueError(f"{name} must be a number; got {value!r} ({kind_of(value)})")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number; got {value!r}")
     return float(value)
@@ -149,7 +145,7 @@ def _number(name: str, value) -> float:
 
 def _string(name: str, value) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"{name} must be a string; got {value!r} ({_kind(value)})")
+        raise ValueError(f"{name} must be a string; got {value!r} ({kind_of(value)})")
     return value
 
 
@@ -223,7 +219,7 @@ def _budgets(value, model: ModelConfig, limits: Limits) -> dict[str, int]:
     names = model.moe.expert_names
     if not isinstance(value, dict):
         raise ValueError(
-            f"steps_per_expert must be a dict {{expert: steps}}; got {value!r} ({_kind(value)})"
+            f"steps_per_expert must be a dict {{expert: steps}}; got {value!r} ({kind_of(value)})"
         )
     unknown = [n for n in value if n not in names]
     if unknown:
@@ -243,7 +239,7 @@ def _budgets(value, model: ModelConfig, limits: Limits) -> dict[str, int]:
 
 def _sigmas(value, limits: Limits) -> tuple[float, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-        raise ValueError(f"sigmas must be a list of numbers; got {value!r} ({_kind(value)})")
+        raise ValueError(f"sigmas must be a list of numbers; got {value!r} ({kind_of(value)})")
     values = tuple(_number(f"sigmas[{i}]", x) for i, x in enumerate(value))
     sigmas_from_list(values)  # descending, in (0, 1]: ValueError otherwise
     _integer("the number of sigmas", len([x for x in values if x > 0]), 1, limits.max_steps,
@@ -280,7 +276,7 @@ def _size(s: GenerateSettings, model: ModelConfig, limits: Limits) -> tuple[int,
         )
     frames = model.default_num_frames if s.num_frames is None else s.num_frames
     if isinstance(frames, bool) or not isinstance(frames, int):
-        raise ValueError(f"num_frames must be an integer; got {frames!r} ({_kind(frames)})")
+        raise ValueError(f"num_frames must be an integer; got {frames!r} ({kind_of(frames)})")
     check_num_frames(frames, model.vae.temporal_stride)
     _integer("num_frames", frames, 1, limits.max_num_frames,
              " (Limits.max_num_frames, until a memory planner decides what fits)")  # fmt: skip
