@@ -148,7 +148,8 @@ def _calibrated(path: str, read_files: bool) -> Calibrated:
     if not path:
         raise ValueError(
             "boundary 'calibrated' needs the loss tables it reads: give calibrated:PATH, a JSON "
-            'file {expert: {"sigmas": [...], "losses": [...]}} (see write_loss_tables)'
+            'file {expert: {"sigmas": [...], "losses": [...]}} (docs/settings.md says how to '
+            "make one)"
         )
     if not read_files:
         raise ValueError(
