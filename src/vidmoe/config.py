@@ -23,7 +23,7 @@ SHARED_TRANSFORMER_FIELDS = (
 )  # fmt: skip
 # Sanity bounds on an architecture's sizes: far above any released model (A14B: dim 5120, 40
 # layers, ffn 13824), low enough that a typo in a model file (dim 10**9) is a clear error and
-# not an allocation that never ends.
+# not an allocation that never ends. (A table: several pairs a line, hence fmt: skip.)
 SIZE_BOUNDS = {
     "dim": 65536, "ffn_dim": 262144, "num_heads": 1024, "num_layers": 1024, "text_len": 65536,
     "in_dim": 4096, "out_dim": 4096, "text_dim": 65536, "freq_dim": 65536, "z_dim": 4096,

@@ -378,7 +378,7 @@ def boundaries_for(
     return (resolve_boundary(
         boundary, release=moe.boundaries[0], shift=shift, num_steps=len(grid) - 1, sigmas=grid,
         expert_names=moe.expert_names, num_train_timesteps=num_train_timesteps,
-    ),)  # fmt: skip
+    ),)
 
 
 def check_expert_names(d: Mapping[str, Any], names: Sequence[str], what: str) -> None:

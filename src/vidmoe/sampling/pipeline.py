@@ -49,7 +49,7 @@ class Pipeline:
 
     def __init__(self, config: ModelConfig, experts: Experts | Mapping[str, nn.Module], vae,
                  text_encoder, *, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None, residency: str | None = None):  # fmt: skip
+                 dtype: torch.dtype | None = None, residency: str | None = None):
         """Args:
             experts: an `Experts` (its placement rules), or modules by name, placed on
                 `device` (default CPU) under `residency` (default 'resident'), run in `dtype`
@@ -63,9 +63,9 @@ class Pipeline:
                     f"missing {missing}"
                 )
             placement = Placement(device=device or "cpu", dtype=dtype or torch.float32,
-                                  residency=residency or "resident")  # fmt: skip
+                                  residency=residency or "resident")
             experts = Experts({n: experts[n] for n in config.moe.expert_names}, config.moe,
-                              placement=placement)  # fmt: skip
+                              placement=placement)
         elif (device, dtype, residency) != (None, None, None):
             raise ValueError("device, dtype and residency come from the Experts' placement")
         self.config, self.experts = config, experts
@@ -192,11 +192,11 @@ class Pipeline:
         )
 
     def _denoise(self, x, plan: Plan, sampler: str, cond, uncond, c: Conditioning, progress: bool,
-                 callback) -> tuple[torch.Tensor, list[dict]]:  # fmt: skip
+                 callback) -> tuple[torch.Tensor, list[dict]]:
         """The sampling loop: per step, each planned expert's guided velocity, blended, then one
         solver step. x: (1, C, F, H, W) float32."""
         sigmas = torch.tensor([st.sigma for st in plan.steps] + [plan.steps[-1].sigma_next],
-                              dtype=torch.float64)  # fmt: skip
+                              dtype=torch.float64)
         solver = make_solver(sampler, sigmas)
         trace, bar = [], _progress(len(plan.steps), "denoise", progress)
         for st in plan.steps:
@@ -277,7 +277,7 @@ class Pipeline:
 
 def _trace_row(st: StepPlan, seconds: float) -> dict:
     row = dict(index=st.index, sigma=st.sigma, experts=list(st.experts), weights=list(st.weights),
-               guidance=list(st.guidance), seconds=round(seconds, 4))  # fmt: skip
+               guidance=list(st.guidance), seconds=round(seconds, 4))
     if st.adapter_scales:
         row["adapters"] = dict(st.adapter_scales)
     return row

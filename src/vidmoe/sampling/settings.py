@@ -233,7 +233,7 @@ def _budgets(value, model: ModelConfig, limits: Limits) -> dict[str, int]:
         )
     budgets = {n: _integer(f"steps_per_expert[{n!r}]", value[n], 1) for n in names}
     _integer("the sum of steps_per_expert", sum(budgets.values()), 1, limits.max_steps,
-             " (Limits.max_steps)")  # fmt: skip
+             " (Limits.max_steps)")
     return budgets
 
 
@@ -243,7 +243,7 @@ def _sigmas(value, limits: Limits) -> tuple[float, ...]:
     values = tuple(_number(f"sigmas[{i}]", x) for i, x in enumerate(value))
     sigmas_from_list(values)  # descending, in (0, 1]: ValueError otherwise
     _integer("the number of sigmas", len([x for x in values if x > 0]), 1, limits.max_steps,
-             " (Limits.max_steps)")  # fmt: skip
+             " (Limits.max_steps)")
     return values
 
 
@@ -279,12 +279,12 @@ def _size(s: GenerateSettings, model: ModelConfig, limits: Limits) -> tuple[int,
         raise ValueError(f"num_frames must be an integer; got {frames!r} ({kind_of(frames)})")
     check_num_frames(frames, model.vae.temporal_stride)
     _integer("num_frames", frames, 1, limits.max_num_frames,
-             " (Limits.max_num_frames, until a memory planner decides what fits)")  # fmt: skip
+             " (Limits.max_num_frames, until a memory planner decides what fits)")
     return width, height, frames
 
 
 def _boundary(s: GenerateSettings, model: ModelConfig, band: float, num_steps: int,
-              budgets: dict[str, int], limits: Limits) -> Boundary:  # fmt: skip
+              budgets: dict[str, int], limits: Limits) -> Boundary:
     """The typed boundary; checked against the model wherever the grid does not matter."""
     moe = model.moe
     if budgets:
