@@ -152,12 +152,12 @@ def generate(
         if lora_strict not in ("on", "off"):
             raise ValueError(f"--lora-strict must be on or off; got {lora_strict!r}")
         lora_specs = [parse_lora_spec(item) for item in lora or []]
-        from vidmoe.sampling.pipeline import build_plan_for
+        from vidmoe.sampling.plan import plan_for
         from vidmoe.sampling.settings import resolve_settings
 
         config = model_config_for(model)
         rs = resolve_settings(s, config)  # validate before any heavy work
-        plan = build_plan_for(rs, config)
+        plan = plan_for(rs, config)
         if not quiet:
             typer.echo(plan.summary())
         pipe = load_pipeline(model, device=device, dtype=dtype, residency=residency)
@@ -213,7 +213,7 @@ def plan(
 ):
     """Print the per-step plan: boundary, steps per expert, guidance per step."""
     from vidmoe.loading import model_config_for
-    from vidmoe.sampling.pipeline import build_plan_for
+    from vidmoe.sampling.plan import plan_for
     from vidmoe.sampling.settings import resolve_settings
 
     try:
@@ -227,7 +227,7 @@ def plan(
             s = apply_recipe(s, recipe)
         if config.transformer.model_type == "i2v":
             s = type(s)(**{**s.__dict__, "image": "<image>"})
-        typer.echo(build_plan_for(resolve_settings(s, config), config).summary())
+        typer.echo(plan_for(resolve_settings(s, config), config).summary())
     except ValueError as e:
         _fail(e)
 

@@ -21,6 +21,29 @@ EXPERT_NAMES_2 = ("high_noise", "low_noise")
 SHARED_TRANSFORMER_FIELDS = (
     "model_type", "text_len", "in_dim", "out_dim", "text_dim", "freq_dim",
 )  # fmt: skip
+# Sanity bounds on an architecture's sizes: far above any released model (A14B: dim 5120, 40
+# layers, ffn 13824), low enough that a typo in a model file (dim 10**9) is a clear error and
+# not an allocation that never ends. (A table: several pairs a line, hence fmt: skip.)
+SIZE_BOUNDS = {
+    "dim": 65536, "ffn_dim": 262144, "num_heads": 1024, "num_layers": 1024, "text_len": 65536,
+    "in_dim": 4096, "out_dim": 4096, "text_dim": 65536, "freq_dim": 65536, "z_dim": 4096,
+    "num_res_blocks": 64,
+}  # fmt: skip
+
+
+def check_sizes(config: Any) -> None:
+    """ValueError unless every bounded size field of `config` is an int in [1, bound]."""
+    for name, bound in SIZE_BOUNDS.items():
+        if not hasattr(config, name):
+            continue
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bound:
+            raise ValueError(
+                f"{type(config).__name__}.{name} must be an integer in [1, {bound}] (far above "
+                f"any released model); got {value!r}: check the model file"
+            )
+
+
 ExpertOverrides = tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
 """Per-expert TransformerConfig overrides, normalised: ((expert, ((field, value), ...)), ...)."""
 
@@ -65,6 +88,7 @@ class TransformerConfig:
     """Epsilon of every norm."""
 
     def __post_init__(self) -> None:
+        check_sizes(self)
         if self.model_type not in ("t2v", "i2v", "ti2v"):
             raise ValueError(
                 f"model_type must be 't2v', 'i2v' or 'ti2v'; got {self.model_type!r}"
@@ -180,6 +204,7 @@ class VAEConfig:
     """Per-channel latent std used for normalisation (empty: ones)."""
 
     def __post_init__(self) -> None:
+        check_sizes(self)
         if self.generation not in ("2.1", "2.2"):
             raise ValueError(f"VAE generation must be '2.1' or '2.2'; got {self.generation!r}")
         for name in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vidmoe.models.moe import Experts
 from vidmoe.world.labels import COLOURS, SHAPES, parse_prompt
 
 DIRECTIONS = ("left", "right", "up", "down")
@@ -129,10 +130,9 @@ def swapped(pipe):
     if len(names) != 2:
         raise ValueError(f"the swap ablation needs two experts; the model has {list(names)}")
     view = dataclasses.replace(pipe.config)  # same config, experts exchanged below
-    experts = {names[0]: pipe.experts[names[1]], names[1]: pipe.experts[names[0]]}
-    out = type(pipe)(
-        view, experts, pipe.vae, pipe.text_encoder, device=pipe.device, dtype=pipe.dtype
-    )
+    modules = {names[0]: pipe.experts[names[1]], names[1]: pipe.experts[names[0]]}
+    experts = Experts(modules, view.moe, placement=pipe.experts.placement)
+    out = type(pipe)(view, experts, pipe.vae, pipe.text_encoder)
     out.source = dict(pipe.source, ablation="experts swapped")
     return out
 

@@ -1,5 +1,6 @@
 """From a path or preset name to a ready `Pipeline`: layout detection, model building on the
-meta device, weights streamed from memory-mapped files one expert at a time.
+meta device, weights streamed from memory-mapped files one expert at a time, gathered into one
+`Experts` with their placement (device, dtype, residency).
 
 `load_pipeline(None)` loads the demo model shipped in the package.
 """
@@ -11,26 +12,11 @@ from pathlib import Path
 import torch
 
 from vidmoe.config import PRESETS, ModelConfig, get_preset
+from vidmoe.devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401 (re-exported)
+from vidmoe.models.moe import Experts, ParamCounts, Placement, count_params
 from vidmoe.sampling.pipeline import Pipeline
 
 DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
-    return DTYPES[dtype]
 
 
 def _default_model(model: str | Path | None) -> str | Path:
@@ -76,7 +62,8 @@ def build_random_pipeline(config: ModelConfig | str, *, seed: int = 0, device="c
         dtype=torch.float32,
         max_length=config.transformer.text_len,
     )
-    pipe = Pipeline(config, experts, vae, text, device=device, dtype=dtype)
+    placement = Placement(device=device, dtype=dtype)
+    pipe = Pipeline(config, Experts(experts, config.moe, placement=placement), vae, text)
     pipe.source = {"preset": config.name, "weights": f"random (seed {seed})"}
     return pipe
 
@@ -89,29 +76,30 @@ def load_pipeline(model: str | Path | None = None, *, device: str = "auto", dtyp
     """
     model = _default_model(model)
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    placement = Placement(device=dev, dtype=resolve_dtype(dtype, dev), residency=residency)
     if isinstance(model, str) and model in PRESETS:
-        return build_random_pipeline(model, device=dev, dtype=dt)
+        return build_random_pipeline(model, device=dev, dtype=placement.dtype)
     from vidmoe.io.checkpoints import load_components
 
-    # swap keeps idle experts in host RAM: load them there, the pipeline moves one at a time
+    # swap keeps idle experts in host RAM: load them there, the policy moves one at a time
     c = load_components(
-        Path(model), device="cpu" if residency == "swap" else dev, dtype=dt, strict=strict
+        Path(model), device=dev if residency == "resident" else "cpu", dtype=placement.dtype,
+        strict=strict,
     )
-    pipe = Pipeline(
-        c.config, c.experts, c.vae, c.text_encoder, device=dev, dtype=dt, residency=residency
-    )
+    experts = Experts(c.experts, c.config.moe, placement=placement)
+    pipe = Pipeline(c.config, experts, c.vae, c.text_encoder)
     pipe.source = {"path": str(model), "layout": c.layout}
     return pipe
 
 
 def describe_model(model: str | Path | None) -> str:
     """Experts, parameter counts (total, active per step: the largest expert), boundary and plan."""
-    from vidmoe.sampling.pipeline import build_plan_for
+    from vidmoe.sampling.plan import plan_for
     from vidmoe.sampling.settings import GenerateSettings, resolve_settings
 
     config = model_config_for(model)
-    counts = expert_param_counts(config)
+    total = param_counts(config)
+    counts = total.per_expert
     k = len(config.moe.expert_names)
     t = config.transformer
     if len(set(counts.values())) == 1:
@@ -128,7 +116,7 @@ def describe_model(model: str | Path | None) -> str:
         f"in {t.in_dim} / out {t.out_dim} channels, patch {t.patch_size}"
         + (f", window {t.window_size}" if t.window_size != (-1, -1) else ""),
         *differs,
-        f"parameters: {_fmt(sum(counts.values()))} total, {_fmt(max(counts.values()))} active per step ({each})",
+        f"parameters: {_fmt(total.total)} total, {_fmt(total.active)} active per step ({each})",
         f"experts: {', '.join(config.moe.expert_names)}; boundaries (sigma): "
         f"{', '.join(f'{b:g}' for b in config.moe.boundaries) or 'none'}",
         f"guidance: {', '.join(f'{n}={g:g}' for n, g in zip(config.moe.expert_names, config.moe.guidance))}",
@@ -139,19 +127,22 @@ def describe_model(model: str | Path | None) -> str:
         "",
     ]
     image = "<image>" if t.model_type == "i2v" else None
-    plan = build_plan_for(resolve_settings(GenerateSettings(image=image), config), config)
+    plan = plan_for(resolve_settings(GenerateSettings(image=image), config), config)
     return "\n".join(lines) + plan.summary()
 
 
-def expert_param_counts(config: ModelConfig) -> dict[str, int]:
-    """Parameters of each expert (built on the meta device: no memory), keyed by expert name."""
+def param_counts(config: ModelConfig) -> ParamCounts:
+    """Parameter counts of a model's experts, built on the meta device (no memory)."""
     from vidmoe.models.transformer import WanTransformer
 
     with torch.device("meta"):
-        return {
-            name: WanTransformer(config.transformer_for(name)).num_params()
-            for name in config.moe.expert_names
-        }
+        experts = {n: WanTransformer(config.transformer_for(n)) for n in config.moe.expert_names}
+    return count_params(experts)
+
+
+def expert_param_counts(config: ModelConfig) -> dict[str, int]:
+    """Parameters of each expert, keyed by expert name (see `param_counts`)."""
+    return param_counts(config).per_expert
 
 
 def _fmt(n: int) -> str:

@@ -1,4 +1,4 @@
-"""The noise-level router and the expert container."""
+"""The noise-level router and `Experts`, the one owner of the expert networks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from vidmoe.config import TINY_TRANSFORMER, MoEConfig
-from vidmoe.models.moe import MoETransformer, Router, smoothstep
+from vidmoe.models.moe import RESIDENCY, Experts, Placement, Router, smoothstep
 
 T2V = MoEConfig(boundaries=(0.875,), guidance=(4.0, 3.0))
 K3 = MoEConfig(expert_names=("a", "b", "c"), boundaries=(0.8, 0.4), guidance=(5.0, 4.0, 3.0))
@@ -107,6 +107,20 @@ def test_smoothstep_ends():
     assert smoothstep(0.5) == 0.5 and smoothstep(1.0) == 1.0 and smoothstep(2.0) == 1.0
 
 
+def test_smoothstep_of_a_tensor_is_the_float_form_elementwise():
+    xs = [-0.5, 0.0, 0.1, 0.25, 0.5, 0.9, 1.0, 1.5]
+    got = smoothstep(torch.tensor(xs, dtype=torch.float64)).tolist()
+    assert got == [smoothstep(x) for x in xs]
+
+
+def test_batched_weights_match_route_inside_and_outside_bands():
+    router = Router(dataclasses.replace(T2V, band=0.05))
+    sigmas = [0.0, 0.3, 0.83, 0.85, 0.875, 0.9, 0.92, 1.0]
+    w = router.weights(torch.tensor(sigmas, dtype=torch.float64))  # (8, 2)
+    for row, sigma in zip(w.tolist(), sigmas):
+        assert row == pytest.approx([weight_of(router, n, sigma) for n in T2V.expert_names], abs=0)
+
+
 @pytest.mark.parametrize(
     ("moe", "match"),
     [
@@ -146,9 +160,12 @@ class Stub(nn.Module):
 
 def test_experts_keyed_by_name_and_param_counts():
     high, low = Stub(), Stub(width=6)
-    moe = MoETransformer({"low_noise": low, "high_noise": high}, T2V)
-    assert list(moe.experts) == ["high_noise", "low_noise"]  # ordered noisiest first
-    assert moe["high_noise"] is high and moe.experts["low_noise"] is low
+    moe = Experts({"low_noise": low, "high_noise": high}, T2V)
+    assert list(moe) == ["high_noise", "low_noise"]  # ordered noisiest first
+    assert list(moe.keys()) == ["high_noise", "low_noise"] and len(moe) == 2
+    assert moe["high_noise"] is high and dict(moe.items())["low_noise"] is low
+    assert "low_noise" in moe and "medium" not in moe
+    assert list(moe.values()) == [high, low]
     counts = moe.param_counts()
     assert counts.per_expert == {"high_noise": 20, "low_noise": 42}
     assert counts.total == 62
@@ -158,37 +175,37 @@ def test_experts_keyed_by_name_and_param_counts():
 def test_shared_parameters_are_counted_once():
     high, low = Stub(), Stub()
     low.proj = high.proj
-    counts = MoETransformer({"high_noise": high, "low_noise": low}, T2V).param_counts()
+    counts = Experts({"high_noise": high, "low_noise": low}, T2V).param_counts()
     assert counts.total == 20 and counts.active == 20
 
 
 def test_expert_names_must_match_config():
-    with pytest.raises(ValueError, match="high_noise"):
-        MoETransformer({"high": Stub(), "low_noise": Stub()}, T2V)
-    moe = MoETransformer({"high_noise": Stub(), "low_noise": Stub()}, T2V)
+    with pytest.raises(ValueError, match=r"missing \['high_noise'\], unknown \['high'\]"):
+        Experts({"high": Stub(), "low_noise": Stub()}, T2V)
+    moe = Experts({"high_noise": Stub(), "low_noise": Stub()}, T2V)
     with pytest.raises(ValueError, match="experts: high_noise, low_noise"):
         moe["medium"]
 
 
 def test_check_compatible():
-    same = MoETransformer({"high_noise": Stub(), "low_noise": Stub()}, T2V)
+    same = Experts({"high_noise": Stub(), "low_noise": Stub()}, T2V)
     same.check_compatible(strict=True)
 
     wider = dataclasses.replace(TINY_TRANSFORMER, ffn_dim=384)
-    ffn = MoETransformer({"high_noise": Stub(), "low_noise": Stub(wider)}, T2V)
+    ffn = Experts({"high_noise": Stub(), "low_noise": Stub(wider)}, T2V)
     ffn.check_compatible()  # training experts may differ in FFN width
     with pytest.raises(ValueError, match="ffn_dim: high_noise=192, low_noise=384"):
         ffn.check_compatible(strict=True)
 
     i2v = dataclasses.replace(TINY_TRANSFORMER, model_type="i2v", in_dim=36)
-    bad = MoETransformer({"high_noise": Stub(), "low_noise": Stub(i2v)}, T2V)
+    bad = Experts({"high_noise": Stub(), "low_noise": Stub(i2v)}, T2V)
     with pytest.raises(ValueError, match="model_type.*in_dim"):
         bad.check_compatible()
 
     bare = Stub()
     del bare.config
     with pytest.raises(ValueError, match="no `.config`"):
-        MoETransformer({"high_noise": Stub(), "low_noise": bare}, T2V).check_compatible()
+        Experts({"high_noise": Stub(), "low_noise": bare}, T2V).check_compatible()
 
 
 def test_sigma_range_is_the_set_of_sigmas_each_expert_owns():
@@ -198,3 +215,45 @@ def test_sigma_range_is_the_set_of_sigmas_each_expert_owns():
         assert owners == [router.owner(sigma)], sigma
     with pytest.raises(ValueError, match="unknown expert 'd'"):
         router.sigma_range("d")
+
+
+def test_resident_experts_sit_on_the_device_and_activate_returns_them():
+    high, low = Stub(), Stub()
+    experts = Experts({"high_noise": high, "low_noise": low}, T2V,
+                      placement=Placement(device="meta", dtype=torch.float16))  # fmt: skip
+    assert all(p.is_meta for e in experts.values() for p in e.parameters())
+    assert experts.activate("low_noise") is low and experts.device == torch.device("meta")
+    assert experts.dtype == torch.float16 and experts.router.owner(0.9) == "high_noise"
+
+
+class Tracked(Stub):
+    """A Stub that records where it is moved (one CPU here; the policy is what is tested)."""
+
+    def __init__(self):
+        super().__init__()
+        self.moves = []
+
+    def to(self, *args, **kwargs):
+        self.moves.append(str(args[0]))
+        return super().to(*args, **kwargs)
+
+
+def test_swap_moves_the_active_expert_in_and_the_others_out():
+    high, low = Tracked(), Tracked()
+    experts = Experts({"high_noise": high, "low_noise": low}, T2V,
+                      placement=Placement(device="cpu", residency="swap"))  # fmt: skip
+    assert high.moves == low.moves == []  # placed where the loader put them
+    assert experts.activate("high_noise") is high
+    assert (high.moves, low.moves) == (["cpu"], ["cpu"])  # idle one to host RAM, active one in
+    resident = Experts({"high_noise": Tracked(), "low_noise": Tracked()}, T2V)
+    assert [e.moves for e in resident.values()] == [["cpu"], ["cpu"]]
+    resident.activate("high_noise")
+    assert [e.moves for e in resident.values()] == [["cpu"], ["cpu"]]  # nothing moves
+    with pytest.raises(ValueError, match="unknown expert 'mid'"):
+        experts.activate("mid")
+
+
+def test_placement_refuses_an_unknown_residency():
+    assert set(RESIDENCY) == {"resident", "swap"}
+    with pytest.raises(ValueError, match="residency must be one of resident, swap; got 'disk'"):
+        Placement(residency="disk")

@@ -10,8 +10,7 @@ from tests.io.lora_files import random_lora, write_release
 from vidmoe.cli import _settings, app, parse_lora_spec
 from vidmoe.config import get_preset
 from vidmoe.loading import build_random_pipeline
-from vidmoe.sampling.pipeline import build_plan_for
-from vidmoe.sampling.plan import make_plan, with_adapter_scales
+from vidmoe.sampling.plan import make_plan, plan_for, with_adapter_scales
 from vidmoe.sampling.recipes import RECIPES, apply_recipe
 from vidmoe.sampling.settings import GenerateSettings, resolve_settings
 
@@ -46,7 +45,7 @@ def test_cli_steps_per_expert_gives_exactly_that_plan():
     s = _settings(
         "", None, None, None, None, "high_noise=2,low_noise=6", None, None, None, None, 0, None
     )
-    plan = build_plan_for(resolve_settings(s, CONFIG), CONFIG)
+    plan = plan_for(resolve_settings(s, CONFIG), CONFIG)
     assert [st.experts for st in plan.steps] == [("high_noise",)] * 2 + [("low_noise",)] * 6
     r = runner.invoke(app, ["plan", "tiny-t2v", "--steps", "high_noise=2,low_noise=6"])
     assert r.exit_code == 0 and "high_noise 2, low_noise 6 (total 8)" in r.output
@@ -60,7 +59,7 @@ def test_lightning_recipe_reproduces_the_published_grid():
         5.0,
         {"high_noise": 1.0, "low_noise": 1.0},
     )
-    plan = build_plan_for(rs, get_preset("t2v-A14B"))
+    plan = plan_for(rs, get_preset("t2v-A14B"))
     # shift 5 on linspace(1, 0, 5): Euler from [1, 0.9375, 0.8333, 0.625] to 0
     assert [st.sigma for st in plan.steps] == pytest.approx([1.0, 0.9375, 5 / 6, 0.625])
     assert plan.counts() == {"high_noise": 2, "low_noise": 2}

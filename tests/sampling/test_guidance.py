@@ -48,3 +48,24 @@ def test_bad_inputs():
         cfg_batch(cond, uncond[:1])
     with pytest.raises(ValueError, match="even batch size; got 3"):
         split_cfg_batch(torch.zeros(3, 2))
+
+
+def test_guided_velocity_batches_cond_and_uncond_as_two_separate_calls_would():
+    from vidmoe.sampling.guidance import guided_velocity
+
+    calls = []
+
+    def model(x, sigma, context, y=None):  # (B, C, F, H, W) -> same; depends on each context
+        calls.append(x.shape[0])
+        shift = torch.stack([c.mean() for c in context]).view(-1, 1, 1, 1, 1)  # (B, 1, 1, 1, 1)
+        return x * sigma.view(-1, 1, 1, 1, 1) + shift + (0 if y is None else y)
+
+    x, sigma = torch.randn(1, 2, 3, 4, 4), torch.tensor([0.7])
+    cond, uncond, y = [torch.randn(5, 8)], [torch.randn(3, 8)], torch.randn(1, 2, 3, 4, 4)
+    want = apply_guidance(model(x, sigma, cond, y=y), model(x, sigma, uncond, y=y), 4.0)
+    calls.clear()
+    got = guided_velocity(model, x, sigma, cond, uncond, 4.0, y=y)
+    assert calls == [2] and torch.equal(got, want)  # one pass of batch 2, the same numbers
+    calls.clear()
+    assert torch.equal(guided_velocity(model, x, sigma, cond, uncond, 1.0), model(x, sigma, cond))
+    assert calls == [1, 1]  # guidance 1: the conditional pass alone (then the check's own call)

@@ -150,3 +150,22 @@ def test_empty_prompt_is_an_unconditional_request(t2v):
     rs = resolve_settings(GenerateSettings(prompt=""), get_preset("tiny-t2v"))
     assert rs.prompt == ""
     assert t2v.generate("", num_steps=2, output="latents").latents.shape == (1, 16, 3, 8, 8)
+
+
+def test_pipeline_holds_one_experts_object_and_swap_gives_the_same_video(t2v):
+    from vidmoe.models.moe import Experts, Placement
+    from vidmoe.sampling.pipeline import Pipeline
+
+    assert isinstance(t2v.experts, Experts) and list(t2v.experts) == ["high_noise", "low_noise"]
+    counts = t2v.experts.param_counts()
+    assert t2v.num_params() == {"total": counts.total, "active": counts.active, **counts.per_expert}
+    swap = Experts(dict(t2v.experts.items()), t2v.config.moe, placement=Placement(residency="swap"))
+    other = Pipeline(t2v.config, swap, t2v.vae, t2v.text_encoder)
+    assert other.residency == "swap" and other.experts["low_noise"] is t2v.experts["low_noise"]
+    a = t2v.generate("x", num_steps=3, seed=4, output="latents")
+    b = other.generate("x", num_steps=3, seed=4, output="latents")
+    assert torch.equal(a.latents, b.latents)
+    with pytest.raises(ValueError, match="come from the Experts' placement"):
+        Pipeline(t2v.config, swap, t2v.vae, t2v.text_encoder, device="cpu")
+    with pytest.raises(ValueError, match="output must be one of frames, latents; got 'mp4'"):
+        t2v.generate("x", num_steps=1, output="mp4")

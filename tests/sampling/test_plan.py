@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from vidmoe.config import PRESETS, MoEConfig
-from vidmoe.sampling.plan import (
-    Plan,
-    build_plan,
+from vidmoe.sampling.boundary import (
+    Budgets,
+    Calibrated,
     calibrated_boundaries,
-    make_plan,
     resolve_boundary,
     snr,
 )
+from vidmoe.sampling.plan import Plan, build_plan, make_plan
 from vidmoe.sampling.schedules import make_sigmas
 
 T2V = PRESETS["t2v-A14B"].moe
@@ -124,11 +124,11 @@ def test_snr_mode_caps_sigma_one():
 
 
 def test_budgets_give_exact_counts():
-    plan = make_plan(T2V, shift=12.0, budgets={"high_noise": 2, "low_noise": 6})
+    plan = make_plan(T2V, shift=12.0, boundary=Budgets({"high_noise": 2, "low_noise": 6}))
     assert plan.num_steps == 8
     assert plan.counts() == {"high_noise": 2, "low_noise": 6}
     assert high_steps(plan) == [0, 1]
-    plan3 = make_plan(K3, shift=5.0, budgets={"a": 3, "b": 4, "c": 5})
+    plan3 = make_plan(K3, shift=5.0, boundary=Budgets({"a": 3, "b": 4, "c": 5}))
     assert plan3.counts() == {"a": 3, "b": 4, "c": 5}
     assert [s.experts[0] for s in plan3.steps] == ["a"] * 3 + ["b"] * 4 + ["c"] * 5
 
@@ -144,9 +144,9 @@ def test_calibrated_crossover_by_linear_interpolation():
         "high_noise": line_table(-1.0, 0.63, 0.0, 1.0, 11),
         "low_noise": line_table(2.0, 0.63, 0.05, 0.95, 7),  # a different sigma grid
     }
-    b = resolve_boundary("calibrated", release=0.875, shift=12.0, num_steps=40, losses=losses)
+    b = resolve_boundary(Calibrated(losses), release=0.875, shift=12.0, num_steps=40)
     assert b == pytest.approx(0.63, abs=1e-9)
-    plan = make_plan(T2V, shift=12.0, num_steps=40, boundary="calibrated", losses=losses)
+    plan = make_plan(T2V, shift=12.0, num_steps=40, boundary=Calibrated(losses))
     assert all(("high_noise" in s.experts) == (s.sigma >= b) for s in plan.steps)
 
 
@@ -188,12 +188,12 @@ BAD_INPUTS = [
     (dict(mode="steps:0"), "got 0"),
     (dict(mode="steps:41"), "got 41"),
     (dict(mode="steps:x"), "steps:x"),
-    (dict(mode="quantile"), "'quantile'.*release, snr, steps:N, calibrated"),
+    (dict(mode="quantile"), "release, snr, steps:N, calibrated:PATH.*got 'quantile'"),
     (dict(mode="calibrated"), "loss tables"),
     (dict(mode="release", num_steps=0), "got 0"),
-    (dict(mode="calibrated", losses={"high_noise": ([0, 1], [1, 1]), "mid": ([0, 1], [1, 1])}),
+    (dict(mode=Calibrated({"high_noise": ([0, 1], [1, 1]), "mid": ([0, 1], [1, 1])})),
      "'mid'.*high_noise, low_noise"),
-    (dict(mode="calibrated", losses={"high_noise": ([0, 1], [1, 0]), "low_noise": ([0, 1], [2, 2])}),
+    (dict(mode=Calibrated({"high_noise": ([0, 1], [1, 0]), "low_noise": ([0, 1], [2, 2])})),
      "no loss crossover"),
 ]  # fmt: skip
 
@@ -209,10 +209,10 @@ def test_resolve_boundary_rejects_bad_input(kwargs, match):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(budgets={"high_noise": 0, "low_noise": 8}), "'high_noise'.*got 0"),
-        (dict(budgets={"high_noise": 2}), "every expert"),
-        (dict(budgets={"high_noise": 2, "low": 6}), "'low'.*high_noise, low_noise"),
-        (dict(budgets={"high_noise": 2, "low_noise": 6}, num_steps=10), "num_steps=10"),
+        (dict(boundary=Budgets({"high_noise": 0, "low_noise": 8})), "'high_noise'.*got 0"),
+        (dict(boundary=Budgets({"high_noise": 2})), "every expert"),
+        (dict(boundary=Budgets({"high_noise": 2, "low": 6})), "'low'.*high_noise, low_noise"),
+        (dict(boundary=Budgets({"high_noise": 2, "low_noise": 6}), num_steps=10), "num_steps=10"),
         (dict(num_steps=0), "got 0"),
         (dict(num_steps=10, guidance={"high_noise": -0.5}), "-0.5"),
         (dict(num_steps=10, boundary="snr", moe=K3), "3 experts"),

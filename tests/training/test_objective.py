@@ -87,7 +87,7 @@ def test_sample_sigma_rejects_unknown_kind():
 
 
 def test_loss_table_feeds_calibrated_boundaries():
-    from vidmoe.sampling.plan import calibrated_boundaries
+    from vidmoe.sampling.boundary import calibrated_boundaries
     from vidmoe.training.objective import loss_table
 
     x0, _, context = _batch(4)

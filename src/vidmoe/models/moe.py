@@ -1,15 +1,19 @@
-"""The Mixture of Experts over noise levels: experts keyed by name, and the router.
+"""The Mixture of Experts over noise levels: the router, and `Experts`, the one object that owns
+the expert networks.
 
 The router maps a noise level `sigma` to the expert(s) that own it (with blend weights inside an
-optional transition band); `MoETransformer` holds the experts. No solver or guidance logic here:
-the sampling loop asks the router, runs the experts and blends their velocities.
+optional transition band). `Experts` holds the networks by name (noisiest first), the router,
+their parameter counts and their placement: the compute device and dtype, and the residency
+policy that decides which experts stay on the device. No solver or guidance logic here: the
+sampling loop asks the router, activates the experts and blends their velocities.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -19,9 +23,9 @@ from vidmoe.config import SHARED_TRANSFORMER_FIELDS, MoEConfig
 _EPS = 1e-12  # touching bands (or a band ending at sigma 0 or 1) are allowed
 
 
-def smoothstep(x: float) -> float:
-    """C1 ramp from 0 (x <= 0) to 1 (x >= 1): 3x^2 - 2x^3."""
-    x = min(max(x, 0.0), 1.0)
+def smoothstep(x):
+    """C1 ramp from 0 (x <= 0) to 1 (x >= 1): 3x^2 - 2x^3, for a float or elementwise a tensor."""
+    x = x.clamp(0.0, 1.0) if torch.is_tensor(x) else min(max(x, 0.0), 1.0)
     return x * x * (3.0 - 2.0 * x)
 
 
@@ -118,8 +122,7 @@ class Router:
             return w
         for k, b in enumerate(self.boundaries):
             inside = ((s > b - self.band) & (s < b + self.band)).unsqueeze(1)  # (B, 1)
-            x = ((s - (b - self.band)) / (2.0 * self.band)).clamp(0.0, 1.0)  # (B,)
-            noisier = x * x * (3.0 - 2.0 * x)  # (B,) smoothstep, as in `route`
+            noisier = smoothstep((s - (b - self.band)) / (2.0 * self.band))  # (B,) as in `route`
             band_w = torch.zeros_like(w)  # (B, K)
             band_w[:, k], band_w[:, k + 1] = noisier, 1.0 - noisier
             w = torch.where(inside, band_w, w)  # (B, K)
@@ -144,6 +147,7 @@ class Router:
         return ((self.owner(sigma), 1.0),)
 
 
+
 @dataclass(frozen=True)
 class ParamCounts:
     """Parameter counts of a MoE: all experts, and what one denoising step runs."""
@@ -156,34 +160,159 @@ class ParamCounts:
     """Parameters of each expert, by name."""
 
 
-class MoETransformer(nn.Module):
-    """Expert networks keyed by name (noisiest first) and the router that picks them."""
+def count_params(experts: Mapping[str, nn.Module]) -> ParamCounts:
+    """The one parameter count of a set of experts (real, or built on the meta device)."""
+    per_expert = {n: sum(p.numel() for p in e.parameters()) for n, e in experts.items()}
+    unique = {id(p): p.numel() for e in experts.values() for p in e.parameters()}
+    return ParamCounts(
+        total=sum(unique.values()), active=max(per_expert.values()), per_expert=per_expert
+    )
 
-    def __init__(self, experts: Mapping[str, nn.Module], moe: MoEConfig):
-        super().__init__()
-        if set(experts) != set(moe.expert_names):
+
+class Residency:
+    """Which experts sit on the compute device, and when they move: one policy per `Experts`.
+
+    `place` runs once when the experts are gathered, `activate` before each expert runs. A new
+    policy (swap with prefetch, disk, streamed blocks) is a subclass registered in RESIDENCY.
+    """
+
+    name: ClassVar[str]
+
+    def place(self, experts: Mapping[str, nn.Module], device: torch.device) -> None:
+        """Initial placement of every expert."""
+
+    def activate(
+        self, experts: Mapping[str, nn.Module], name: str, device: torch.device
+    ) -> nn.Module:
+        """Make expert `name` ready to run on `device`, and return it."""
+        raise NotImplementedError
+
+
+class Resident(Residency):
+    """Every expert stays on the compute device."""
+
+    name = "resident"
+
+    def place(self, experts: Mapping[str, nn.Module], device: torch.device) -> None:
+        for expert in experts.values():
+            expert.to(device)
+
+    def activate(
+        self, experts: Mapping[str, nn.Module], name: str, device: torch.device
+    ) -> nn.Module:
+        return experts[name]
+
+
+class Swap(Residency):
+    """One expert on the compute device at a time; the idle ones wait in host RAM."""
+
+    name = "swap"
+
+    def activate(
+        self, experts: Mapping[str, nn.Module], name: str, device: torch.device
+    ) -> nn.Module:
+        for other, expert in experts.items():
+            if other != name:
+                expert.to("cpu")
+        return experts[name].to(device)
+
+
+RESIDENCY: dict[str, type[Residency]] = {p.name: p for p in (Resident, Swap)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Placement:
+    """Where the experts live and run."""
+
+    device: torch.device = torch.device("cpu")
+    """The compute device every expert runs on."""
+    dtype: torch.dtype = torch.float32
+    """The dtype expert inputs run in (the loader builds the weights in it)."""
+    residency: str = "resident"
+    """A key of RESIDENCY: 'resident' (all on the device) or 'swap' (idle experts in host RAM)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device", torch.device(self.device))
+        if self.residency not in RESIDENCY:
             raise ValueError(
-                f"experts {sorted(experts)} do not match the MoE config's expert names "
-                f"{list(moe.expert_names)}: pass exactly one module per configured name"
+                f"residency must be one of {', '.join(RESIDENCY)}; got {self.residency!r}"
+            )
+
+
+class Experts(nn.Module):
+    """The expert networks by name (noisiest first), their router, counts and placement.
+
+    Reads like a mapping of name -> module (`experts["high_noise"]`, `.items()`, `in`);
+    `activate(name)` returns an expert ready on the compute device under the residency policy.
+    """
+
+    def __init__(
+        self,
+        experts: Mapping[str, nn.Module],
+        moe: MoEConfig,
+        *,
+        placement: Placement | None = None,
+    ):
+        super().__init__()
+        names = moe.expert_names
+        missing = [n for n in names if n not in experts]
+        unknown = [n for n in experts if n not in names]
+        if missing or unknown:
+            raise ValueError(
+                f"the MoE needs experts {list(names)}; got {sorted(experts)} (missing {missing}, "
+                f"unknown {unknown}): pass exactly one module per configured name"
             )
         self.moe = moe
         self.router = Router(moe)
-        self.experts = nn.ModuleDict({name: experts[name] for name in moe.expert_names})
+        self.placement = placement or Placement()
+        self.policy = RESIDENCY[self.placement.residency]()
+        self.by_name = nn.ModuleDict({name: experts[name] for name in names})
+        self.policy.place(self.by_name, self.placement.device)
 
     @property
     def expert_names(self) -> tuple[str, ...]:
         return self.moe.expert_names
 
+    @property
+    def device(self) -> torch.device:
+        return self.placement.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.placement.dtype
+
     def __getitem__(self, name: str) -> nn.Module:
-        if name not in self.experts:
+        """The expert module where it lies now (see `activate` to run it)."""
+        if name not in self.by_name:
             raise ValueError(f"unknown expert {name!r}; experts: {', '.join(self.expert_names)}")
-        return self.experts[name]
+        return self.by_name[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.expert_names)
+
+    def __len__(self) -> int:
+        return len(self.expert_names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.by_name
+
+    def keys(self):
+        return self.by_name.keys()
+
+    def values(self):
+        return self.by_name.values()
+
+    def items(self):
+        return self.by_name.items()
+
+    def activate(self, name: str) -> nn.Module:
+        """Expert `name` ready on the compute device (the residency policy moves what it must)."""
+        self.__getitem__(name)  # an unknown name is a ValueError
+        return self.policy.activate(self.by_name, name, self.placement.device)
 
     def param_counts(self) -> ParamCounts:
         """Total (unique) parameters, and the active count per step (one expert)."""
-        per_expert = {n: sum(p.numel() for p in e.parameters()) for n, e in self.experts.items()}
-        total = sum(p.numel() for p in self.parameters())  # nn.Module dedups shared tensors
-        return ParamCounts(total=total, active=max(per_expert.values()), per_expert=per_expert)
+        return count_params(self.by_name)
 
     def check_compatible(self, strict: bool = False) -> None:
         """Raise ValueError if the experts' configs differ where they must agree.
@@ -194,7 +323,7 @@ class MoETransformer(nn.Module):
                 experts. Released experts share every field.
         """
         configs = {}
-        for name, expert in self.experts.items():
+        for name, expert in self.items():
             if not hasattr(expert, "config"):
                 raise ValueError(
                     f"expert {name!r} ({type(expert).__name__}) has no `.config` to compare"

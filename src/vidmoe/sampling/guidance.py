@@ -1,10 +1,13 @@
 """Classifier-free guidance: combine conditional and unconditional velocities.
 
 Cond and uncond run as one batch: `cfg_batch` stacks them (cond first), `split_cfg_batch` splits
-the model output back, `apply_guidance` combines them with an expert's scale.
+the model output back, `apply_guidance` combines them with an expert's scale; `guided_velocity`
+does all three around one model call (the pipeline's only path).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from einops import rearrange
@@ -53,3 +56,33 @@ def split_cfg_batch(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"a cond+uncond batch has an even batch size; got {out.shape[0]}")
     cond, uncond = rearrange(out, "(two b) ... -> two b ...", two=2)  # (2, B, ...)
     return cond, uncond
+
+
+def guided_velocity(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    cond: list[torch.Tensor],
+    uncond: list[torch.Tensor],
+    scale: float,
+    *,
+    y: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One expert's guided velocity: cond and uncond in one batch (scale 1: cond alone).
+
+    Args:
+        model: called as model(x (B', C, F, H, W), sigma (B', ...), context list, y=...).
+        x: (B, C, F, H, W) latents; sigma: (B,) or (B, L) noise levels.
+        cond, uncond: per-sample text embeddings, each a list of B (S_i, D) tensors.
+        scale: guidance scale >= 0.
+        y: (B, C_y, F, H, W) extra conditioning channels (i2v), or None.
+    Returns:
+        (B, C, F, H, W) guided velocity.
+    """
+    if not uses_uncond(scale):  # guidance 1 is the conditional prediction: skip the uncond pass
+        return model(x, sigma, cond, y=y)
+    both = model(
+        cfg_batch(x, x), cfg_batch(sigma, sigma), cond + uncond,
+        y=None if y is None else cfg_batch(y, y),
+    )  # (2B, C, F, H, W)
+    return apply_guidance(*split_cfg_batch(both), scale)

@@ -7,8 +7,9 @@ functions in `conditioning.py`. Shape legend: C latent channels, F/H/W latent gr
 
 from __future__ import annotations
 
-import dataclasses
 import time
+from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,15 +17,16 @@ import torch
 from torch import nn
 
 from vidmoe.config import ModelConfig
+from vidmoe.models.moe import Experts, Placement
 from vidmoe.sampling.adapters import AdapterRecord, AdapterSet
 from vidmoe.sampling.conditioning import Conditioning, i2v_condition, load_image, ti2v_condition
-from vidmoe.sampling.guidance import apply_guidance
-from vidmoe.sampling.plan import Plan, make_plan, with_adapter_scales
-from vidmoe.sampling.schedules import make_sigmas, sigmas_from_list, timesteps_from_sigmas
-from vidmoe.sampling.settings import GenerateSettings, ResolvedSettings, resolve_settings
+from vidmoe.sampling.guidance import guided_velocity
+from vidmoe.sampling.plan import Plan, StepPlan, plan_for, with_adapter_scales
+from vidmoe.sampling.schedules import timesteps_from_sigmas
+from vidmoe.sampling.settings import GenerateSettings, Limits, ResolvedSettings, resolve_settings
 from vidmoe.sampling.solvers import make_solver
 
-RESIDENCY = ("resident", "swap")
+OUTPUTS = ("frames", "latents")
 
 
 @dataclass
@@ -45,27 +47,49 @@ class GenerationResult:
 class Pipeline:
     """A Mixture-of-Experts video diffusion model ready to sample."""
 
-    def __init__(self, config: ModelConfig, experts: dict[str, nn.Module], vae, text_encoder,
-                 *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 residency: str = "resident"):  # fmt: skip
-        missing = [n for n in config.moe.expert_names if n not in experts]
-        if missing:
-            raise ValueError(
-                f"model {config.name} needs experts {list(config.moe.expert_names)}; missing {missing}"
-            )
-        if residency not in RESIDENCY:
-            raise ValueError(f"residency must be one of {', '.join(RESIDENCY)}; got {residency!r}")
-        self.config, self.experts = config, dict(experts)
+    def __init__(self, config: ModelConfig, experts: Experts | Mapping[str, nn.Module], vae,
+                 text_encoder, *, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, residency: str | None = None):
+        """Args:
+            experts: an `Experts` (its placement rules), or modules by name, placed on
+                `device` (default CPU) under `residency` (default 'resident'), run in `dtype`
+                (default float32). Only a mapping takes device, dtype and residency.
+        """
+        if not isinstance(experts, Experts):
+            missing = [n for n in config.moe.expert_names if n not in experts]
+            if missing:
+                raise ValueError(
+                    f"model {config.name} needs experts {list(config.moe.expert_names)}; "
+                    f"missing {missing}"
+                )
+            placement = Placement(device=device or "cpu", dtype=dtype or torch.float32,
+                                  residency=residency or "resident")
+            experts = Experts({n: experts[n] for n in config.moe.expert_names}, config.moe,
+                              placement=placement)
+        elif (device, dtype, residency) != (None, None, None):
+            raise ValueError("device, dtype and residency come from the Experts' placement")
+        self.config, self.experts = config, experts
         self.vae, self.text_encoder = vae, text_encoder
-        self.device, self.dtype, self.residency = torch.device(device), dtype, residency
         self.source: dict = {}
+        self.limits: Limits | None = None
+        """Bounds on one request; None: `Limits.for_model(config)`."""
         self.adapters = AdapterSet(self.experts)
         for expert in self.experts.values():
             expert.eval().requires_grad_(False)
-            if residency == "resident":
-                expert.to(self.device)
         if vae is not None:
             vae.eval().requires_grad_(False).to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.experts.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.experts.dtype
+
+    @property
+    def residency(self) -> str:
+        return self.experts.placement.residency
 
     # -- pieces ------------------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str]) -> list[torch.Tensor]:
@@ -77,12 +101,12 @@ class Pipeline:
 
     def plan(self, settings: GenerateSettings | ResolvedSettings) -> Plan:
         """The per-step plan (expert or experts, weights, guidance) for these settings."""
-        s = (
-            settings
-            if isinstance(settings, ResolvedSettings)
-            else resolve_settings(settings, self.config)
-        )
-        return self._with_adapters(build_plan_for(s, self.config))
+        s = settings if isinstance(settings, ResolvedSettings) else self.resolve(settings)
+        return self._with_adapters(plan_for(s, self.config))
+
+    def resolve(self, settings: GenerateSettings) -> ResolvedSettings:
+        """Validate settings against this model and the pipeline's limits."""
+        return resolve_settings(settings, self.config, self.limits)
 
     def _with_adapters(self, plan: Plan) -> Plan:
         if not self.adapters.records:
@@ -119,30 +143,12 @@ class Pipeline:
         """Restore the exact original weights; adapters stay loaded and run unfused."""
         self.adapters.unfuse()
 
-    def _expert(self, name: str) -> nn.Module:
-        expert = self.experts[name]
-        if self.residency == "swap":
-            for other, module in self.experts.items():
-                if other != name:
-                    module.to("cpu")
-            expert.to(self.device)
-        return expert
-
     def _velocity(self, name, x, sigma, cond, uncond, scale, c: Conditioning) -> torch.Tensor:
         """Guided velocity of one expert; cond and uncond run as one batch."""
-        expert = self._expert(name)
+        expert = self.experts.activate(name)
         sig = c.sigma_for(sigma, tuple(x.shape[2:]), expert.config.patch_size).to(self.device)
         y = c.y.to(self.device) if c.y is not None else None
-        if scale == 1.0:  # guidance 1 is the conditional prediction: skip the unconditional pass
-            return expert(x, sig, cond, y=y)
-        both = expert(
-            torch.cat([x, x]),
-            torch.cat([sig, sig]),
-            cond + uncond,
-            y=None if y is None else torch.cat([y, y]),
-        )  # (2, C, F, H, W)
-        v_cond, v_uncond = both.chunk(2)
-        return apply_guidance(v_cond, v_uncond, scale)
+        return guided_velocity(expert, x, sig, cond, uncond, scale, y=y)
 
     # -- generation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -164,14 +170,54 @@ class Pipeline:
         Returns:
             A `GenerationResult` with frames, latents, plan and per-step trace.
         """
-        s = (
-            prompt
-            if isinstance(prompt, GenerateSettings)
-            else GenerateSettings(prompt=prompt, **settings)
-        )
-        rs = resolve_settings(s, self.config)
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
+        s = prompt if isinstance(prompt, GenerateSettings) else GenerateSettings(prompt=prompt, **settings)
+        rs = self.resolve(s)
         timings: dict[str, float] = {}
-        t0 = time.perf_counter()
+        with _timed(timings, "text"):
+            cond, uncond = self._embeddings(rs, prompt_embeds, negative_prompt_embeds)
+        x = self._initial_latents(rs, latents)
+        c = self._conditioning(rs)
+        x = c.impose(x)
+        plan = self._with_adapters(plan_for(rs, self.config))
+        with _timed(timings, "denoise"):
+            x, trace = self._denoise(x, plan, rs.sampler, cond, uncond, c, progress, callback)
+        frames = None
+        if output == "frames":
+            with _timed(timings, "decode"):
+                frames = self.decode(x, progress=progress)
+        return GenerationResult(
+            frames=frames, latents=x.cpu(), plan=plan, settings=rs, trace=trace, timings=timings
+        )
+
+    def _denoise(self, x, plan: Plan, sampler: str, cond, uncond, c: Conditioning, progress: bool,
+                 callback) -> tuple[torch.Tensor, list[dict]]:
+        """The sampling loop: per step, each planned expert's guided velocity, blended, then one
+        solver step. x: (1, C, F, H, W) float32."""
+        sigmas = torch.tensor([st.sigma for st in plan.steps] + [plan.steps[-1].sigma_next],
+                              dtype=torch.float64)
+        solver = make_solver(sampler, sigmas)
+        trace, bar = [], _progress(len(plan.steps), "denoise", progress)
+        for st in plan.steps:
+            t0 = time.perf_counter()
+            v = torch.zeros_like(x)  # (1, C, F, H, W)
+            sigma_in = model_sigma(st.sigma, sampler)
+            for name, weight, scale in zip(st.experts, st.weights, st.guidance):
+                self.adapters.apply(name, st.adapter_scales)
+                vel = self._velocity(name, x.to(self.dtype), sigma_in, cond, uncond, scale, c)
+                v = v + weight * vel.float()
+            x = c.impose(solver.step(v, x, st.index))
+            trace.append(_trace_row(st, time.perf_counter() - t0))
+            bar.set_postfix_str("+".join(st.experts))
+            bar.update()
+            if callback is not None:
+                callback(st.index, len(plan.steps), st.experts)
+        bar.close()
+        return x, trace
+
+    def _embeddings(self, rs: ResolvedSettings, prompt_embeds, negative_prompt_embeds):
+        """([cond (S, D)], [uncond (S', D)]) on the device: given ones, else encoded."""
         if prompt_embeds is None:
             prompt_embeds, negative = self.encode_prompt([rs.prompt, rs.negative_prompt])
             negative_prompt_embeds = (
@@ -179,10 +225,13 @@ class Pipeline:
             )
         if negative_prompt_embeds is None:
             negative_prompt_embeds = self.encode_prompt([rs.negative_prompt])[0]
-        cond = [prompt_embeds.to(self.device, self.dtype)]
-        uncond = [negative_prompt_embeds.to(self.device, self.dtype)]
-        timings["text"] = time.perf_counter() - t0
+        return (
+            [prompt_embeds.to(self.device, self.dtype)],
+            [negative_prompt_embeds.to(self.device, self.dtype)],
+        )
 
+    def _initial_latents(self, rs: ResolvedSettings, latents: torch.Tensor | None) -> torch.Tensor:
+        """(1, C, F, H, W) float32 noise on the device: seeded on the CPU, or the given one."""
         shape = self.latent_shape(rs)
         if latents is None:
             gen = torch.Generator("cpu").manual_seed(rs.seed)  # CPU noise: the same on every device
@@ -191,48 +240,14 @@ class Pipeline:
             raise ValueError(
                 f"latents must have shape {shape} for these settings; got {tuple(latents.shape)}"
             )
-        x = latents.to(self.device, torch.float32)
+        return latents.to(self.device, torch.float32)
 
-        c = self._conditioning(rs)
-        x = c.impose(x)
-        plan = self._with_adapters(build_plan_for(rs, self.config))
-        sigmas = torch.tensor(
-            [st.sigma for st in plan.steps] + [plan.steps[-1].sigma_next], dtype=torch.float64
-        )
-        solver = make_solver(rs.sampler, sigmas)
-        trace = []
-        t0 = time.perf_counter()
-        bar = _progress(len(plan.steps), "denoise", progress)
-        for st in plan.steps:
-            ts = time.perf_counter()
-            v = torch.zeros_like(x)
-            sigma_in = model_sigma(st.sigma, rs.sampler)
-            for name, weight, scale in zip(st.experts, st.weights, st.guidance):
-                self.adapters.apply(name, st.adapter_scales)
-                vel = self._velocity(name, x.to(self.dtype), sigma_in, cond, uncond, scale, c)
-                v = v + weight * vel.float()
-            x = c.impose(solver.step(v, x, st.index))
-            trace.append(dict(index=st.index, sigma=st.sigma, experts=list(st.experts), weights=list(st.weights),
-                              guidance=list(st.guidance), seconds=round(time.perf_counter() - ts, 4)))  # fmt: skip
-            if st.adapter_scales:
-                trace[-1]["adapters"] = dict(st.adapter_scales)
-            bar.set_postfix_str("+".join(st.experts))
-            bar.update()
-            if callback is not None:
-                callback(st.index, len(plan.steps), st.experts)
-        bar.close()
-        timings["denoise"] = time.perf_counter() - t0
-        frames = None
-        if output == "frames":
-            t0 = time.perf_counter()
-            video = self.vae.decode(x.to(next(self.vae.parameters()).dtype), progress=progress)
-            from vidmoe.io.video import to_uint8_frames
+    def decode(self, x: torch.Tensor, *, progress: bool = False) -> np.ndarray:
+        """(1, C, F, H, W) latents -> (T, H, W, 3) uint8 frames."""
+        from vidmoe.io.video import to_uint8_frames
 
-            frames = to_uint8_frames(video)
-            timings["decode"] = time.perf_counter() - t0
-        return GenerationResult(
-            frames=frames, latents=x.cpu(), plan=plan, settings=rs, trace=trace, timings=timings
-        )
+        video = self.vae.decode(x.to(next(self.vae.parameters()).dtype), progress=progress)
+        return to_uint8_frames(video)
 
     def latent_shape(self, rs: ResolvedSettings) -> tuple[int, int, int, int, int]:
         vae = self.config.vae
@@ -255,28 +270,24 @@ class Pipeline:
         return ti2v_condition(self.vae, image)
 
     def num_params(self) -> dict[str, int]:
-        """Parameters per expert, in total and active per step (one expert's worth)."""
-        per = {n: sum(p.numel() for p in e.parameters()) for n, e in self.experts.items()}
-        return {"total": sum(per.values()), "active": max(per.values()), **per}
+        """Parameters in total, active per step (the largest expert) and per expert."""
+        counts = self.experts.param_counts()
+        return {"total": counts.total, "active": counts.active, **counts.per_expert}
 
 
-def build_plan_for(rs: ResolvedSettings, config: ModelConfig) -> Plan:
-    """Sigma grid + boundary mode + guidance -> the typed plan."""
-    if rs.sigmas is not None:
-        sigmas = sigmas_from_list(rs.sigmas)
-    else:
-        sigmas = make_sigmas(rs.num_steps, rs.shift, solver=rs.sampler)
-    moe, boundary = dataclasses.replace(config.moe, band=rs.band), rs.boundary
-    if isinstance(boundary, float):
-        if len(moe.expert_names) != 2:
-            raise ValueError(f"a numeric boundary needs a two-expert model; {config.name} has {len(moe.expert_names)}")
-        moe, boundary = dataclasses.replace(moe, boundaries=(boundary,)), "release"
-    if len(moe.expert_names) == 1:
-        boundary = "release"
-    return make_plan(
-        moe, shift=rs.shift, sigmas=sigmas, boundary=boundary,
-        budgets=rs.steps_per_expert or None, guidance=rs.guidance,
-    )  # fmt: skip
+def _trace_row(st: StepPlan, seconds: float) -> dict:
+    row = dict(index=st.index, sigma=st.sigma, experts=list(st.experts), weights=list(st.weights),
+               guidance=list(st.guidance), seconds=round(seconds, 4))
+    if st.adapter_scales:
+        row["adapters"] = dict(st.adapter_scales)
+    return row
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str):
+    t0 = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - t0
 
 
 def model_sigma(sigma: float, sampler: str) -> float:

@@ -1,29 +1,37 @@
 """The phase plan of a MoE sampler: which expert(s) run at each step, with what blend weight and
-guidance scale, and how the expert boundary is chosen.
+guidance scale, built from a sigma grid and a typed boundary.
 
-Boundary modes: `release` (the checkpoint's value), `snr` (the Wan2.2 SNR criterion for the
-actual grid), `steps:N` (the first N steps to the noisiest expert), `calibrated` (the crossover of
-measured per-expert losses); per-expert step budgets fix every boundary. The plan is built once,
-printed before sampling, and written into the run's JSON trace.
+The boundary comes typed (`sampling.boundary`): `Release`, `Sigma`, `SNR` (the Wan2.2 criterion
+for the actual grid), `Steps` (the first N steps to the noisiest expert), `Budgets` (steps per
+expert, which fix every boundary) or `Calibrated` (the crossover of measured per-expert losses).
+`plan_for(settings, config)` is the plan of validated settings: built once, printed before
+sampling, and written into the run's JSON trace.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
-from vidmoe.config import EXPERT_NAMES_2, MoEConfig
+from vidmoe.config import ModelConfig, MoEConfig
 from vidmoe.models.moe import Router
-from vidmoe.sampling.schedules import make_sigmas, shift_sigmas
+from vidmoe.sampling.boundary import (
+    Boundary,
+    Budgets,
+    Release,
+    Sigma,
+    boundaries_for,
+    check_expert_names,
+    parse_boundary,
+)
+from vidmoe.sampling.schedules import check_sigmas, grid_for, make_sigmas, sigmas_from_list
 
-BOUNDARY_MODES = ("release", "snr", "steps:N", "calibrated")
-LossTable = tuple[Sequence[float], Sequence[float]]  # (sigmas, losses) measured for one expert
+if TYPE_CHECKING:
+    from vidmoe.sampling.settings import ResolvedSettings
 
 
 @dataclass(frozen=True)
@@ -139,25 +147,11 @@ def with_adapter_scales(plan: Plan, strengths: Mapping[str, Mapping[str, float]]
     return Plan(steps=tuple(steps), expert_names=plan.expert_names)
 
 
-def check_sigmas(sigmas: torch.Tensor | Sequence[float]) -> list[float]:
-    """Validate a sigma grid (num_steps + 1 values, strictly descending, in [0, 1], last 0)."""
-    values = [float(s) for s in (sigmas.flatten().tolist() if torch.is_tensor(sigmas) else sigmas)]
-    if len(values) < 2:
-        raise ValueError(f"a sigma grid needs num_steps + 1 >= 2 values; got {values}")
-    if values[0] > 1.0 or values[-1] != 0.0:
-        raise ValueError(
-            f"sigmas must run from at most 1 down to exactly 0; got first {values[0]}, last {values[-1]}"
-        )
-    if any(a <= b for a, b in zip(values, values[1:])):
-        raise ValueError(f"sigmas must be strictly descending; got {values}")
-    return values
-
-
 def merge_guidance(moe: MoEConfig, guidance: Mapping[str, float] | None) -> MoEConfig:
     """Return `moe` with per-expert guidance overrides merged over its scales."""
     if not guidance:
         return moe
-    _check_names(guidance, moe.expert_names, "guidance")
+    check_expert_names(guidance, moe.expert_names, "guidance")
     for name, g in guidance.items():
         if g < 0:
             raise ValueError(f"guidance scale for {name!r} must be >= 0; got {g}")
@@ -193,237 +187,53 @@ def build_plan(
     return Plan(steps=tuple(steps), expert_names=moe.expert_names)
 
 
-def snr(sigma: float) -> float:
-    """Signal-to-noise ratio of x_sigma = (1 - sigma) x0 + sigma noise: ((1 - sigma) / sigma)^2."""
-    return math.inf if sigma == 0 else ((1.0 - sigma) / sigma) ** 2
-
-
-def boundary_between_steps(sigmas: Sequence[float], num_high: int) -> float:
-    """A boundary that gives the first `num_high` steps to the noisier expert (the midpoint)."""
-    num_steps = len(sigmas) - 1
-    if not 1 <= num_high <= num_steps:
-        raise ValueError(
-            f"steps for the noisier expert must be in [1, {num_steps}]; got {num_high}"
-        )
-    # Any value in (sigmas[n], sigmas[n-1]] splits the same way; the midpoint is robust to rounding.
-    return 0.5 * (sigmas[num_high - 1] + sigmas[num_high])
-
-
-def snr_boundary(
-    sigmas: Sequence[float], *, shift: float, num_train_timesteps: int = 1000
-) -> float:
-    """The Wan2.2 SNR criterion, placed between the steps of this grid.
-
-    Wan2.2 (README, "Mixture-of-Experts architecture"; github.com/Wan-Video/Wan2.2): the SNR is
-    at its minimum SNR_min at the start of denoising, the high-noise expert runs there, and "a
-    threshold step t_moe corresponding to half of the SNR_min" switches to the low-noise expert
-    when t < t_moe. Read literally (SNR = SNR_min / 2) the threshold lies below the minimum, so
-    we read "half" on a logarithmic (dB) scale, the usual one for SNR: log SNR(t_moe) =
-    log(SNR_min) / 2, i.e. SNR = sqrt(SNR_min), half-way in dB from SNR_min to SNR = 1.
-    SNR_min is the SNR at the run's first sigma, capped at the noisiest training sigma
-    shift(1 - 1/num_train_timesteps) (where SNR is finite; the release's grid starts there).
-    The threshold is then snapped between the grid's steps so the split is exact.
-    Note: this reading does not reproduce the release's 0.875 (shift 12) or 0.900 (shift 5);
-    it switches earlier (about 0.991 at shift 12).
-    """
-    values = check_sigmas(sigmas)
-    sigma_start = min(values[0], shift_sigmas(1.0 - 1.0 / num_train_timesteps, shift))
-    r_min = (1.0 - sigma_start) / sigma_start  # sqrt(SNR_min)
-    # SNR(sigma*) = sqrt(SNR_min)  <=>  (1 - sigma*) / sigma* = sqrt(r_min)
-    sigma_star = 1.0 / (1.0 + math.sqrt(r_min))
-    num_high = sum(1 for x in values[:-1] if x >= sigma_star)
-    return boundary_between_steps(values, min(max(num_high, 1), len(values) - 1))
-
-
-def _crossover(high: LossTable, low: LossTable, names: tuple[str, str]) -> float:
-    """Sigma where the noisier expert's loss stops being the lower one (linear interpolation)."""
-    grids = []
-    for name, (xs, ys) in zip(names, (high, low)):
-        xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
-        if xs.ndim != 1 or xs.shape != ys.shape or xs.size < 2:
-            raise ValueError(
-                f"loss table of {name!r} needs equal-length 1-D sigmas and losses (>= 2 points)"
-            )
-        order = np.argsort(xs)
-        grids.append((xs[order], ys[order]))
-    lo_end, hi_end = max(g[0][0] for g in grids), min(g[0][-1] for g in grids)
-    x = np.union1d(grids[0][0], grids[1][0])
-    x = x[(x >= lo_end) & (x <= hi_end)]  # ascending sigmas both tables cover
-    lh, ll = (np.interp(x, gx, gy) for gx, gy in grids)
-    d = lh - ll  # < 0 where the noisier expert is better
-    candidates = []
-    for i in range(len(x) - 1):  # low better below, noisier better above
-        if (d[i] >= 0 > d[i + 1]) or (d[i] > 0 >= d[i + 1]):
-            candidates.append(x[i] + (x[i + 1] - x[i]) * d[i] / (d[i] - d[i + 1]))
-    if not candidates:
-        raise ValueError(
-            f"no loss crossover between {names[0]!r} and {names[1]!r} in the measured sigma "
-            f"range [{lo_end:.4g}, {hi_end:.4g}]: measure a wider sigma range, or use another mode"
-        )
-    # Several crossings (noisy measurements): keep the split with the lowest total loss.
-    cost = [np.where(x >= b, lh, ll).sum() for b in candidates]
-    return float(candidates[int(np.argmin(cost))])
-
-
-def calibrated_boundaries(
-    losses: Mapping[str, LossTable], expert_names: Sequence[str] = EXPERT_NAMES_2
-) -> tuple[float, ...]:
-    """Boundaries at the crossovers of measured loss-vs-sigma tables of neighbouring experts.
-
-    Args:
-        losses: expert name -> (sigmas, losses), e.g. each expert's denoising loss measured on a
-            held-out set at a few sigmas.
-    """
-    names = tuple(expert_names)
-    _check_names(losses, names, "loss tables")
-    missing = [n for n in names if n not in losses]
-    if missing:
-        raise ValueError(f"calibrated mode needs a loss table for every expert; missing {missing}")
-    bounds = tuple(_crossover(losses[a], losses[b], (a, b)) for a, b in zip(names, names[1:]))
-    if any(a <= b for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"calibrated boundaries are not descending: {list(bounds)}")
-    return bounds
-
-
-def resolve_boundary(
-    mode: str,
-    *,
-    release: float,
-    shift: float,
-    num_steps: int,
-    sigmas: torch.Tensor | Sequence[float] | None = None,
-    losses: Mapping[str, LossTable] | None = None,
-    expert_names: Sequence[str] = EXPERT_NAMES_2,
-    num_train_timesteps: int = 1000,
-) -> float:
-    """The boundary sigma between two experts for a boundary mode.
-
-    Args:
-        mode: 'release', 'snr', 'steps:N' or 'calibrated'.
-        release: the checkpoint's boundary (mode 'release').
-        shift, num_steps: the sampler's grid (modes 'snr' and 'steps:N').
-        sigmas: the sampler's actual grid; default `make_sigmas(num_steps, shift)` (UniPC's).
-        losses: expert name -> (sigmas, losses) tables (mode 'calibrated').
-    Returns:
-        A sigma in (0, 1); the noisier expert runs every step with sigma >= it.
-    """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1; got {num_steps}")
-    grid = _grid(num_steps, shift, sigmas, num_train_timesteps)
-    if mode == "release":
-        b = float(release)
-    elif mode == "snr":
-        b = snr_boundary(grid, shift=shift, num_train_timesteps=num_train_timesteps)
-    elif mode.startswith("steps:"):
-        text = mode.removeprefix("steps:")
-        if not text.lstrip("-").isdigit():
-            raise ValueError(
-                f"boundary mode {mode!r}: N must be an integer step count, e.g. 'steps:8'"
-            )
-        n = int(text)
-        if not 1 <= n <= num_steps:
-            raise ValueError(f"boundary mode {mode!r}: N must be in [1, {num_steps}]; got {n}")
-        b = boundary_between_steps(grid, n)
-    elif mode == "calibrated":
-        if losses is None:
-            raise ValueError(
-                "boundary mode 'calibrated' needs loss tables: losses={name: (sigmas, losses)}"
-            )
-        (b,) = calibrated_boundaries(losses, tuple(expert_names)[:2])
-    else:
-        raise ValueError(f"unknown boundary mode {mode!r}; accepted: {', '.join(BOUNDARY_MODES)}")
-    if not 0.0 < b < 1.0:
-        raise ValueError(f"boundary {b} (mode {mode!r}) is outside (0, 1)")
-    return b
-
-
-def boundaries_from_budgets(
-    budgets: Mapping[str, int], sigmas: Sequence[float], expert_names: Sequence[str]
-) -> tuple[float, ...]:
-    """Boundaries giving each expert exactly its budget of steps, noisiest expert first."""
-    names = tuple(expert_names)
-    _check_names(budgets, names, "step budgets")
-    if set(budgets) != set(names):
-        raise ValueError(f"step budgets need every expert {list(names)}; got {sorted(budgets)}")
-    for name, n in budgets.items():
-        if int(n) != n or n < 1:
-            raise ValueError(f"step budget for {name!r} must be an integer >= 1; got {n}")
-    total = sum(int(budgets[n]) for n in names)
-    if total != len(sigmas) - 1:
-        raise ValueError(f"step budgets sum to {total}, but the grid has {len(sigmas) - 1} steps")
-    ends = np.cumsum([int(budgets[n]) for n in names])[:-1]
-    return tuple(boundary_between_steps(sigmas, int(e)) for e in ends)
-
-
 def make_plan(
     moe: MoEConfig,
     *,
     shift: float,
     num_steps: int | None = None,
     sigmas: torch.Tensor | Sequence[float] | None = None,
-    boundary: str = "release",
-    budgets: Mapping[str, int] | None = None,
-    losses: Mapping[str, LossTable] | None = None,
+    boundary: Boundary | str = "release",
     guidance: Mapping[str, float] | None = None,
     num_train_timesteps: int = 1000,
 ) -> Plan:
-    """The plan for a request: resolve the boundaries (mode or budgets), then build it.
+    """The plan for a request: place the boundaries on the grid, then build it.
 
     Args:
-        moe: the model's MoE config (its boundaries are the 'release' ones).
-        shift, num_steps: the grid; num_steps defaults to sum(budgets) when budgets are given.
+        moe: the model's MoE config (its boundaries are the `Release` ones).
+        shift, num_steps: the grid; num_steps defaults to the budgets' sum for `Budgets`.
         sigmas: the sampler's actual grid; default `make_sigmas(num_steps, shift)` (UniPC's).
-        boundary: boundary mode (see `resolve_boundary`); ignored when budgets are given.
-        budgets: steps per expert, e.g. {"high_noise": 2, "low_noise": 6}.
-        losses: loss tables for boundary='calibrated'.
+        boundary: a typed boundary (`sampling.boundary`) or its string form.
         guidance: per-expert guidance overrides.
     """
-    if budgets is not None:
-        total = sum(budgets.values())
+    boundary = parse_boundary(boundary)
+    if isinstance(boundary, Budgets):
+        total = sum(boundary.steps.values())
         if num_steps is not None and num_steps != total:
             raise ValueError(
-                f"step budgets {dict(budgets)} sum to {total}, not num_steps={num_steps}"
+                f"step budgets {dict(boundary.steps)} sum to {total}, not num_steps={num_steps}"
             )
         num_steps = total
     if num_steps is None:
         num_steps = len(sigmas) - 1 if sigmas is not None else 0
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1; got {num_steps}")
-    grid = _grid(num_steps, shift, sigmas, num_train_timesteps)
-    if budgets is not None:
-        bounds = boundaries_from_budgets(budgets, grid, moe.expert_names)
-    elif boundary == "release":
-        bounds = moe.boundaries
-    elif boundary == "calibrated" and losses is not None:
-        bounds = calibrated_boundaries(losses, moe.expert_names)
-    else:
-        if len(moe.expert_names) != 2:
-            raise ValueError(
-                f"boundary mode {boundary!r} places one boundary; this model has "
-                f"{len(moe.expert_names)} experts: use 'release', 'calibrated' or step budgets"
-            )
-        release = moe.boundaries[0]
-        bounds = (resolve_boundary(
-            boundary, release=release, shift=shift, num_steps=num_steps, sigmas=grid,
-            losses=losses, expert_names=moe.expert_names, num_train_timesteps=num_train_timesteps,
-        ),)  # fmt: skip
+    grid = grid_for(num_steps, shift, sigmas, num_train_timesteps)
+    bounds = boundaries_for(boundary, moe, grid, shift=shift, num_train_timesteps=num_train_timesteps)
     moe = dataclasses.replace(moe, boundaries=tuple(bounds))
     return build_plan(grid, moe, guidance=guidance, num_train_timesteps=num_train_timesteps)
 
 
-def _grid(num_steps: int, shift: float, sigmas, num_train_timesteps: int) -> list[float]:
-    """The given grid (checked against num_steps), or the default one for shift and num_steps."""
-    if sigmas is None:
-        sigmas = make_sigmas(num_steps, shift, num_train_timesteps=num_train_timesteps)
-    grid = check_sigmas(sigmas)
-    if len(grid) != num_steps + 1:
-        raise ValueError(
-            f"sigmas has {len(grid) - 1} steps; num_steps={num_steps} needs {num_steps + 1} values"
-        )
-    return grid
-
-
-def _check_names(d: Mapping[str, Any], names: Sequence[str], what: str) -> None:
-    unknown = [k for k in d if k not in names]
-    if unknown:
-        raise ValueError(f"{what}: unknown expert {unknown[0]!r}; valid names: {', '.join(names)}")
+def plan_for(rs: ResolvedSettings, config: ModelConfig) -> Plan:
+    """The plan of validated settings on `config`'s model: grid, boundary, band and guidance."""
+    if rs.sigmas is not None:
+        sigmas = sigmas_from_list(rs.sigmas)
+    else:
+        sigmas = make_sigmas(rs.num_steps, rs.shift, solver=rs.sampler)
+    moe = dataclasses.replace(config.moe, band=rs.band)
+    boundary = rs.boundary
+    if len(moe.expert_names) == 1:
+        boundary = Release()
+    elif isinstance(boundary, Sigma):  # one fixed boundary: the plan is the release's rule
+        moe, boundary = dataclasses.replace(moe, boundaries=(boundary.value,)), Release()
+    return make_plan(moe, shift=rs.shift, sigmas=sigmas, boundary=boundary, guidance=rs.guidance)

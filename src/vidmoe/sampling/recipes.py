@@ -59,7 +59,7 @@ def get_recipe(name: str) -> Recipe:
 def apply_recipe(s: GenerateSettings, name: str) -> GenerateSettings:
     """`s` with the recipe's values in every field the user left unset (None or empty).
 
-    A user's `--steps N` or `--timesteps` replaces the recipe's per-expert split; per-expert
+    A user's `--steps N`, `--timesteps` or `--boundary` replaces the recipe's per-expert split; per-expert
     guidance given by the user is merged over the recipe's.
     """
     recipe = get_recipe(name)
@@ -69,7 +69,7 @@ def apply_recipe(s: GenerateSettings, name: str) -> GenerateSettings:
         if key == "guidance":
             fields[key] = {**value, **current}
         elif key == "steps_per_expert":
-            if not current and s.num_steps is None and s.sigmas is None:
+            if not current and s.num_steps is None and s.sigmas is None and s.boundary is None:
                 fields[key] = dict(value)
         elif current is None:
             fields[key] = value

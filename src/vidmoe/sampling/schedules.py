@@ -149,3 +149,29 @@ def timesteps_from_sigmas(sigmas: torch.Tensor, *, num_train_timesteps: int = 10
     # parity: the release casts 1000 * sigma (float64) to int64, which truncates (873.9 -> 873).
     scaled = sigmas.to(torch.float64) * num_train_timesteps
     return scaled.to(torch.int64).to(torch.float32)
+
+
+def check_sigmas(sigmas: torch.Tensor | Sequence[float]) -> list[float]:
+    """Validate a sigma grid (num_steps + 1 values, strictly descending, in [0, 1], last 0)."""
+    values = [float(s) for s in (sigmas.flatten().tolist() if torch.is_tensor(sigmas) else sigmas)]
+    if len(values) < 2:
+        raise ValueError(f"a sigma grid needs num_steps + 1 >= 2 values; got {values}")
+    if values[0] > 1.0 or values[-1] != 0.0:
+        raise ValueError(
+            f"sigmas must run from at most 1 down to exactly 0; got first {values[0]}, last {values[-1]}"
+        )
+    if any(a <= b for a, b in zip(values, values[1:])):
+        raise ValueError(f"sigmas must be strictly descending; got {values}")
+    return values
+
+
+def grid_for(num_steps: int, shift: float, sigmas=None, num_train_timesteps: int = 1000) -> list[float]:
+    """The given grid (checked against num_steps), or the default one for shift and num_steps."""
+    if sigmas is None:
+        sigmas = make_sigmas(num_steps, shift, num_train_timesteps=num_train_timesteps)
+    grid = check_sigmas(sigmas)
+    if len(grid) != num_steps + 1:
+        raise ValueError(
+            f"sigmas has {len(grid) - 1} steps; num_steps={num_steps} needs {num_steps + 1} values"
+        )
+    return grid

@@ -1,19 +1,63 @@
 """Generation settings: one validation shared by the Python API, the CLI and the HTTP server.
 
-`GenerateSettings` is what a user asks for (any field may be left to the model's default);
-`resolve_settings` checks it against a `ModelConfig` before any heavy work and returns a
-complete, frozen `ResolvedSettings`, or raises ValueError saying what was wrong and what fits.
+`GenerateSettings` is what a user asks for (None leaves a field to the model's default; 0 is a
+value, never "default"); `resolve_settings` checks it against a `ModelConfig` and `Limits` before
+any heavy work (types before conversion, finite numbers only, bounded work) and returns a
+complete, frozen `ResolvedSettings` with the boundary typed, or raises a ValueError that names
+the field, the value and what is accepted. docs/settings.md is the reference.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from vidmoe.config import ModelConfig
+from vidmoe.models.moe import validate_moe
+from vidmoe.sampling.boundary import (
+    SNR,
+    Boundary,
+    Budgets,
+    Calibrated,
+    Release,
+    Sigma,
+    Steps,
+    calibrated_boundaries,
+    kind_of,
+    parse_boundary,
+)
+from vidmoe.sampling.schedules import sigmas_from_list
 
 SAMPLERS = ("euler", "unipc", "dpm++")
-BOUNDARY_MODES = ("release", "snr", "steps:N", "calibrated", "a number in (0, 1)")
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Upper bounds on the work one request may ask for, until a memory planner decides what
+    fits the machine. `Limits.for_model(model)` gives the documented defaults."""
+
+    max_steps: int = 1000
+    """Denoising steps (num_steps, the sum of steps_per_expert, or the sigmas given)."""
+    max_num_frames: int = 161
+    """Frames per video."""
+    max_pixels: int = 1280 * 720
+    """width x height of one frame."""
+    read_files: bool = True
+    """Whether a setting may name a file to read (boundary 'calibrated:PATH'); a server that
+    takes requests from others sets False."""
+
+    @classmethod
+    def for_model(cls, model: ModelConfig, **overrides) -> Limits:
+        """Defaults scaled to the model: 4x its default clip length or 161 frames (10 s at
+        16 fps), and 4x its default frame area or 1280x720, whichever is more; 1000 steps."""
+        w, h = model.default_size
+        limits = cls(
+            max_num_frames=max(4 * (model.default_num_frames - 1) + 1, 161),
+            max_pixels=max(4 * w * h, 1280 * 720),
+        )
+        return dataclasses.replace(limits, **overrides)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,8 +78,9 @@ class GenerateSettings:
     guidance: dict[str, float] | tuple[float, ...] | float = field(default_factory=dict)
     """Classifier-free guidance: per expert name (missing experts keep the model's value), one
     number per expert in the model's order (noisiest first), or one number for every expert."""
-    boundary: float | str | None = None
-    """A sigma in (0, 1), or a mode: 'release', 'snr', 'steps:N'."""
+    boundary: float | str | Boundary | None = None
+    """A sigma in (0, 1), or 'release', 'snr', 'steps:N', 'calibrated:PATH' (or a typed value
+    of `sampling.boundary`); None is 'release'."""
     band: float | None = None
     """Half-width (sigma) of a transition band around each boundary; None keeps the model's (0: hard)."""
     steps_per_expert: dict[str, int] = field(default_factory=dict)
@@ -43,6 +88,7 @@ class GenerateSettings:
     sigmas: tuple[float, ...] | None = None
     """An explicit descending sigma list (the final 0 is added); overrides steps and shift."""
     seed: int = 0
+    """Seed of the initial noise, in [0, 2**63 - 1]."""
     image: str | None = None
     """Conditioning image path (i2v, ti2v)."""
 
@@ -60,7 +106,8 @@ class ResolvedSettings:
     shift: float
     sampler: str
     guidance: dict[str, float]
-    boundary: float | str
+    boundary: Boundary
+    """Typed; `Budgets` when steps per expert were given."""
     band: float
     steps_per_expert: dict[str, int]
     sigmas: tuple[float, ...] | None
@@ -68,7 +115,38 @@ class ResolvedSettings:
     image: str | None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """JSON-ready; the boundary in its string (or number) form."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        # budgets are written as steps_per_expert; their boundary field is the default's
+        d["boundary"] = "release" if isinstance(self.boundary, Budgets) else self.boundary.spec
+        d["guidance"], d["steps_per_expert"] = dict(self.guidance), dict(self.steps_per_expert)
+        return d
+
+
+def _integer(name: str, value, lo: int | None, hi: int | None = None, why: str = "") -> int:
+    """`value` as an int in [lo, hi]: bools, floats and strings are refused, never converted."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer; got {value!r} ({kind_of(value)})")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}; got {value}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{name} must be at most {hi}{why}; got {value}")
+    return value
+
+
+def _number(name: str, value) -> float:
+    """`value` as a finite float: bools, strings, NaN and infinities are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number; got {value!r} ({kind_of(value)})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number; got {value!r}")
+    return float(value)
+
+
+def _string(name: str, value) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string; got {value!r} ({kind_of(value)})")
+    return value
 
 
 def _nearest_4k1(n: int) -> tuple[int, int]:
@@ -105,22 +183,6 @@ def check_size(width: int, height: int, model: ModelConfig) -> None:
         )
 
 
-def _check_boundary(boundary: float | str) -> None:
-    if isinstance(boundary, str):
-        if boundary in ("release", "snr", "calibrated"):
-            return
-        if boundary.startswith("steps:") and boundary[6:].isdigit() and int(boundary[6:]) >= 0:
-            return
-        try:
-            boundary = float(boundary)
-        except ValueError:
-            raise ValueError(
-                f"boundary must be one of {', '.join(BOUNDARY_MODES)}; got {boundary!r}"
-            ) from None
-    if not 0.0 < float(boundary) < 1.0:
-        raise ValueError(f"boundary must lie in (0, 1) (a sigma); got {boundary}")
-
-
 def _guidance_items(value, names: tuple[str, ...]):
     """(expert, scale) pairs from a dict, a per-expert sequence or one number."""
     if isinstance(value, dict):
@@ -140,64 +202,151 @@ def _guidance_items(value, names: tuple[str, ...]):
     )
 
 
-def resolve_settings(s: GenerateSettings, model: ModelConfig) -> ResolvedSettings:
-    """Validate `s` against `model` and fill in defaults; raise ValueError on bad input."""
-    if not isinstance(s.prompt, str):
-        raise ValueError(f"prompt must be a string; got {type(s.prompt).__name__}")
-    width, height = s.width or model.default_size[0], s.height or model.default_size[1]
-    check_size(width, height, model)
-    num_frames = s.num_frames if s.num_frames is not None else model.default_num_frames
-    check_num_frames(num_frames, model.vae.temporal_stride)
-    num_steps = s.num_steps if s.num_steps is not None else model.scheduler.num_steps
-    if s.steps_per_expert:
-        unknown = set(s.steps_per_expert) - set(model.moe.expert_names)
-        if unknown:
-            raise ValueError(
-                f"unknown expert {sorted(unknown)[0]!r} in steps per expert; "
-                f"valid experts: {', '.join(model.moe.expert_names)}"
-            )
-        if any(int(n) < 0 for n in s.steps_per_expert.values()):
-            raise ValueError(f"steps per expert must be >= 0; got {s.steps_per_expert}")
-        num_steps = sum(s.steps_per_expert.values())
-    if s.sigmas is not None:
-        num_steps = len([x for x in s.sigmas if x > 0])
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1; got {num_steps}")
-    shift = float(s.shift if s.shift is not None else model.scheduler.shift)
-    if shift <= 0:
-        raise ValueError(f"shift must be > 0; got {shift}")
-    sampler = s.sampler or model.scheduler.sampler
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+def _guidance(value, model: ModelConfig) -> dict[str, float]:
     guidance = dict(zip(model.moe.expert_names, model.moe.guidance))
-    for name, scale in _guidance_items(s.guidance, model.moe.expert_names):
+    for name, scale in _guidance_items(value, model.moe.expert_names):
         if name not in guidance:
             raise ValueError(
                 f"unknown expert {name!r} in guidance; valid experts: {', '.join(guidance)}"
             )
-        if not isinstance(scale, (int, float)) or scale < 0:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
             raise ValueError(f"guidance for {name} must be a number >= 0; got {scale!r}")
-        guidance[name] = float(scale)
-    boundary = s.boundary if s.boundary is not None else "release"
-    _check_boundary(boundary)
-    if isinstance(boundary, str) and boundary not in ("release", "snr", "calibrated"):
-        boundary = boundary if boundary.startswith("steps:") else float(boundary)
-    band = float(s.band if s.band is not None else model.moe.band)
+        guidance[name] = _number(f"guidance for {name}", scale)
+    return guidance
+
+
+def _budgets(value, model: ModelConfig, limits: Limits) -> dict[str, int]:
+    names = model.moe.expert_names
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"steps_per_expert must be a dict {{expert: steps}}; got {value!r} ({kind_of(value)})"
+        )
+    unknown = [n for n in value if n not in names]
+    if unknown:
+        raise ValueError(
+            f"unknown expert {unknown[0]!r} in steps per expert; valid experts: {', '.join(names)}"
+        )
+    if set(value) != set(names):
+        raise ValueError(
+            f"steps_per_expert needs a step count for every expert ({', '.join(names)}); "
+            f"got {dict(value)}"
+        )
+    budgets = {n: _integer(f"steps_per_expert[{n!r}]", value[n], 1) for n in names}
+    _integer("the sum of steps_per_expert", sum(budgets.values()), 1, limits.max_steps,
+             " (Limits.max_steps)")
+    return budgets
+
+
+def _sigmas(value, limits: Limits) -> tuple[float, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"sigmas must be a list of numbers; got {value!r} ({kind_of(value)})")
+    values = tuple(_number(f"sigmas[{i}]", x) for i, x in enumerate(value))
+    sigmas_from_list(values)  # descending, in (0, 1]: ValueError otherwise
+    _integer("the number of sigmas", len([x for x in values if x > 0]), 1, limits.max_steps,
+             " (Limits.max_steps)")
+    return values
+
+
+def _steps(s: GenerateSettings, model: ModelConfig, limits: Limits):
+    """(num_steps, steps_per_expert, sigmas): the run's length from whichever the user gave."""
+    budgets = _budgets(s.steps_per_expert, model, limits) if s.steps_per_expert else {}
+    sigmas = _sigmas(s.sigmas, limits) if s.sigmas is not None else None
+    if budgets and sigmas is not None:
+        raise ValueError("give steps_per_expert or sigmas, not both: each fixes the steps")
+    if s.num_steps is not None:
+        _integer("num_steps", s.num_steps, 1, limits.max_steps, " (Limits.max_steps)")
+    if budgets:
+        return sum(budgets.values()), budgets, None
+    if sigmas is not None:
+        return len([x for x in sigmas if x > 0]), {}, sigmas
+    num_steps = s.num_steps if s.num_steps is not None else model.scheduler.num_steps
+    return num_steps, {}, None
+
+
+def _size(s: GenerateSettings, model: ModelConfig, limits: Limits) -> tuple[int, int, int]:
+    """(width, height, num_frames), checked against the model and the limits."""
+    width = model.default_size[0] if s.width is None else _integer("width", s.width, None)
+    height = model.default_size[1] if s.height is None else _integer("height", s.height, None)
+    check_size(width, height, model)
+    if width * height > limits.max_pixels:
+        raise ValueError(
+            f"size {width}x{height} is {width * height} pixels per frame, over the limit of "
+            f"{limits.max_pixels} (Limits.max_pixels, until a memory planner decides what fits): "
+            "use a smaller width or height"
+        )
+    frames = model.default_num_frames if s.num_frames is None else s.num_frames
+    if isinstance(frames, bool) or not isinstance(frames, int):
+        raise ValueError(f"num_frames must be an integer; got {frames!r} ({kind_of(frames)})")
+    check_num_frames(frames, model.vae.temporal_stride)
+    _integer("num_frames", frames, 1, limits.max_num_frames,
+             " (Limits.max_num_frames, until a memory planner decides what fits)")
+    return width, height, frames
+
+
+def _boundary(s: GenerateSettings, model: ModelConfig, band: float, num_steps: int,
+              budgets: dict[str, int], limits: Limits) -> Boundary:
+    """The typed boundary; checked against the model wherever the grid does not matter."""
+    moe = model.moe
+    if budgets:
+        if s.boundary is not None:
+            raise ValueError(
+                f"give a boundary or steps_per_expert, not both: the budgets fix every "
+                f"boundary; got boundary {s.boundary!r} and steps_per_expert {budgets}"
+            )
+        return Budgets(budgets)
+    boundary = parse_boundary(s.boundary, read_files=limits.read_files)
+    if isinstance(boundary, Sigma | Steps | SNR) and len(moe.expert_names) != 2:
+        raise ValueError(
+            f"boundary {boundary.spec!r} places one boundary; {model.name} has "
+            f"{len(moe.expert_names)} experts: use release or steps_per_expert"
+        )
+    if isinstance(boundary, Steps) and boundary.n > num_steps:
+        raise ValueError(
+            f"boundary {boundary.spec!r}: N must be in [1, {num_steps}] (the run's steps); "
+            f"got {boundary.n}"
+        )
+    if isinstance(boundary, Calibrated):
+        bounds = calibrated_boundaries(boundary.losses, moe.expert_names)
+        validate_moe(dataclasses.replace(moe, boundaries=bounds, band=band))
+    if isinstance(boundary, Release | Sigma):
+        bounds = (boundary.value,) if isinstance(boundary, Sigma) else moe.boundaries
+        validate_moe(dataclasses.replace(moe, boundaries=bounds, band=band))
+    return boundary
+
+
+def resolve_settings(
+    s: GenerateSettings, model: ModelConfig, limits: Limits | None = None
+) -> ResolvedSettings:
+    """Validate `s` against `model` and `limits` (default `Limits.for_model(model)`) and fill in
+    defaults; raise ValueError naming the field, the value and what is accepted."""
+    limits = Limits.for_model(model) if limits is None else limits
+    prompt = _string("prompt", s.prompt)
+    negative = default_negative_prompt(model) if s.negative_prompt is None else s.negative_prompt
+    negative = _string("negative_prompt", negative)
+    width, height, num_frames = _size(s, model, limits)
+    num_steps, budgets, sigmas = _steps(s, model, limits)
+    shift = model.scheduler.shift if s.shift is None else _number("shift", s.shift)
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0 (1 leaves the sigmas unchanged); got {shift}")
+    sampler = model.scheduler.sampler if s.sampler is None else s.sampler
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    guidance = _guidance(s.guidance, model)
+    band = model.moe.band if s.band is None else _number("band", s.band)
     if not 0.0 <= band < 0.5:
         raise ValueError(f"band must lie in [0, 0.5) (a sigma half-width; 0 switches hard); got {band}")
-    needs_image = model.transformer.model_type == "i2v"
-    if needs_image and not s.image:
+    boundary = _boundary(s, model, band, num_steps, budgets, limits)
+    seed = _integer("seed", s.seed, 0, MAX_SEED, " (2**63 - 1)")
+    image = None if s.image is None else _string("image", s.image)
+    if model.transformer.model_type == "i2v" and not image:
         raise ValueError(f"{model.name} is an image-to-video model: give an image (--image PATH)")
-    if s.image and model.transformer.model_type == "t2v":
+    if image and model.transformer.model_type == "t2v":
         raise ValueError(f"{model.name} is a text-to-video model and takes no image")
-    negative = (
-        s.negative_prompt if s.negative_prompt is not None else default_negative_prompt(model)
-    )
     return ResolvedSettings(
-        prompt=s.prompt, negative_prompt=negative, width=width, height=height,
-        num_frames=num_frames, num_steps=num_steps, shift=shift, sampler=sampler,
-        guidance=guidance, boundary=boundary, band=band, steps_per_expert=dict(s.steps_per_expert),
-        sigmas=tuple(s.sigmas) if s.sigmas is not None else None, seed=int(s.seed), image=s.image,
+        prompt=prompt, negative_prompt=negative, width=width, height=height,
+        num_frames=num_frames, num_steps=num_steps, shift=float(shift), sampler=sampler,
+        guidance=guidance, boundary=boundary, band=float(band), steps_per_expert=budgets,
+        sigmas=sigmas, seed=seed, image=image,
     )  # fmt: skip
 
 

@@ -20,8 +20,8 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from vidmoe.sampling.pipeline import build_plan_for
-from vidmoe.sampling.settings import SAMPLERS, resolve_settings
+from vidmoe.sampling.plan import plan_for
+from vidmoe.sampling.settings import SAMPLERS, Limits, resolve_settings
 from vidmoe.serve.queue import FINISHED, STATUSES, JobStore, QueueFull, is_job_id, new_job_id
 from vidmoe.serve.requests import PayloadTooLarge, decode_image, read_body, save_image, to_settings
 from vidmoe.serve.worker import Worker
@@ -56,6 +56,7 @@ def create_app(cfg: ServeConfig, *, load=None) -> FastAPI:
     from vidmoe.loading import load_pipeline, model_config_for
 
     config = model_config_for(cfg.model)
+    limits = Limits.for_model(config, read_files=False)  # no client names a server file
     outputs = Path(cfg.outputs)
     videos, uploads = outputs / "videos", outputs / "uploads"
     store = JobStore(outputs / DB_NAME, max_queue=cfg.max_queue)
@@ -113,8 +114,8 @@ def create_app(cfg: ServeConfig, *, load=None) -> FastAPI:
             if image_bytes is not None:
                 image = await run_in_threadpool(decode_image, image_bytes, cfg.max_upload_bytes)
             settings = to_settings(fields, "<upload>" if image is not None else None)
-            resolved = resolve_settings(settings, config)
-            plan = build_plan_for(resolved, config)
+            resolved = resolve_settings(settings, config, limits)
+            plan = plan_for(resolved, config)
         except PayloadTooLarge as e:
             raise HTTPException(413, str(e)) from None
         except ValueError as e:

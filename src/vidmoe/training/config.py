@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from vidmoe.config import (
     ExpertOverrides,
     MoEConfig,
@@ -23,6 +21,7 @@ from vidmoe.config import (
     expert_transformer,
     normalize_expert_overrides,
 )
+from vidmoe.devices import check_device, resolve_device  # noqa: F401 (loop.py imports it here)
 from vidmoe.models.transformer import warn_if_head_too_narrow
 from vidmoe.training import finetune
 from vidmoe.training.objective import expert_ranges
@@ -272,32 +271,6 @@ def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         both_tables = isinstance(v, dict) and isinstance(out.get(k), dict)
         out[k] = _merged(out[k], v) if both_tables else v
     return out
-
-
-def check_device(device: str) -> None:
-    """ValueError unless `device` is "auto" or a CPU/CUDA device string torch parses."""
-    if device == "auto":
-        return
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, TypeError):
-        kind = None
-    if kind not in ("cpu", "cuda"):
-        raise ValueError(f'device must be "cpu", "cuda", "cuda:N" or "auto"; got {device!r}')
-
-
-def resolve_device(device: str) -> torch.device:
-    """The torch device of a config's `device` ("auto": CUDA when available); a CUDA device
-    on a machine without one is an error that says so."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device = {device!r} but torch sees no CUDA device here "
-            f"(torch {torch.__version__}): set device = \"cpu\" or \"auto\""
-        )
-    return dev
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from vidmoe.config import MoEConfig
 from vidmoe.models.moe import Router
+from vidmoe.sampling.schedules import shift_sigmas
 from vidmoe.training.objective_terms import (
     ObjectiveOptions,
     per_sample_mse,
@@ -26,11 +27,6 @@ from vidmoe.training.objective_terms import (
 )
 
 SIGMA_SAMPLINGS = ("uniform", "logit_normal")
-
-
-def shift_sigma(sigma: Tensor, shift: float) -> Tensor:
-    """sigma' = shift sigma / (1 + (shift - 1) sigma): shift > 1 moves mass to high noise."""
-    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
 
 
 def sample_sigma(
@@ -68,7 +64,7 @@ def sample_sigma(
             sigma = torch.rand(n, generator=generator)
         else:
             sigma = torch.sigmoid(logit_mean + logit_std * torch.randn(n, generator=generator))
-        sigma = shift_sigma(sigma, shift)  # (n,)
+        sigma = shift_sigmas(sigma, shift)  # (n,)
         if ranges is None:
             return sigma
         inside = torch.zeros(n, dtype=torch.bool)
