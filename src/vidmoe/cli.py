@@ -7,13 +7,23 @@ detected by the option parser also exits 2); `VIDMOE_DEBUG=1` shows the tracebac
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import typer
+
+from vidmoe.cli_args import (
+    DEVICES,
+    check_device,
+    check_image,
+    check_serve_args,
+    parse_lora_spec,
+    parse_per_expert,
+    parse_schedule,
+    parse_steps,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -22,113 +32,61 @@ app = typer.Typer(
 )
 
 MODEL_HELP = "Checkpoint folder or file (official, diffusers, ComfyUI or vidmoe layout), or a preset name. Default: the shipped demo model."
-SIGMAS_HELP = "Explicit descending sigma list in [0, 1]: 1,0.75,0.5,0.25 (replaces --steps and --shift)."
-TIMESTEPS_HELP = "Explicit descending timestep list in [0, 1000] (= 1000 x sigma): 1000,750,500,250."
+SIGMAS_HELP = (
+    "Explicit descending sigma list in [0, 1]: 1,0.75,0.5,0.25 (replaces --steps and --shift)."
+)
+TIMESTEPS_HELP = (
+    "Explicit descending timestep list in [0, 1000] (= 1000 x sigma): 1000,750,500,250."
+)
 BAND_HELP = "Transition band half-width (sigma) around each boundary; 0 switches hard."
 RECIPE_HELP = "Few-step recipe, e.g. lightning-4step."
-DEVICE_HELP = "cpu, cuda, cuda:1, mps or auto."
+DEVICE_HELP = f"{DEVICES}."
 
 
-def parse_per_expert(values: list[str] | None, kind=float, what: str = "guidance") -> dict:
-    """'high_noise=4,low_noise=3' or repeated 'name=value' -> {name: value}."""
-    out = {}
-    for item in values or []:
-        for part in item.split(","):
-            if "=" not in part:
-                raise typer.BadParameter(
-                    f"{what} must be NAME=VALUE (e.g. high_noise=4.0); got {part!r}"
-                )
-            name, value = part.split("=", 1)
-            try:
-                out[name.strip()] = kind(value)
-            except ValueError:
-                raise typer.BadParameter(
-                    f"{what} for {name!r} must be a number; got {value!r}"
-                ) from None
-    return out
-
-
-def _parse_steps(steps: str | None) -> tuple[int | None, dict[str, int]]:
-    """'8' -> (8, {}); 'high_noise=2,low_noise=6' -> (None, {...}); None -> (None, {})."""
-    if steps is None:
-        return None, {}
-    if "=" in steps:
-        return None, parse_per_expert([steps], int, "steps")
-    try:
-        return int(steps), {}
-    except ValueError:
-        raise typer.BadParameter(f"steps must be an integer or NAME=N,...; got {steps!r}") from None
-
-
-def _number_list(text: str, *, flag: str, high: float) -> tuple[float, ...]:
-    """'1,0.5' -> (1.0, 0.5), each value finite and in [0, high]; errors name `flag`."""
-    values = []
-    for part in text.split(","):
-        try:
-            value = float(part)
-        except ValueError:
-            raise ValueError(f"{flag} takes comma-separated numbers; got {part.strip()!r} in {text!r}") from None
-        if not (math.isfinite(value) and 0.0 <= value <= high):
-            raise ValueError(f"{flag} values must lie in [0, {high:g}]; got {part.strip()} in {text!r}")
-        values.append(value)
-    return tuple(values)
-
-
-def parse_schedule(*, sigmas: str | None, timesteps: str | None) -> tuple[float, ...] | None:
-    """--sigmas (in [0, 1]) or --timesteps (in [0, 1000], divided by 1000) -> sigmas, or None."""
-    if sigmas and timesteps:
-        raise ValueError("give --sigmas or --timesteps, not both (timestep = 1000 x sigma)")
-    if sigmas:
-        return _number_list(sigmas, flag="--sigmas", high=1.0)
-    if not timesteps:
-        return None
-    values = _number_list(timesteps, flag="--timesteps", high=1000.0)
-    if max(values) <= 1.0:
-        raise ValueError(
-            f"--timesteps values are in [0, 1000] (timestep = 1000 x sigma); got {timesteps!r}, "
-            f"all <= 1: for sigmas use --sigmas {timesteps}"
-        )
-    return tuple(v / 1000 for v in values)
-
-
-def _settings(*, prompt: str = "", negative_prompt: str | None = None, width: int | None = None,
-              height: int | None = None, frames: int | None = None, steps: str | None = None,
-              shift: float | None = None, sampler: str | None = None, guidance: list[str] | None = None,
-              boundary: str | None = None, band: float | None = None, sigmas: tuple[float, ...] | None = None,
-              seed: int = 0, image: Path | None = None, recipe: str | None = None):  # fmt: skip
+def _settings(
+    *,
+    prompt: str = "",
+    negative_prompt: str | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    frames: int | None = None,
+    steps: str | None = None,
+    shift: float | None = None,
+    sampler: str | None = None,
+    guidance: list[str] | None = None,
+    boundary: str | None = None,
+    band: float | None = None,
+    sigmas: tuple[float, ...] | None = None,
+    seed: int = 0,
+    image: Path | None = None,
+    recipe: str | None = None,
+):
     """GenerateSettings from CLI values (validated later, once, by resolve_settings)."""
     from vidmoe.sampling.settings import GenerateSettings
 
-    num_steps, steps_per_expert = _parse_steps(steps)
+    num_steps, steps_per_expert = parse_steps(steps)
     s = GenerateSettings(
-        prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, num_frames=frames,
-        num_steps=num_steps, shift=shift, sampler=sampler, guidance=parse_per_expert(guidance),
-        boundary=boundary, band=band, steps_per_expert=steps_per_expert, sigmas=sigmas, seed=seed,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        width=width,
+        height=height,
+        num_frames=frames,
+        num_steps=num_steps,
+        shift=shift,
+        sampler=sampler,
+        guidance=parse_per_expert(guidance),
+        boundary=boundary,
+        band=band,
+        steps_per_expert=steps_per_expert,
+        sigmas=sigmas,
+        seed=seed,
         image=str(image) if image else None,
-    )  # fmt: skip
+    )
     if recipe:
         from vidmoe.sampling.recipes import apply_recipe
 
         s = apply_recipe(s, recipe)
     return s
-
-
-def parse_lora_spec(item: str) -> tuple[str | None, str, float]:
-    """'high_noise=FILE:0.8', 'FILE:0.5' or 'FILE' -> (expert or None, file, strength)."""
-    expert, rest = None, item
-    head, sep, tail = item.partition("=")
-    if sep and head.isidentifier():
-        expert, rest = head, tail
-    path, strength = rest, 1.0
-    if ":" in rest and not Path(rest).exists():
-        path, value = rest.rsplit(":", 1)
-        try:
-            strength = float(value)
-        except ValueError:
-            raise typer.BadParameter(
-                f"LoRA strength must be a number; got {value!r} in {item!r}"
-            ) from None
-    return expert, path, strength
 
 
 def _fail(e: BaseException) -> None:
@@ -148,43 +106,6 @@ def _user_errors() -> Iterator[None]:
         _fail(e)
 
 
-def check_device(device: str) -> None:
-    """Refuse, before any work, a device this machine does not have (ValueError)."""
-    import torch
-
-    if device == "auto":
-        return
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device must be one of {DEVICE_HELP[:-1]}; got {device!r}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device found"
-            raise ValueError(f"--device {device}: {why}; use --device cpu (or auto)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device}: MPS is not available here; use --device cpu (or auto)")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device must be one of {DEVICE_HELP[:-1]}; got {device!r}")
-
-
-def check_image(path: Path) -> None:
-    """Refuse, before any work, an image that is missing, unreadable or a decompression bomb."""
-    from PIL import Image
-
-    if not path.is_file():
-        raise ValueError(f"--image {path}: no such file")
-    try:
-        with Image.open(path):
-            pass  # opening reads the header (format, size) and refuses decompression bombs
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"--image {path} is too large to open safely: {e}") from None
-    except OSError as e:
-        raise ValueError(f"--image {path} is not an image Pillow can read: {e}") from None
-
-
 def _plan(settings, model: str | None, *, any_image: bool = False):
     """Validate `settings` against the model's config and plan the steps (no weights loaded);
     `any_image` stands in an image for an i2v model when only the plan is wanted."""
@@ -198,8 +119,17 @@ def _plan(settings, model: str | None, *, any_image: bool = False):
     return build_plan_for(resolve_settings(settings, config), config)
 
 
-def _load(model: str | None, *, device: str, dtype: str, residency: str, loras: list, lora_strict: str,
-          fuse_lora: bool, quiet: bool):  # fmt: skip
+def _load(
+    model: str | None,
+    *,
+    device: str,
+    dtype: str,
+    residency: str,
+    loras: list,
+    lora_strict: str,
+    fuse_lora: bool,
+    quiet: bool,
+):
     """The pipeline with its LoRAs; a model that cannot be built is a user error."""
     from vidmoe.loading import load_pipeline
 
@@ -232,8 +162,13 @@ def _publish(result, pipe, output: Path, *, recipe: str | None) -> None:
     """Write OUTPUT and OUTPUT.json together (the old pair or the new one, never a mix)."""
     from vidmoe.io.video import publish_video
 
-    record = {"settings": result.settings.to_dict(), "model": pipe.source, "plan": result.plan.to_dict(),
-              "trace": result.trace, "timings": result.timings}  # fmt: skip
+    record = {
+        "settings": result.settings.to_dict(),
+        "model": pipe.source,
+        "plan": result.plan.to_dict(),
+        "trace": result.trace,
+        "timings": result.timings,
+    }
     if recipe:
         record["recipe"] = recipe
     publish_video(result.frames, record, output, fps=pipe.config.fps)
@@ -266,7 +201,10 @@ def generate(
     seed: int = typer.Option(0, "--seed"),
     image: Path | None = typer.Option(None, "--image", "-i", help="First frame (i2v, ti2v)."),
     output: Path = typer.Option(
-        Path("outputs/video.mp4"), "--output", "-o", help="The video (.mp4); its record goes to OUTPUT.json."
+        Path("outputs/video.mp4"),
+        "--output",
+        "-o",
+        help="The video (.mp4); its record goes to OUTPUT.json.",
     ),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 or auto."),
@@ -297,16 +235,37 @@ def generate(
             check_image(image)
         if lora_strict not in ("on", "off"):
             raise ValueError(f"--lora-strict must be on or off; got {lora_strict!r}")
-        s = _settings(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, frames=frames,
-                      steps=steps, shift=shift, sampler=sampler, guidance=guidance, boundary=boundary, band=band,
-                      sigmas=parse_schedule(sigmas=sigmas, timesteps=timesteps), seed=seed, image=image,
-                      recipe=recipe)  # fmt: skip
+        s = _settings(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            frames=frames,
+            steps=steps,
+            shift=shift,
+            sampler=sampler,
+            guidance=guidance,
+            boundary=boundary,
+            band=band,
+            sigmas=parse_schedule(sigmas=sigmas, timesteps=timesteps),
+            seed=seed,
+            image=image,
+            recipe=recipe,
+        )
         loras = [parse_lora_spec(item) for item in lora or []]
         plan_ = _plan(s, model)
         if not quiet:
             typer.echo(plan_.summary())
-        pipe = _load(model, device=device, dtype=dtype, residency=residency, loras=loras,
-                     lora_strict=lora_strict, fuse_lora=fuse_lora, quiet=quiet)  # fmt: skip
+        pipe = _load(
+            model,
+            device=device,
+            dtype=dtype,
+            residency=residency,
+            loras=loras,
+            lora_strict=lora_strict,
+            fuse_lora=fuse_lora,
+            quiet=quiet,
+        )
         result = _run(pipe, s, quiet=quiet)
         _publish(result, pipe, output, recipe=recipe)
     t, h, w, _ = result.frames.shape
@@ -338,39 +297,44 @@ def plan(
 ):
     """Print the per-step plan: boundary, steps per expert, guidance per step."""
     with _user_errors():
-        s = _settings(steps=steps, shift=shift, guidance=guidance, boundary=boundary, band=band,
-                      sigmas=parse_schedule(sigmas=sigmas, timesteps=timesteps), recipe=recipe)  # fmt: skip
+        s = _settings(
+            steps=steps,
+            shift=shift,
+            guidance=guidance,
+            boundary=boundary,
+            band=band,
+            sigmas=parse_schedule(sigmas=sigmas, timesteps=timesteps),
+            recipe=recipe,
+        )
         typer.echo(_plan(s, model, any_image=True).summary())
-
-
-def check_serve_args(*, port: int, outputs: Path, max_queue: int, device: str) -> None:
-    """Refuse bad `vidmoe serve` arguments before anything is created (ValueError)."""
-    if not 1 <= port <= 65535:
-        raise ValueError(f"--port must lie in 1..65535; got {port}")
-    if max_queue < 1:
-        raise ValueError(f"--max-queue must be >= 1; got {max_queue}")
-    if outputs.exists() and not outputs.is_dir():
-        raise ValueError(f"--outputs {outputs} is a file; it must be a folder (it holds the job database)")
-    check_device(device)
 
 
 @app.command()
 def serve(
     model: str | None = typer.Argument(None, help=MODEL_HELP),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; other than loopback needs --token."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to bind; other than loopback needs --token."
+    ),
     port: int = typer.Option(7860, "--port", help="TCP port, 1..65535."),
-    outputs: Path = typer.Option(Path("outputs/serve"), "--outputs", help="Folder for the job database, videos and uploads."),
-    max_queue: int = typer.Option(64, "--max-queue", help="Jobs waiting at most; more get HTTP 429."),
+    outputs: Path = typer.Option(
+        Path("outputs/serve"), "--outputs", help="Folder for the job database, videos and uploads."
+    ),
+    max_queue: int = typer.Option(
+        64, "--max-queue", help="Jobs waiting at most; more get HTTP 429."
+    ),
     token: str | None = typer.Option(
-        None, "--token",
+        None,
+        "--token",
         help="Bearer token for /v1. A command-line token is visible to other users in `ps`: "
         "prefer the VIDMOE_TOKEN environment variable, which does not show there.",
     ),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 or auto."),
-    residency: str = typer.Option("resident", "--residency", help="resident or swap (idle expert in host RAM)."),
+    residency: str = typer.Option(
+        "resident", "--residency", help="resident or swap (idle expert in host RAM)."
+    ),
     log_level: str = typer.Option("info", "--log-level"),
-):  # fmt: skip
+):
     """Serve the HTTP job API (/v1) and the web UI (/) with a persistent job queue."""
     import ipaddress
 
@@ -382,23 +346,44 @@ def serve(
     except ValueError:
         loopback = False
     if not loopback and not token:
-        _fail(ValueError(f"binding {host} exposes the server beyond this machine: give --token (or set VIDMOE_TOKEN)"))
+        _fail(
+            ValueError(
+                f"binding {host} exposes the server beyond this machine: give --token (or set VIDMOE_TOKEN)"
+            )
+        )
     try:
         import uvicorn
 
         from vidmoe.serve.app import ServeConfig, create_app
     except ImportError as e:
-        _fail(ValueError(f"vidmoe serve needs the serve extra ({e.name} is missing): pip install 'vidmoe[serve]'"))
+        _fail(
+            ValueError(
+                f"vidmoe serve needs the serve extra ({e.name} is missing): pip install 'vidmoe[serve]'"
+            )
+        )
     with _user_errors():
-        cfg = ServeConfig(model=model, outputs=outputs, max_queue=max_queue, token=token, device=device,
-                          dtype=dtype, residency=residency)  # fmt: skip
+        cfg = ServeConfig(
+            model=model,
+            outputs=outputs,
+            max_queue=max_queue,
+            token=token,
+            device=device,
+            dtype=dtype,
+            residency=residency,
+        )
         application = create_app(cfg)
-    typer.echo(f"vidmoe serve: {application.state.config.name} on http://{host}:{port}/ (outputs {outputs})")
+    typer.echo(
+        f"vidmoe serve: {application.state.config.name} on http://{host}:{port}/ (outputs {outputs})"
+    )
     uvicorn.run(application, host=host, port=port, log_level=log_level)
 
 
 @app.command()
-def train(config: Path = typer.Argument(..., help="Training config (TOML or JSON); see docs/training.md.")):
+def train(
+    config: Path = typer.Argument(
+        ..., help="Training config (TOML or JSON); see docs/training.md."
+    ),
+):
     """Train a Mixture-of-Experts video model from a latent cache; resumes from its out_dir."""
     from vidmoe.training.loop import train_main
 
@@ -409,7 +394,9 @@ def train(config: Path = typer.Argument(..., help="Training config (TOML or JSON
 
 @app.command("train-vae")
 def train_vae_command(
-    config: Path = typer.Argument(..., help="VAE training config (TOML or JSON); see docs/training.md."),
+    config: Path = typer.Argument(
+        ..., help="VAE training config (TOML or JSON); see docs/training.md."
+    ),
 ):
     """Train or fine-tune a small causal VAE on the shapes world (a decoder-only stage keeps the
     latent space, so latent caches and trained experts stay valid)."""
@@ -423,20 +410,36 @@ def train_vae_command(
 @app.command("eval")
 def eval_(
     model: str | None = typer.Argument(None, help=MODEL_HELP),
-    num_prompts: int = typer.Option(32, "--prompts", help="Held-out prompts (balanced over colour, shape, motion)."),
+    num_prompts: int = typer.Option(
+        32, "--prompts", help="Held-out prompts (balanced over colour, shape, motion)."
+    ),
     seeds: int = typer.Option(1, "--seeds", help="Seeds per prompt."),
-    motions: str = typer.Option("left,right,up,down", "--motions", help="Motions in the prompt set."),
-    ablation: list[str] | None = typer.Option(None, "--ablation", help="swap, boundary:0.5,0.9 or band:0.05 (repeatable)."),
+    motions: str = typer.Option(
+        "left,right,up,down", "--motions", help="Motions in the prompt set."
+    ),
+    ablation: list[str] | None = typer.Option(
+        None, "--ablation", help="swap, boundary:0.5,0.9 or band:0.05 (repeatable)."
+    ),
     steps: int | None = typer.Option(None, "--steps", "-s"),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Report path (writes .md, .json and .png)."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Report path (writes .md, .json and .png)."
+    ),
 ):
     """Prompt adherence (analyser read-back), flicker and speed, with inference-time ablations."""
     from vidmoe.evaluation import dumps, markdown_table, run_eval
 
     command = "vidmoe eval " + " ".join(sys.argv[2:])
     with _user_errors():
-        results = run_eval(model, num_prompts=num_prompts, seeds=tuple(range(seeds)), ablations=ablation or [],
-                           motions=tuple(motions.split(",")), out=out, command=command, num_steps=steps)  # fmt: skip
+        results = run_eval(
+            model,
+            num_prompts=num_prompts,
+            seeds=tuple(range(seeds)),
+            ablations=ablation or [],
+            motions=tuple(motions.split(",")),
+            out=out,
+            command=command,
+            num_steps=steps,
+        )
     typer.echo(markdown_table(results))
     if out is None:
         typer.echo(dumps(results))
@@ -453,7 +456,10 @@ def main() -> None:
         sys.exit(130)
     except Exception as e:  # an internal error: one line, and how to see the traceback
         message = " ".join(str(e).split())
-        print(f"error: {type(e).__name__}: {message} (VIDMOE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(
+            f"error: {type(e).__name__}: {message} (VIDMOE_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 

@@ -130,7 +130,7 @@ def record_path(video: str | Path) -> Path:
 def check_video_path(path: str | Path) -> Path:
     """Check, before any work, that a video and its record can be published at `path`.
 
-    Creates the folder if missing and creates then removes a temporary file in it.
+    Creates nothing but a temporary file, at once removed, in the nearest existing folder.
     Raises:
         ValueError: the name does not end in .mp4, the path or its record is a folder or not a
             regular file, or the folder cannot be created or written, with the reason.
@@ -146,12 +146,16 @@ def check_video_path(path: str | Path) -> Path:
             f"videos are written as H.264 mp4, so the name must end in .mp4; got {str(path)!r}: "
             f"use {str(path.with_suffix('.mp4'))!r}"
         )
+    folder = path.parent
+    while not folder.exists():  # created only when the video is published
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"cannot write {path}: {folder} is a file, not a folder")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _temp_beside(path).unlink()
+        _temp_beside(folder / path.name).unlink()
     except OSError as e:
         raise ValueError(
-            f"cannot write {path.name} in {path.parent}: {e.strerror or e}; choose a writable folder"
+            f"cannot write {path.name} in {folder}: {e.strerror or e}; choose a writable folder"
         ) from None
     return path
 
