@@ -177,6 +177,12 @@ def test_serve_outputs_naming_a_file(tmp_path):
     refused(["serve", "--outputs", str(tmp_path / "afile")], "--outputs", "is a file")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_serve_device_cuda_without_cuda(tmp_path):
+    refused(["serve", "--device", "cuda", "--outputs", str(tmp_path / "srv")], "--device cuda")
+    assert not (tmp_path / "srv").exists()
+
+
 def test_serve_help_says_the_token_shows_in_ps():
     r = runner.invoke(app, ["serve", "--help"], terminal_width=200)
     assert r.exit_code == 0 and "VIDMOE_TOKEN" in r.output and "ps" in r.output
@@ -191,6 +197,7 @@ def test_serve_help_says_the_token_shows_in_ps():
         ("--sigmas", "1.5,0.5", "--sigmas values must lie in [0, 1]"),
         ("--sigmas", "1,nan", "--sigmas"),
         ("--sigmas", "1,abc", "--sigmas"),
+        ("--sigmas", "", "--sigmas"),
         ("--timesteps", "1000,2000", "--timesteps values must lie in [0, 1000]"),
         ("--timesteps", "0.9,0.5", "--sigmas 0.9,0.5"),
     ],

@@ -66,11 +66,11 @@ def _number_list(text: str, *, flag: str, high: float) -> tuple[float, ...]:
 
 def parse_schedule(*, sigmas: str | None, timesteps: str | None) -> tuple[float, ...] | None:
     """--sigmas (in [0, 1]) or --timesteps (in [0, 1000], divided by 1000) -> sigmas, or None."""
-    if sigmas and timesteps:
+    if sigmas is not None and timesteps is not None:
         raise ValueError("give --sigmas or --timesteps, not both (timestep = 1000 x sigma)")
-    if sigmas:
+    if sigmas is not None:
         return _number_list(sigmas, flag="--sigmas", high=1.0)
-    if not timesteps:
+    if timesteps is None:
         return None
     values = _number_list(timesteps, flag="--timesteps", high=1000.0)
     if max(values) <= 1.0:
