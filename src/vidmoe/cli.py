@@ -1,12 +1,28 @@
-"""The `vidmoe` command line: parse options -> settings -> call the library. No math here."""
+"""The `vidmoe` command line: parse options -> settings -> call the library. No math here.
+
+Every user or environment error ends as one line `error: ...` and exit status 2 (a usage error
+detected by the option parser also exits 2); `VIDMOE_DEBUG=1` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
+
+from vidmoe.cli_args import (
+    check_device,
+    check_image,
+    check_serve_args,
+    parse_lora_spec,
+    parse_per_expert,
+    parse_schedule,
+    parse_steps,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -15,76 +31,146 @@ app = typer.Typer(
 )
 
 MODEL_HELP = "Checkpoint folder or file (official, diffusers, ComfyUI or vidmoe layout), or a preset name. Default: the shipped demo model."
+SIGMAS_HELP = (
+    "Explicit descending sigma list in [0, 1]: 1,0.75,0.5,0.25 (replaces --steps and --shift)."
+)
+TIMESTEPS_HELP = (
+    "Explicit descending timestep list in [0, 1000] (= 1000 x sigma): 1000,750,500,250."
+)
+BAND_HELP = "Transition band half-width (sigma) around each boundary; 0 switches hard."
+RECIPE_HELP = "Few-step recipe, e.g. lightning-4step."
+DEVICE_HELP = "cpu, cuda, cuda:N or auto."
 
 
-def parse_per_expert(values: list[str] | None, kind=float, what: str = "guidance") -> dict:
-    """'high_noise=4,low_noise=3' or repeated 'name=value' -> {name: value}."""
-    out = {}
-    for item in values or []:
-        for part in item.split(","):
-            if "=" not in part:
-                raise typer.BadParameter(
-                    f"{what} must be NAME=VALUE (e.g. high_noise=4.0); got {part!r}"
-                )
-            name, value = part.split("=", 1)
-            try:
-                out[name.strip()] = kind(value)
-            except ValueError:
-                raise typer.BadParameter(
-                    f"{what} for {name!r} must be a number; got {value!r}"
-                ) from None
-    return out
-
-
-def _settings(prompt, negative_prompt, width, height, frames, steps, shift, sampler, guidance, boundary, seed, image,
-              sigmas=None, band=None):  # fmt: skip
+def _settings(
+    *,
+    prompt: str = "",
+    negative_prompt: str | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    frames: int | None = None,
+    steps: str | None = None,
+    shift: float | None = None,
+    sampler: str | None = None,
+    guidance: list[str] | None = None,
+    boundary: str | None = None,
+    band: float | None = None,
+    sigmas: tuple[float, ...] | None = None,
+    seed: int = 0,
+    image: Path | None = None,
+    recipe: str | None = None,
+):
+    """GenerateSettings from CLI values (validated later, once, by resolve_settings)."""
     from vidmoe.sampling.settings import GenerateSettings
 
-    steps_per_expert = {}
-    num_steps = None
-    if steps is not None:
-        if "=" in steps:
-            steps_per_expert = parse_per_expert([steps], int, "steps")
-        else:
-            try:
-                num_steps = int(steps)
-            except ValueError:
-                raise typer.BadParameter(
-                    f"steps must be an integer or NAME=N,...; got {steps!r}"
-                ) from None
-    sigma_list = None
-    if sigmas:
-        values = [float(v) for v in sigmas.split(",")]
-        sigma_list = tuple(v / 1000 if max(values) > 1 else v for v in values)
-    return GenerateSettings(
-        prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, num_frames=frames,
-        num_steps=num_steps, shift=shift, sampler=sampler, guidance=parse_per_expert(guidance),
-        boundary=boundary, band=band, steps_per_expert=steps_per_expert, sigmas=sigma_list, seed=seed,
-        image=image,
-    )  # fmt: skip
+    num_steps, steps_per_expert = parse_steps(steps)
+    s = GenerateSettings(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        width=width,
+        height=height,
+        num_frames=frames,
+        num_steps=num_steps,
+        shift=shift,
+        sampler=sampler,
+        guidance=parse_per_expert(guidance),
+        boundary=boundary,
+        band=band,
+        steps_per_expert=steps_per_expert,
+        sigmas=sigmas,
+        seed=seed,
+        image=str(image) if image else None,
+    )
+    if recipe:
+        from vidmoe.sampling.recipes import apply_recipe
+
+        s = apply_recipe(s, recipe)
+    return s
 
 
-def parse_lora_spec(item: str) -> tuple[str | None, str, float]:
-    """'high_noise=FILE:0.8', 'FILE:0.5' or 'FILE' -> (expert or None, file, strength)."""
-    expert, rest = None, item
-    head, sep, tail = item.partition("=")
-    if sep and head.isidentifier():
-        expert, rest = head, tail
-    path, strength = rest, 1.0
-    if ":" in rest and not Path(rest).exists():
-        path, value = rest.rsplit(":", 1)
-        try:
-            strength = float(value)
-        except ValueError:
-            raise typer.BadParameter(
-                f"LoRA strength must be a number; got {value!r} in {item!r}"
-            ) from None
-    return expert, path, strength
-
-
-def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+def _fail(e: BaseException) -> None:
+    message = " ".join(str(e).split()) or type(e).__name__
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn a user or environment error (ValueError, OSError) into `error: ...` and exit 2."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        if os.environ.get("VIDMOE_DEBUG"):
+            raise
+        _fail(e)
+
+
+def _plan(settings, model: str | None, *, any_image: bool = False):
+    """Validate `settings` against the model's config and plan the steps (no weights loaded);
+    `any_image` stands in an image for an i2v model when only the plan is wanted."""
+    from vidmoe.loading import model_config_for
+    from vidmoe.sampling.plan import plan_for
+    from vidmoe.sampling.settings import resolve_settings
+
+    config = model_config_for(model)
+    if any_image and config.transformer.model_type == "i2v" and not settings.image:
+        settings = type(settings)(**{**settings.__dict__, "image": "<image>"})
+    return plan_for(resolve_settings(settings, config), config)
+
+
+def _load(
+    model: str | None,
+    *,
+    device: str,
+    dtype: str,
+    residency: str,
+    loras: list,
+    lora_strict: str,
+    fuse_lora: bool,
+    quiet: bool,
+):
+    """The pipeline with its LoRAs; a model that cannot be built is a user error."""
+    from vidmoe.loading import load_pipeline
+
+    try:
+        pipe = load_pipeline(model, device=device, dtype=dtype, residency=residency)
+    except (RuntimeError, MemoryError) as e:  # e.g. a config whose sizes cannot be allocated
+        raise ValueError(f"cannot build the model {model or '(demo)'}: {e}") from e
+    for expert, path, strength in loras:
+        rec = pipe.load_lora(path, expert=expert, strength=strength, strict=lora_strict == "on")
+        if not quiet:
+            on = ", ".join(f"{e}={v:g}" for e, v in rec.strengths.items())
+            typer.echo(f"lora {rec.name}: {rec.format} format, {rec.num_modules} modules ({on})")
+    if fuse_lora and loras:
+        pipe.fuse_lora()
+    return pipe
+
+
+def _run(pipe, settings, *, quiet: bool):
+    import torch
+
+    try:
+        return pipe.generate(settings, progress=not quiet)
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        raise ValueError(
+            f"out of memory while generating ({e}): try a smaller size, fewer frames or --residency swap"
+        ) from e
+
+
+def _publish(result, pipe, output: Path, *, recipe: str | None) -> None:
+    """Write OUTPUT and OUTPUT.json together (the old pair or the new one, never a mix)."""
+    from vidmoe.io.video import publish_video
+
+    record = {
+        "settings": result.settings.to_dict(),
+        "model": pipe.source,
+        "plan": result.plan.to_dict(),
+        "trace": result.trace,
+        "timings": result.timings,
+    }
+    if recipe:
+        record["recipe"] = recipe
+    publish_video(result.frames, record, output, fps=pipe.config.fps)
 
 
 @app.command()
@@ -108,16 +194,18 @@ def generate(
     boundary: str | None = typer.Option(
         None, "--boundary", help="A sigma in (0,1), or release, snr, steps:N."
     ),
-    band: float | None = typer.Option(
-        None, "--band", help="Transition band half-width (sigma) around each boundary; 0 switches hard."
-    ),
-    timesteps: str | None = typer.Option(
-        None, "--timesteps", help="Explicit list: 1000,750,500,250 (or sigmas)."
-    ),
+    band: float | None = typer.Option(None, "--band", help=BAND_HELP),
+    sigmas: str | None = typer.Option(None, "--sigmas", help=SIGMAS_HELP),
+    timesteps: str | None = typer.Option(None, "--timesteps", help=TIMESTEPS_HELP),
     seed: int = typer.Option(0, "--seed"),
     image: Path | None = typer.Option(None, "--image", "-i", help="First frame (i2v, ti2v)."),
-    output: Path = typer.Option(Path("outputs/video.mp4"), "--output", "-o"),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 or auto."),
+    output: Path = typer.Option(
+        Path("outputs/video.mp4"),
+        "--output",
+        "-o",
+        help="The video (.mp4); its record goes to OUTPUT.json.",
+    ),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 or auto."),
     residency: str = typer.Option(
         "resident", "--residency", help="resident or swap (idle expert in host RAM)."
@@ -134,51 +222,51 @@ def generate(
     fuse_lora: bool = typer.Option(
         False, "--fuse-lora", help="Merge the LoRAs into the weights before sampling."
     ),
-    recipe: str | None = typer.Option(
-        None, "--recipe", help="Few-step recipe, e.g. lightning-4step."
-    ),
+    recipe: str | None = typer.Option(None, "--recipe", help=RECIPE_HELP),
 ):
-    """Generate a video; writes OUTPUT (mp4) and OUTPUT.json (settings, plan, trace)."""
-    from vidmoe.io.video import write_json, write_mp4
-    from vidmoe.loading import load_pipeline, model_config_for
+    """Generate a video; writes OUTPUT (mp4) and OUTPUT.json (settings, plan, trace) together."""
+    from vidmoe.io.video import check_video_path
 
-    try:
-        s = _settings(prompt, negative_prompt, width, height, frames, steps, shift, sampler, guidance, boundary,
-                      seed, str(image) if image else None, timesteps, band)  # fmt: skip
-        if recipe:
-            from vidmoe.sampling.recipes import apply_recipe
-
-            s = apply_recipe(s, recipe)
+    with _user_errors():
+        check_video_path(output)  # before any work: a bad path must not cost a generation
+        check_device(device)
+        if image is not None:
+            check_image(image)
         if lora_strict not in ("on", "off"):
             raise ValueError(f"--lora-strict must be on or off; got {lora_strict!r}")
-        lora_specs = [parse_lora_spec(item) for item in lora or []]
-        from vidmoe.sampling.plan import plan_for
-        from vidmoe.sampling.settings import resolve_settings
-
-        config = model_config_for(model)
-        rs = resolve_settings(s, config)  # validate before any heavy work
-        plan = plan_for(rs, config)
+        s = _settings(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            frames=frames,
+            steps=steps,
+            shift=shift,
+            sampler=sampler,
+            guidance=guidance,
+            boundary=boundary,
+            band=band,
+            sigmas=parse_schedule(sigmas=sigmas, timesteps=timesteps),
+            seed=seed,
+            image=image,
+            recipe=recipe,
+        )
+        loras = [parse_lora_spec(item) for item in lora or []]
+        plan_ = _plan(s, model)
         if not quiet:
-            typer.echo(plan.summary())
-        pipe = load_pipeline(model, device=device, dtype=dtype, residency=residency)
-        for expert, path, strength in lora_specs:
-            rec = pipe.load_lora(path, expert=expert, strength=strength, strict=lora_strict == "on")
-            if not quiet:
-                on = ", ".join(f"{e}={v:g}" for e, v in rec.strengths.items())
-                typer.echo(
-                    f"lora {rec.name}: {rec.format} format, {rec.num_modules} modules ({on})"
-                )
-        if fuse_lora and lora_specs:
-            pipe.fuse_lora()
-        result = pipe.generate(s, progress=not quiet)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(e)
-    write_mp4(result.frames, output, fps=pipe.config.fps)
-    record = {"settings": result.settings.to_dict(), "model": pipe.source, "plan": result.plan.to_dict(),
-              "trace": result.trace, "timings": result.timings}  # fmt: skip
-    if recipe:
-        record["recipe"] = recipe
-    write_json(record, output.with_suffix(output.suffix + ".json"))
+            typer.echo(plan_.summary())
+        pipe = _load(
+            model,
+            device=device,
+            dtype=dtype,
+            residency=residency,
+            loras=loras,
+            lora_strict=lora_strict,
+            fuse_lora=fuse_lora,
+            quiet=quiet,
+        )
+        result = _run(pipe, s, quiet=quiet)
+        _publish(result, pipe, output, recipe=recipe)
     t, h, w, _ = result.frames.shape
     typer.echo(
         f"wrote {output} ({t} frames, {w}x{h}, {pipe.config.fps} fps) in {sum(result.timings.values()):.1f}s"
@@ -190,10 +278,8 @@ def info(model: str | None = typer.Argument(None, help=MODEL_HELP)):
     """Print the experts, parameters (total and active per step), boundary and default plan."""
     from vidmoe.loading import describe_model
 
-    try:
+    with _user_errors():
         typer.echo(describe_model(model))
-    except (ValueError, FileNotFoundError) as e:
-        _fail(e)
 
 
 @app.command()
@@ -203,133 +289,177 @@ def plan(
     shift: float | None = typer.Option(None, "--shift"),
     guidance: list[str] | None = typer.Option(None, "--guidance", "-g"),
     boundary: str | None = typer.Option(None, "--boundary"),
-    band: float | None = typer.Option(
-        None, "--band", help="Transition band half-width (sigma) around each boundary; 0 switches hard."
-    ),
-    timesteps: str | None = typer.Option(None, "--timesteps"),
-    recipe: str | None = typer.Option(
-        None, "--recipe", help="Few-step recipe, e.g. lightning-4step."
-    ),
+    band: float | None = typer.Option(None, "--band", help=BAND_HELP),
+    sigmas: str | None = typer.Option(None, "--sigmas", help=SIGMAS_HELP),
+    timesteps: str | None = typer.Option(None, "--timesteps", help=TIMESTEPS_HELP),
+    recipe: str | None = typer.Option(None, "--recipe", help=RECIPE_HELP),
 ):
     """Print the per-step plan: boundary, steps per expert, guidance per step."""
-    from vidmoe.loading import model_config_for
-    from vidmoe.sampling.plan import plan_for
-    from vidmoe.sampling.settings import resolve_settings
-
-    try:
-        config = model_config_for(model)
+    with _user_errors():
         s = _settings(
-            "", None, None, None, None, steps, shift, None, guidance, boundary, 0, None, timesteps, band
+            steps=steps,
+            shift=shift,
+            guidance=guidance,
+            boundary=boundary,
+            band=band,
+            sigmas=parse_schedule(sigmas=sigmas, timesteps=timesteps),
+            recipe=recipe,
         )
-        if recipe:
-            from vidmoe.sampling.recipes import apply_recipe
-
-            s = apply_recipe(s, recipe)
-        if config.transformer.model_type == "i2v":
-            s = type(s)(**{**s.__dict__, "image": "<image>"})
-        typer.echo(plan_for(resolve_settings(s, config), config).summary())
-    except ValueError as e:
-        _fail(e)
+        typer.echo(_plan(s, model, any_image=True).summary())
 
 
 @app.command()
 def serve(
     model: str | None = typer.Argument(None, help=MODEL_HELP),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; other than loopback needs --token."),
-    port: int = typer.Option(7860, "--port"),
-    outputs: Path = typer.Option(Path("outputs/serve"), "--outputs", help="Job database, videos and uploads."),
-    max_queue: int = typer.Option(64, "--max-queue", help="Jobs waiting at most; more get HTTP 429."),
-    token: str | None = typer.Option(None, "--token", help="Bearer token for /v1 (default: $VIDMOE_TOKEN)."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 or auto."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to bind; other than loopback needs --token."
+    ),
+    port: int = typer.Option(7860, "--port", help="TCP port, 1..65535."),
+    outputs: Path = typer.Option(
+        Path("outputs/serve"), "--outputs", help="Folder for the job database, videos and uploads."
+    ),
+    max_queue: int = typer.Option(
+        64, "--max-queue", help="Jobs waiting at most; more get HTTP 429."
+    ),
+    token: str | None = typer.Option(
+        None,
+        "--token",
+        help="Bearer token for /v1. A command-line token is visible to other users in `ps`: "
+        "prefer the VIDMOE_TOKEN environment variable, which does not show there.",
+    ),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 or auto."),
-    residency: str = typer.Option("resident", "--residency", help="resident or swap (idle expert in host RAM)."),
+    residency: str = typer.Option(
+        "resident", "--residency", help="resident or swap (idle expert in host RAM)."
+    ),
     log_level: str = typer.Option("info", "--log-level"),
 ):
     """Serve the HTTP job API (/v1) and the web UI (/) with a persistent job queue."""
     import ipaddress
 
+    with _user_errors():
+        check_serve_args(port=port, outputs=outputs, max_queue=max_queue, device=device)
     token = token or os.environ.get("VIDMOE_TOKEN") or None
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
     if not loopback and not token:
-        _fail(ValueError(f"binding {host} exposes the server beyond this machine: give --token (or set VIDMOE_TOKEN)"))
+        _fail(
+            ValueError(
+                f"binding {host} exposes the server beyond this machine: give --token (or set VIDMOE_TOKEN)"
+            )
+        )
     try:
         import uvicorn
 
         from vidmoe.serve.app import ServeConfig, create_app
     except ImportError as e:
-        _fail(ValueError(f"vidmoe serve needs the serve extra ({e.name} is missing): pip install 'vidmoe[serve]'"))
-    try:
-        cfg = ServeConfig(model=model, outputs=outputs, max_queue=max_queue, token=token, device=device,
-                          dtype=dtype, residency=residency)  # fmt: skip
+        _fail(
+            ValueError(
+                f"vidmoe serve needs the serve extra ({e.name} is missing): pip install 'vidmoe[serve]'"
+            )
+        )
+    with _user_errors():
+        cfg = ServeConfig(
+            model=model,
+            outputs=outputs,
+            max_queue=max_queue,
+            token=token,
+            device=device,
+            dtype=dtype,
+            residency=residency,
+        )
         application = create_app(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(e)
-    typer.echo(f"vidmoe serve: {application.state.config.name} on http://{host}:{port}/ (outputs {outputs})")
+    typer.echo(
+        f"vidmoe serve: {application.state.config.name} on http://{host}:{port}/ (outputs {outputs})"
+    )
     uvicorn.run(application, host=host, port=port, log_level=log_level)
 
 
 @app.command()
-def train(config: Path = typer.Argument(..., help="Training config (TOML or JSON); see docs/training.md.")):
+def train(
+    config: Path = typer.Argument(
+        ..., help="Training config (TOML or JSON); see docs/training.md."
+    ),
+):
     """Train a Mixture-of-Experts video model from a latent cache; resumes from its out_dir."""
     from vidmoe.training.loop import train_main
 
-    try:
+    with _user_errors():
         out = train_main(config)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(e)
     typer.echo(f"training state in {out}")
 
 
 @app.command("train-vae")
 def train_vae_command(
-    config: Path = typer.Argument(..., help="VAE training config (TOML or JSON); see docs/training.md."),
+    config: Path = typer.Argument(
+        ..., help="VAE training config (TOML or JSON); see docs/training.md."
+    ),
 ):
     """Train or fine-tune a small causal VAE on the shapes world (a decoder-only stage keeps the
     latent space, so latent caches and trained experts stay valid)."""
     from vidmoe.training.vae_train import train_vae_main
 
-    try:
+    with _user_errors():
         out = train_vae_main(config, log=typer.echo)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(e)
     typer.echo(f"VAE in {out}")
 
 
 @app.command("eval")
 def eval_(
     model: str | None = typer.Argument(None, help=MODEL_HELP),
-    num_prompts: int = typer.Option(32, "--prompts", help="Held-out prompts (balanced over colour, shape, motion)."),
+    num_prompts: int = typer.Option(
+        32, "--prompts", help="Held-out prompts (balanced over colour, shape, motion)."
+    ),
     seeds: int = typer.Option(1, "--seeds", help="Seeds per prompt."),
-    motions: str = typer.Option("left,right,up,down", "--motions", help="Motions in the prompt set."),
-    ablation: list[str] | None = typer.Option(None, "--ablation", help="swap, boundary:0.5,0.9 or band:0.05 (repeatable)."),
+    motions: str = typer.Option(
+        "left,right,up,down", "--motions", help="Motions in the prompt set."
+    ),
+    ablation: list[str] | None = typer.Option(
+        None, "--ablation", help="swap, boundary:0.5,0.9 or band:0.05 (repeatable)."
+    ),
     steps: int | None = typer.Option(None, "--steps", "-s"),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Report path (writes .md, .json and .png)."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Report path (writes .md, .json and .png)."
+    ),
 ):
     """Prompt adherence (analyser read-back), flicker and speed, with inference-time ablations."""
     from vidmoe.evaluation import dumps, markdown_table, run_eval
 
     command = "vidmoe eval " + " ".join(sys.argv[2:])
-    try:
-        results = run_eval(model, num_prompts=num_prompts, seeds=tuple(range(seeds)), ablations=ablation or [],
-                           motions=tuple(motions.split(",")), out=out, command=command, num_steps=steps)  # fmt: skip
-    except (ValueError, FileNotFoundError) as e:
-        _fail(e)
+    with _user_errors():
+        results = run_eval(
+            model,
+            num_prompts=num_prompts,
+            seeds=tuple(range(seeds)),
+            ablations=ablation or [],
+            motions=tuple(motions.split(",")),
+            out=out,
+            command=command,
+            num_steps=steps,
+        )
     typer.echo(markdown_table(results))
     if out is None:
         typer.echo(dumps(results))
 
 
 def main() -> None:
+    """The console entry point: any error not handled above is still one line, unless VIDMOE_DEBUG."""
     if os.environ.get("VIDMOE_DEBUG"):
         app()
-    else:
-        try:
-            app()
-        except KeyboardInterrupt:
-            sys.exit(130)
+        return
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # an internal error: one line, and how to see the traceback
+        message = " ".join(str(e).split())
+        print(
+            f"error: {type(e).__name__}: {message} (VIDMOE_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":

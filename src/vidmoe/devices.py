@@ -35,6 +35,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             f"device {str(device)!r} needs CUDA, but torch sees no CUDA device here "
             f'(torch {torch.__version__}): use device "cpu" or "auto"'
         )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) here"
+        )
     return dev
 
 

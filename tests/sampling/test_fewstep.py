@@ -42,9 +42,7 @@ def test_guidance_one_calls_each_expert_once_per_step(pipe):
 
 
 def test_cli_steps_per_expert_gives_exactly_that_plan():
-    s = _settings(
-        "", None, None, None, None, "high_noise=2,low_noise=6", None, None, None, None, 0, None
-    )
+    s = _settings(steps="high_noise=2,low_noise=6")
     plan = plan_for(resolve_settings(s, CONFIG), CONFIG)
     assert [st.experts for st in plan.steps] == [("high_noise",)] * 2 + [("low_noise",)] * 6
     r = runner.invoke(app, ["plan", "tiny-t2v", "--steps", "high_noise=2,low_noise=6"])
