@@ -239,11 +239,16 @@ def serve(
     port: int = typer.Option(7860, "--port"),
     outputs: Path = typer.Option(Path("outputs/serve"), "--outputs", help="Job database, videos and uploads."),
     max_queue: int = typer.Option(64, "--max-queue", help="Jobs waiting at most; more get HTTP 429."),
-    token: str | None = typer.Option(None, "--token", help="Bearer token for /v1 (default: $VIDMOE_TOKEN)."),
+    token: str | None = typer.Option(None, "--token", help="Bearer token for /v1; other users see it in `ps`: prefer $VIDMOE_TOKEN."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 or auto."),
     dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 or auto."),
     residency: str = typer.Option("resident", "--residency", help="resident or swap (idle expert in host RAM)."),
     log_level: str = typer.Option("info", "--log-level"),
+    allowed_host: list[str] | None = typer.Option(None, "--allowed-host", help="A Host name (NAME or NAME:PORT) accepted beside 127.0.0.1, localhost, [::1] (repeatable)."),
+    allowed_origin: list[str] | None = typer.Option(None, "--allowed-origin", help="A web origin (https://NAME[:PORT]) that may change jobs beside the server's own (repeatable)."),
+    max_steps: int = typer.Option(1000, "--max-steps", help="Most denoising steps per job."),
+    max_frames: int = typer.Option(241, "--max-frames", help="Most frames per job."),
+    max_pixels: int = typer.Option(1280 * 720, "--max-pixels", help="Most pixels (width x height) per frame."),
 ):
     """Serve the HTTP job API (/v1) and the web UI (/) with a persistent job queue."""
     import ipaddress
@@ -263,7 +268,9 @@ def serve(
         _fail(ValueError(f"vidmoe serve needs the serve extra ({e.name} is missing): pip install 'vidmoe[serve]'"))
     try:
         cfg = ServeConfig(model=model, outputs=outputs, max_queue=max_queue, token=token, device=device,
-                          dtype=dtype, residency=residency)  # fmt: skip
+                          dtype=dtype, residency=residency, allowed_hosts=tuple(allowed_host or ()),
+                          allowed_origins=tuple(allowed_origin or ()), max_num_steps=max_steps,
+                          max_num_frames=max_frames, max_pixels=max_pixels)  # fmt: skip
         application = create_app(cfg)
     except (ValueError, FileNotFoundError) as e:
         _fail(e)

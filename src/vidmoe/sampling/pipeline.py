@@ -149,7 +149,7 @@ class Pipeline:
     def generate(self, prompt: str | GenerateSettings = "", *, latents: torch.Tensor | None = None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  output: str = "frames", progress: bool = False, callback=None,
-                 **settings) -> GenerationResult:  # fmt: skip
+                 decode_callback=None, **settings) -> GenerationResult:  # fmt: skip
         """Generate one video.
 
         Args:
@@ -160,6 +160,8 @@ class Pipeline:
             progress: show progress bars.
             callback: called as callback(step_index, num_steps, expert_names) after each step;
                 raising from it stops the generation.
+            decode_callback: called as decode_callback(chunk_index, num_chunks) after each
+                latent frame the VAE decodes; raising from it stops the decode.
             **settings: fields of `GenerateSettings` (width, height, num_frames, num_steps, ...).
         Returns:
             A `GenerationResult` with frames, latents, plan and per-step trace.
@@ -225,7 +227,8 @@ class Pipeline:
         frames = None
         if output == "frames":
             t0 = time.perf_counter()
-            video = self.vae.decode(x.to(next(self.vae.parameters()).dtype), progress=progress)
+            video = self.vae.decode(x.to(next(self.vae.parameters()).dtype), progress=progress,
+                                    callback=decode_callback)  # fmt: skip
             from vidmoe.io.video import to_uint8_frames
 
             frames = to_uint8_frames(video)
