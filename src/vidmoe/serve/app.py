@@ -11,6 +11,7 @@ import contextlib
 import functools
 from pathlib import Path
 
+import anyio
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
@@ -51,6 +52,7 @@ def create_app(cfg: ServeConfig, *, load=None) -> FastAPI:
 async def lifespan(app: FastAPI):
     """Recover the queue after a crash, clear half-written files, run the worker."""
     s: ServeState = app.state.serve
+    app.state.check_limiter = anyio.CapacityLimiter(1)  # see routes.validated
     s.store.recover()
     for folder in (s.videos, s.uploads):
         folder.mkdir(parents=True, exist_ok=True)

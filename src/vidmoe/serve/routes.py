@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -72,7 +73,9 @@ async def validated(request: Request, s: ServeState) -> Checked:
     """The checked request, or an HTTP error (413, 415, 422) with nothing queued."""
     try:
         fields, image_bytes = await read_body(request, s.cfg.max_upload_bytes)
-        return await run_in_threadpool(check_request, s, fields, image_bytes)
+        limiter = request.app.state.check_limiter  # one request checked at a time
+        return await anyio.to_thread.run_sync(check_request, s, fields, image_bytes,
+                                              limiter=limiter)  # fmt: skip
     except PayloadTooLarge as e:
         raise HTTPException(413, str(e)) from None
     except UnsupportedMediaType as e:
@@ -178,7 +181,7 @@ def job_settings(job_id: str, s: State):
 
 
 @api.get("/health")
-def health(s: State):
+async def health(s: State):  # on the event loop: one small read, no wait for a thread
     counts = s.store.counts()
     status = {"error": "error", "loading": "loading"}.get(s.worker.state, "ok")
     return {"status": status, "worker": s.worker.state, "load_error": s.worker.load_error,
