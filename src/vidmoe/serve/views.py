@@ -101,7 +101,7 @@ def missed_steps(job: dict, view: dict, last: dict) -> list[dict]:
         sent = p["step"]  # the step at work in the last view
     else:  # queued: none yet; decode/write: all of them
         sent = -1 if last["status"] == "queued" else p["step"] - 1
-    steps = (job["plan"] or {}).get("steps", [])
+    steps = job["plan"].get("steps", []) if isinstance(job["plan"], dict) else []
     return [{**view, "status": "running", "queue_position": None, "error": None,
              "progress": {"step": k, "num_steps": job["num_steps"],
                           "experts": steps[k]["experts"], "phase": "denoise"}}

@@ -91,8 +91,6 @@ class Worker(threading.Thread):
         return job_id in self._cancel or self.store.cancel_requested(job_id)
 
     def _run(self, job: dict) -> None:
-        from vidmoe.io.video import write_json, write_mp4
-
         job_id = job["id"]
         if self._cancelled(job_id):
             self.store.finish(job_id, "cancelled")
@@ -123,14 +121,7 @@ class Worker(threading.Thread):
             if self._cancelled(job_id):
                 raise JobCancelled(job_id)
             self.store.progress(job_id, step=len(steps), experts=None, phase="write")
-            t0 = time.perf_counter()
-            video = self.videos_dir / f"{job_id}.mp4"
-            write_mp4(result.frames, video, fps=self.pipe.config.fps)
-            timings = {**result.timings, "write": time.perf_counter() - t0}
-            timings["total"] = time.perf_counter() - started
-            record = {"id": job_id, "settings": result.settings.to_dict(), "model": self.pipe.source,
-                      "plan": result.plan.to_dict(), "trace": result.trace, "timings": timings}  # fmt: skip
-            write_json(record, video.with_suffix(".mp4.json"))
+            timings = self._write(job_id, result, started)
         except JobCancelled:
             if self._stopping.is_set() and not self.store.cancel_requested(job_id):
                 self.store.requeue(job_id)  # shutting down: run it again after a restart
@@ -142,3 +133,17 @@ class Worker(threading.Thread):
             self.store.finish(job_id, "failed", error=f"{type(e).__name__}: {e}")
             return
         self.store.finish(job_id, "done", timings={k: round(v, 4) for k, v in timings.items()})
+
+    def _write(self, job_id: str, result, started: float) -> dict[str, float]:
+        """The mp4, then its JSON (each written under a temporary name and renamed); timings."""
+        from vidmoe.io.video import write_json, write_mp4
+
+        t0 = time.perf_counter()
+        video = self.videos_dir / f"{job_id}.mp4"
+        write_mp4(result.frames, video, fps=self.pipe.config.fps)
+        timings = {**result.timings, "write": time.perf_counter() - t0}
+        timings["total"] = time.perf_counter() - started
+        record = {"id": job_id, "settings": result.settings.to_dict(), "model": self.pipe.source,
+                  "plan": result.plan.to_dict(), "trace": result.trace, "timings": timings}  # fmt: skip
+        write_json(record, video.with_suffix(".mp4.json"))
+        return timings
