@@ -236,7 +236,7 @@ def plan(
 def serve(
     model: str | None = typer.Argument(None, help=MODEL_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; other than loopback needs --token."),
-    port: int = typer.Option(7860, "--port"),
+    port: int = typer.Option(7860, "--port", min=1, max=65535),
     outputs: Path = typer.Option(Path("outputs/serve"), "--outputs", help="Job database, videos and uploads."),
     max_queue: int = typer.Option(64, "--max-queue", help="Jobs waiting at most; more get HTTP 429."),
     token: str | None = typer.Option(None, "--token", help="Bearer token for /v1; other users see it in `ps`: prefer $VIDMOE_TOKEN."),

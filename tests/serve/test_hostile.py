@@ -365,3 +365,22 @@ def test_a_running_job_is_cancelled_inside_a_long_decode(hostile):
         waited = time.monotonic() - t0
     assert job["status"] == "cancelled" and waited < 8, (job["status"], waited)
     assert not (hostile.outputs / "videos" / f"{job_id}.mp4").exists()
+
+
+# -- (8) start-up mistakes end in one line, not a traceback --------------------------------------
+def test_serve_refuses_a_bad_port_an_outputs_file_and_a_bad_origin(tmp_path):
+    from typer.testing import CliRunner
+
+    from vidmoe.cli import app
+
+    run = CliRunner().invoke
+    r = run(app, ["serve", "tiny-t2v", "--port", "99999"])
+    assert r.exit_code == 2 and "65535" in r.output
+    a_file = tmp_path / "outputs"
+    a_file.write_text("not a folder")
+    r = run(app, ["serve", "tiny-t2v", "--outputs", str(a_file)])
+    assert r.exit_code == 2 and "must be a folder" in r.output and "Traceback" not in r.output
+    r = run(app, ["serve", "tiny-t2v", "--outputs", str(tmp_path / "o"),
+                  "--allowed-origin", "https://ui.example/path"])  # fmt: skip
+    assert r.exit_code == 2 and "scheme://host[:port]" in r.output
+    assert not (tmp_path / "o").exists()  # refused before anything was created
