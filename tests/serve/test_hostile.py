@@ -37,9 +37,13 @@ def total(c) -> int:
     return strict(r.text)["total"]
 
 
+LIMITS = ("--max-steps", "1000", "--max-frames", "161", "--max-pixels", str(1280 * 720))
+"""The shared defaults (`Limits.for_model` for tiny-t2v), set as an operator would."""
+
+
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("hostile") / "outputs", max_queue=8).start()
+    s = Server(tmp_path_factory.mktemp("hostile") / "outputs", max_queue=8, extra=LIMITS).start()
     yield s
     s.stop()
 
@@ -69,29 +73,40 @@ def test_health_answers_within_100_ms_while_heavy_requests_are_handled(hostile):
             time.sleep(0.02)
     busy = max(end for _, end in spans) - min(start for start, _ in spans)
     assert [r.status_code for r in answers] == [422] * 2
-    assert all("at most 1000 steps" in r.json()["detail"] for r in answers)
+    assert all("500000" in r.json()["detail"] and "1000" in r.json()["detail"] for r in answers)
     assert busy > 0.5 and len(latencies) >= 5, (busy, latencies)  # the polls overlapped the work
     assert statistics.median(latencies) < 0.1, latencies
     assert max(latencies) < 1.0, latencies  # the loop was never held for the whole request
 
 
-@pytest.mark.parametrize("body, limit", [
-    ({"num_steps": 3_000_000}, "at most 1000 steps"),
-    ({"steps_per_expert": {"high_noise": 2_000_000, "low_noise": 1}}, "at most 1000 steps"),
-    ({"num_frames": 100_001}, "at most 241 frames"),
-    ({"width": 100_000, "height": 16}, "at most 921600"),
-])  # fmt: skip
-def test_work_over_the_servers_limits_is_refused_at_once(hostile, body, limit):
+OVER_LIMITS = [
+    ({"num_steps": 3_000_000}, ("3000000", "1000")),
+    ({"steps_per_expert": {"high_noise": 2_000_000, "low_noise": 1}}, ("2000001", "1000")),
+    ({"num_frames": 100_001}, ("100001", "161")),
+    ({"width": 100_000, "height": 16}, ("100000x16", "921600")),
+]  # the value and the limit, whichever check (the shared one or the server's) refuses first
+
+
+@pytest.mark.parametrize("body, named", OVER_LIMITS, ids=[json.dumps(b) for b, _ in OVER_LIMITS])
+def test_work_over_the_limits_is_refused_at_once(hostile, body, named):
     with hostile.client() as c:
         before = total(c)
         for route in ("/v1/plan", "/v1/jobs"):
             t0 = time.monotonic()
             r = c.post(route, json={"prompt": "x", **body})
-            assert r.status_code == 422 and limit in r.json()["detail"], r.text
+            assert r.status_code == 422 and all(n in r.json()["detail"] for n in named), r.text
             assert time.monotonic() - t0 < 5  # was 139 s for the 3,000,000-step plan
         assert total(c) == before
         limits = c.get("/v1/model").json()["limits"]
-        assert limits["max_num_steps"] == 1000 and limits["max_num_frames"] == 241
+        assert limits["max_steps"] == 1000 and limits["max_num_frames"] == 161
+
+
+def test_default_limits_need_core_validation(token_server):
+    """Started without --max-* options, the server keeps the shared limits for the model."""
+    with token_server.client() as c:
+        for body in ({"num_frames": 100_001}, {"width": 100_000, "height": 16}):
+            r = c.post("/v1/plan", json={"prompt": "x", **body})
+            assert r.status_code == 422, (body, r.text[:200])
 
 
 # -- (1) NaN and Infinity ------------------------------------------------------------------------

@@ -4,7 +4,7 @@ image (base64 field or file upload) decoded by Pillow only.
 This module checks the shape of a request: the content type, strict JSON (no NaN or Infinity),
 and the JSON type of each field, before a `GenerateSettings` is built. Every check on the
 values themselves is `resolve_settings`'s (shared with the CLI), so a bad value gets the CLI's
-message; `check_limits` adds the limits the server's operator set.
+message; `check_limits` adds the limits the server's operator set (`--max-steps` ...).
 """
 
 from __future__ import annotations
@@ -220,23 +220,23 @@ def to_settings(fields: dict, image_path: str | None = None) -> GenerateSettings
     return GenerateSettings(**kw)
 
 
-def check_limits(rs: ResolvedSettings, *, max_num_steps: int, max_num_frames: int,
-                 max_pixels: int) -> None:  # fmt: skip
-    """Refuse settings over the limits this server was started with (its operator's)."""
-    if rs.num_steps > max_num_steps:
+def check_limits(rs: ResolvedSettings, limits: dict[str, int]) -> None:
+    """Refuse settings over the limits this server's operator set (`ServeConfig.limit_overrides`)."""
+    steps, frames, pixels = (limits.get(k) for k in ("max_steps", "max_num_frames", "max_pixels"))
+    if steps is not None and rs.num_steps > steps:
         raise ValueError(
-            f"num_steps is {rs.num_steps}; this server runs at most {max_num_steps} steps "
-            "per job (--max-steps): ask for fewer"
+            f"num_steps is {rs.num_steps}; this server runs at most {steps} steps per job "
+            "(--max-steps): ask for fewer"
         )
-    if rs.num_frames > max_num_frames:
+    if frames is not None and rs.num_frames > frames:
         raise ValueError(
-            f"num_frames is {rs.num_frames}; this server makes at most {max_num_frames} "
-            "frames per job (--max-frames): ask for fewer"
+            f"num_frames is {rs.num_frames}; this server makes at most {frames} frames per "
+            "job (--max-frames): ask for fewer"
         )
-    if rs.width * rs.height > max_pixels:
+    if pixels is not None and rs.width * rs.height > pixels:
         raise ValueError(
             f"size {rs.width}x{rs.height} is {rs.width * rs.height} pixels per frame; this "
-            f"server makes at most {max_pixels} (--max-pixels): ask for a smaller size"
+            f"server makes at most {pixels} (--max-pixels): ask for a smaller size"
         )
 
 

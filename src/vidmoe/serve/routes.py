@@ -63,8 +63,7 @@ def check_request(s: ServeState, fields: dict, image_bytes: bytes | None) -> Che
         image = decode_image(image_bytes, s.cfg.max_upload_bytes)
     settings = to_settings(fields, "<upload>" if image is not None else None)
     resolved = resolve_settings(settings, s.config)
-    check_limits(resolved, max_num_steps=s.cfg.max_num_steps,
-                 max_num_frames=s.cfg.max_num_frames, max_pixels=s.cfg.max_pixels)  # fmt: skip
+    check_limits(resolved, s.cfg.limit_overrides())
     plan = build_plan_for(resolved, s.config)
     return Checked(fields=fields, resolved=resolved, plan=plan, image=image)
 
@@ -194,8 +193,7 @@ def model(s: State):
     if not s.model_info:
         s.model_info.update(describe(s.config))
     source = s.worker.pipe.source if s.worker.pipe is not None else None
-    limits = {"max_num_steps": s.cfg.max_num_steps, "max_num_frames": s.cfg.max_num_frames,
-              "max_pixels": s.cfg.max_pixels, "max_upload_bytes": s.cfg.max_upload_bytes}  # fmt: skip
+    limits = {**s.cfg.limit_overrides(), "max_upload_bytes": s.cfg.max_upload_bytes}
     return {**s.model_info, "source": source, "limits": limits}
 
 

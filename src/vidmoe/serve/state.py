@@ -14,6 +14,8 @@ from vidmoe.config import ModelConfig
 from vidmoe.serve.queue import JobStore
 from vidmoe.serve.worker import Worker
 
+LIMITS = ("max_steps", "max_num_frames", "max_pixels")
+"""The limits an operator may tighten (the fields of `Limits` in sampling/settings.py)."""
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 """Host names a browser uses for this machine; a Host header naming another is refused (DNS
 rebinding) unless listed in `ServeConfig.allowed_hosts` or a token guards the server."""
@@ -38,11 +40,12 @@ class ServeConfig:
     """Largest accepted request body (images included)."""
     event_interval: float = 0.2
     """Seconds between progress polls of one event stream."""
-    max_num_steps: int = 1000
-    """Most denoising steps one job may ask for (the operator's limit, on top of the model's)."""
-    max_num_frames: int = 241
+    max_steps: int | None = None
+    """Most denoising steps one job may ask for; None keeps the shared limit for the model
+    (`Limits.for_model`, sampling/settings.py). Same for the two below."""
+    max_num_frames: int | None = None
     """Most frames one job may ask for."""
-    max_pixels: int = 1280 * 720
+    max_pixels: int | None = None
     """Most pixels per frame (width x height) one job may ask for."""
     max_attempts: int = 2
     """Runs of one job that may end with the server killed; then the job is `failed`."""
@@ -53,8 +56,10 @@ class ServeConfig:
     server's own."""
 
     def __post_init__(self) -> None:
-        for name in ("max_queue", "max_num_steps", "max_num_frames", "max_pixels", "max_attempts"):
+        for name in ("max_queue", "max_attempts", *LIMITS):
             value = getattr(self, name)
+            if name in LIMITS and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
         for origin in self.allowed_origins:
@@ -63,6 +68,10 @@ class ServeConfig:
                     f"an allowed origin is scheme://host[:port] with no path, as a browser "
                     f"sends it; got {origin!r}: use e.g. https://example.org"
                 )
+
+    def limit_overrides(self) -> dict[str, int]:
+        """The limits this server's operator set, by their `Limits` field names."""
+        return {name: getattr(self, name) for name in LIMITS if getattr(self, name) is not None}
 
 
 @dataclass(frozen=True, kw_only=True)
