@@ -281,24 +281,30 @@ def test_cross_site_requests_and_rebound_names_are_refused(hostile):
 
 
 def test_allowed_hosts_and_origins_and_a_model_that_fails_to_load(tmp_path):
-    s = Server(tmp_path / "outputs", device="cuda:99",  # no such device: the load fails
-               extra=("--allowed-origin", "https://ui.example", "--allowed-host", "api.example"))  # fmt: skip
-    s.start()
-    try:
-        with s.client() as c:
-            health = c.get("/v1/health").json()
-            assert health["status"] == "error" and health["load_error"], health
-            r = c.post("/v1/jobs", json={"prompt": "x", **SMALL})
-            assert r.status_code == 503 and "failed to load" in r.json()["detail"], r.text
-            assert total(c) == 0  # never queued to wait forever
-            configured = {"Origin": "https://ui.example", "Host": "api.example"}
-            r = c.post("/v1/plan", json={"prompt": "x", **SMALL}, headers=configured)
-            assert r.status_code == 200, r.text  # planning needs no model
-            r = c.post("/v1/plan", json={"prompt": "x"}, headers={"Origin": "https://evil.example"})
-            assert r.status_code == 403
-            assert c.get("/v1/health", headers={"Host": "other.example"}).status_code == 400
-    finally:
-        s.stop()
+    from fastapi.testclient import TestClient
+
+    from vidmoe.serve.app import ServeConfig, create_app
+
+    def load():  # as load_pipeline fails for `--device cuda` on a machine without CUDA
+        raise RuntimeError("Torch not compiled with CUDA enabled")
+
+    cfg = ServeConfig(model="tiny-t2v", outputs=tmp_path / "outputs",
+                      allowed_origins=("https://ui.example",), allowed_hosts=("api.example",))  # fmt: skip
+    with TestClient(create_app(cfg, load=load), base_url="http://127.0.0.1:7860") as c:
+        deadline = time.monotonic() + 30
+        while (health := c.get("/v1/health").json())["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert health["status"] == "error" and "CUDA" in health["load_error"], health
+        r = c.post("/v1/jobs", json={"prompt": "x", **SMALL})
+        assert r.status_code == 503 and "failed to load" in r.json()["detail"], r.text
+        assert total(c) == 0  # never queued to wait forever
+        configured = {"Origin": "https://ui.example", "Host": "api.example"}
+        r = c.post("/v1/plan", json={"prompt": "x", **SMALL}, headers=configured)
+        assert r.status_code == 200, r.text  # planning needs no model
+        r = c.post("/v1/plan", json={"prompt": "x"}, headers={"Origin": "https://evil.example"})
+        assert r.status_code == 403
+        assert c.get("/v1/health", headers={"Host": "other.example"}).status_code == 400
 
 
 # -- (8) token, docs, base64 ---------------------------------------------------------------------
