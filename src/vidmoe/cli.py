@@ -333,6 +333,11 @@ def serve(
         "resident", "--residency", help="resident or swap (idle expert in host RAM)."
     ),
     log_level: str = typer.Option("info", "--log-level"),
+    allowed_host: list[str] | None = typer.Option(None, "--allowed-host", help="A Host name (NAME or NAME:PORT) accepted beside 127.0.0.1, localhost, [::1] (repeatable)."),
+    allowed_origin: list[str] | None = typer.Option(None, "--allowed-origin", help="A web origin (https://NAME[:PORT]) that may change jobs beside the server's own (repeatable)."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Most denoising steps per job (default: the model's limit)."),
+    max_frames: int | None = typer.Option(None, "--max-frames", help="Most frames per job (default: the model's limit)."),
+    max_pixels: int | None = typer.Option(None, "--max-pixels", help="Most pixels (width x height) per frame (default: the model's limit)."),
 ):
     """Serve the HTTP job API (/v1) and the web UI (/) with a persistent job queue."""
     import ipaddress
@@ -369,6 +374,11 @@ def serve(
             device=device,
             dtype=dtype,
             residency=residency,
+            allowed_hosts=tuple(allowed_host or ()),
+            allowed_origins=tuple(allowed_origin or ()),
+            max_steps=max_steps,
+            max_num_frames=max_frames,
+            max_pixels=max_pixels,
         )
         application = create_app(cfg)
     typer.echo(

@@ -13,7 +13,6 @@ from pathlib import Path
 import typer
 
 
-
 def parse_per_expert(values: list[str] | None, kind=float, what: str = "guidance") -> dict:
     """'high_noise=4,low_noise=3' or repeated 'name=value' -> {name: value}."""
     out = {}

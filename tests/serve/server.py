@@ -26,8 +26,10 @@ def free_port() -> int:
 class Server:
     """One `python -m vidmoe.cli serve tiny-t2v` process."""
 
-    def __init__(self, outputs: Path, *, token: str | None = None, max_queue: int = 64):
+    def __init__(self, outputs: Path, *, token: str | None = None, max_queue: int = 64,
+                 device: str = "cpu", extra: tuple[str, ...] = ()):  # fmt: skip
         self.outputs, self.token, self.max_queue = Path(outputs), token, max_queue
+        self.device, self.extra = device, tuple(extra)
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
@@ -38,8 +40,8 @@ class Server:
     def start(self, timeout: float = 90) -> Server:
         self.port = free_port()
         args = [sys.executable, "-m", "vidmoe.cli", "serve", "tiny-t2v", "--port", str(self.port),
-                "--outputs", str(self.outputs), "--device", "cpu", "--max-queue", str(self.max_queue),
-                "--log-level", "warning"]  # fmt: skip
+                "--outputs", str(self.outputs), "--device", self.device, "--max-queue", str(self.max_queue),
+                "--log-level", "warning", *self.extra]  # fmt: skip
         if self.token:
             args += ["--token", self.token]
         env = {k: v for k, v in os.environ.items() if k != "VIDMOE_TOKEN"}

@@ -39,7 +39,7 @@ def test_uploaded_image_conditions_a_ti2v_job(tmp_path):
 
     app = create_app(ServeConfig(model="tiny-ti2v", outputs=tmp_path / "out", device="cpu"))
     small = {"width": "32", "height": "32", "num_frames": "5", "num_steps": "2"}
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:  # a loopback Host
         r = c.post("/v1/jobs", data={"prompt": "up", **small},
                    files={"image": ("../../evil name.png", _png(), "image/png")})  # fmt: skip
         assert r.status_code == 202, r.text

@@ -11,7 +11,7 @@ Z latent channels, P the 2.2 pixel patch (1 for 2.1).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from einops import rearrange
@@ -190,6 +190,7 @@ class WanVAE(nn.Module):
         chunked: bool = True,
         progress: bool = False,
         clamp: bool = True,
+        callback: Callable[[int, int], None] | None = None,
     ) -> Tensor:
         """Decode normalised latents to a clip clamped to [-1, 1].
 
@@ -202,6 +203,8 @@ class WanVAE(nn.Module):
                 decodes all F in one pass (same result, memory grows with F).
             progress: show a tqdm bar over the chunks.
             clamp: clamp to [-1, 1] (False returns the raw output, e.g. for a training loss).
+            callback: called as callback(chunk_index, num_chunks) after each chunk; raising from
+                it stops the decode (a server cancels a long decode this way).
 
         Returns:
             (B, 3, T, h*s, w*s) with T = 4(F-1) + 1 (4F for a continuing piece).
@@ -218,7 +221,12 @@ class WanVAE(nn.Module):
         z = z * std + mean  # (B, Z, F, h, w): back to the posterior's scale
         pieces = z.split(1, dim=2) if chunked else (z,)
         bar = tqdm(pieces, desc="VAE decode", unit="latent", disable=not progress)
-        x = torch.cat([self._decode_piece(piece, cache) for piece in bar], dim=2)
+        decoded = []
+        for i, piece in enumerate(bar):
+            decoded.append(self._decode_piece(piece, cache))
+            if callback is not None:
+                callback(i, len(pieces))
+        x = torch.cat(decoded, dim=2)
         p = self.config.patch_size
         x = rearrange(x, "b (c pw ph) t h w -> b c t (h ph) (w pw)", ph=p, pw=p)  # (B, 3, T, H, W)
         return x.clamp(-1.0, 1.0) if clamp else x

@@ -155,7 +155,7 @@ class Pipeline:
     def generate(self, prompt: str | GenerateSettings = "", *, latents: torch.Tensor | None = None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  output: str = "frames", progress: bool = False, callback=None,
-                 **settings) -> GenerationResult:  # fmt: skip
+                 decode_callback=None, **settings) -> GenerationResult:  # fmt: skip
         """Generate one video.
 
         Args:
@@ -166,6 +166,8 @@ class Pipeline:
             progress: show progress bars.
             callback: called as callback(step_index, num_steps, expert_names) after each step;
                 raising from it stops the generation.
+            decode_callback: called as decode_callback(chunk_index, num_chunks) after each
+                latent frame the VAE decodes; raising from it stops the decode.
             **settings: fields of `GenerateSettings` (width, height, num_frames, num_steps, ...).
         Returns:
             A `GenerationResult` with frames, latents, plan and per-step trace.
@@ -186,7 +188,7 @@ class Pipeline:
         frames = None
         if output == "frames":
             with _timed(timings, "decode"):
-                frames = self.decode(x, progress=progress)
+                frames = self.decode(x, progress=progress, callback=decode_callback)
         return GenerationResult(
             frames=frames, latents=x.cpu(), plan=plan, settings=rs, trace=trace, timings=timings
         )
@@ -242,11 +244,12 @@ class Pipeline:
             )
         return latents.to(self.device, torch.float32)
 
-    def decode(self, x: torch.Tensor, *, progress: bool = False) -> np.ndarray:
-        """(1, C, F, H, W) latents -> (T, H, W, 3) uint8 frames."""
+    def decode(self, x: torch.Tensor, *, progress: bool = False, callback=None) -> np.ndarray:
+        """(1, C, F, H, W) latents -> (T, H, W, 3) uint8 frames; `callback` as `WanVAE.decode`'s."""
         from vidmoe.io.video import to_uint8_frames
 
-        video = self.vae.decode(x.to(next(self.vae.parameters()).dtype), progress=progress)
+        dtype = next(self.vae.parameters()).dtype
+        video = self.vae.decode(x.to(dtype), progress=progress, callback=callback)
         return to_uint8_frames(video)
 
     def latent_shape(self, rs: ResolvedSettings) -> tuple[int, int, int, int, int]:

@@ -2,8 +2,11 @@
 
 A job is `queued`, `running`, `done`, `failed` or `cancelled`. Accepted jobs survive a crash:
 on start, `recover()` puts a job that was `running` back in the queue (it runs again from the
-start, in its original place) and finished jobs stay finished. Each thread gets its own
-connection, so readers never wait on the worker's progress writes.
+start, in its original place) unless it was interrupted `max_attempts` times already: then it
+is `failed`, so a job that kills the server cannot block the queue. Finished jobs stay finished.
+Each thread gets its own connection, so readers never wait on the worker's progress writes.
+JSON is stored strictly (no NaN or Infinity) and read back defensively: a row that cannot be
+read becomes a job with `None` fields, never an error for the whole list.
 """
 
 from __future__ import annotations
@@ -53,10 +56,12 @@ class QueueFull(Exception):
 class JobStore:
     """Jobs in an SQLite file: submit, claim, progress, finish, cancel, list."""
 
-    def __init__(self, path: str | Path, *, max_queue: int = 64):
-        if max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1; got {max_queue}")
-        self.path, self.max_queue = Path(path), max_queue
+    def __init__(self, path: str | Path, *, max_queue: int = 64, max_attempts: int = 2):
+        if max_queue < 1 or max_attempts < 1:
+            raise ValueError(
+                f"max_queue and max_attempts must be >= 1; got {max_queue}, {max_attempts}"
+            )
+        self.path, self.max_queue, self.max_attempts = Path(path), max_queue, max_attempts
         self._local = threading.local()
         self._write_lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,17 +84,25 @@ class JobStore:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def recover(self) -> dict[str, int]:
-        """After a restart: a job left `running` is queued again (or cancelled, if asked)."""
+        """After a restart: a job left `running` is queued again (or cancelled, if asked, or
+        failed, if it was interrupted `max_attempts` times)."""
         cancelled = self._write(
             "UPDATE jobs SET status='cancelled', finished=?, phase=NULL "
             "WHERE status='running' AND cancel_requested=1",
             (time.time(),),
         )
+        error = (f"the server stopped during each of this job's {self.max_attempts} runs; "
+                 "it is not run again (resubmit it, perhaps smaller)")  # fmt: skip
+        failed = self._write(
+            "UPDATE jobs SET status='failed', finished=?, phase=NULL, error=? "
+            "WHERE status='running' AND attempts>=?",
+            (time.time(), error, self.max_attempts),
+        )
         requeued = self._write(
             "UPDATE jobs SET status='queued', step=0, phase=NULL, experts=NULL, started=NULL "
             "WHERE status='running'"
         )
-        return {"requeued": requeued, "cancelled": cancelled}
+        return {"requeued": requeued, "cancelled": cancelled, "failed": failed}
 
     def submit(
         self, request: dict, settings: dict, plan: dict, *, job_id: str | None = None
@@ -108,7 +121,7 @@ class JobStore:
                 db.execute(
                     "INSERT INTO jobs (id, status, request, settings, plan, created, num_steps) "
                     "VALUES (?, 'queued', ?, ?, ?, ?, ?)",
-                    (job_id, json.dumps(request), json.dumps(settings), json.dumps(plan),
+                    (job_id, _dumps(request), _dumps(settings), _dumps(plan),
                      time.time(), len(plan["steps"])),
                 )  # fmt: skip
                 db.execute("COMMIT")
@@ -143,7 +156,7 @@ class JobStore:
     def progress(self, job_id: str, *, step: int, experts: list[str] | None, phase: str) -> None:
         self._write(
             "UPDATE jobs SET step=?, experts=?, phase=? WHERE id=? AND status='running'",
-            (step, json.dumps(experts) if experts is not None else None, phase, job_id),
+            (step, _dumps(experts) if experts is not None else None, phase, job_id),
         )
 
     def finish(self, job_id: str, status: str, *, timings: dict | None = None,
@@ -154,14 +167,15 @@ class JobStore:
             self._write(
                 "UPDATE jobs SET status=?, finished=?, timings=?, error=?, phase=NULL "
                 "WHERE id=? AND status='running'",
-                (status, time.time(), json.dumps(timings or {}), error, job_id),
+                (status, time.time(), _dumps(timings or {}), error, job_id),
             )
         )
 
     def requeue(self, job_id: str) -> None:
+        """Queue a running job again, its run not counted (the server is shutting down)."""
         self._write(
-            "UPDATE jobs SET status='queued', step=0, phase=NULL, experts=NULL WHERE id=? "
-            "AND status='running'",
+            "UPDATE jobs SET status='queued', step=0, phase=NULL, experts=NULL, "
+            "attempts=MAX(attempts-1, 0) WHERE id=? AND status='running'",
             (job_id,),
         )
 
@@ -230,11 +244,23 @@ def is_job_id(value: str) -> bool:
         return False
 
 
+def _dumps(value) -> str:
+    """Strict JSON: a non-finite number raises ValueError instead of writing `NaN`."""
+    return json.dumps(value, allow_nan=False)
+
+
+def _loads(text: str | None):
+    """Stored JSON, or None when the row holds something unreadable."""
+    try:
+        return None if text is None else json.loads(text)
+    except (ValueError, TypeError, RecursionError):
+        return None
+
+
 def _decode(row: sqlite3.Row) -> dict:
     job = dict(row)
     for key in ("request", "settings", "plan", "timings", "experts"):
-        if job[key] is not None:
-            job[key] = json.loads(job[key])
+        job[key] = _loads(job[key])
     job["cancel_requested"] = bool(job["cancel_requested"])
     job["queue_position"] = None
     return job

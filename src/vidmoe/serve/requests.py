@@ -1,8 +1,10 @@
 """Request bodies to `GenerateSettings`: JSON or multipart form, size-limited, with an optional
 image (base64 field or file upload) decoded by Pillow only.
 
-Every value check on the settings themselves is `resolve_settings`'s (shared with the CLI);
-this module only maps fields and types, so a bad request gets the CLI's message.
+This module checks the shape of a request: the content type, strict JSON (no NaN or Infinity),
+and the JSON type of each field, before a `GenerateSettings` is built. Every check on the
+values themselves is `resolve_settings`'s (shared with the CLI), so a bad value gets the CLI's
+message, within the limits the server was started with.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import base64
 import binascii
 import io
 import json
+import math
 from pathlib import Path
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from vidmoe.sampling.settings import GenerateSettings
@@ -20,7 +24,10 @@ from vidmoe.sampling.settings import GenerateSettings
 FIELDS = ("prompt", "negative_prompt", "width", "height", "num_frames", "num_steps", "shift",
           "sampler", "guidance", "boundary", "steps_per_expert", "sigmas", "seed", "image")  # fmt: skip
 _INTS = ("width", "height", "num_frames", "num_steps", "seed")
-_FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
+_STRINGS = ("prompt", "negative_prompt", "sampler")
+_JSON_KINDS = ("", "application/json")
+_FORM_KINDS = ("multipart/form-data", "application/x-www-form-urlencoded")
+INT64 = 2**63
 IMAGE_FORMATS = ["PNG", "JPEG", "WEBP", "BMP", "GIF"]
 MAX_IMAGE_PIXELS = 4096 * 4096
 
@@ -29,8 +36,21 @@ class PayloadTooLarge(ValueError):
     """The request body is over the server's limit."""
 
 
+class UnsupportedMediaType(ValueError):
+    """The request body is neither JSON nor a form."""
+
+
 async def read_body(request: Request, limit: int) -> tuple[dict, bytes | None]:
-    """The fields of a JSON or form body and the raw image bytes (or None)."""
+    """The fields of a JSON or form body and the raw image bytes (or None).
+
+    JSON is parsed in the thread pool: a large body never holds the event loop.
+    """
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in _JSON_KINDS + _FORM_KINDS and not kind.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"content type {kind!r} is not accepted: send the settings as application/json "
+            "(or a multipart/form-data form)"
+        )
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
@@ -41,13 +61,34 @@ async def read_body(request: Request, limit: int) -> tuple[dict, bytes | None]:
             raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
         chunks.append(chunk)
     body = b"".join(chunks)
-    kind = request.headers.get("content-type", "")
     # `curl -d '{...}'` labels JSON as a urlencoded form: a body that opens with { is JSON
-    if kind.startswith(_FORMS) and not (kind.startswith(_FORMS[1]) and body.lstrip()[:1] == b"{"):
+    if kind in _FORM_KINDS and not (kind == _FORM_KINDS[1] and body.lstrip()[:1] == b"{"):
         return await _read_form(request, body)
+    return await run_in_threadpool(parse_json_body, body)
+
+
+def strict_json(text: str | bytes):
+    """`json.loads` that refuses NaN, Infinity and numbers too large for a float (1e400)."""
+
+    def constant(name: str):
+        raise ValueError(
+            f"{name} is not a number JSON allows (RFC 8259); send a finite number"
+        )
+
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"{text} is too large for a 64-bit float; send a finite number")
+        return value
+
+    return json.loads(text, parse_constant=constant, parse_float=finite)
+
+
+def parse_json_body(body: bytes) -> tuple[dict, bytes | None]:
+    """The fields of a JSON body and its decoded `image` (or None)."""
     try:
-        fields = json.loads(body or b"{}")
-    except json.JSONDecodeError as e:
+        fields = strict_json(body or b"{}")
+    except (ValueError, RecursionError) as e:  # bad JSON, NaN, 1e400, an int of 4301 digits
         raise ValueError(f"request body must be a JSON object of settings: {e}") from None
     if not isinstance(fields, dict):
         raise ValueError(
@@ -58,11 +99,7 @@ async def read_body(request: Request, limit: int) -> tuple[dict, bytes | None]:
         return fields, None
     if not isinstance(image, str):
         raise ValueError("image must be a base64 string (optionally a data: URL)")
-    data = image.split(",", 1)[1] if image.startswith("data:") else image
-    try:
-        return fields, base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("image must be base64-encoded image bytes (PNG, JPEG, WebP)") from None
+    return fields, _b64(image.split(",", 1)[1] if image.startswith("data:") else image)
 
 
 async def _read_form(request: Request, body: bytes) -> tuple[dict, bytes | None]:
@@ -73,39 +110,94 @@ async def _read_form(request: Request, body: bytes) -> tuple[dict, bytes | None]
     fields, image = {}, None
     for key, value in form.multi_items():
         if key == "image":
-            image = await value.read() if hasattr(value, "read") else _b64(value)
+            image = await value.read() if hasattr(value, "read") else _b64(value.split(",")[-1])
         elif key in ("guidance", "steps_per_expert", "sigmas"):
             fields[key] = _form_json(key, value)
         elif key in _INTS:
-            fields[key] = _form_number(key, value, int)
+            fields[key] = _form_number(value, int)
         elif key == "shift":
-            fields[key] = _form_number(key, value, float)
+            fields[key] = _form_number(value, float)
         else:
             fields[key] = value
     return fields, image
 
 
-def _b64(value: str) -> bytes:
+def _b64(text: str) -> bytes:
+    """Base64 bytes; whitespace (line breaks every 76 columns, as MIME wraps it) is dropped."""
     try:
-        return base64.b64decode(value.split(",", 1)[-1], validate=True)
+        return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError("image must be a file upload or base64 image bytes") from None
+        raise ValueError("image must be base64-encoded image bytes (PNG, JPEG, WebP)") from None
 
 
 def _form_json(key: str, value: str):
     try:
-        return json.loads(value)
-    except json.JSONDecodeError:
+        return strict_json(value)
+    except ValueError:
         raise ValueError(
             f'{key} must be JSON (e.g. {{"high_noise": 4.0}}); got {value!r}'
         ) from None
 
 
-def _form_number(key: str, value: str, kind):
+def _form_number(value: str, kind):
     try:
-        return kind(value)
+        number = kind(value)
     except ValueError:
-        return value  # resolve_settings says what is wrong with it
+        return value  # to_settings says it is a string
+    return number if math.isfinite(number) else value  # "nan", "inf": a string, refused
+
+
+def _describe(value) -> str:
+    """A JSON value's type and a short rendering: "a string ('64')"."""
+    kinds = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+             (list, "a list"), (dict, "an object"))  # fmt: skip
+    kind = next((name for t, name in kinds if isinstance(value, t)), type(value).__name__)
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    return f"{kind} ({shown})"
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_int(key: str, value) -> None:
+    if not _is_int(value):
+        raise ValueError(f"{key} must be an integer; got {_describe(value)}")
+    if not -INT64 <= value < INT64:
+        raise ValueError(f"{key} must fit a signed 64-bit integer (below 2**63); got {value}")
+
+
+def check_field_types(kw: dict) -> None:
+    """Refuse a field whose JSON type cannot be the setting (before any value is looked at)."""
+    for key, value in kw.items():
+        if key in _INTS:
+            _check_int(key, value)
+        elif key in _STRINGS and not isinstance(value, str):
+            raise ValueError(f"{key} must be a string; got {_describe(value)}")
+        elif key == "shift" and not _is_number(value):
+            raise ValueError(f"shift must be a number; got {_describe(value)}")
+        elif key == "boundary" and not (_is_number(value) or isinstance(value, str)):
+            raise ValueError(
+                f"boundary must be a number (a sigma) or a mode string; got {_describe(value)}"
+            )
+        elif key in ("guidance", "steps_per_expert"):
+            if not isinstance(value, dict):
+                raise ValueError(
+                    f"{key} must be an object of expert name -> value; got {_describe(value)}"
+                )
+            for name, v in value.items():
+                if key == "guidance" and not _is_number(v):
+                    raise ValueError(f"guidance for {name} must be a number; got {_describe(v)}")
+                if key == "steps_per_expert":
+                    _check_int(f"steps_per_expert for {name}", v)
+        elif key == "sigmas" and not (
+            isinstance(value, list) and all(_is_number(x) for x in value)
+        ):
+            raise ValueError(f"sigmas must be a list of numbers; got {_describe(value)}")
 
 
 def to_settings(fields: dict, image_path: str | None = None) -> GenerateSettings:
@@ -114,26 +206,18 @@ def to_settings(fields: dict, image_path: str | None = None) -> GenerateSettings
     if unknown:
         raise ValueError(f"unknown field {unknown[0]!r}; accepted fields: {', '.join(FIELDS)}")
     kw = {k: v for k, v in fields.items() if v is not None and k != "image"}
-    if "seed" in kw and (not isinstance(kw["seed"], int) or isinstance(kw["seed"], bool)):
-        raise ValueError(f"seed must be an integer; got {kw['seed']!r}")
-    for key in ("guidance", "steps_per_expert"):
-        if key in kw and not isinstance(kw[key], dict):
-            raise ValueError(f"{key} must be an object of expert name -> value; got {kw[key]!r}")
+    check_field_types(kw)
     if "guidance" in kw:  # as the CLI parses them: numbers are floats
-        kw["guidance"] = {n: float(g) if _is_number(g) else g for n, g in kw["guidance"].items()}
+        kw["guidance"] = {n: float(g) for n, g in kw["guidance"].items()}
     if _is_number(kw.get("boundary")):
         kw["boundary"] = float(kw["boundary"])
+    if "shift" in kw:
+        kw["shift"] = float(kw["shift"])
     if "sigmas" in kw:
-        if not isinstance(kw["sigmas"], list) or not all(_is_number(x) for x in kw["sigmas"]):
-            raise ValueError(f"sigmas must be a list of numbers; got {kw['sigmas']!r}")
         kw["sigmas"] = tuple(float(x) for x in kw["sigmas"])
     if image_path is not None:
         kw["image"] = image_path
     return GenerateSettings(**kw)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def decode_image(data: bytes, limit: int):

@@ -2,13 +2,17 @@
 runs them off the event loop.
 
 Progress is written to the job store after every step (steps done, the expert at work now,
-the phase). A cancel request stops a running job at its next step. Video and JSON are written
-under temporary names and renamed, and only then is the job marked done, so a crash at any
-point leaves either no file or a complete one, and the job runs again after a restart.
+the phase). A cancel request stops a running job at its next step, or at the next latent frame
+of the VAE decode. Video and JSON are written under temporary names and renamed, and only then
+is the job marked done, so a crash at any point leaves either no file or a complete one, and
+the job runs again after a restart. A job that raises is `failed` with the reason; the worker
+goes on with the next one. A model that fails to load leaves the worker in `error` (the server
+then refuses new jobs with 503; queued ones wait for a server that loads the model).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -74,6 +78,10 @@ class Worker(threading.Thread):
             self.state, self.current = "busy", job["id"]
             try:
                 self._run(job)
+            except Exception as e:  # the job store itself failed: never leave the job running
+                log.error("job %s: %s", job["id"], traceback.format_exc())
+                with contextlib.suppress(Exception):
+                    self.store.finish(job["id"], "failed", error=f"{type(e).__name__}: {e}")
             finally:
                 self._cancel.discard(job["id"])
                 self.state, self.current = "idle", None
@@ -83,13 +91,21 @@ class Worker(threading.Thread):
         return job_id in self._cancel or self.store.cancel_requested(job_id)
 
     def _run(self, job: dict) -> None:
-        from vidmoe.io.video import write_json, write_mp4
-
-        job_id, steps = job["id"], job["plan"]["steps"]
+        job_id = job["id"]
         if self._cancelled(job_id):
             self.store.finish(job_id, "cancelled")
             return
+        try:
+            steps = job["plan"]["steps"]
+            settings = GenerateSettings(**job["request"])
+        except Exception:  # a row written by another version, or edited by hand
+            self.store.finish(job_id, "failed", error="the stored job cannot be read; resubmit it")
+            return
         self.store.progress(job_id, step=0, experts=steps[0]["experts"], phase="denoise")
+
+        def on_chunk(index: int, num_chunks: int) -> None:
+            if self._cancelled(job_id):
+                raise JobCancelled(job_id)
 
         def on_step(index: int, num_steps: int, experts) -> None:
             if self._cancelled(job_id):
@@ -101,18 +117,11 @@ class Worker(threading.Thread):
 
         started = time.perf_counter()
         try:
-            result = self.pipe.generate(GenerateSettings(**job["request"]), callback=on_step)
+            result = self.pipe.generate(settings, callback=on_step, decode_callback=on_chunk)
             if self._cancelled(job_id):
                 raise JobCancelled(job_id)
             self.store.progress(job_id, step=len(steps), experts=None, phase="write")
-            t0 = time.perf_counter()
-            video = self.videos_dir / f"{job_id}.mp4"
-            write_mp4(result.frames, video, fps=self.pipe.config.fps)
-            timings = {**result.timings, "write": time.perf_counter() - t0}
-            timings["total"] = time.perf_counter() - started
-            record = {"id": job_id, "settings": result.settings.to_dict(), "model": self.pipe.source,
-                      "plan": result.plan.to_dict(), "trace": result.trace, "timings": timings}  # fmt: skip
-            write_json(record, video.with_suffix(".mp4.json"))
+            timings = self._write(job_id, result, started)
         except JobCancelled:
             if self._stopping.is_set() and not self.store.cancel_requested(job_id):
                 self.store.requeue(job_id)  # shutting down: run it again after a restart
@@ -124,3 +133,14 @@ class Worker(threading.Thread):
             self.store.finish(job_id, "failed", error=f"{type(e).__name__}: {e}")
             return
         self.store.finish(job_id, "done", timings={k: round(v, 4) for k, v in timings.items()})
+
+    def _write(self, job_id: str, result, started: float) -> dict[str, float]:
+        """The mp4 and its JSON, published as one unit (`publish_video`); timings."""
+        from vidmoe.io.video import publish_video
+
+        t0 = time.perf_counter()
+        timings = {**result.timings, "total": t0 - started}
+        record = {"id": job_id, "settings": result.settings.to_dict(), "model": self.pipe.source,
+                  "plan": result.plan.to_dict(), "trace": result.trace, "timings": timings}  # fmt: skip
+        publish_video(result.frames, record, self.videos_dir / f"{job_id}.mp4", fps=self.pipe.config.fps)
+        return {**timings, "write": time.perf_counter() - t0, "total": time.perf_counter() - started}
