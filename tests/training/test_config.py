@@ -178,7 +178,7 @@ def test_a_vae_train_config_reads_its_run_keys(tmp_path):
     assert (out_dir, init, cfg.lr, cfg.vae.dim_mult) == (Path("o"), Path("a/vae.safetensors"), 1.0, (1, 2))
     assert isinstance(cfg, VAETrainConfig) and cfg.vae.temperal_downsample == (True,)
     path.write_text(json.dumps({"crop": 0}))
-    with pytest.raises(ValueError, match="out_dir is missing"):
+    with pytest.raises(ValueError, match="needs out_dir"):
         load_vae_train_config(path)
 
 

@@ -93,8 +93,9 @@ def parse_fields(
         and f.default_factory is dataclasses.MISSING
     ]  # fmt: skip
     if missing:
-        named = [f"[{key_label(path, n).replace(' ', '.')}] table" if _is_dataclass(hints[n])
-                 else repr(n) for n in missing]  # fmt: skip
+        named = [f"[{path}.{n}]" if path else f"[{n}]" for n in missing]
+        named = [f"{t} table" if _is_dataclass(hints[n]) else repr(n)
+                 for t, n in zip(named, missing)]  # fmt: skip
         raise ValueError(f"{table_label(path)} lacks the required {', '.join(named)}")
     out = {}
     for key, value in table.items():

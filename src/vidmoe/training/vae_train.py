@@ -341,7 +341,7 @@ def load_vae_train_config(path: str | Path) -> tuple[VAETrainConfig, Path, Path 
         check_keys(d, [*(f.name for f in dataclasses.fields(VAETrainConfig)), *RUN_KEYS], "")
         out_dir, init = (convert(d.pop(k, ""), str, k) for k in RUN_KEYS)
         if not out_dir:
-            raise ValueError("out_dir is missing (the folder vae.safetensors goes to)")
+            raise ValueError("needs out_dir (the folder vae.safetensors goes to)")
         return VAETrainConfig.from_dict(d), Path(out_dir), Path(init) if init else None
     except ValueError as e:
         raise ValueError(f"VAE train config {path}: {e}") from None
