@@ -96,6 +96,10 @@ OTHER_ERRORS = [
     ({"moe": {"boundaries": [0.5, 0.2]}}, r"\[moe\]: 2 experts need 1 boundaries"),
     ({"expert_overrides": {"low": {"ffn_dim": 64}}}, r"unknown experts \['low'\]"),
     ({"lr_schedule": "linear"}, r"lr_schedule must be one of \('constant', 'cosine'\)"),
+    ({"sigma_sampling": "normal"}, r"sigma_sampling must be one of \('uniform', 'logit_normal'\)"),
+    ({"num_threads": -1}, r"num_threads must be >= 0 \(0: torch's default\); got -1"),
+    ({"lr": 0.0}, r"lr must be > 0; got 0.0"),
+    ({"ema_decay": 1.5}, r"ema_decay must be in \[0, 1\]; got 1.5"),
 ]  # fmt: skip
 
 

@@ -25,7 +25,7 @@ from vidmoe.config import (
     normalize_expert_overrides,
 )
 from vidmoe.models.transformer import warn_if_head_too_narrow
-from vidmoe.training.objective import expert_ranges
+from vidmoe.training.objective import SIGMA_SAMPLINGS, expert_ranges
 from vidmoe.training.objective_terms import ObjectiveOptions
 from vidmoe.training.tables import parse_named_tables, parse_table
 
@@ -177,8 +177,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}; got {self.lr_schedule!r}")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1]; got {self.caption_dropout}")
+        if self.sigma_sampling not in SIGMA_SAMPLINGS:
+            raise ValueError(
+                f"sigma_sampling must be one of {SIGMA_SAMPLINGS}; got {self.sigma_sampling!r}"
+            )
+        self._check_ranges()
         object.__setattr__(self, "experts", tuple(self.experts))
         check_device(self.device)
         for word, times in self.oversample.items():
@@ -209,6 +212,24 @@ class TrainConfig:
             )
         for name in self.trained_experts:
             warn_if_head_too_narrow(self.transformer_for(name), name)
+
+    def _check_ranges(self) -> None:
+        """ValueError for a number outside its range, before any work is done."""
+        ranges = (
+            ("lr", self.lr > 0, "> 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("max_minutes", self.max_minutes >= 0, ">= 0 (0: no limit)"),
+            ("grad_clip", self.grad_clip >= 0, ">= 0 (0: no clipping)"),
+            ("ema_decay", 0 <= self.ema_decay <= 1, "in [0, 1]"),
+            ("sigma_shift", self.sigma_shift > 0, "> 0"),
+            ("logit_std", self.logit_std > 0, "> 0"),
+            ("caption_dropout", 0 <= self.caption_dropout <= 1, "in [0, 1]"),
+            ("num_threads", self.num_threads >= 0, ">= 0 (0: torch's default)"),
+        )  # fmt: skip
+        for name, ok, accepted in ranges:
+            if not ok:
+                raise ValueError(f"{name} must be {accepted}; got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -261,8 +282,9 @@ def load_train_config(path: str | Path) -> TrainConfig:
 
     A config may name another one it starts from with `base = "other.toml"` (a path relative to
     this file): the base is read first (it may have a base of its own) and this file's keys
-    replace its keys; tables (`[transformer]`, `[moe]`, `[expert_overrides.NAME]`) are merged key
-    by key. A training phase that resumes another then says only what changes.
+    replace its keys; tables (`[transformer]`, `[moe]`, `[lora]`, `[expert_overrides.NAME]`) are
+    merged key by key. A training phase that resumes another then says only what changes. The
+    merged dict is read strictly (`TrainConfig.from_dict`); an error names this file.
     """
     d = read_config(path)
     try:
