@@ -72,7 +72,7 @@ def _init_state(init_dir, name) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def lora_run(cache_dir, init_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora")
-    cfg = _config(cache_dir, out, init=str(init_dir), lora_rank=4, lora_alpha=8.0)
+    cfg = _config(cache_dir, out, init=str(init_dir), lora={"rank": 4, "alpha": 8.0})
     return train(cfg)
 
 
@@ -182,9 +182,8 @@ def test_diffusers_loads_the_combined_file(lora_run, init_dir):
 
 
 def test_lora_resume_is_bit_exact(cache_dir, init_dir, tmp_path):
-    kw = dict(
-        init=str(init_dir), lora_rank=2, lora_dropout=0.2, lora_targets=["self_attn.q", "ffn.2"]
-    )
+    lora = {"rank": 2, "dropout": 0.2, "targets": ["self_attn.q", "ffn.2"]}
+    kw = dict(init=str(init_dir), lora=lora)
     a = train(_config(cache_dir, tmp_path / "a", **kw))
     train(_config(cache_dir, tmp_path / "b", max_steps=2, **kw))
     b = train(_config(cache_dir, tmp_path / "b", **kw))  # resumes at step 2
@@ -221,11 +220,12 @@ def test_config_errors_name_the_problem(cache_dir, init_dir, tmp_path):
     cfg = _config(cache_dir, tmp_path, init=str(init_dir), transformer=other)
     with pytest.raises(ValueError, match=r"dim=64 \(init: 32\), ffn_dim=128 \(init: 64\)"):
         build_experts(cfg)
-    with pytest.raises(ValueError, match=r"lora_targets \['self_attn.qq'\] match no module"):
-        build_experts(_config(cache_dir, tmp_path, lora_rank=2, lora_targets=["self_attn.qq"]))
-    with pytest.raises(ValueError, match="lora_rank must be >= 0"):
-        _config(cache_dir, tmp_path, lora_rank=-1)
+    bad_target = {"rank": 2, "targets": ["self_attn.qq"]}
+    with pytest.raises(ValueError, match=r"\[lora\] targets \['self_attn.qq'\] match no module"):
+        build_experts(_config(cache_dir, tmp_path, lora=bad_target))
+    with pytest.raises(ValueError, match=r"\[lora\]: rank must be >= 0"):
+        _config(cache_dir, tmp_path, lora={"rank": -1})
     with pytest.raises(ValueError, match="does not exist"):
         build_experts(_config(cache_dir, tmp_path, init=str(tmp_path / "missing")))
-    cfg = _config(cache_dir, tmp_path, lora_rank=8, lora_targets=["ffn.0"], init=str(init_dir))
+    cfg = _config(cache_dir, tmp_path, lora={"rank": 8, "targets": ["ffn.0"]}, init=str(init_dir))
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

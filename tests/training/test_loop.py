@@ -328,7 +328,7 @@ def test_checkpoints_load_without_running_code_and_old_rng_states_still_resume(t
 
 
 def test_config_errors_name_the_problem(tmp_path):
-    with pytest.raises(ValueError, match="unknown train config keys"):
+    with pytest.raises(ValueError, match="unknown key 'learning_rate' in the top level"):
         TrainConfig.from_dict({**_config("c", "o"), "learning_rate": 1.0})
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig.from_dict(_config("c", "o", lr_schedule="linear"))

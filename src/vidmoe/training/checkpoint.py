@@ -180,7 +180,8 @@ def export_model(
     trained: dict[str, tuple[Path, dict[str, Any]]] = {}  # expert -> (checkpoint, run config)
     for path in paths:
         state = load_checkpoint(path)
-        if (state.get("config") or {}).get("lora_rank"):
+        run = state.get("config") or {}
+        if (run.get("lora") or {}).get("rank") or run.get("lora_rank"):  # [lora]; before: top level
             raise ValueError(
                 f"{path} is a LoRA run, which holds adapters only: load {Path(path).parent}/lora/ "
                 "with Pipeline.load_lora on its init model (TrainConfig.init)"

@@ -8,6 +8,7 @@ script that writes, checks or prints a config needs no model code.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -23,11 +24,54 @@ from vidmoe.config import (
 )
 from vidmoe.devices import check_device, resolve_device  # noqa: F401 (loop.py imports it here)
 from vidmoe.models.transformer import warn_if_head_too_narrow
-from vidmoe.training import finetune
-from vidmoe.training.objective import expert_ranges
+from vidmoe.training.objective import SIGMA_SAMPLINGS, expert_ranges
 from vidmoe.training.objective_terms import ObjectiveOptions
+from vidmoe.training.tables import parse_named_tables, parse_table
 
 LR_SCHEDULES = ("constant", "cosine")
+# Release module names: the attention q/k/v/o and FFN linears of every block (peft matches a
+# target against the end of a module name).
+DEFAULT_LORA_TARGETS = (
+    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+    "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
+    "ffn.0", "ffn.2",
+)  # fmt: skip
+# The LoRA keys of configs written before the [lora] table: top-level key -> key in [lora]
+OLD_LORA_KEYS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_targets": "targets",
+                 "lora_dropout": "dropout"}  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraTrainConfig:
+    """One peft LoRA adapter per trained expert on frozen weights (`[lora]` in a train config);
+    `rank = 0`, the default, trains all weights. `vidmoe.training.finetune` applies it."""
+
+    rank: int = 0
+    """> 0: train one LoRA adapter of this rank per expert, base weights frozen; 0: no LoRA."""
+    alpha: float = 0.0
+    """LoRA alpha (the adapter's scale is alpha / rank); 0: equal to `rank` (scale 1)."""
+    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    """Module-name suffixes that get adapters (default: attention q/k/v/o and FFN linears)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.rank < 0:
+            raise ValueError(f"rank must be >= 0 (0: no LoRA, all weights train); got {self.rank}")
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0 (0: equal to rank); got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
+        if self.rank and not self.targets:
+            raise ValueError(
+                f"targets is empty; name module suffixes such as {list(DEFAULT_LORA_TARGETS[:3])}"
+            )
+
+    @property
+    def scale_alpha(self) -> float:
+        """The alpha peft is given: `alpha`, or `rank` when that is 0 (scale 1)."""
+        return self.alpha or self.rank
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,20 +170,17 @@ class TrainConfig:
     init: str = ""
     """Start from this model (a vidmoe, official or diffusers folder; its experts' architecture
     must equal `transformer`); empty: fresh weights. See `vidmoe.training.finetune`."""
-    lora_rank: int = 0
-    """> 0: train one peft LoRA adapter of this rank per expert on frozen weights; 0: all weights."""
-    lora_alpha: float = 0.0
-    """LoRA alpha (scale alpha / rank); 0: equal to `lora_rank`."""
-    lora_targets: tuple[str, ...] = finetune.DEFAULT_LORA_TARGETS
-    """Module-name suffixes that get adapters (default: attention q/k/v/o and FFN linears)."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA input."""
+    lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
+    """LoRA fine-tuning (`[lora]`: rank, alpha, targets, dropout); rank 0: all weights train."""
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}; got {self.lr_schedule!r}")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1]; got {self.caption_dropout}")
+        if self.sigma_sampling not in SIGMA_SAMPLINGS:
+            raise ValueError(
+                f"sigma_sampling must be one of {SIGMA_SAMPLINGS}; got {self.sigma_sampling!r}"
+            )
+        self._check_ranges()
         object.__setattr__(self, "experts", tuple(self.experts))
         check_device(self.device)
         for word, times in self.oversample.items():
@@ -150,7 +191,6 @@ class TrainConfig:
                     f"oversample[{word!r}] must be a whole number of times >= 1; got {times!r}"
                 )
         expert_ranges(self.moe, self.experts)  # unknown names are an error
-        finetune.check_finetune_config(self)
         self.objective_options.check_run(self.moe, self.experts)
         overrides = normalize_expert_overrides(
             self.expert_overrides, self.transformer, self.moe.expert_names
@@ -172,20 +212,37 @@ class TrainConfig:
         for name in self.trained_experts:
             warn_if_head_too_narrow(self.transformer_for(name), name)
 
+    def _check_ranges(self) -> None:
+        """ValueError for a number outside its range, before any work is done."""
+        ranges = (
+            ("lr", self.lr > 0, "> 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("max_minutes", self.max_minutes >= 0, ">= 0 (0: no limit)"),
+            ("grad_clip", self.grad_clip >= 0, ">= 0 (0: no clipping)"),
+            ("ema_decay", 0 <= self.ema_decay <= 1, "in [0, 1]"),
+            ("sigma_shift", self.sigma_shift > 0, "> 0"),
+            ("logit_std", self.logit_std > 0, "> 0"),
+            ("caption_dropout", 0 <= self.caption_dropout <= 1, "in [0, 1]"),
+            ("num_threads", self.num_threads >= 0, ">= 0 (0: torch's default)"),
+        )  # fmt: skip
+        for name, ok, accepted in ranges:
+            if not ok:
+                raise ValueError(f"{name} must be {accepted}; got {getattr(self, name)}")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown train config keys {unknown}; known: {sorted(names)}")
-        if "transformer" not in d:
+        """Read a config's dict strictly: every key of every table must be a field there, of its
+        type (`vidmoe.training.tables`); `[lora]` holds `LoraTrainConfig` fields."""
+        old = [k for k in OLD_LORA_KEYS if k in d]
+        if old:
+            new = ", ".join(f"{OLD_LORA_KEYS[k]} = {d[k]!r}" for k in old)
             raise ValueError(
-                "the train config needs a [transformer] table (TransformerConfig fields)"
+                f"{', '.join(old)}: the LoRA settings moved to the [lora] table; write "
+                f"[lora] with {new} instead"
             )
-        d = dict(d)
-        d["transformer"] = TransformerConfig.from_dict(d["transformer"])
-        d["moe"] = MoEConfig(**d.get("moe", {}))
-        return cls(**d)
+        expert_overrides = functools.partial(parse_named_tables, TransformerConfig)
+        return parse_table(cls, d, parsers={"expert_overrides": expert_overrides})
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -224,10 +281,15 @@ def load_train_config(path: str | Path) -> TrainConfig:
 
     A config may name another one it starts from with `base = "other.toml"` (a path relative to
     this file): the base is read first (it may have a base of its own) and this file's keys
-    replace its keys; tables (`[transformer]`, `[moe]`, `[expert_overrides.NAME]`) are merged key
-    by key. A training phase that resumes another then says only what changes.
+    replace its keys; tables (`[transformer]`, `[moe]`, `[lora]`, `[expert_overrides.NAME]`) are
+    merged key by key. A training phase that resumes another then says only what changes. The
+    merged dict is read strictly (`TrainConfig.from_dict`); an error names this file.
     """
-    return TrainConfig.from_dict(read_config(path))
+    d = read_config(path)
+    try:
+        return TrainConfig.from_dict(d)
+    except ValueError as e:
+        raise ValueError(f"train config {path}: {e}") from None
 
 
 def read_config(path: str | Path, what: str = "train config") -> dict[str, Any]:
@@ -246,7 +308,10 @@ def _read_config_chain(path: Path, seen: tuple[Path, ...], what: str) -> dict[st
     if key in seen:
         chain = " -> ".join(str(p) for p in (*seen, key))
         raise ValueError(f"{what} bases form a cycle: {chain}")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} cannot be read: {e}") from None
     try:
         if path.suffix == ".toml":
             import tomllib

@@ -38,15 +38,19 @@ NUM_SIGMA_BINS = 20
 
 
 def build_experts(cfg: TrainConfig) -> dict[str, WanTransformer]:
-    """One freshly initialised expert per trained name, seeded by `cfg.seed` (in name order)."""
-    if cfg.init or cfg.lora_rank:
-        return finetune.build_finetune_experts(cfg)
+    """The trained experts of a run, seeded by `cfg.seed` (in name order): fresh, or read from
+    `cfg.init` (fp32, all parameters trainable); with `[lora]` rank > 0 each gets a peft
+    adapter and its base is frozen (`vidmoe.training.finetune`)."""
     torch.manual_seed(cfg.seed)
-    experts = {}
-    for name in cfg.trained_experts:
-        expert = WanTransformer(cfg.transformer_for(name)).train()
-        expert.use_checkpointing = cfg.use_checkpointing
-        experts[name] = expert
+    architectures = {n: cfg.transformer_for(n) for n in cfg.trained_experts}
+    if cfg.init:
+        experts = finetune.load_init_experts(cfg.init, architectures)
+    else:
+        experts = {n: WanTransformer(arch) for n, arch in architectures.items()}
+    for expert in experts.values():
+        expert.train().use_checkpointing = cfg.use_checkpointing
+        if cfg.lora.rank:
+            finetune.add_lora(expert, cfg.lora)
     return experts
 
 
@@ -116,7 +120,13 @@ class Trainer:
 
     def save(self) -> Path:
         path = save_checkpoint(self.state_dict(), self.out_dir / CHECKPOINT_FILE)
-        finetune.on_checkpoint(self)  # LoRA runs: the adapter files
+        if self.cfg.lora.rank:  # the adapter files, raw and (when it is on) EMA
+            files = dict(lora=self.cfg.lora, expert_names=self.cfg.moe.expert_names,
+                         init=self.cfg.init)  # fmt: skip
+            finetune.save_lora_adapters(self.experts, self.out_dir / finetune.LORA_DIR, **files)
+            if self.cfg.ema_decay > 0:
+                folder = self.out_dir / finetune.LORA_EMA_DIR
+                finetune.save_lora_adapters(self.experts, folder, shadows=self.ema.shadow, **files)
         return path
 
     def try_resume(self) -> bool:

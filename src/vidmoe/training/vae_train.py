@@ -25,7 +25,10 @@ from vidmoe.io.tensors import save_safetensors_atomic, write_text_atomic
 from vidmoe.models.vae import WanVAE
 from vidmoe.models.vae_blocks import CausalCache
 from vidmoe.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from vidmoe.training.tables import check_keys, convert, parse_table
 from vidmoe.world.labels import MOTIONS, SHAPES, SIZES
+
+RUN_KEYS = ("out_dir", "init")  # the top-level keys of a VAE train config beside its fields
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,19 +112,9 @@ class VAETrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VAETrainConfig:
-        """Build from a config dict; the `vae` table holds VAEConfig fields."""
-        d = dict(d)
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            known = sorted(f.name for f in dataclasses.fields(cls))
-            raise ValueError(f"unknown VAE train config keys {unknown}; known: {known}")
-        if "vae" in d:
-            vae = dict(d["vae"])
-            bad = sorted(set(vae) - {f.name for f in dataclasses.fields(VAEConfig)})
-            if bad:
-                raise ValueError(f"unknown [vae] keys {bad}; VAEConfig fields are accepted")
-            d["vae"] = VAEConfig(**vae)
-        return cls(**d)
+        """Build from a config dict, strictly (`vidmoe.training.tables`): every key must be a
+        field, of its type; the `[vae]` table holds VAEConfig fields."""
+        return parse_table(cls, d)
 
 
 def shapes_windows(cfg: VAETrainConfig, rng: np.random.Generator, world) -> Tensor:
@@ -339,15 +332,19 @@ def _plot_loss(records: list[dict], path: Path) -> None:
 def load_vae_train_config(path: str | Path) -> tuple[VAETrainConfig, Path, Path | None]:
     """Read a VAE training config (.toml or .json; `base = "other.toml"` as for the experts'):
     VAETrainConfig fields, a `[vae]` table of VAEConfig fields, `out_dir` (required) and `init`
-    (a `vae.safetensors` to start from, or a folder holding one; optional). Returns the config,
-    out_dir and init (paths as written: relative ones are from the working directory)."""
+    (a vae.safetensors or a folder holding one; optional), each key strictly checked. Returns the
+    config, out_dir and init (paths as written: relative ones are from the working directory)."""
     from vidmoe.training.config import read_config
 
     d = read_config(path, "VAE train config")
-    out_dir, init = d.pop("out_dir", None), d.pop("init", None)
-    if not out_dir:
-        raise ValueError(f"VAE train config {path} needs out_dir (where vae.safetensors goes)")
-    return VAETrainConfig.from_dict(d), Path(out_dir), Path(init) if init else None
+    try:
+        check_keys(d, [*(f.name for f in dataclasses.fields(VAETrainConfig)), *RUN_KEYS], "")
+        out_dir, init = (convert(d.pop(k, ""), str, k) for k in RUN_KEYS)
+        if not out_dir:
+            raise ValueError("needs out_dir (the folder vae.safetensors goes to)")
+        return VAETrainConfig.from_dict(d), Path(out_dir), Path(init) if init else None
+    except ValueError as e:
+        raise ValueError(f"VAE train config {path}: {e}") from None
 
 
 def train_vae_main(path: str | Path, log=print) -> Path:
