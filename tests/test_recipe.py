@@ -17,7 +17,8 @@ from vidmoe.training.vae_train import load_vae_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "demo"
-SMOKE_CLIPS = "12"  # clips per cache in the smoke run (clip 10 is a star: oversample needs one)
+SMOKE_CLIPS = ["--clips", "2", "--start", "9"]  # per cache in the smoke run (clip 10 is a star:
+# the phases that oversample stars need one)
 
 
 def recipe_commands() -> list[list[str]]:
@@ -155,8 +156,8 @@ def _smoke_args(args: list[str], done: dict[str, int]) -> list[str]:
         model["transformer"].update(SMOKE_TRANSFORMER)
         Path(option(args, "--config")).write_text(json.dumps(model))
     elif verb == "cache":
-        args = [*args, "--quiet"]
-        args[args.index("--clips") + 1] = SMOKE_CLIPS
+        i = args.index("--clips")
+        args = [*args[:i], *args[i + 2 :], *SMOKE_CLIPS, "--quiet"]
     elif verb == "generate":
         args = [*args, "--steps", "2", "--quiet"]
     elif verb == "eval":
@@ -165,7 +166,7 @@ def _smoke_args(args: list[str], done: dict[str, int]) -> list[str]:
 
 
 def test_the_whole_recipe_runs_at_a_reduced_size(tmp_path, monkeypatch):
-    """run.sh, every step in order (1 step per phase, 12 clips per cache), ends in a model
+    """run.sh, every step in order (1 step per phase, 2 clips per cache), ends in a model
     folder that load_pipeline reads and generates with."""
     import vidmoe
 
@@ -214,3 +215,15 @@ def test_cache_verb_reads_a_video_folder_and_refuses_bad_input(tmp_path):
                          (["--clips", "2", "--vocabulary", "klingon"], "klingon")):  # fmt: skip
         result = CliRunner().invoke(app, ["cache", str(tmp_path / "c2"), *bad])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_vae_stop_step_is_checked_and_kept_out_of_the_resume_identity():
+    """A VAE stage may end before its cosine does (the recipe repeats time-limited stages so);
+    a stop past the schedule is refused, and changing it does not block a resume."""
+    from vidmoe.training.vae_train import VAETrainConfig, _comparable
+
+    with pytest.raises(ValueError, match=r"stop_step must be in \[0, max_steps=10\]"):
+        VAETrainConfig(max_steps=10, stop_step=11)
+    assert _comparable(VAETrainConfig(max_steps=10, stop_step=4)) == _comparable(
+        VAETrainConfig(max_steps=10)
+    )
