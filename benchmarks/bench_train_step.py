@@ -3,7 +3,7 @@ against torch.compile and bf16 autocast, in the same process. A step is forward,
 backward and AdamW on a batch of random latents of the given size, as `vidmoe train` runs it with
 `compile` / `use_bf16`.
 
-    python benchmarks/bench_train_step.py src/vidmoe/assets/demo/train_low_noise.toml low_noise \\
+    python benchmarks/bench_train_step.py recipes/demo/low_noise_01_constant.toml low_noise \\
         --frames 5 --size 16 --batch 32 --threads 2 --write docs/performance.md
 """
 

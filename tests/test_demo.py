@@ -44,82 +44,13 @@ def test_demo_is_deterministic_by_seed(seed):
     assert np.array_equal(a, b)
 
 
-PHASES = (
-    "",
-    "_decay",
-    "_captions",
-    "_restart",
-    "_restart2",
-    "_restart3",
-    "_restart4",
-    "_restart5",
-    "_restart6",
-    "_restart7",
-)  # train_{expert}{phase}.toml, in the order they run
-# then these fine-tuning runs, each from the export of the one before: (phase, device)
-FINETUNE_PHASES = (("_gpu", "cuda"), ("_gpu2", "cuda"), ("_cpu3", "cpu"))
-MORE_FINETUNE_PHASES = {"low_noise": (("_cpu4", "cpu"),)}  # v14: the low-noise expert only
-
-
-def test_shipped_vae_stage_config_describes_the_shipped_vae():
-    """The VAE's decoder-only stage config builds the shipped VAE's architecture and keeps its
-    encoder (so the latent statistics and caches the experts were trained on stay valid)."""
-    import dataclasses
-
-    from vidmoe.training.vae_train import load_vae_train_config
-
-    shipped = model_config_for(None).vae
-    cfg, _, init = load_vae_train_config(DEMO_DIR / "train_vae_decoder.toml")
-    assert cfg.vae == dataclasses.replace(shipped, latents_mean=(), latents_std=())
-    assert (
-        init is not None
-        and cfg.freeze_encoder
-        and cfg.edge_weight > 0
-        and cfg.shapes.count("star") > 1
-    )
-
-
-@pytest.mark.parametrize("expert", ["high_noise", "low_noise"])
-def test_shipped_training_configs_describe_the_shipped_experts(expert):
-    """Each expert's training phases (lr constant, then cosine decay, possibly in parts, each
-    resuming the one before) build exactly the architecture and MoE split the shipped model uses."""
-    from vidmoe.training.config import load_train_config
-
-    config = model_config_for(None)
-    paths = [DEMO_DIR / f"train_{expert}{p}.toml" for p in PHASES]
-    phases = [load_train_config(p) for p in paths if p.is_file()]
-    assert len(phases) >= 2 and paths[0].is_file() and paths[1].is_file()
-    for cfg in phases:
-        assert cfg.transformer_for(expert) == config.transformer_for(expert)
-        assert cfg.experts == (expert,)
-        assert (cfg.moe.expert_names, cfg.moe.boundaries) == (
-            config.moe.expert_names,
-            config.moe.boundaries,
-        )
-    assert [c.lr_schedule for c in phases] == ["constant"] + ["cosine"] * (len(phases) - 1)
-    assert len({c.out_dir for c in phases}) == 1  # each phase resumes the one before
-    ends = [c.last_step for c in phases]
-    assert ends == sorted(set(ends)), ends
-    for prev, cfg in zip(phases, phases[1:]):  # a warm restart starts where the phase before ended
-        assert cfg.schedule_start in (0, prev.last_step), (cfg.schedule_start, prev.last_step)
-    # what may change between phases: the schedule's length and end, the cache (the same clips,
-    # recaptioned), the CPU threads (the same arithmetic) and, for a warm restart, its peak lr,
-    # start step and the arithmetic (bf16 autocast, torch.compile), and how often each clip is drawn
-    varying = ("lr_schedule", "max_steps", "stop_step", "cache", "num_threads", "lr", "schedule_start",
-               "use_bf16", "compile", "oversample")  # fmt: skip
-    first = {k: v for k, v in phases[0].to_dict().items() if k not in varying}
-    assert all({k: v for k, v in c.to_dict().items() if k not in varying} == first for c in phases)
-    # the fine-tuning phases: runs each from the export of the phases before (init), of the
-    # same expert and objective; they may change the run's size, schedule, seed and place only
-    run_keys = ("out_dir", "init", "device", "batch_size", "warmup_steps", "log_every",
-                "checkpoint_every", "seed")  # fmt: skip
-    last = {k: v for k, v in phases[-1].to_dict().items() if k not in varying + run_keys}
-    out_dirs = {phases[-1].out_dir}
-    for phase, device in FINETUNE_PHASES + MORE_FINETUNE_PHASES.get(expert, ()):
-        cfg = load_train_config(DEMO_DIR / f"train_{expert}{phase}.toml")
-        assert cfg.transformer_for(expert) == config.transformer_for(expert)
-        assert cfg.experts == (expert,) and cfg.init and cfg.device == device
-        assert 0 <= cfg.stop_step <= cfg.max_steps and cfg.lr_schedule == "cosine"
-        assert cfg.out_dir not in out_dirs  # a new run, not a resume
-        out_dirs.add(cfg.out_dir)
-        assert {k: v for k, v in cfg.to_dict().items() if k not in varying + run_keys} == last
+def test_the_package_holds_only_what_the_runtime_reads():
+    """The demo folder is the model: its config, VAE and experts (the recipe that rebuilds it is
+    recipes/demo, checked by tests/test_recipe.py)."""
+    files = sorted(str(p.relative_to(DEMO_DIR)) for p in DEMO_DIR.rglob("*") if p.is_file())
+    assert files == [
+        "experts/high_noise.safetensors",
+        "experts/low_noise.safetensors",
+        "vae.safetensors",
+        "vidmoe.json",
+    ]

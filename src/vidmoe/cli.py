@@ -454,6 +454,53 @@ def eval_(
         typer.echo(dumps(results))
 
 
+@app.command()
+def cache(
+    out: Path = typer.Argument(..., help="Folder of the new latent cache."),
+    videos: Path | None = typer.Option(None, "--videos", help="Folder of mp4s + metadata.jsonl/csv; default: the demo's shapes world."),
+    clips: int = typer.Option(0, "--clips", help="Clips to encode (0: every video; the world needs a number)."),
+    start: int = typer.Option(0, "--start", help="First clip: world index or metadata row."),
+    captions: int = typer.Option(1, "--captions", help="Phrasings per world clip (one drawn per sample)."),
+    vocabulary: str = typer.Option("base", "--vocabulary", help="World captions' motion phrasings: base or extended."),
+    frames: int = typer.Option(0, "--frames", "-f", help="Frames per video (0: the model's default)."),
+    width: int = typer.Option(0, "--width", "-W", help="Video width (0: the model's default)."),
+    height: int = typer.Option(0, "--height", "-H", help="Video height (0: the model's default)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Model folder whose VAE and text encoder encode. Default: the shipped demo model."),
+    vae: Path | None = typer.Option(None, "--vae", help="VAE folder (vae.safetensors + vae_config.json, as train-vae writes) in place of the model's."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Clips encoded at once."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Build a latent + text-embedding cache (what `vidmoe train` reads) from videos or the shapes world."""
+    from vidmoe.training.cache import CacheSource, build_cache
+
+    try:
+        source = CacheSource(videos=videos, start=start, clips=clips, captions=captions, vocabulary=vocabulary,
+                             num_frames=frames, width=width, height=height)  # fmt: skip
+        index = build_cache(out, source, model=model, vae=vae, device=device, batch_size=batch_size,
+                            progress=not quiet)  # fmt: skip
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    typer.echo(f"latent cache in {index.parent}")
+
+
+@app.command()
+def export(
+    out: Path = typer.Argument(..., help="The model folder to write."),
+    runs: list[Path] = typer.Argument(..., help="Training runs (out_dir folders) that together hold every expert."),
+    config: Path = typer.Option(..., "--config", help="Model config (a vidmoe.json; its vae table may be left out)."),
+    vae: Path = typer.Option(..., "--vae", help="VAE folder (train-vae's out_dir, or a model folder)."),
+):
+    """Write training runs' EMA experts, a VAE and a model config as a model folder."""
+    from vidmoe.training.export import export_runs
+
+    try:
+        export_runs(out, runs, config=config, vae=vae)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    typer.echo(f"model in {out}")
+
+
 def main() -> None:
     """The console entry point: any error not handled above is still one line, unless VIDMOE_DEBUG."""
     if os.environ.get("VIDMOE_DEBUG"):

@@ -61,6 +61,9 @@ class VAETrainConfig:
     """Weight of the mean squared latent (keeps the latent scale bounded)."""
     max_steps: int = 2000
     """Step limit."""
+    stop_step: int = 0
+    """End at this step (with a checkpoint) while the cosine still spans `max_steps`; 0: at
+    `max_steps`. Repeats exactly a stage that a time limit once stopped."""
     max_minutes: float = 15.0
     """Wall-clock limit of one invocation; training stops at whichever limit comes first (a run
     stopped by it goes on from its checkpoint when started again)."""
@@ -102,6 +105,11 @@ class VAETrainConfig:
             )
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0 (0: torch's default); got {self.num_threads}")
+        if not 0 <= self.stop_step <= self.max_steps:
+            raise ValueError(
+                f"stop_step must be in [0, max_steps={self.max_steps}] (0: run to max_steps); "
+                f"got {self.stop_step}"
+            )
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0; got {self.checkpoint_every}")
         if (self.window_frames - 1) % 4 or self.window_frames > self.clip_frames:
@@ -250,7 +258,8 @@ def train_vae(
     if ckpt_path.is_file():
         step, records = _resume(ckpt_path, identity, vae, opt, sched, rng)
         log(json.dumps({"resumed": str(ckpt_path), "step": step}))
-    while step < cfg.max_steps and time.time() - start < 60 * cfg.max_minutes:
+    last = cfg.stop_step or cfg.max_steps
+    while step < last and time.time() - start < 60 * cfg.max_minutes:
         loss, parts = vae_loss(vae, shapes_windows(cfg, rng, world), cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -263,7 +272,7 @@ def train_vae(
             parts = {k: round(v, 5) for k, v in parts.items()}
             records.append({"step": step, "seconds": round(time.time() - start, 1), **parts})
             log(json.dumps(records[-1]))
-        if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
+        if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == last):
             state = {"config": identity, "step": step, "records": records,
                      "vae": vae.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "world_rng": rng.bit_generator.state,
@@ -290,7 +299,7 @@ VAE_CHECKPOINT_FILE = "vae_checkpoint.pt"
 def _comparable(cfg: VAETrainConfig) -> dict[str, Any]:
     """The config as a checkpoint stores it, less what a resumed run may change."""
     d = dataclasses.asdict(cfg)
-    for free in ("max_minutes", "num_threads"):
+    for free in ("max_minutes", "num_threads", "stop_step"):
         del d[free]
     return json.loads(json.dumps(d))  # tuples as lists, as they read back
 
@@ -303,8 +312,8 @@ def _resume(path: Path, identity: dict, vae, opt, sched, rng) -> tuple[int, list
     if saved != now:
         changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         raise ValueError(
-            f"{path} is a checkpoint of another VAE config (differs in {changed}; only max_minutes "
-            "and num_threads may change): remove it to start afresh, or choose another out_dir"
+            f"{path} is a checkpoint of another VAE config (differs in {changed}; only max_minutes, "
+            "num_threads and stop_step may change): remove it to start afresh, or choose another out_dir"
         )
     vae.load_state_dict(state["vae"])
     opt.load_state_dict(state["optimizer"])
