@@ -21,6 +21,7 @@ from vidmoe.cli_args import (
     parse_lora_spec,
     parse_per_expert,
     parse_schedule,
+    parse_step_cache,
     parse_steps,
 )
 
@@ -59,6 +60,7 @@ def _settings(
     seed: int = 0,
     image: Path | None = None,
     recipe: str | None = None,
+    step_cache: str | None = None,
 ):
     """GenerateSettings from CLI values (validated later, once, by resolve_settings)."""
     from vidmoe.sampling.settings import GenerateSettings
@@ -80,6 +82,7 @@ def _settings(
         sigmas=sigmas,
         seed=seed,
         image=str(image) if image else None,
+        step_cache=parse_step_cache(step_cache),
     )
     if recipe:
         from vidmoe.sampling.recipes import apply_recipe
@@ -128,12 +131,13 @@ def _load(
     lora_strict: str,
     fuse_lora: bool,
     quiet: bool,
+    quantize: str | None = None,
 ):
     """The pipeline with its LoRAs; a model that cannot be built is a user error."""
     from vidmoe.loading import load_pipeline
 
     try:
-        pipe = load_pipeline(model, device=device, dtype=dtype, residency=residency)
+        pipe = load_pipeline(model, device=device, dtype=dtype, residency=residency, quantize=quantize)
     except (RuntimeError, MemoryError) as e:  # e.g. a config whose sizes cannot be allocated
         raise ValueError(f"cannot build the model {model or '(demo)'}: {e}") from e
     for expert, path, strength in loras:
@@ -223,6 +227,16 @@ def generate(
         False, "--fuse-lora", help="Merge the LoRAs into the weights before sampling."
     ),
     recipe: str | None = typer.Option(None, "--recipe", help=RECIPE_HELP),
+    step_cache: str | None = typer.Option(
+        None,
+        "--step-cache",
+        help="Skip most blocks at steps whose first block barely moved: a threshold (relative "
+        "change, e.g. 0.1) for every expert, or per expert: high_noise=0.05,low_noise=0.1. Off "
+        "by default.",
+    ),
+    quantize: str | None = typer.Option(
+        None, "--quantize", help="fp8: the experts' block linear layers in fp8 (e4m3 + scales)."
+    ),
 ):
     """Generate a video; writes OUTPUT (mp4) and OUTPUT.json (settings, plan, trace) together."""
     from vidmoe.io.video import check_video_path
@@ -250,6 +264,7 @@ def generate(
             seed=seed,
             image=image,
             recipe=recipe,
+            step_cache=step_cache,
         )
         loras = [parse_lora_spec(item) for item in lora or []]
         plan_ = _plan(s, model)
@@ -264,6 +279,7 @@ def generate(
             lora_strict=lora_strict,
             fuse_lora=fuse_lora,
             quiet=quiet,
+            quantize=quantize,
         )
         result = _run(pipe, s, quiet=quiet)
         _publish(result, pipe, output, recipe=recipe)

@@ -79,6 +79,20 @@ def parse_schedule(*, sigmas: str | None, timesteps: str | None) -> tuple[float,
     return tuple(v / 1000 for v in values)
 
 
+def parse_step_cache(value: str | None) -> dict[str, float] | float | None:
+    """'0.1' (every expert) or 'high_noise=0.05,low_noise=0.1' -> a threshold or {name: value}."""
+    if value is None:
+        return None
+    if "=" in value:
+        return parse_per_expert([value], float, "--step-cache")
+    try:
+        return float(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"--step-cache must be a number or NAME=VALUE,...; got {value!r}"
+        ) from None
+
+
 def parse_lora_spec(item: str) -> tuple[str | None, str, float]:
     """'high_noise=FILE:0.8', 'FILE:0.5' or 'FILE' -> (expert or None, file, strength)."""
     expert, rest = None, item

@@ -69,26 +69,39 @@ def build_random_pipeline(config: ModelConfig | str, *, seed: int = 0, device="c
 
 
 def load_pipeline(model: str | Path | None = None, *, device: str = "auto", dtype: str | torch.dtype = "auto",
-                  residency: str = "resident", strict: bool = True) -> Pipeline:  # fmt: skip
+                  residency: str = "resident", strict: bool = True,
+                  quantize: str | None = None) -> Pipeline:  # fmt: skip
     """Load a pipeline from a checkpoint (any supported layout), a preset name, or the demo model.
 
     A preset name builds that architecture with random weights (useful for tests and timing).
+    `quantize="fp8"` keeps the experts' block linear layers in fp8 (e4m3, a float32 scale per
+    output channel: `models.fp8`), from fp8 files as they are and from others as they load.
     """
+    if quantize not in (None, "fp8"):
+        raise ValueError(f"quantize must be fp8 or None (the weights' own format); got {quantize!r}")
     model = _default_model(model)
     dev = resolve_device(device)
     placement = Placement(device=dev, dtype=resolve_dtype(dtype, dev), residency=residency)
     if isinstance(model, str) and model in PRESETS:
-        return build_random_pipeline(model, device=dev, dtype=placement.dtype)
+        pipe = build_random_pipeline(model, device=dev, dtype=placement.dtype)
+        if quantize == "fp8":
+            from vidmoe.models.fp8 import quantize_fp8_
+
+            for expert in pipe.experts.values():
+                quantize_fp8_(expert)
+        return pipe
     from vidmoe.io.checkpoints import load_components
 
     # swap keeps idle experts in host RAM: load them there, the policy moves one at a time
     c = load_components(
         Path(model), device=dev if residency == "resident" else "cpu", dtype=placement.dtype,
-        strict=strict,
+        strict=strict, quantize=quantize,
     )
     experts = Experts(c.experts, c.config.moe, placement=placement)
     pipe = Pipeline(c.config, experts, c.vae, c.text_encoder)
     pipe.source = {"path": str(model), "layout": c.layout}
+    if quantize:
+        pipe.source["quantize"] = quantize
     return pipe
 
 

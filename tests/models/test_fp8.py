@@ -167,3 +167,37 @@ def test_scaled_matmul_on_gpu_matches_dequantised():
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
     ref = a(x).float()
     assert ((b(x).float() - ref).norm() / ref.norm()).item() < 0.05
+
+
+def test_load_pipeline_quantize_fp8_keeps_the_video_close():
+    from vidmoe.loading import load_pipeline
+
+    plain = load_pipeline(None, device="cpu")
+    fp8 = load_pipeline(None, device="cpu", quantize="fp8")
+    assert fp8.source["quantize"] == "fp8"
+    layers = [m for e in fp8.experts.values() for m in e.modules() if isinstance(m, FP8Linear)]
+    assert len(layers) == sum(len(fp8_layer_names(e)) for e in plain.experts.values()) > 0
+    a = plain.generate("a red circle moving to the right", seed=1, num_steps=4)
+    b = fp8.generate("a red circle moving to the right", seed=1, num_steps=4)
+    diff = abs(a.frames.astype(float) - b.frames.astype(float)).mean()
+    assert 0 < diff < 6.0, diff  # levels of 255: close, not identical
+    with pytest.raises(ValueError, match="quantize must be fp8 or None"):
+        load_pipeline("tiny-t2v", quantize="int4")
+
+
+def test_cli_quantize_and_step_cache(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from vidmoe.cli import app
+
+    out = tmp_path / "v.mp4"
+    r = CliRunner().invoke(app, ["generate", "a cat", "-m", "tiny-t2v", "-s", "6", "-q", "-o", str(out),
+                                 "--quantize", "fp8", "--step-cache", "high_noise=50,low_noise=50"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    record = json.loads((tmp_path / "v.mp4.json").read_text())
+    assert record["settings"]["step_cache"] == {"high_noise": 50.0, "low_noise": 50.0}
+    assert any("cached" in row for row in record["trace"])
+    bad = CliRunner().invoke(app, ["generate", "x", "-m", "tiny-t2v", "-o", str(out), "--step-cache", "fast"])
+    assert bad.exit_code == 2 and "--step-cache must be a number" in bad.output

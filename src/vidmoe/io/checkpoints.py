@@ -169,7 +169,8 @@ def load_vae(layout: Layout, *, device="cpu", dtype=torch.float32, strict=True):
 
 
 def load_components(
-    path: str | Path, *, device="cpu", dtype: torch.dtype = torch.bfloat16, strict: bool = True
+    path: str | Path, *, device="cpu", dtype: torch.dtype = torch.bfloat16, strict: bool = True,
+    quantize: str | None = None,
 ) -> LoadedComponents:
     """Detect the layout at `path` and load every expert, the VAE (fp32) and the text encoder."""
     from vidmoe.models.text_encoder import build_text_encoder
@@ -181,7 +182,7 @@ def load_components(
             "with `load_expert(detect_layout(path), name)`, or use a full checkpoint folder"
         )
     experts = {
-        name: load_expert(layout, name, device=device, dtype=dtype, strict=strict)
+        name: load_expert(layout, name, device=device, dtype=dtype, strict=strict, quantize=quantize)
         for name in layout.experts
     }
     vae = load_vae(layout, device=device, dtype=torch.float32, strict=strict)

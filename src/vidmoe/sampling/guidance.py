@@ -67,6 +67,7 @@ def guided_velocity(
     scale: float,
     *,
     y: torch.Tensor | None = None,
+    **model_kwargs,
 ) -> torch.Tensor:
     """One expert's guided velocity: cond and uncond in one batch (scale 1: cond alone).
 
@@ -76,13 +77,14 @@ def guided_velocity(
         cond, uncond: per-sample text embeddings, each a list of B (S_i, D) tensors.
         scale: guidance scale >= 0.
         y: (B, C_y, F, H, W) extra conditioning channels (i2v), or None.
+        **model_kwargs: passed to the model (e.g. `cache=`).
     Returns:
         (B, C, F, H, W) guided velocity.
     """
     if not uses_uncond(scale):  # guidance 1 is the conditional prediction: skip the uncond pass
-        return model(x, sigma, cond, y=y)
+        return model(x, sigma, cond, y=y, **model_kwargs)
     both = model(
         cfg_batch(x, x), cfg_batch(sigma, sigma), cond + uncond,
-        y=None if y is None else cfg_batch(y, y),
+        y=None if y is None else cfg_batch(y, y), **model_kwargs,
     )  # (2B, C, F, H, W)
     return apply_guidance(*split_cfg_batch(both), scale)

@@ -18,6 +18,7 @@ from torch import nn
 
 from vidmoe.config import ModelConfig
 from vidmoe.models.moe import Experts, Placement
+from vidmoe.models.step_cache import StepCache
 from vidmoe.sampling.adapters import AdapterRecord, AdapterSet
 from vidmoe.sampling.conditioning import Conditioning, i2v_condition, load_image, ti2v_condition
 from vidmoe.sampling.guidance import guided_velocity
@@ -143,12 +144,14 @@ class Pipeline:
         """Restore the exact original weights; adapters stay loaded and run unfused."""
         self.adapters.unfuse()
 
-    def _velocity(self, name, x, sigma, cond, uncond, scale, c: Conditioning) -> torch.Tensor:
+    def _velocity(self, name, x, sigma, cond, uncond, scale, c: Conditioning,
+                  cache: StepCache | None = None) -> torch.Tensor:
         """Guided velocity of one expert; cond and uncond run as one batch."""
         expert = self.experts.activate(name)
         sig = c.sigma_for(sigma, tuple(x.shape[2:]), expert.config.patch_size).to(self.device)
         y = c.y.to(self.device) if c.y is not None else None
-        return guided_velocity(expert, x, sig, cond, uncond, scale, y=y)
+        extra = {} if cache is None else {"cache": cache}
+        return guided_velocity(expert, x, sig, cond, uncond, scale, y=y, **extra)
 
     # -- generation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -184,7 +187,8 @@ class Pipeline:
         x = c.impose(x)
         plan = self._with_adapters(plan_for(rs, self.config))
         with _timed(timings, "denoise"):
-            x, trace = self._denoise(x, plan, rs.sampler, cond, uncond, c, progress, callback)
+            caches = {n: StepCache(threshold=t) for n, t in rs.step_cache.items() if t > 0}
+            x, trace = self._denoise(x, plan, rs.sampler, cond, uncond, c, progress, callback, caches)
         frames = None
         if output == "frames":
             with _timed(timings, "decode"):
@@ -194,23 +198,36 @@ class Pipeline:
         )
 
     def _denoise(self, x, plan: Plan, sampler: str, cond, uncond, c: Conditioning, progress: bool,
-                 callback) -> tuple[torch.Tensor, list[dict]]:
+                 callback, caches: dict[str, StepCache]) -> tuple[torch.Tensor, list[dict]]:
         """The sampling loop: per step, each planned expert's guided velocity, blended, then one
-        solver step. x: (1, C, F, H, W) float32."""
+        solver step. x: (1, C, F, H, W) float32. An expert's step cache starts afresh whenever
+        the expert starts a phase, so nothing is reused across an expert switch."""
         sigmas = torch.tensor([st.sigma for st in plan.steps] + [plan.steps[-1].sigma_next],
                               dtype=torch.float64)
         solver = make_solver(sampler, sigmas)
         trace, bar = [], _progress(len(plan.steps), "denoise", progress)
+        previous: tuple[str, ...] = ()
         for st in plan.steps:
             t0 = time.perf_counter()
             v = torch.zeros_like(x)  # (1, C, F, H, W)
             sigma_in = model_sigma(st.sigma, sampler)
+            cached, changes = [], {}
             for name, weight, scale in zip(st.experts, st.weights, st.guidance):
                 self.adapters.apply(name, st.adapter_scales)
-                vel = self._velocity(name, x.to(self.dtype), sigma_in, cond, uncond, scale, c)
+                cache = caches.get(name)
+                if cache is not None and name not in previous:
+                    cache.reset()
+                skipped = cache.skipped if cache is not None else 0
+                vel = self._velocity(name, x.to(self.dtype), sigma_in, cond, uncond, scale, c, cache)
                 v = v + weight * vel.float()
+                if cache is not None:
+                    if cache.changes[-1] == cache.changes[-1]:  # NaN: a phase's first step
+                        changes[name] = round(cache.changes[-1], 6)
+                    if cache.skipped > skipped:
+                        cached.append(name)
             x = c.impose(solver.step(v, x, st.index))
-            trace.append(_trace_row(st, time.perf_counter() - t0))
+            previous = st.experts
+            trace.append(_trace_row(st, time.perf_counter() - t0, cached, changes))
             bar.set_postfix_str("+".join(st.experts))
             bar.update()
             if callback is not None:
@@ -278,11 +295,15 @@ class Pipeline:
         return {"total": counts.total, "active": counts.active, **counts.per_expert}
 
 
-def _trace_row(st: StepPlan, seconds: float) -> dict:
+def _trace_row(st: StepPlan, seconds: float, cached: list[str], changes: dict) -> dict:
     row = dict(index=st.index, sigma=st.sigma, experts=list(st.experts), weights=list(st.weights),
                guidance=list(st.guidance), seconds=round(seconds, 4))
     if st.adapter_scales:
         row["adapters"] = dict(st.adapter_scales)
+    if changes:  # the step cache's measure per expert, for calibrating its threshold
+        row["cache_change"] = changes
+    if cached:
+        row["cached"] = cached  # experts whose blocks after the first came from the step cache
     return row
 
 

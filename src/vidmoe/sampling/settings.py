@@ -91,6 +91,10 @@ class GenerateSettings:
     """Seed of the initial noise, in [0, 2**63 - 1]."""
     image: str | None = None
     """Conditioning image path (i2v, ti2v)."""
+    step_cache: dict[str, float] | tuple[float, ...] | float | None = None
+    """Step-cache threshold per expert (same forms as guidance; 0 or None: off): a step whose
+    first block's residual moved less than this (relative L1) reuses the other blocks' residual
+    of the last full step (`models.step_cache.StepCache`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,6 +117,8 @@ class ResolvedSettings:
     sigmas: tuple[float, ...] | None
     seed: int
     image: str | None
+    step_cache: dict[str, float] = field(default_factory=dict)
+    """Threshold per expert; 0: that expert runs every block at every step."""
 
     def to_dict(self) -> dict:
         """JSON-ready; the boundary in its string (or number) form."""
@@ -120,6 +126,7 @@ class ResolvedSettings:
         # budgets are written as steps_per_expert; their boundary field is the default's
         d["boundary"] = "release" if isinstance(self.boundary, Budgets) else self.boundary.spec
         d["guidance"], d["steps_per_expert"] = dict(self.guidance), dict(self.steps_per_expert)
+        d["step_cache"] = dict(self.step_cache)
         return d
 
 
@@ -183,8 +190,8 @@ def check_size(width: int, height: int, model: ModelConfig) -> None:
         )
 
 
-def _guidance_items(value, names: tuple[str, ...]):
-    """(expert, scale) pairs from a dict, a per-expert sequence or one number."""
+def _per_expert_items(what: str, value, names: tuple[str, ...]):
+    """(expert, number) pairs from a dict, a per-expert sequence or one number."""
     if isinstance(value, dict):
         return list(value.items())
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -192,27 +199,26 @@ def _guidance_items(value, names: tuple[str, ...]):
     if isinstance(value, (list, tuple)):
         if len(value) != len(names):
             raise ValueError(
-                f"guidance as a sequence needs one scale per expert ({', '.join(names)}): "
+                f"{what} as a sequence needs one value per expert ({', '.join(names)}): "
                 f"{len(names)} numbers; got {len(value)}"
             )
         return list(zip(names, value))
     raise ValueError(
-        "guidance must be a dict {expert: scale}, one scale per expert in order, or one number; "
-        f"got {value!r}"
+        f"{what} must be a dict {{expert: value}}, one value per expert in order, or one "
+        f"number; got {value!r}"
     )
 
 
-def _guidance(value, model: ModelConfig) -> dict[str, float]:
-    guidance = dict(zip(model.moe.expert_names, model.moe.guidance))
-    for name, scale in _guidance_items(value, model.moe.expert_names):
-        if name not in guidance:
-            raise ValueError(
-                f"unknown expert {name!r} in guidance; valid experts: {', '.join(guidance)}"
-            )
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
-            raise ValueError(f"guidance for {name} must be a number >= 0; got {scale!r}")
-        guidance[name] = _number(f"guidance for {name}", scale)
-    return guidance
+def _per_expert(what: str, value, defaults: dict[str, float]) -> dict[str, float]:
+    """Per-expert numbers >= 0 over `defaults` (experts not named keep theirs)."""
+    out = dict(defaults)
+    for name, number in _per_expert_items(what, value, tuple(defaults)):
+        if name not in out:
+            raise ValueError(f"unknown expert {name!r} in {what}; valid experts: {', '.join(out)}")
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not number >= 0:
+            raise ValueError(f"{what} for {name} must be a number >= 0; got {number!r}")
+        out[name] = _number(f"{what} for {name}", number)
+    return out
 
 
 def _budgets(value, model: ModelConfig, limits: Limits) -> dict[str, int]:
@@ -331,7 +337,8 @@ def resolve_settings(
     sampler = model.scheduler.sampler if s.sampler is None else s.sampler
     if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    guidance = _guidance(s.guidance, model)
+    guidance = _per_expert("guidance", s.guidance, dict(zip(model.moe.expert_names, model.moe.guidance)))
+    step_cache = _per_expert("step_cache", s.step_cache or {}, dict.fromkeys(model.moe.expert_names, 0.0))
     band = model.moe.band if s.band is None else _number("band", s.band)
     if not 0.0 <= band < 0.5:
         raise ValueError(f"band must lie in [0, 0.5) (a sigma half-width; 0 switches hard); got {band}")
@@ -346,7 +353,7 @@ def resolve_settings(
         prompt=prompt, negative_prompt=negative, width=width, height=height,
         num_frames=num_frames, num_steps=num_steps, shift=float(shift), sampler=sampler,
         guidance=guidance, boundary=boundary, band=float(band), steps_per_expert=budgets,
-        sigmas=sigmas, seed=seed, image=image,
+        sigmas=sigmas, seed=seed, image=image, step_cache=step_cache,
     )  # fmt: skip
 
 
