@@ -53,7 +53,7 @@ def image_header_size(path: str) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             return image.size
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path!r}: {e}; give a PNG, JPEG or WebP file") from e
 
 
