@@ -273,7 +273,9 @@ def _area(s: GenerateSettings, model: ModelConfig) -> int | None:
     """The area of an i2v model's size rule, or None where the size is explicit."""
     if s.area is None:
         explicit = s.width is not None or s.height is not None
-        return None if explicit or model.transformer.model_type != "i2v" else math.prod(model.default_size)
+        if explicit or model.transformer.model_type != "i2v":
+            return None
+        return math.prod(model.default_size)  # the release's max_area: its --size's area
     area = _integer("area", s.area, 1)
     if model.transformer.model_type != "i2v":
         raise ValueError(
