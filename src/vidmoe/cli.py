@@ -7,6 +7,7 @@ detected by the option parser also exits 2); `VIDMOE_DEBUG=1` shows the tracebac
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from vidmoe.cli_args import (
     check_device,
     check_image,
     check_serve_args,
+    parse_area,
     parse_lora_spec,
     parse_per_expert,
     parse_schedule,
@@ -116,9 +118,11 @@ def _plan(settings, model: str | None, *, any_image: bool = False):
     from vidmoe.sampling.settings import resolve_settings
 
     config = model_config_for(model)
+    image_size = None
     if any_image and config.transformer.model_type == "i2v" and not settings.image:
         settings = type(settings)(**{**settings.__dict__, "image": "<image>"})
-    return plan_for(resolve_settings(settings, config), config)
+        image_size = config.default_size  # an image of the default size keeps that size
+    return plan_for(resolve_settings(settings, config, image_size=image_size), config)
 
 
 def _load(
@@ -237,6 +241,10 @@ def generate(
     quantize: str | None = typer.Option(
         None, "--quantize", help="fp8: the experts' block linear layers in fp8 (e4m3 + scales)."
     ),
+    area: str | None = typer.Option(
+        None, "--area", help="i2v: frame area W*H (e.g. 832*480); the size follows the image's "
+        "aspect ratio as in the release. Default: the model's width x height. Not with -W/-H."
+    ),
 ):
     """Generate a video; writes OUTPUT (mp4) and OUTPUT.json (settings, plan, trace) together."""
     from vidmoe.io.video import check_video_path
@@ -266,6 +274,8 @@ def generate(
             recipe=recipe,
             step_cache=step_cache,
         )
+        if area is not None:
+            s = dataclasses.replace(s, area=parse_area(area))
         loras = [parse_lora_spec(item) for item in lora or []]
         plan_ = _plan(s, model)
         if not quiet:

@@ -147,3 +147,14 @@ def check_serve_args(*, port: int, outputs: Path, max_queue: int, device: str) -
             f"--outputs {outputs} is a file; it must be a folder (it holds the job database)"
         )
     check_device(device)
+
+
+def parse_area(text: str) -> int:
+    """`--area`: pixels per frame, as W*H (the release's `--size`, e.g. 832*480) or one number."""
+    parts = text.replace("x", "*").split("*")
+    if not 1 <= len(parts) <= 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"--area must be W*H (e.g. 832*480) or a pixel count; got {text!r}")
+    area = 1
+    for p in parts:
+        area *= int(p)
+    return area

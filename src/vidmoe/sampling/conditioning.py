@@ -2,7 +2,8 @@
 
 - t2v: nothing.
 - i2v (A14B): the first frame's VAE latent (later frames zero video) plus a 4-channel mask of
-  the known frames, concatenated to the noisy latents on channels (`y`).
+  the known frames, concatenated to the noisy latents on channels (`y`). Without an explicit
+  width and height the frame size follows the image (`release_i2v_size`), as the release's.
 - ti2v (5B): the first latent frame is replaced by the image latent after every step, and its
   tokens get sigma = 0 (per-token noise levels).
 
@@ -45,17 +46,48 @@ class Conditioning:
         return torch.cat([self.first_latent.to(latents), latents[:, :, 1:]], dim=2)
 
 
+def image_header_size(path: str) -> tuple[int, int]:
+    """(width, height) of an image file, from its header only (nothing is decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {path!r}: {e}; give a PNG, JPEG or WebP file") from e
+
+
+def release_i2v_size(
+    image_size: tuple[int, int], area: int, vae_stride: int, patch: int
+) -> tuple[int, int]:
+    """The release's i2v frame size (width, height) for an image of `image_size` = (w, h): the
+    aspect ratio of the image at about `area` pixels, each side floored to `vae_stride * patch`.
+
+    parity: wan/image2video.py (2.2.11) `generate`, its float flooring kept term by term (numpy
+    sqrt, `//` on floats, round): an 832x480 image at 832*480 gives 832x464.
+    """
+    w, h = image_size
+    aspect_ratio = h / w
+    lat_h = round(np.sqrt(area * aspect_ratio) // vae_stride // patch * patch)
+    lat_w = round(np.sqrt(area / aspect_ratio) // vae_stride // patch * patch)
+    return lat_w * vae_stride, lat_h * vae_stride
+
+
 def load_image(path: str, width: int, height: int) -> torch.Tensor:
-    """Read an image, resize it (bicubic) to (height, width): (1, 3, 1, H, W) in [-1, 1]."""
+    """Read an image, resize it (bicubic, unclamped) to (height, width): (1, 3, 1, H, W), the
+    pixels mapped to [-1, 1] (the resize may overshoot that range, as the release's does)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         image = Image.open(path).convert("RGB")
     except (OSError, UnidentifiedImageError) as e:
         raise ValueError(f"cannot read image {path!r}: {e}") from e
-    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1  # (3, h, w)
-    x = F.interpolate(x[None], size=(height, width), mode="bicubic", align_corners=False)
-    return x.clamp(-1, 1)[:, :, None]  # (1, 3, 1, H, W)
+    # parity: torchvision's to_tensor (uint8 / 255) then .sub_(0.5).div_(0.5), in float32
+    x = torch.from_numpy(np.array(image, np.uint8, copy=True)).permute(2, 0, 1)  # (3, h, w)
+    x = x.to(torch.float32).div(255).sub_(0.5).div_(0.5)
+    # parity: the release resizes with bicubic and no clamp (overshoot reaches 1.25 on noise)
+    x = F.interpolate(x[None], size=(height, width), mode="bicubic")  # (1, 3, H, W)
+    return x[:, :, None]  # (1, 3, 1, H, W)
 
 
 def i2v_condition(vae, image: torch.Tensor, num_frames: int) -> Conditioning:
@@ -75,6 +107,9 @@ def i2v_condition(vae, image: torch.Tensor, num_frames: int) -> Conditioning:
 
 def ti2v_condition(vae, image: torch.Tensor) -> Conditioning:
     """First-frame conditioning of ti2v: the clean first latent frame."""
+    # the release resizes ti2v images in uint8 (PIL, Lanczos), so its pixels stay in [-1, 1];
+    # ours are resized in float like i2v's, hence the clamp
+    image = image.clamp(-1, 1)
     return Conditioning(first_latent=vae.encode(image.to(vae_dtype(vae))))  # (1, C, 1, H, W)
 
 

@@ -95,6 +95,9 @@ class GenerateSettings:
     """Step-cache threshold per expert (same forms as guidance; 0 or None: off): a step whose
     first block's residual moved less than this (relative L1) reuses the other blocks' residual
     of the last full step (`models.step_cache.StepCache`)."""
+    area: int | None = None
+    """Pixels per frame for an i2v model's size rule (the size then follows the image's aspect
+    ratio, as the release's); None: the model's default width x height. Not with width/height."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,6 +122,9 @@ class ResolvedSettings:
     image: str | None
     step_cache: dict[str, float] = field(default_factory=dict)
     """Threshold per expert; 0: that expert runs every block at every step."""
+    area: int | None = None
+    """The area an i2v size was derived from (with the image's aspect ratio); None when the
+    size is explicit or the model has no size rule."""
 
     def to_dict(self) -> dict:
         """JSON-ready; the boundary in its string (or number) form."""
@@ -190,7 +196,7 @@ def check_size(width: int, height: int, model: ModelConfig) -> None:
         )
 
 
-def _per_expert_items(what: str, value, names: tuple[str, ...]):
+def _per_expert_items(what: str, value, names: tuple[str, ...], unit: str):
     """(expert, number) pairs from a dict, a per-expert sequence or one number."""
     if isinstance(value, dict):
         return list(value.items())
@@ -199,20 +205,20 @@ def _per_expert_items(what: str, value, names: tuple[str, ...]):
     if isinstance(value, (list, tuple)):
         if len(value) != len(names):
             raise ValueError(
-                f"{what} as a sequence needs one value per expert ({', '.join(names)}): "
+                f"{what} as a sequence needs one {unit} per expert ({', '.join(names)}): "
                 f"{len(names)} numbers; got {len(value)}"
             )
         return list(zip(names, value))
     raise ValueError(
-        f"{what} must be a dict {{expert: value}}, one value per expert in order, or one "
+        f"{what} must be a dict {{expert: {unit}}}, one {unit} per expert in order, or one "
         f"number; got {value!r}"
     )
 
 
-def _per_expert(what: str, value, defaults: dict[str, float]) -> dict[str, float]:
+def _per_expert(what: str, value, defaults: dict[str, float], unit: str) -> dict[str, float]:
     """Per-expert numbers >= 0 over `defaults` (experts not named keep theirs)."""
     out = dict(defaults)
-    for name, number in _per_expert_items(what, value, tuple(defaults)):
+    for name, number in _per_expert_items(what, value, tuple(defaults), unit):
         if name not in out:
             raise ValueError(f"unknown expert {name!r} in {what}; valid experts: {', '.join(out)}")
         if isinstance(number, bool) or not isinstance(number, (int, float)) or not number >= 0:
@@ -269,11 +275,63 @@ def _steps(s: GenerateSettings, model: ModelConfig, limits: Limits):
     return num_steps, {}, None
 
 
-def _size(s: GenerateSettings, model: ModelConfig, limits: Limits) -> tuple[int, int, int]:
-    """(width, height, num_frames), checked against the model and the limits."""
-    width = model.default_size[0] if s.width is None else _integer("width", s.width, None)
-    height = model.default_size[1] if s.height is None else _integer("height", s.height, None)
-    check_size(width, height, model)
+def _area(s: GenerateSettings, model: ModelConfig) -> int | None:
+    """The area of an i2v model's size rule, or None where the size is explicit."""
+    if s.area is None:
+        explicit = s.width is not None or s.height is not None
+        if explicit or model.transformer.model_type != "i2v":
+            return None
+        return math.prod(model.default_size)  # the release's max_area: its --size's area
+    area = _integer("area", s.area, 1)
+    if model.transformer.model_type != "i2v":
+        raise ValueError(
+            f"area sets an image-to-video model's size from the image; {model.name} is a "
+            f"{model.transformer.model_type} model: give width and height instead"
+        )
+    if s.width is not None or s.height is not None:
+        raise ValueError(
+            f"give area or width/height, not both: area {area} takes the size from the image's "
+            f"aspect ratio, width and height set it exactly; got width {s.width}, height {s.height}"
+        )
+    areas = sorted({w * h for w, h in model.sizes}, reverse=True)
+    if areas and area not in areas:
+        raise ValueError(f"area {area} is not supported by {model.name}; supported: "
+                         + ", ".join(f"{a} ({_area_name(a, model)})" for a in areas))  # fmt: skip
+    return area
+
+
+def _area_name(area: int, model: ModelConfig) -> str:
+    return next(f"{w}*{h}" for w, h in model.sizes if w * h == area)
+
+
+def _image_sized(s: GenerateSettings, model: ModelConfig, area: int,
+                 image_size: tuple[int, int] | None) -> tuple[int, int]:
+    """(width, height) of the release's i2v size rule for the image (its header is read)."""
+    from vidmoe.sampling.conditioning import image_header_size, release_i2v_size
+
+    image_size = image_header_size(s.image) if image_size is None else image_size
+    stride = model.vae.spatial_stride
+    width, height = release_i2v_size(image_size, area, stride, model.size_multiple // stride)
+    if min(width, height) < model.size_multiple:
+        iw, ih = image_size
+        raise ValueError(
+            f"an image of {iw}x{ih} at area {area} gives a {width}x{height} frame (the size "
+            f"follows the image's aspect ratio): give a larger area, or width and height"
+        )
+    return width, height
+
+
+def _size(s: GenerateSettings, model: ModelConfig, limits: Limits,
+          image_size: tuple[int, int] | None) -> tuple[int, int, int, int | None]:
+    """(width, height, num_frames, area), checked against the model and the limits; an i2v
+    model without an explicit size takes it from the image (`area` is then not None)."""
+    area = _area(s, model)
+    if area is not None:
+        width, height = _image_sized(s, model, area, image_size)
+    else:
+        width = model.default_size[0] if s.width is None else _integer("width", s.width, None)
+        height = model.default_size[1] if s.height is None else _integer("height", s.height, None)
+        check_size(width, height, model)
     if width * height > limits.max_pixels:
         raise ValueError(
             f"size {width}x{height} is {width * height} pixels per frame, over the limit of "
@@ -286,7 +344,7 @@ def _size(s: GenerateSettings, model: ModelConfig, limits: Limits) -> tuple[int,
     check_num_frames(frames, model.vae.temporal_stride)
     _integer("num_frames", frames, 1, limits.max_num_frames,
              " (Limits.max_num_frames, until a memory planner decides what fits)")
-    return width, height, frames
+    return width, height, frames, area
 
 
 def _boundary(s: GenerateSettings, model: ModelConfig, band: float, num_steps: int,
@@ -321,15 +379,26 @@ def _boundary(s: GenerateSettings, model: ModelConfig, band: float, num_steps: i
 
 
 def resolve_settings(
-    s: GenerateSettings, model: ModelConfig, limits: Limits | None = None
+    s: GenerateSettings, model: ModelConfig, limits: Limits | None = None,
+    *, image_size: tuple[int, int] | None = None,
 ) -> ResolvedSettings:
     """Validate `s` against `model` and `limits` (default `Limits.for_model(model)`) and fill in
-    defaults; raise ValueError naming the field, the value and what is accepted."""
+    defaults; raise ValueError naming the field, the value and what is accepted.
+
+    An i2v model without an explicit width and height takes its size from the image: from
+    `image_size` (width, height) when the caller has it (an upload not yet saved, a plan
+    without an image), else from the header of the file `s.image`.
+    """
     limits = Limits.for_model(model) if limits is None else limits
     prompt = _string("prompt", s.prompt)
     negative = default_negative_prompt(model) if s.negative_prompt is None else s.negative_prompt
     negative = _string("negative_prompt", negative)
-    width, height, num_frames = _size(s, model, limits)
+    image = None if s.image is None else _string("image", s.image)
+    if model.transformer.model_type == "i2v" and not image:
+        raise ValueError(f"{model.name} is an image-to-video model: give an image (--image PATH)")
+    if image and model.transformer.model_type == "t2v":
+        raise ValueError(f"{model.name} is a text-to-video model and takes no image")
+    width, height, num_frames, area = _size(s, model, limits, image_size)
     num_steps, budgets, sigmas = _steps(s, model, limits)
     shift = model.scheduler.shift if s.shift is None else _number("shift", s.shift)
     if not shift > 0:
@@ -337,23 +406,18 @@ def resolve_settings(
     sampler = model.scheduler.sampler if s.sampler is None else s.sampler
     if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    guidance = _per_expert("guidance", s.guidance, dict(zip(model.moe.expert_names, model.moe.guidance)))
-    step_cache = _per_expert("step_cache", s.step_cache or {}, dict.fromkeys(model.moe.expert_names, 0.0))
+    guidance = _per_expert("guidance", s.guidance, dict(zip(model.moe.expert_names, model.moe.guidance)), "scale")
+    step_cache = _per_expert("step_cache", s.step_cache or {}, dict.fromkeys(model.moe.expert_names, 0.0), "threshold")
     band = model.moe.band if s.band is None else _number("band", s.band)
     if not 0.0 <= band < 0.5:
         raise ValueError(f"band must lie in [0, 0.5) (a sigma half-width; 0 switches hard); got {band}")
     boundary = _boundary(s, model, band, num_steps, budgets, limits)
     seed = _integer("seed", s.seed, 0, MAX_SEED, " (2**63 - 1)")
-    image = None if s.image is None else _string("image", s.image)
-    if model.transformer.model_type == "i2v" and not image:
-        raise ValueError(f"{model.name} is an image-to-video model: give an image (--image PATH)")
-    if image and model.transformer.model_type == "t2v":
-        raise ValueError(f"{model.name} is a text-to-video model and takes no image")
     return ResolvedSettings(
         prompt=prompt, negative_prompt=negative, width=width, height=height,
         num_frames=num_frames, num_steps=num_steps, shift=float(shift), sampler=sampler,
         guidance=guidance, boundary=boundary, band=float(band), steps_per_expert=budgets,
-        sigmas=sigmas, seed=seed, image=image, step_cache=step_cache,
+        sigmas=sigmas, seed=seed, image=image, step_cache=step_cache, area=area,
     )  # fmt: skip
 
 

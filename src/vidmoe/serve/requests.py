@@ -22,8 +22,9 @@ from starlette.requests import Request
 from vidmoe.sampling.settings import GenerateSettings
 
 FIELDS = ("prompt", "negative_prompt", "width", "height", "num_frames", "num_steps", "shift",
-          "sampler", "guidance", "boundary", "steps_per_expert", "sigmas", "seed", "image")  # fmt: skip
-_INTS = ("width", "height", "num_frames", "num_steps", "seed")
+          "sampler", "guidance", "boundary", "steps_per_expert", "sigmas", "seed", "image",
+          "area")  # fmt: skip
+_INTS = ("width", "height", "num_frames", "num_steps", "seed", "area")
 _STRINGS = ("prompt", "negative_prompt", "sampler")
 _JSON_KINDS = ("", "application/json")
 _FORM_KINDS = ("multipart/form-data", "application/x-www-form-urlencoded")

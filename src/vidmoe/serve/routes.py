@@ -59,7 +59,9 @@ def check_request(s: ServeState, fields: dict, image_bytes: bytes | None) -> Che
     if image_bytes is not None:
         image = decode_image(image_bytes, s.cfg.max_upload_bytes)
     settings = to_settings(fields, "<upload>" if image is not None else None)
-    resolved = resolve_settings(settings, s.config, s.limits)
+    # the upload is saved only once it is queued: its size comes from the decoded image
+    size = None if image is None else image.size
+    resolved = resolve_settings(settings, s.config, s.limits, image_size=size)
     plan = plan_for(resolved, s.config)
     return Checked(fields=fields, resolved=resolved, plan=plan, image=image)
 
