@@ -69,11 +69,19 @@ def build_random_pipeline(config: ModelConfig | str, *, seed: int = 0, device="c
 
 
 def load_pipeline(model: str | Path | None = None, *, device: str = "auto", dtype: str | torch.dtype = "auto",
-                  residency: str = "resident", strict: bool = True) -> Pipeline:  # fmt: skip
+                  residency: str = "resident", strict: bool = True,
+                  experts: dict[str, str | Path] | None = None, vae: str | Path | None = None,
+                  text_encoder: str | Path | None = None) -> Pipeline:  # fmt: skip
     """Load a pipeline from a checkpoint (any supported layout), a preset name, or the demo model.
 
     A preset name builds that architecture with random weights (useful for tests and timing).
+    `experts` ({name: file}), `vae` and `text_encoder` load those components from their own files
+    (any layout, see docs/checkpoints.md) on top of `model`, or without one (`model=None`).
     """
+    if experts or vae is not None or text_encoder is not None:
+        return load_pipeline_from_files(model, device=device, dtype=dtype, residency=residency,
+                                        strict=strict, experts=experts, vae=vae,
+                                        text_encoder=text_encoder)  # fmt: skip
     model = _default_model(model)
     dev = resolve_device(device)
     placement = Placement(device=dev, dtype=resolve_dtype(dtype, dev), residency=residency)
@@ -89,6 +97,30 @@ def load_pipeline(model: str | Path | None = None, *, device: str = "auto", dtyp
     experts = Experts(c.experts, c.config.moe, placement=placement)
     pipe = Pipeline(c.config, experts, c.vae, c.text_encoder)
     pipe.source = {"path": str(model), "layout": c.layout}
+    return pipe
+
+
+def load_pipeline_from_files(model: str | Path | None, *, device: str = "auto",
+                             dtype: str | torch.dtype = "auto", residency: str = "resident",
+                             strict: bool = True, experts: dict[str, str | Path] | None = None,
+                             vae: str | Path | None = None,
+                             text_encoder: str | Path | None = None) -> Pipeline:  # fmt: skip
+    """`load_pipeline` with components from separate files (`vidmoe.io.components`)."""
+    from vidmoe.io.components import load_components_from
+
+    dev = resolve_device(device)
+    placement = Placement(device=dev, dtype=resolve_dtype(dtype, dev), residency=residency)
+    c = load_components_from(
+        model, experts=experts, vae=vae, text_encoder=text_encoder, strict=strict,
+        device=dev if residency == "resident" else "cpu", dtype=placement.dtype,
+    )  # fmt: skip
+    pipe = Pipeline(c.config, Experts(c.experts, c.config.moe, placement=placement), c.vae,
+                    c.text_encoder)  # fmt: skip
+    files = {**{f"expert.{n}": str(p) for n, p in (experts or {}).items()},
+             **({"vae": str(vae)} if vae is not None else {}),
+             **({"text_encoder": str(text_encoder)} if text_encoder is not None else {})}  # fmt: skip
+    pipe.source = {"path": str(model) if model is not None else None, "layout": c.layout,
+                   "files": files}  # fmt: skip
     return pipe
 
 
