@@ -40,6 +40,22 @@ TIMESTEPS_HELP = (
 BAND_HELP = "Transition band half-width (sigma) around each boundary; 0 switches hard."
 RECIPE_HELP = "Few-step recipe, e.g. lightning-4step."
 DEVICE_HELP = "cpu, cuda, cuda:N or auto."
+EXPERT_HELP = "An expert from its own file, repeatable: high_noise=FILE (official, diffusers, ComfyUI bf16/fp16/fp8/fp8_scaled, or .gguf); on top of --model, or alone with --vae and --text-encoder."
+
+
+def _component_files(expert: list[str] | None, vae: Path | None, text_encoder: Path | None) -> dict | None:
+    """`load_pipeline`'s experts/vae/text_encoder from --expert NAME=FILE, --vae, --text-encoder."""
+    if not expert and vae is None and text_encoder is None:
+        return None
+    experts: dict[str, Path] = {}
+    for item in expert or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--expert takes NAME=FILE (e.g. high_noise=wan_high.safetensors); got {item!r}")
+        if name in experts:
+            raise ValueError(f"--expert {name} is given twice ({experts[name]} and {path})")
+        experts[name] = Path(path)
+    return {"experts": experts, "vae": vae, "text_encoder": text_encoder}
 
 
 def _settings(
@@ -105,14 +121,18 @@ def _user_errors() -> Iterator[None]:
         _fail(e)
 
 
-def _plan(settings, model: str | None, *, any_image: bool = False):
+def _plan(settings, model: str | None, *, any_image: bool = False, files: dict | None = None):
     """Validate `settings` against the model's config and plan the steps (no weights loaded);
-    `any_image` stands in an image for an i2v model when only the plan is wanted."""
-    from vidmoe.loading import model_config_for
+    `any_image` stands in an image for an i2v model when only the plan is wanted; `files` are
+    components from separate files (`_component_files`)."""
+    from vidmoe.loading import model_config_for, model_config_for_files
     from vidmoe.sampling.plan import plan_for
     from vidmoe.sampling.settings import resolve_settings
 
-    config = model_config_for(model)
+    if files:
+        config = model_config_for_files(model, experts=files["experts"], vae=files["vae"])
+    else:
+        config = model_config_for(model)
     if any_image and config.transformer.model_type == "i2v" and not settings.image:
         settings = type(settings)(**{**settings.__dict__, "image": "<image>"})
     return plan_for(resolve_settings(settings, config), config)
@@ -128,12 +148,13 @@ def _load(
     lora_strict: str,
     fuse_lora: bool,
     quiet: bool,
+    files: dict | None = None,
 ):
     """The pipeline with its LoRAs; a model that cannot be built is a user error."""
     from vidmoe.loading import load_pipeline
 
     try:
-        pipe = load_pipeline(model, device=device, dtype=dtype, residency=residency)
+        pipe = load_pipeline(model, device=device, dtype=dtype, residency=residency, **(files or {}))
     except (RuntimeError, MemoryError) as e:  # e.g. a config whose sizes cannot be allocated
         raise ValueError(f"cannot build the model {model or '(demo)'}: {e}") from e
     for expert, path, strength in loras:
@@ -223,6 +244,10 @@ def generate(
         False, "--fuse-lora", help="Merge the LoRAs into the weights before sampling."
     ),
     recipe: str | None = typer.Option(None, "--recipe", help=RECIPE_HELP),
+    # components from separate files (docs/checkpoints.md)
+    expert: list[str] | None = typer.Option(None, "--expert", help=EXPERT_HELP),
+    vae: Path | None = typer.Option(None, "--vae", help="VAE file: Wan2.1_VAE.pth, wan_2.1_vae.safetensors or a diffusers vae/ folder."),
+    text_encoder: Path | None = typer.Option(None, "--text-encoder", help="umT5 file: the release .pth, umt5_xxl_fp16 / umt5_xxl_fp8_e4m3fn_scaled .safetensors (tokenizer beside it) or a diffusers text_encoder/ folder."),
 ):
     """Generate a video; writes OUTPUT (mp4) and OUTPUT.json (settings, plan, trace) together."""
     from vidmoe.io.video import check_video_path
@@ -252,7 +277,8 @@ def generate(
             recipe=recipe,
         )
         loras = [parse_lora_spec(item) for item in lora or []]
-        plan_ = _plan(s, model)
+        files = _component_files(expert, vae, text_encoder)
+        plan_ = _plan(s, model, files=files)
         if not quiet:
             typer.echo(plan_.summary())
         pipe = _load(
@@ -264,6 +290,7 @@ def generate(
             lora_strict=lora_strict,
             fuse_lora=fuse_lora,
             quiet=quiet,
+            files=files,
         )
         result = _run(pipe, s, quiet=quiet)
         _publish(result, pipe, output, recipe=recipe)
@@ -499,6 +526,23 @@ def export(
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
     typer.echo(f"model in {out}")
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="A checkpoint folder or file in any layout vidmoe reads (or a .gguf expert)."),
+    dst: Path = typer.Argument(..., help="Where to write: a folder (a .safetensors file for one ComfyUI expert)."),
+    layout: str = typer.Option(..., "--layout", help="official, diffusers, comfyui or vidmoe."),
+    quantize: str | None = typer.Option(None, "--quantize", help="fp8: block linear weights as ComfyUI fp8_scaled (a scale per output channel)."),
+):
+    """Write a checkpoint in another layout (optionally fp8_scaled); the text encoder is not copied."""
+    from vidmoe.io.convert import convert as convert_checkpoint
+
+    with _user_errors():
+        if dst.exists() and any(dst.iterdir() if dst.is_dir() else [dst]):
+            raise ValueError(f"{dst} exists: give a new DST (convert does not overwrite)")
+        out = convert_checkpoint(src, dst, layout=layout, quantize=quantize)
+    typer.echo(f"wrote {out} ({layout} layout{', fp8_scaled' if quantize else ''})")
 
 
 def main() -> None:

@@ -124,6 +124,16 @@ def load_pipeline_from_files(model: str | Path | None, *, device: str = "auto",
     return pipe
 
 
+def model_config_for_files(model: str | Path | None, *, experts: dict[str, str | Path] | None = None,
+                           vae: str | Path | None = None) -> ModelConfig:  # fmt: skip
+    """The ModelConfig of a folder or preset with expert and VAE files on top (or of the files
+    alone), read from headers and shapes without loading any weights."""
+    from vidmoe.io.components import assemble_config, open_expert_file, open_vae_file
+
+    files = {n: open_expert_file(p) for n, p in (experts or {}).items()}
+    return assemble_config(model, files, open_vae_file(vae) if vae is not None else None)[0]
+
+
 def describe_model(model: str | Path | None) -> str:
     """Experts, parameter counts (total, active per step: the largest expert), boundary and plan."""
     from vidmoe.sampling.plan import plan_for

@@ -248,3 +248,37 @@ def test_convert_round_trip(tmp_path, official, layout, quantize):
     if quantize:
         written = [p for p in dst.rglob("*.safetensors") if "vae" not in p.name]
         assert any("scaled_fp8" in SafetensorsFile(p) for p in written)
+
+
+def test_cli_generate_with_expert_files(tmp_path, official, new_high):
+    import json
+
+    from typer.testing import CliRunner
+
+    from vidmoe.cli import app
+
+    path = write_comfyui_file(new_high, tmp_path / "wan_high_noise_fp8_scaled.safetensors", quantize="fp8")
+    out = tmp_path / "v.mp4"
+    r = CliRunner().invoke(app, ["generate", "a red circle", "-m", str(official), "--expert",
+                                 f"high_noise={path}", "-f", "5", "-W", "32", "-H", "32", "-s", "2",
+                                 "--device", "cpu", "-q", "-o", str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    record = json.loads(out.with_name("v.mp4.json").read_text())
+    assert record["model"]["files"] == {"expert.high_noise": str(path)}
+    r = CliRunner().invoke(app, ["generate", "x", "--expert", "high_noise", "-o", str(out)])
+    assert r.exit_code == 2 and "--expert takes NAME=FILE" in r.output
+
+
+def test_cli_convert(tmp_path, official):
+    from typer.testing import CliRunner
+
+    from vidmoe.cli import app
+
+    r = CliRunner().invoke(app, ["convert", str(official), str(tmp_path / "c"), "--layout", "vidmoe",
+                                 "--quantize", "fp8"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "scaled_fp8" in SafetensorsFile(tmp_path / "c" / "experts" / "high_noise.safetensors")
+    r = CliRunner().invoke(app, ["convert", str(official), str(tmp_path / "c"), "--layout", "vidmoe"])
+    assert r.exit_code == 2 and "exists" in r.output
+    r = CliRunner().invoke(app, ["convert", str(official), str(tmp_path / "d"), "--layout", "gguf"])
+    assert r.exit_code == 2 and "--layout must be one of" in r.output
