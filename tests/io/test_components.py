@@ -188,6 +188,37 @@ def test_files_alone_need_a_vae(tmp_path):
 gguf = pytest.importorskip("gguf", reason="GGUF experts need the gguf package (vidmoe[gguf])")
 
 
+def k_quant_bytes(x, bits: int):
+    """Q4_K (bits 4) or Q5_K (bits 5) blocks of `x` (rows, n), n % 256 == 0, encoded here from
+    ggml's block layout (the gguf package only decodes K-quants): per 256 values a float16 scale
+    and min, 8 six-bit sub-block scales and mins, then the values (5th bits in `qh`)."""
+    import numpy as np
+
+    rows = x.shape[0]
+    b = x.reshape(-1, 8, 32).astype(np.float32)  # (blocks, sub-blocks, 32)
+    levels = 2**bits - 1
+    m = -np.minimum(b.min(-1), 0)  # (nb, 8) value = s * q - m
+    s = (b.max(-1) + m) / levels
+    d = (s.max(-1) / 63).astype(np.float16)
+    dmin = (m.max(-1) / 63).astype(np.float16)
+    df, mf = np.where(d > 0, d, 1).astype(np.float32), np.where(dmin > 0, dmin, 1).astype(np.float32)
+    sc = np.clip(np.round(s / df[:, None]), 1, 63).astype(np.uint8)
+    mn = np.clip(np.ceil(m / mf[:, None]), 0, 63).astype(np.uint8)
+    step, low = d.astype(np.float32)[:, None] * sc, dmin.astype(np.float32)[:, None] * mn
+    q = np.clip(np.round((b + low[..., None]) / step[..., None]), 0, levels).astype(np.uint8)
+    scales = np.zeros((len(b), 12), np.uint8)
+    scales[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    scales[:, 4:8] = mn[:, :4] | ((mn[:, 4:] >> 4) << 6)
+    scales[:, 8:12] = (sc[:, 4:] & 0xF) | ((mn[:, 4:] & 0xF) << 4)
+    qs = (q[:, 0::2] & 0xF) | ((q[:, 1::2] & 0xF) << 4)  # (nb, 4, 32)
+    parts = [d.reshape(-1, 1).view(np.uint8), dmin.reshape(-1, 1).view(np.uint8), scales]
+    if bits == 5:
+        qh = sum(((q[:, j] >> 4) & 1) << j for j in range(8)).astype(np.uint8)  # (nb, 32)
+        parts.append(qh)
+    parts.append(qs.reshape(len(b), 128))
+    return np.concatenate(parts, axis=1).reshape(rows, -1)
+
+
 def write_gguf(tensors, path, qtype):
     """As the ComfyUI-GGUF converters do: big 2-D weights quantised, the rest F32; >4-D tensors
     stored flattened with their shape in `comfy.gguf.orig_shape.<name>`."""
@@ -200,7 +231,8 @@ def write_gguf(tensors, path, qtype):
             writer.add_array(f"comfy.gguf.orig_shape.{name}", list(data.shape))
             data = data.reshape(data.shape[0], -1)
         if data.ndim == 2 and data.shape[1] % 256 == 0 and data.shape[0] >= 256:
-            q = gguf.quants.quantize(data, qtype)
+            kq = {"Q4_K": 4, "Q5_K": 5}.get(qtype.name)
+            q = k_quant_bytes(data, kq) if kq else gguf.quants.quantize(data, qtype)
             writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
         else:
             writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
@@ -211,7 +243,8 @@ def write_gguf(tensors, path, qtype):
     return path
 
 
-@pytest.mark.parametrize("qtype,tol", [("Q8_0", 0.01), ("Q5_0", 0.05), ("Q4_0", 0.1)])
+@pytest.mark.parametrize("qtype,tol", [("Q8_0", 0.01), ("Q5_0", 0.05), ("Q4_0", 0.1),
+                                       ("Q5_K", 0.05), ("Q4_K", 0.1)])  # fmt: skip
 def test_gguf_expert(tmp_path, qtype, tol):
     weights = random_expert(WIDE, 5)
     path = write_gguf(weights, tmp_path / f"wan_high_noise-{qtype}.gguf", gguf.GGMLQuantizationType[qtype])
