@@ -43,6 +43,22 @@ TIMESTEPS_HELP = (
 BAND_HELP = "Transition band half-width (sigma) around each boundary; 0 switches hard."
 RECIPE_HELP = "Few-step recipe, e.g. lightning-4step."
 DEVICE_HELP = "cpu, cuda, cuda:N or auto."
+EXPERT_HELP = "An expert from its own file, repeatable: high_noise=FILE (official, diffusers, ComfyUI bf16/fp16/fp8/fp8_scaled, or .gguf); on top of --model, or alone with --vae and --text-encoder."
+
+
+def _component_files(expert: list[str] | None, vae: Path | None, text_encoder: Path | None) -> dict | None:
+    """`load_pipeline`'s experts/vae/text_encoder from --expert NAME=FILE, --vae, --text-encoder."""
+    if not expert and vae is None and text_encoder is None:
+        return None
+    experts: dict[str, Path] = {}
+    for item in expert or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--expert takes NAME=FILE (e.g. high_noise=wan_high.safetensors); got {item!r}")
+        if name in experts:
+            raise ValueError(f"--expert {name} is given twice ({experts[name]} and {path})")
+        experts[name] = Path(path)
+    return {"experts": experts, "vae": vae, "text_encoder": text_encoder}
 
 
 def _settings(
@@ -110,14 +126,18 @@ def _user_errors() -> Iterator[None]:
         _fail(e)
 
 
-def _plan(settings, model: str | None, *, any_image: bool = False):
+def _plan(settings, model: str | None, *, any_image: bool = False, files: dict | None = None):
     """Validate `settings` against the model's config and plan the steps (no weights loaded);
-    `any_image` stands in an image for an i2v model when only the plan is wanted."""
-    from vidmoe.loading import model_config_for
+    `any_image` stands in an image for an i2v model when only the plan is wanted; `files` are
+    components from separate files (`_component_files`)."""
+    from vidmoe.loading import model_config_for, model_config_for_files
     from vidmoe.sampling.plan import plan_for
     from vidmoe.sampling.settings import resolve_settings
 
-    config = model_config_for(model)
+    if files:
+        config = model_config_for_files(model, experts=files["experts"], vae=files["vae"])
+    else:
+        config = model_config_for(model)
     image_size = None
     if any_image and config.transformer.model_type == "i2v" and not settings.image:
         settings = type(settings)(**{**settings.__dict__, "image": "<image>"})
@@ -136,12 +156,14 @@ def _load(
     fuse_lora: bool,
     quiet: bool,
     quantize: str | None = None,
+    files: dict | None = None,
 ):
     """The pipeline with its LoRAs; a model that cannot be built is a user error."""
     from vidmoe.loading import load_pipeline
 
     try:
-        pipe = load_pipeline(model, device=device, dtype=dtype, residency=residency, quantize=quantize)
+        pipe = load_pipeline(model, device=device, dtype=dtype, residency=residency,
+                             quantize=quantize, **(files or {}))
     except (RuntimeError, MemoryError) as e:  # e.g. a config whose sizes cannot be allocated
         raise ValueError(f"cannot build the model {model or '(demo)'}: {e}") from e
     for expert, path, strength in loras:
@@ -245,6 +267,10 @@ def generate(
         None, "--area", help="i2v: frame area W*H (e.g. 832*480); the size follows the image's "
         "aspect ratio as in the release. Default: the model's width x height. Not with -W/-H."
     ),
+    # components from separate files (docs/checkpoints.md)
+    expert: list[str] | None = typer.Option(None, "--expert", help=EXPERT_HELP),
+    vae: Path | None = typer.Option(None, "--vae", help="VAE file: Wan2.1_VAE.pth, wan_2.1_vae.safetensors or a diffusers vae/ folder."),
+    text_encoder: Path | None = typer.Option(None, "--text-encoder", help="umT5 file: the release .pth, umt5_xxl_fp16 / umt5_xxl_fp8_e4m3fn_scaled .safetensors (tokenizer beside it) or a diffusers text_encoder/ folder."),
 ):
     """Generate a video; writes OUTPUT (mp4) and OUTPUT.json (settings, plan, trace) together."""
     from vidmoe.io.video import check_video_path
@@ -277,7 +303,8 @@ def generate(
         if area is not None:
             s = dataclasses.replace(s, area=parse_area(area))
         loras = [parse_lora_spec(item) for item in lora or []]
-        plan_ = _plan(s, model)
+        files = _component_files(expert, vae, text_encoder)
+        plan_ = _plan(s, model, files=files)
         if not quiet:
             typer.echo(plan_.summary())
         pipe = _load(
@@ -290,6 +317,7 @@ def generate(
             fuse_lora=fuse_lora,
             quiet=quiet,
             quantize=quantize,
+            files=files,
         )
         result = _run(pipe, s, quiet=quiet)
         _publish(result, pipe, output, recipe=recipe)
@@ -525,6 +553,23 @@ def export(
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
     typer.echo(f"model in {out}")
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="A checkpoint folder or file in any layout vidmoe reads (or a .gguf expert)."),
+    dst: Path = typer.Argument(..., help="Where to write: a folder (a .safetensors file for one ComfyUI expert)."),
+    layout: str = typer.Option(..., "--layout", help="official, diffusers, comfyui or vidmoe."),
+    quantize: str | None = typer.Option(None, "--quantize", help="fp8: block linear weights as ComfyUI fp8_scaled (a scale per output channel)."),
+):
+    """Write a checkpoint in another layout (optionally fp8_scaled); the text encoder is not copied."""
+    from vidmoe.io.convert import convert as convert_checkpoint
+
+    with _user_errors():
+        if dst.exists() and any(dst.iterdir() if dst.is_dir() else [dst]):
+            raise ValueError(f"{dst} exists: give a new DST (convert does not overwrite)")
+        out = convert_checkpoint(src, dst, layout=layout, quantize=quantize)
+    typer.echo(f"wrote {out} ({layout} layout{', fp8_scaled' if quantize else ''})")
 
 
 def main() -> None:

@@ -70,15 +70,23 @@ def build_random_pipeline(config: ModelConfig | str, *, seed: int = 0, device="c
 
 def load_pipeline(model: str | Path | None = None, *, device: str = "auto", dtype: str | torch.dtype = "auto",
                   residency: str = "resident", strict: bool = True,
-                  quantize: str | None = None) -> Pipeline:  # fmt: skip
+                  quantize: str | None = None, experts: dict[str, str | Path] | None = None,
+                  vae: str | Path | None = None,
+                  text_encoder: str | Path | None = None) -> Pipeline:  # fmt: skip
     """Load a pipeline from a checkpoint (any supported layout), a preset name, or the demo model.
 
     A preset name builds that architecture with random weights (useful for tests and timing).
     `quantize="fp8"` keeps the experts' block linear layers in fp8 (e4m3, a float32 scale per
     output channel: `models.fp8`), from fp8 files as they are and from others as they load.
+    `experts` ({name: file}), `vae` and `text_encoder` load those components from their own files
+    (any layout, see docs/checkpoints.md) on top of `model`, or without one (`model=None`).
     """
     if quantize not in (None, "fp8"):
         raise ValueError(f"quantize must be fp8 or None (the weights' own format); got {quantize!r}")
+    if experts or vae is not None or text_encoder is not None:
+        return load_pipeline_from_files(model, device=device, dtype=dtype, residency=residency,
+                                        strict=strict, experts=experts, vae=vae,
+                                        text_encoder=text_encoder, quantize=quantize)  # fmt: skip
     model = _default_model(model)
     dev = resolve_device(device)
     placement = Placement(device=dev, dtype=resolve_dtype(dtype, dev), residency=residency)
@@ -103,6 +111,41 @@ def load_pipeline(model: str | Path | None = None, *, device: str = "auto", dtyp
     if quantize:
         pipe.source["quantize"] = quantize
     return pipe
+
+
+def load_pipeline_from_files(model: str | Path | None, *, device: str = "auto",
+                             dtype: str | torch.dtype = "auto", residency: str = "resident",
+                             strict: bool = True, experts: dict[str, str | Path] | None = None,
+                             vae: str | Path | None = None,
+                             text_encoder: str | Path | None = None,
+                             quantize: str | None = None) -> Pipeline:  # fmt: skip
+    """`load_pipeline` with components from separate files (`vidmoe.io.components`)."""
+    from vidmoe.io.components import load_components_from
+
+    dev = resolve_device(device)
+    placement = Placement(device=dev, dtype=resolve_dtype(dtype, dev), residency=residency)
+    c = load_components_from(
+        model, experts=experts, vae=vae, text_encoder=text_encoder, strict=strict,
+        device=dev if residency == "resident" else "cpu", dtype=placement.dtype, quantize=quantize,
+    )  # fmt: skip
+    pipe = Pipeline(c.config, Experts(c.experts, c.config.moe, placement=placement), c.vae,
+                    c.text_encoder)  # fmt: skip
+    files = {**{f"expert.{n}": str(p) for n, p in (experts or {}).items()},
+             **({"vae": str(vae)} if vae is not None else {}),
+             **({"text_encoder": str(text_encoder)} if text_encoder is not None else {})}  # fmt: skip
+    pipe.source = {"path": str(model) if model is not None else None, "layout": c.layout,
+                   "files": files}  # fmt: skip
+    return pipe
+
+
+def model_config_for_files(model: str | Path | None, *, experts: dict[str, str | Path] | None = None,
+                           vae: str | Path | None = None) -> ModelConfig:  # fmt: skip
+    """The ModelConfig of a folder or preset with expert and VAE files on top (or of the files
+    alone), read from headers and shapes without loading any weights."""
+    from vidmoe.io.components import assemble_config, open_expert_file, open_vae_file
+
+    files = {n: open_expert_file(p) for n, p in (experts or {}).items()}
+    return assemble_config(model, files, open_vae_file(vae) if vae is not None else None)[0]
 
 
 def describe_model(model: str | Path | None) -> str:

@@ -141,6 +141,14 @@ def load_expert(layout: Layout, name: str, *, device="cpu", dtype=torch.bfloat16
     to `dtype`; `quantize="fp8"` keeps the block linear layers in fp8 instead (`FP8Linear`),
     from fp8 files as they are and from float files quantised per output channel as they load.
     """
+    return build_expert(layout.config.transformer_for(name), layout.expert_tensors(name),
+                        device=device, dtype=dtype, strict=strict, quantize=quantize)  # fmt: skip
+
+
+def build_expert(config, tensors: TensorSource, *, device="cpu", dtype=torch.bfloat16,
+                 strict=True, quantize: str | None = None, what: str = ""):  # fmt: skip
+    """An expert of architecture `config` (a `TransformerConfig`) from release-named `tensors`
+    (see `load_expert`); `what` (a file name) starts any error message."""
     from vidmoe.io.tensors import FP8Source
     from vidmoe.models.fp8 import fp8_layer_names, quantize_fp8_
     from vidmoe.models.transformer import WanTransformer
@@ -148,13 +156,18 @@ def load_expert(layout: Layout, name: str, *, device="cpu", dtype=torch.bfloat16
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be None or 'fp8'; got {quantize!r}")
     with torch.device("meta"):
-        expert = WanTransformer(layout.config.transformer_for(name)).to(dtype)
+        expert = WanTransformer(config).to(dtype)
     fp8_weights: set[str] = set()
     if quantize == "fp8":
         quantize_fp8_(expert)
         fp8_weights = {f"{n}.weight" for n in fp8_layer_names(expert)}
-    source = FP8Source(layout.expert_tensors(name), fp8_weights)
-    load_into(expert, source, strict=strict, device=device)
+    try:
+        source = FP8Source(tensors, fp8_weights)
+        load_into(expert, source, strict=strict, device=device)
+    except ValueError as e:
+        if not what:
+            raise
+        raise ValueError(f"{what}: {e}") from None
     return expert.eval().requires_grad_(False)
 
 

@@ -335,6 +335,11 @@ def transformer_config_from_shapes(src: TensorSource) -> tuple[TransformerConfig
     if missing:
         raise ValueError(f"cannot infer the transformer config: tensors {missing} are missing")
     dim, in_dim, *patch = src.shape("patch_embedding.weight")  # [D, C_in, pf, ph, pw]
+    if dim % RELEASE_HEAD_DIM:
+        raise ValueError(
+            f"width {dim} is not a multiple of {RELEASE_HEAD_DIM}: the head count (not stored in "
+            "the file) cannot be inferred as dim / 128"
+        )
     out_dim = src.shape("head.head.weight")[0] // math.prod(patch)
     model_type = "i2v" if in_dim != out_dim else ("ti2v" if out_dim == 48 else "t2v")
     cfg = TransformerConfig(

@@ -218,9 +218,82 @@ def write_vidmoe_layout(
 
 
 def write_comfyui_file(
-    tensors: Mapping[str, torch.Tensor], path: str | Path, *, prefix: str = "model.diffusion_model."
+    tensors: Mapping[str, torch.Tensor],
+    path: str | Path,
+    *,
+    prefix: str = "model.diffusion_model.",
+    quantize: str | None = None,
 ) -> Path:
-    """Write one expert as a ComfyUI single file (release names behind `prefix`)."""
+    """Write one expert as a ComfyUI single file (release names behind `prefix`); with
+    `quantize="fp8"`, as ComfyUI's `fp8_scaled` files (see `FP8ScaledView`)."""
     if prefix and prefix not in keymaps.COMFYUI_PREFIXES:
         raise ValueError(f"prefix must be one of {keymaps.COMFYUI_PREFIXES} or ''; got {prefix!r}")
-    return save_safetensors_atomic({prefix + n: t for n, t in _source(tensors).items()}, path)
+    from vidmoe.io.tensors import SCALED_FP8_MARKER
+
+    source = fp8_scaled(tensors, quantize)
+    # ComfyUI's marker stands unprefixed at the top of the file
+    names = {n: n if n == SCALED_FP8_MARKER else prefix + n for n in source}
+    return save_safetensors_atomic({names[n]: t for n, t in source.items()}, path)
+
+
+class FP8ScaledView(TensorSource):
+    """Release-named expert tensors as ComfyUI `fp8_scaled` stores them: each block linear weight
+    (`vidmoe.models.fp8.BLOCK_LINEARS`) in float8_e4m3fn with `X.scale_weight` (one float32 per
+    output channel) beside it, the `scaled_fp8` marker, every other tensor as it was."""
+
+    def __init__(self, source: TensorSource) -> None:
+        import re
+
+        from vidmoe.io.tensors import SCALED_FP8_MARKER
+        from vidmoe.models.fp8 import BLOCK_LINEARS
+
+        self.source = source
+        pattern = re.compile(r"blocks\.\d+\.(" + "|".join(map(re.escape, BLOCK_LINEARS)) + r")\.weight")
+        self._fp8 = {n for n in source if pattern.fullmatch(n) and len(source.shape(n)) == 2}
+        self._names = [SCALED_FP8_MARKER]
+        for n in source:
+            self._names.append(n)
+            if n in self._fp8:
+                self._names.append(n[: -len(".weight")] + ".scale_weight")
+        self._cache: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def _quantized(self, weight: str) -> tuple[torch.Tensor, torch.Tensor]:
+        from vidmoe.models.fp8 import quantize_weight
+
+        if self._cache is None or self._cache[0] != weight:
+            self._cache = (weight, quantize_weight(self.source[weight]))
+        return self._cache[1]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name == self._names[0]:
+            return torch.zeros(0, dtype=torch.float8_e4m3fn)
+        if name.endswith(".scale_weight"):
+            return self._quantized(name[: -len(".scale_weight")] + ".weight")[1]
+        if name in self._fp8:
+            return self._quantized(name)[0]
+        return self.source[name]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name == self._names[0]:
+            return (0,)
+        if name.endswith(".scale_weight"):
+            return self.source.shape(name[: -len(".scale_weight")] + ".weight")[:1]
+        return self.source.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        if name == self._names[0] or name in self._fp8:
+            return torch.float8_e4m3fn
+        return torch.float32 if name.endswith(".scale_weight") else self.source.dtype(name)
+
+
+def fp8_scaled(tensors: Mapping[str, torch.Tensor], quantize: str | None) -> TensorSource:
+    """`tensors` as they are (quantize None) or as an `FP8ScaledView` (quantize 'fp8')."""
+    if quantize not in (None, "fp8"):
+        raise ValueError(f"quantize must be None or 'fp8'; got {quantize!r}")
+    return FP8ScaledView(_source(tensors)) if quantize else _source(tensors)

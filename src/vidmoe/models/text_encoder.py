@@ -98,6 +98,38 @@ def release_umt5_to_hf(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Prefixes before the HF names in ComfyUI files and in checkpoints that bundle the encoder.
+COMFYUI_UMT5_PREFIXES = ("text_encoders.umt5xxl.transformer.", "umt5xxl.transformer.", "transformer.")
+# Not weights: ComfyUI may carry the sentencepiece model as a uint8 tensor.
+COMFYUI_UMT5_EXTRAS = ("spiece_model",)
+
+
+def umt5_hf_names(names: list[str]) -> dict[str, str]:
+    """HF UMT5 name -> the file's name, for a release T5 state dict (`token_embedding.weight`,
+    `blocks.{i}.attn.q.weight`, ...) or an HF / ComfyUI one (`shared.weight`,
+    `encoder.block.{i}.layer.0.SelfAttention.q.weight`, ... as ComfyUI's `umt5_xxl_fp16` and
+    `umt5_xxl_fp8_e4m3fn_scaled` ship them, maybe behind a `COMFYUI_UMT5_PREFIXES` prefix).
+
+    Raises:
+        ValueError: listing names that are neither (or missing ones, for a release file).
+    """
+    names = [n for n in names if n not in COMFYUI_UMT5_EXTRAS]
+    if "token_embedding.weight" in names:
+        return release_umt5_to_hf({n: n for n in names})
+    out, unknown = {}, []
+    for name in names:
+        hf = next((name[len(p) :] for p in COMFYUI_UMT5_PREFIXES if name.startswith(p)), name)
+        ok = hf in _TIED or hf == "encoder.final_layer_norm.weight"
+        m = re.fullmatch(r"encoder\.block\.\d+\.(.+)", hf)
+        if ok or (m and m.group(1) in _BLOCK_NAMES.values()):
+            out[hf] = name
+        else:
+            unknown.append(name)
+    if unknown:
+        raise _names_error("unknown", unknown)
+    return out
+
+
 def umt5_config(
     *,
     vocab: int,
