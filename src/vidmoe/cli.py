@@ -528,13 +528,11 @@ def cache(
     """Build a latent + text-embedding cache (what `vidmoe train` reads) from videos or the shapes world."""
     from vidmoe.training.cache import CacheSource, build_cache
 
-    try:
+    with _user_errors():
         source = CacheSource(videos=videos, start=start, clips=clips, captions=captions, vocabulary=vocabulary,
                              num_frames=frames, width=width, height=height)  # fmt: skip
         index = build_cache(out, source, model=model, vae=vae, device=device, batch_size=batch_size,
                             progress=not quiet)  # fmt: skip
-    except (ValueError, FileNotFoundError) as e:
-        _fail(e)
     typer.echo(f"latent cache in {index.parent}")
 
 
@@ -548,10 +546,8 @@ def export(
     """Write training runs' EMA experts, a VAE and a model config as a model folder."""
     from vidmoe.training.export import export_runs
 
-    try:
+    with _user_errors():
         export_runs(out, runs, config=config, vae=vae)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(e)
     typer.echo(f"model in {out}")
 
 

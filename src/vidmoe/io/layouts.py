@@ -131,13 +131,15 @@ def _weights_in(folder: Path) -> Path:
     )
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path, what: str = "") -> dict:
+    """A JSON file's contents; a missing or invalid file is a ValueError naming it (as `what`)."""
+    label = f"{what} {path}" if what else str(path)
     if not path.is_file():
-        raise ValueError(f"{path} is missing")
+        raise ValueError(f"{label} is missing")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise ValueError(f"{label} is not valid JSON: {e}") from None
 
 
 def _official(root: Path) -> Layout:
@@ -152,7 +154,7 @@ def _official(root: Path) -> Layout:
     for name, folder in folders.items():
         if not folder.is_dir():
             raise ValueError(f"official checkpoint {root} lacks {folder.name}/")
-        configs[name] = keymaps.transformer_config_from_release(_read_json(folder / "config.json"))
+        configs[name] = keymaps.transformer_config_from_release(read_json(folder / "config.json"))
     transformer = _same_config(configs, root)
     vae_files = [root / f for f in RELEASE_VAE_FILES if (root / f).is_file()]
     if not vae_files:
@@ -185,7 +187,7 @@ def _same_config(configs: dict[str, TransformerConfig], root: Path) -> Transform
 
 
 def _diffusers(root: Path) -> Layout:
-    index = _read_json(root / "model_index.json")
+    index = read_json(root / "model_index.json")
 
     def present(component: str) -> bool:
         entry = index.get(component)
@@ -205,13 +207,13 @@ def _diffusers(root: Path) -> Layout:
     model_type = "ti2v" if index.get("expand_timesteps") else None
     configs = {
         n: keymaps.transformer_config_from_diffusers(
-            _read_json(f / "config.json"), model_type=model_type
+            read_json(f / "config.json"), model_type=model_type
         )
         for n, f in folders.items()
     }
-    vae = keymaps.vae_config_from_diffusers(_read_json(root / "vae" / "config.json"))
+    vae = keymaps.vae_config_from_diffusers(read_json(root / "vae" / "config.json"))
     scheduler = root / "scheduler" / "scheduler_config.json"
-    shift = _read_json(scheduler).get("flow_shift") if scheduler.is_file() else None
+    shift = read_json(scheduler).get("flow_shift") if scheduler.is_file() else None
     config, notes = implied_config(
         root.name,
         _same_config(configs, root),

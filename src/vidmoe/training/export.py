@@ -14,14 +14,10 @@ import torch
 def read_model_template(path: str | Path) -> dict:
     """The dict of a model config file (a vidmoe.json; its "vae" table may be left out) or of a
     model folder's vidmoe.json."""
+    from vidmoe.io.layouts import read_json
+
     path = Path(path)
-    file = path / "vidmoe.json" if path.is_dir() else path
-    if not file.is_file():
-        raise ValueError(f"model config {file} does not exist (a vidmoe.json or its folder)")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"model config {file} is not valid JSON: {e}") from None
+    return read_json(path / "vidmoe.json" if path.is_dir() else path, "model config")
 
 
 def export_runs(
