@@ -13,6 +13,7 @@ import torch
 
 from vidmoe.config import PRESETS, ModelConfig, get_preset
 from vidmoe.devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401 (re-exported)
+from vidmoe.models.attention import resolve_backend
 from vidmoe.models.moe import Experts, ParamCounts, Placement, count_params
 from vidmoe.sampling.pipeline import Pipeline
 
@@ -69,16 +70,21 @@ def build_random_pipeline(config: ModelConfig | str, *, seed: int = 0, device="c
 
 
 def load_pipeline(model: str | Path | None = None, *, device: str = "auto", dtype: str | torch.dtype = "auto",
-                  residency: str = "resident", strict: bool = True) -> Pipeline:  # fmt: skip
+                  residency: str = "resident", strict: bool = True, attention: str = "auto",
+                  compile: bool = False) -> Pipeline:  # fmt: skip
     """Load a pipeline from a checkpoint (any supported layout), a preset name, or the demo model.
 
     A preset name builds that architecture with random weights (useful for tests and timing).
+    `attention` picks the attention backend of every expert ('auto', 'sdpa', 'flash', 'sage':
+    models/attention.py); `compile` compiles each transformer block (regional torch.compile).
     """
     model = _default_model(model)
     dev = resolve_device(device)
     placement = Placement(device=dev, dtype=resolve_dtype(dtype, dev), residency=residency)
+    resolve_backend(attention, device=dev, dtype=placement.dtype)  # refuse before reading weights
     if isinstance(model, str) and model in PRESETS:
-        return build_random_pipeline(model, device=dev, dtype=placement.dtype)
+        pipe = build_random_pipeline(model, device=dev, dtype=placement.dtype)
+        return speed_up(pipe, attention=attention, compile=compile)
     from vidmoe.io.checkpoints import load_components
 
     # swap keeps idle experts in host RAM: load them there, the policy moves one at a time
@@ -89,6 +95,19 @@ def load_pipeline(model: str | Path | None = None, *, device: str = "auto", dtyp
     experts = Experts(c.experts, c.config.moe, placement=placement)
     pipe = Pipeline(c.config, experts, c.vae, c.text_encoder)
     pipe.source = {"path": str(model), "layout": c.layout}
+    return speed_up(pipe, attention=attention, compile=compile)
+
+
+def speed_up(pipe: Pipeline, *, attention: str = "auto", compile: bool = False) -> Pipeline:
+    """Set every expert's attention backend (recorded in `pipe.source` when not sdpa) and, with
+    `compile`, compile its blocks; once, at load."""
+    chosen = {n: e.set_attention(attention, device=pipe.experts.device) for n, e in pipe.experts.items()}
+    if set(chosen.values()) != {"sdpa"}:
+        pipe.source["attention"] = chosen
+    if compile:
+        for expert in pipe.experts.values():
+            expert.compile_blocks()
+        pipe.source["compile"] = "blocks"
     return pipe
 
 
