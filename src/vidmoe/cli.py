@@ -40,6 +40,9 @@ TIMESTEPS_HELP = (
 BAND_HELP = "Transition band half-width (sigma) around each boundary; 0 switches hard."
 RECIPE_HELP = "Few-step recipe, e.g. lightning-4step."
 DEVICE_HELP = "cpu, cuda, cuda:N or auto."
+ATTENTION_HELP = (
+    "auto (flash-attn on CUDA in bf16/fp16 when installed, else sdpa), sdpa, flash or sage."
+)
 
 
 def _settings(
@@ -128,12 +131,15 @@ def _load(
     lora_strict: str,
     fuse_lora: bool,
     quiet: bool,
+    attention: str = "auto",
+    compile: bool = False,
 ):
     """The pipeline with its LoRAs; a model that cannot be built is a user error."""
     from vidmoe.loading import load_pipeline
 
     try:
-        pipe = load_pipeline(model, device=device, dtype=dtype, residency=residency)
+        pipe = load_pipeline(model, device=device, dtype=dtype, residency=residency,
+                             attention=attention, compile=compile)  # fmt: skip
     except (RuntimeError, MemoryError) as e:  # e.g. a config whose sizes cannot be allocated
         raise ValueError(f"cannot build the model {model or '(demo)'}: {e}") from e
     for expert, path, strength in loras:
@@ -223,6 +229,11 @@ def generate(
         False, "--fuse-lora", help="Merge the LoRAs into the weights before sampling."
     ),
     recipe: str | None = typer.Option(None, "--recipe", help=RECIPE_HELP),
+    # speed: attention backend and regional compile (models/attention.py)
+    attention: str = typer.Option("auto", "--attention", help=ATTENTION_HELP),
+    compile: bool = typer.Option(
+        False, "--compile", help="torch.compile each transformer block (first step is slower)."
+    ),
 ):
     """Generate a video; writes OUTPUT (mp4) and OUTPUT.json (settings, plan, trace) together."""
     from vidmoe.io.video import check_video_path
@@ -264,6 +275,8 @@ def generate(
             lora_strict=lora_strict,
             fuse_lora=fuse_lora,
             quiet=quiet,
+            attention=attention,
+            compile=compile,
         )
         result = _run(pipe, s, quiet=quiet)
         _publish(result, pipe, output, recipe=recipe)
@@ -338,6 +351,9 @@ def serve(
     max_steps: int | None = typer.Option(None, "--max-steps", help="Most denoising steps per job (default: the model's limit)."),
     max_frames: int | None = typer.Option(None, "--max-frames", help="Most frames per job (default: the model's limit)."),
     max_pixels: int | None = typer.Option(None, "--max-pixels", help="Most pixels (width x height) per frame (default: the model's limit)."),
+    # speed: attention backend and regional compile (models/attention.py)
+    attention: str = typer.Option("auto", "--attention", help=ATTENTION_HELP),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile each transformer block."),
 ):
     """Serve the HTTP job API (/v1) and the web UI (/) with a persistent job queue."""
     import ipaddress
@@ -379,6 +395,8 @@ def serve(
             max_steps=max_steps,
             max_num_frames=max_frames,
             max_pixels=max_pixels,
+            attention=attention,
+            compile=compile,
         )
         application = create_app(cfg)
     typer.echo(

@@ -187,3 +187,24 @@ def test_flash_equals_reference_with_its_native_window(window):
 def test_sage_approximates_reference():
     _compare_on_cuda("sage", None, 5e-2)  # int8 Q.K^T: approximate by design
     assert HALF == (torch.float16, torch.bfloat16)
+
+
+def test_cli_refuses_a_backend_it_cannot_run_before_writing(tmp_path):
+    from typer.testing import CliRunner
+
+    from vidmoe.cli import app
+
+    out = tmp_path / "a.mp4"
+    r = CliRunner().invoke(app, ["generate", "x", "-m", "tiny-t2v", "--device", "cpu", "-q",
+                                 "--attention", "sage", "-o", str(out)])  # fmt: skip
+    assert r.exit_code == 2 and "attention backend 'sage' cannot run here" in r.output
+    assert not out.exists()
+
+
+def test_serve_config_refuses_an_unknown_backend():
+    pytest.importorskip("fastapi", reason="the server needs the serve extra")
+    from vidmoe.serve.state import ServeConfig
+
+    assert ServeConfig(attention="sdpa", compile=True).compile
+    with pytest.raises(ValueError, match="attention must be one of auto, sdpa, flash, sage"):
+        ServeConfig(attention="xformers")
