@@ -8,11 +8,18 @@ reports achieved TFLOP/s, the fraction of a same-process GEMM rate, and peak mem
 
     python benchmarks/bench_transformer.py --device cuda --dtype bfloat16 --dim 1536 --layers 30 \
         --ffn-dim 8960 --heads 12 --frames 21 --size 60 --width 104 --repeats 5
+
+`--compile` also times the same expert with its blocks compiled (regional torch.compile, as
+`vidmoe generate --compile`), after the eager runs, in the same process; `--demo` takes the shipped
+demo's expert and latent shape (no diffusers comparison: diffusers has no pooled-text input):
+
+    python benchmarks/bench_transformer.py --demo --compile --dtype bfloat16 --repeats 20
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import platform
 import statistics
@@ -97,6 +104,20 @@ def cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> tor
     return model
 
 
+def demo_shape(args) -> TransformerConfig:
+    """The shipped demo's expert config; sets args' latent shape to the demo's default clip."""
+    from vidmoe.loading import model_config_for
+
+    config = model_config_for(None)
+    cfg = config.transformer_for(config.moe.expert_names[0])
+    (w, h), vae = config.default_size, config.vae
+    args.frames = (config.default_num_frames - 1) // vae.temporal_stride + 1
+    args.size, args.width = h // vae.spatial_stride, w // vae.spatial_stride
+    args.dim, args.layers, args.ffn_dim, args.heads = cfg.dim, cfg.num_layers, cfg.ffn_dim, cfg.num_heads
+    args.text_len = cfg.text_len
+    return cfg
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dim", type=int, default=512)
@@ -113,6 +134,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write", default=None, help="append the table to this markdown file")
+    ap.add_argument("--compile", action="store_true", help="also time the blocks compiled")
+    ap.add_argument("--attention", default="auto", help="vidmoe's attention backend")
+    ap.add_argument("--demo", action="store_true", help="the demo's expert and latent shape")
     args = ap.parse_args()
     defaults = {"width": args.size, "ffn_dim": 4 * args.dim, "heads": args.dim // 64,
                 "text_len": 512, "batch": 2, "device": "cpu"}  # fmt: skip
@@ -125,8 +149,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     try:
         from diffusers import WanTransformer3DModel
+        if args.demo:
+            WanTransformer3DModel = None
     except ImportError as e:
-        if not cuda:
+        if not cuda and not args.compile:
             sys.exit(f"diffusers is needed for the CPU comparison ({e}); pip install diffusers")
         print(f"NOTE: diffusers failed to import ({e}); timing vidmoe alone against the GEMM "
               "reference.", file=sys.stderr)  # fmt: skip
@@ -137,12 +163,15 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     cfg = TransformerConfig(dim=args.dim, ffn_dim=args.ffn_dim, num_heads=args.heads, num_layers=args.layers,
                             text_len=args.text_len, text_dim=4096)  # fmt: skip
+    if args.demo:
+        cfg = demo_shape(args)
     t_build = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(args.device):  # random init on the GPU: seconds, not minutes, at 1.3B
         ours = WanTransformer(cfg)
         torch.nn.init.normal_(ours.head.head.weight, std=0.02)  # the release init zeroes it
         ours = ours.to(dtype).eval()
+        backend = ours.set_attention(args.attention, device=args.device)
         theirs = None
         if WanTransformer3DModel is not None:
             theirs = WanTransformer3DModel(**transformer_config_to_diffusers(cfg))
@@ -186,24 +215,44 @@ def main() -> None:
             got = run_ours()
             err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
             del ref, got
-        t_ours, mem_ours = measure(run_ours, ours)
+        t_ours, mem_ours = measure(run_ours, ours) if cuda or not args.compile else (None, None)
         t_theirs, mem_theirs = measure(run_theirs, theirs) if theirs is not None else (None, None)
+        if args.compile:
+            compiled = copy.deepcopy(ours)
+            compiled.compile_blocks()
+            eager = run_ours()
+            sync()
+            t0 = time.perf_counter()
+            compiled_out = compiled(x, sigma, ctx)  # the compilation
+            sync()
+            t_compile = time.perf_counter() - t0
+            err_c = ((compiled_out.float() - eager.float()).norm() / eager.float().norm()).item()
+            del eager, compiled_out
+            # eager and compiled calls alternate, so both see the same load on a shared machine
+            pairs = [(_time(run_ours, 1, 0, sync)[0], _time(lambda: compiled(x, sigma, ctx), 1, 0, sync)[0])
+                     for _ in range(args.repeats)]  # fmt: skip
+            t_ours = [e for e, _ in pairs]
+            t_comp, ratio_c = [c for _, c in pairs], statistics.median(c / e for e, c in pairs)
     m_ours = statistics.median(t_ours)
     m_theirs = statistics.median(t_theirs) if t_theirs else None
     n = sum(p.numel() for p in ours.parameters())
 
     impls = [("vidmoe `WanTransformer`", m_ours, mem_ours)]
+    if args.compile:
+        impls.append(("vidmoe, blocks compiled", statistics.median(t_comp), None))
     if m_theirs is not None:
         impls.append(("diffusers `WanTransformer3DModel`", m_theirs, mem_theirs))
     rows = []
     for name, m, mem in impls:
         vs = f"{m / m_theirs:.2f}x" if m_theirs is not None else "n/a"
-        row = f"| {name} | {m:.3f} | {vs} |"
+        row = f"| {name} | {m:.4f} | {vs} |"
+        if args.compile:
+            row += f" {1.0 if m is m_ours else ratio_c if 'compiled' in name else m / m_ours:.2f}x |"
         if cuda:
             rate = flops / m / 1e12
-            row += f" {rate:.4g} | {rate / gemm:.1%} | {mem:.2f} |"
+            row += f" {rate:.4g} | {rate / gemm:.1%} | {'n/a' if mem is None else f'{mem:.2f}'} |"
         rows.append(row)
-    cols = ["implementation", "s / step", "vs diffusers"]
+    cols = ["implementation", "s / step", "vs diffusers"] + (["vs eager"] if args.compile else [])
     if cuda:
         cols += ["TFLOP/s", "MFU vs GEMM", "peak GiB"]
     table = "\n".join(["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols), *rows])
@@ -219,7 +268,13 @@ def main() -> None:
                 or args.heads != args.dim // 64 else "")
              + f", {n / 1e6:.1f}M parameters")  # fmt: skip
     agree = (f"Outputs agree to {err:.1e} relative." if err is not None
-             else "Not compared: diffusers did not import.")  # fmt: skip
+             else "Not compared with diffusers.")  # fmt: skip
+    if args.compile:
+        agree += (f" Compiled blocks agree with eager to {err_c:.1e} relative; the first compiled "
+                  f"call (the compilation) took {t_compile:.1f} s. Eager and compiled calls alternate "
+                  f"({args.repeats} pairs); vs eager is the median of the pairs' ratios.")  # fmt: skip
+    if backend != "sdpa":
+        agree += f" Attention backend: {backend}."
     rates = f"{flops / m_ours / 1e12:.3g} TFLOP/s vidmoe" + (
         f", {flops / m_theirs / 1e12:.3g} diffusers" if m_theirs is not None else ""
     )
@@ -243,9 +298,15 @@ def main() -> None:
                 f"CPU, {args.threads} threads, {platform.machine()}, torch {torch.__version__}. Median of "
                 f"{args.repeats}. {agree} Forward {flops / 1e12:.3g} TFLOP (analytic): {rates}.")  # fmt: skip
         title = "Expert transformer vs diffusers"
+    if args.compile:
+        title = (("Demo expert" if args.demo else "Expert transformer")
+                 + f": blocks compiled vs eager, {args.dtype}" + (" (GPU)" if cuda else ""))  # fmt: skip
+    flags = {"compile": False, "demo": False, "attention": "auto"}
     cmd = "python benchmarks/bench_transformer.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        (f"--{k}" if v is True else f"--{k.replace('_', '-')} {v}") for k, v in vars(args).items()
         if k != "write" and v is not None and not (k in defaults and v == defaults[k])
+        and not (k in flags and v == flags[k])
+        and not (args.demo and k in ("dim", "layers", "frames", "size", "width", "ffn_dim", "heads", "text_len"))
     )  # fmt: skip
     text = f"\n## {title}\n\n{head}\n\n{table}\n\n```\n{cmd}\n```\n"
     print(text)

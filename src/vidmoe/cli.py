@@ -59,6 +59,9 @@ def _component_files(expert: list[str] | None, vae: Path | None, text_encoder: P
             raise ValueError(f"--expert {name} is given twice ({experts[name]} and {path})")
         experts[name] = Path(path)
     return {"experts": experts, "vae": vae, "text_encoder": text_encoder}
+ATTENTION_HELP = (
+    "auto (flash-attn on CUDA in bf16/fp16 when installed, else sdpa), sdpa, flash or sage."
+)
 
 
 def _settings(
@@ -157,13 +160,16 @@ def _load(
     quiet: bool,
     quantize: str | None = None,
     files: dict | None = None,
+    attention: str = "auto",
+    compile: bool = False,
 ):
     """The pipeline with its LoRAs; a model that cannot be built is a user error."""
     from vidmoe.loading import load_pipeline
 
     try:
         pipe = load_pipeline(model, device=device, dtype=dtype, residency=residency,
-                             quantize=quantize, **(files or {}))
+                             quantize=quantize, attention=attention, compile=compile,
+                             **(files or {}))
     except (RuntimeError, MemoryError) as e:  # e.g. a config whose sizes cannot be allocated
         raise ValueError(f"cannot build the model {model or '(demo)'}: {e}") from e
     for expert, path, strength in loras:
@@ -271,6 +277,11 @@ def generate(
     expert: list[str] | None = typer.Option(None, "--expert", help=EXPERT_HELP),
     vae: Path | None = typer.Option(None, "--vae", help="VAE file: Wan2.1_VAE.pth, wan_2.1_vae.safetensors or a diffusers vae/ folder."),
     text_encoder: Path | None = typer.Option(None, "--text-encoder", help="umT5 file: the release .pth, umt5_xxl_fp16 / umt5_xxl_fp8_e4m3fn_scaled .safetensors (tokenizer beside it) or a diffusers text_encoder/ folder."),
+    # speed: attention backend and regional compile (models/attention.py)
+    attention: str = typer.Option("auto", "--attention", help=ATTENTION_HELP),
+    compile: bool = typer.Option(
+        False, "--compile", help="torch.compile each transformer block (first step is slower)."
+    ),
 ):
     """Generate a video; writes OUTPUT (mp4) and OUTPUT.json (settings, plan, trace) together."""
     from vidmoe.io.video import check_video_path
@@ -318,6 +329,8 @@ def generate(
             quiet=quiet,
             quantize=quantize,
             files=files,
+            attention=attention,
+            compile=compile,
         )
         result = _run(pipe, s, quiet=quiet)
         _publish(result, pipe, output, recipe=recipe)
@@ -392,6 +405,9 @@ def serve(
     max_steps: int | None = typer.Option(None, "--max-steps", help="Most denoising steps per job (default: the model's limit)."),
     max_frames: int | None = typer.Option(None, "--max-frames", help="Most frames per job (default: the model's limit)."),
     max_pixels: int | None = typer.Option(None, "--max-pixels", help="Most pixels (width x height) per frame (default: the model's limit)."),
+    # speed: attention backend and regional compile (models/attention.py)
+    attention: str = typer.Option("auto", "--attention", help=ATTENTION_HELP),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile each transformer block."),
 ):
     """Serve the HTTP job API (/v1) and the web UI (/) with a persistent job queue."""
     import ipaddress
@@ -433,6 +449,8 @@ def serve(
             max_steps=max_steps,
             max_num_frames=max_frames,
             max_pixels=max_pixels,
+            attention=attention,
+            compile=compile,
         )
         application = create_app(cfg)
     typer.echo(

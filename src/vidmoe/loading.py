@@ -13,6 +13,7 @@ import torch
 
 from vidmoe.config import PRESETS, ModelConfig, get_preset
 from vidmoe.devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401 (re-exported)
+from vidmoe.models.attention import resolve_backend
 from vidmoe.models.moe import Experts, ParamCounts, Placement, count_params
 from vidmoe.sampling.pipeline import Pipeline
 
@@ -71,8 +72,8 @@ def build_random_pipeline(config: ModelConfig | str, *, seed: int = 0, device="c
 def load_pipeline(model: str | Path | None = None, *, device: str = "auto", dtype: str | torch.dtype = "auto",
                   residency: str = "resident", strict: bool = True,
                   quantize: str | None = None, experts: dict[str, str | Path] | None = None,
-                  vae: str | Path | None = None,
-                  text_encoder: str | Path | None = None) -> Pipeline:  # fmt: skip
+                  vae: str | Path | None = None, text_encoder: str | Path | None = None,
+                  attention: str = "auto", compile: bool = False) -> Pipeline:  # fmt: skip
     """Load a pipeline from a checkpoint (any supported layout), a preset name, or the demo model.
 
     A preset name builds that architecture with random weights (useful for tests and timing).
@@ -80,16 +81,20 @@ def load_pipeline(model: str | Path | None = None, *, device: str = "auto", dtyp
     output channel: `models.fp8`), from fp8 files as they are and from others as they load.
     `experts` ({name: file}), `vae` and `text_encoder` load those components from their own files
     (any layout, see docs/checkpoints.md) on top of `model`, or without one (`model=None`).
+    `attention` picks the attention backend of every expert ('auto', 'sdpa', 'flash', 'sage':
+    models/attention.py); `compile` compiles each transformer block (regional torch.compile).
     """
     if quantize not in (None, "fp8"):
         raise ValueError(f"quantize must be fp8 or None (the weights' own format); got {quantize!r}")
-    if experts or vae is not None or text_encoder is not None:
-        return load_pipeline_from_files(model, device=device, dtype=dtype, residency=residency,
-                                        strict=strict, experts=experts, vae=vae,
-                                        text_encoder=text_encoder, quantize=quantize)  # fmt: skip
-    model = _default_model(model)
     dev = resolve_device(device)
     placement = Placement(device=dev, dtype=resolve_dtype(dtype, dev), residency=residency)
+    resolve_backend(attention, device=dev, dtype=placement.dtype)  # refuse before reading weights
+    if experts or vae is not None or text_encoder is not None:
+        pipe = load_pipeline_from_files(model, device=device, dtype=dtype, residency=residency,
+                                        strict=strict, experts=experts, vae=vae,
+                                        text_encoder=text_encoder, quantize=quantize)  # fmt: skip
+        return speed_up(pipe, attention=attention, compile=compile)
+    model = _default_model(model)
     if isinstance(model, str) and model in PRESETS:
         pipe = build_random_pipeline(model, device=dev, dtype=placement.dtype)
         if quantize == "fp8":
@@ -97,7 +102,7 @@ def load_pipeline(model: str | Path | None = None, *, device: str = "auto", dtyp
 
             for expert in pipe.experts.values():
                 quantize_fp8_(expert)
-        return pipe
+        return speed_up(pipe, attention=attention, compile=compile)
     from vidmoe.io.checkpoints import load_components
 
     # swap keeps idle experts in host RAM: load them there, the policy moves one at a time
@@ -110,6 +115,19 @@ def load_pipeline(model: str | Path | None = None, *, device: str = "auto", dtyp
     pipe.source = {"path": str(model), "layout": c.layout}
     if quantize:
         pipe.source["quantize"] = quantize
+    return speed_up(pipe, attention=attention, compile=compile)
+
+
+def speed_up(pipe: Pipeline, *, attention: str = "auto", compile: bool = False) -> Pipeline:
+    """Set every expert's attention backend (recorded in `pipe.source` when not sdpa) and, with
+    `compile`, compile its blocks; once, at load."""
+    chosen = {n: e.set_attention(attention, device=pipe.experts.device) for n, e in pipe.experts.items()}
+    if set(chosen.values()) != {"sdpa"}:
+        pipe.source["attention"] = chosen
+    if compile:
+        for expert in pipe.experts.values():
+            expert.compile_blocks()
+        pipe.source["compile"] = "blocks"
     return pipe
 
 

@@ -1,5 +1,5 @@
-"""Building blocks of the expert transformer: norms, modulation, timestep embedding, 3D RoPE,
-attention dispatch.
+"""Building blocks of the expert transformer: norms, modulation, timestep embedding, 3D RoPE;
+attention and its backends live in models/attention.py (re-exported here).
 
 Shape legend: B batch, L video tokens, S text tokens, D width, N heads, Dh head width,
 F/H/W latent grid after patchify.
@@ -7,13 +7,14 @@ F/H/W latent grid after patchify.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from vidmoe.models.attention import attention, band_mask, window_mask  # noqa: F401 (re-exported)
 
 
 def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -150,70 +151,3 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, L, N, Dh/2)
     return torch.view_as_real(pairs * freqs[None, :, None, :]).flatten(3)  # (B, L, N, Dh)
-
-
-def band_mask(
-    queries: range, keys: range, window: tuple[int, int], device: torch.device | None = None
-) -> torch.Tensor:
-    """Boolean (len(queries), len(keys)) mask of a local window: True where key - query lies in
-    [-left, right]. `window` is (left, right) in tokens as in flash-attention; -1 is unbounded."""
-    left, right = window
-    q = torch.arange(queries.start, queries.stop, device=device)
-    k = torch.arange(keys.start, keys.stop, device=device)
-    offset = k[None, :] - q[:, None]  # (Lq, Lk) key - query
-    allowed = torch.ones_like(offset, dtype=torch.bool)
-    if left >= 0:
-        allowed &= offset >= -left
-    if right >= 0:
-        allowed &= offset <= right
-    return allowed
-
-
-def window_mask(
-    grid: tuple[int, int, int], window: tuple[int, int], device: torch.device | None = None
-) -> torch.Tensor | None:
-    """Boolean (L, L) mask of a local window over the flattened token sequence (None: global).
-
-    Dense, so O(L^2) memory: `attention(..., window=)` never builds it; tests compare against it.
-    """
-    if window[0] < 0 and window[1] < 0:
-        return None
-    n = math.prod(grid)
-    return band_mask(range(n), range(n), window, device)
-
-
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    window: tuple[int, int] | None = None,
-    *,
-    chunk: int = 2048,
-) -> torch.Tensor:
-    """Exact softmax attention (SDPA picks flash / memory-efficient kernels where it can).
-
-    Args:
-        q: (B, Lq, N, Dh); k, v: (B, Lk, N, Dh).
-        window: optional local window (left, right) in tokens (self-attention, Lq == Lk); -1 is
-            unbounded on that side. Computed in query chunks of `chunk` tokens against only the
-            keys their window reaches, so no (L, L) mask is ever built: memory grows with
-            chunk x (chunk + left + right), not L^2.
-    Returns:
-        (B, Lq, N, Dh) in v's dtype.
-    """
-    q, k, v = (rearrange(t.to(v.dtype), "b l n d -> b n l d") for t in (q, k, v))
-    if window is None or (window[0] < 0 and window[1] < 0):
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, N, Lq, Dh)
-        return rearrange(out, "b n l d -> b l n d")
-    left, right = window
-    n = q.shape[2]
-    outs = []
-    for start in range(0, n, chunk):
-        queries = range(start, min(start + chunk, n))
-        k0 = 0 if left < 0 else max(0, queries.start - left)
-        k1 = n if right < 0 else min(n, queries.stop - 1 + right + 1)
-        mask = band_mask(queries, range(k0, k1), window, q.device)  # (Lc, Kc)
-        outs.append(F.scaled_dot_product_attention(
-            q[:, :, queries.start:queries.stop], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=mask
-        ))  # (B, N, Lc, Dh)  # fmt: skip
-    return rearrange(torch.cat(outs, dim=2), "b n l d -> b l n d")

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vidmoe.config import TransformerConfig
+from vidmoe.models.attention import resolve_backend
 from vidmoe.models.layers import (
     LayerNorm,
     Modulation,
@@ -34,6 +35,9 @@ from vidmoe.models.layers import (
 class SelfAttention(nn.Module):
     """Multi-head self-attention with q/k RMSNorm and 3D rotary embeddings."""
 
+    attention_backend: str = "sdpa"
+    """A key of ATTENTION_BACKENDS (models/attention.py); set by `WanTransformer.set_attention`."""
+
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
@@ -47,7 +51,8 @@ class SelfAttention(nn.Module):
         q = rearrange(self.norm_q(self.q(x)), "b l (n d) -> b l n d", **heads)  # (B, L, N, Dh)
         k = rearrange(self.norm_k(self.k(x)), "b l (n d) -> b l n d", **heads)  # (B, L, N, Dh)
         v = rearrange(self.v(x), "b l (n d) -> b l n d", **heads)  # (B, L, N, Dh)
-        out = attention(apply_rope(q, rope), apply_rope(k, rope), v, window)  # (B, L, N, Dh)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)  # (B, L, N, Dh) fp32
+        out = attention(q, k, v, window, backend=self.attention_backend)  # (B, L, N, Dh)
         return self.o(rearrange(out, "b l n d -> b l (n d)"))  # (B, L, D)
 
 
@@ -62,7 +67,7 @@ class CrossAttention(SelfAttention):
         )  # (B, S, N, Dh)
         v = rearrange(self.v(context), "b s (n d) -> b s n d", **heads)  # (B, S, N, Dh)
         # parity: zero-padded text tokens are attended without a mask
-        out = attention(q, k, v)  # (B, L, N, Dh)
+        out = attention(q, k, v, backend=self.attention_backend)  # (B, L, N, Dh)
         return self.o(rearrange(out, "b l n d -> b l (n d)"))  # (B, L, D)
 
 
@@ -255,6 +260,28 @@ class WanTransformer(nn.Module):
         return rearrange(
             x, "b (f h w) (p q r c) -> b c (f p) (h q) (w r)", f=f, h=h, w=w, p=p, q=q, r=r
         )  # (B, C_out, F, H, W)
+
+    def set_attention(self, backend: str, *, device: torch.device | str) -> str:
+        """Run every attention of this expert with `backend` ('auto' picks; see
+        `resolve_backend`), checked against the expert's dtype, head width and window on
+        `device` (a ValueError says what the backend cannot honour). Returns the backend chosen.
+        """
+        v = self.blocks[0].self_attn.v if len(self.blocks) else None
+        dtype = getattr(v, "compute_dtype", None) or self.patch_embedding.weight.dtype  # fp8: its own
+        window = None if self.config.window_size == (-1, -1) else self.config.window_size
+        name = resolve_backend(backend, device=device, dtype=dtype, head_dim=self.config.head_dim,
+                               window=window)  # fmt: skip
+        for m in self.modules():
+            if isinstance(m, SelfAttention):  # CrossAttention too
+                m.attention_backend = name
+        return name
+
+    def compile_blocks(self) -> None:
+        """Regional torch.compile: each `Block` compiled in place (`nn.Module.compile`), the rest
+        eager. The blocks share one code object, so one compilation serves every block of every
+        expert of the same shape (a new shape, dtype or window compiles once more)."""
+        for block in self.blocks:
+            block.compile(dynamic=False)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -37,7 +37,8 @@ def create_app(cfg: ServeConfig, *, load=None) -> FastAPI:
     store = JobStore(outputs / DB_NAME, max_queue=cfg.max_queue, max_attempts=cfg.max_attempts)
     if load is None:
         load = functools.partial(load_pipeline, cfg.model, device=cfg.device, dtype=cfg.dtype,
-                                 residency=cfg.residency)  # fmt: skip
+                                 residency=cfg.residency, attention=cfg.attention,
+                                 compile=cfg.compile)  # fmt: skip
     videos = outputs / "videos"
     limits = Limits.for_model(config, read_files=False, **cfg.limit_overrides())
     state = ServeState(cfg=cfg, config=config, limits=limits, store=store,

@@ -37,6 +37,10 @@ class ServeConfig:
     device: str = "auto"
     dtype: str = "auto"
     residency: str = "resident"
+    attention: str = "auto"
+    """Attention backend of the experts: auto, sdpa, flash or sage (models/attention.py)."""
+    compile: bool = False
+    """torch.compile each transformer block at load."""
     max_upload_bytes: int = 10 * 1024 * 1024
     """Largest accepted request body (images included)."""
     event_interval: float = 0.2
@@ -63,6 +67,12 @@ class ServeConfig:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+        from vidmoe.models.attention import ATTENTION_BACKENDS
+
+        if self.attention != "auto" and self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention must be one of auto, {', '.join(ATTENTION_BACKENDS)}; got {self.attention!r}"
+            )
         for origin in self.allowed_origins:
             if not origin.startswith(("http://", "https://")) or origin.count("/") != 2:
                 raise ValueError(
