@@ -40,6 +40,9 @@ TIMESTEPS_HELP = (
 BAND_HELP = "Transition band half-width (sigma) around each boundary; 0 switches hard."
 RECIPE_HELP = "Few-step recipe, e.g. lightning-4step."
 DEVICE_HELP = "cpu, cuda, cuda:N or auto."
+RESIDENCY_HELP = "resident, swap, blocks or disk (where the idle experts wait)."
+QUANTIZE_HELP = "fp8: e4m3 block weights; auto: fp8 only where a --memory-budget needs it."
+BUDGET_HELP = "host=24GB,device=24GB: pick the fastest policy that fits, or refuse (exit 2)."
 
 
 def _settings(
@@ -105,9 +108,10 @@ def _user_errors() -> Iterator[None]:
         _fail(e)
 
 
-def _plan(settings, model: str | None, *, any_image: bool = False):
+def _plan(settings, model: str | None, *, any_image: bool = False, full: bool = False):
     """Validate `settings` against the model's config and plan the steps (no weights loaded);
-    `any_image` stands in an image for an i2v model when only the plan is wanted."""
+    `any_image` stands in an image for an i2v model when only the plan is wanted; `full` also
+    returns the resolved settings and the model config."""
     from vidmoe.loading import model_config_for
     from vidmoe.sampling.plan import plan_for
     from vidmoe.sampling.settings import resolve_settings
@@ -115,7 +119,8 @@ def _plan(settings, model: str | None, *, any_image: bool = False):
     config = model_config_for(model)
     if any_image and config.transformer.model_type == "i2v" and not settings.image:
         settings = type(settings)(**{**settings.__dict__, "image": "<image>"})
-    return plan_for(resolve_settings(settings, config), config)
+    rs = resolve_settings(settings, config)
+    return (plan_for(rs, config), rs, config) if full else plan_for(rs, config)
 
 
 def _load(
@@ -223,6 +228,8 @@ def generate(
         False, "--fuse-lora", help="Merge the LoRAs into the weights before sampling."
     ),
     recipe: str | None = typer.Option(None, "--recipe", help=RECIPE_HELP),
+    # -- the memory planner (vidmoe/planner.py) --
+    memory_budget: str | None = typer.Option(None, "--memory-budget", help=BUDGET_HELP),
 ):
     """Generate a video; writes OUTPUT (mp4) and OUTPUT.json (settings, plan, trace) together."""
     from vidmoe.io.video import check_video_path
@@ -252,9 +259,14 @@ def generate(
             recipe=recipe,
         )
         loras = [parse_lora_spec(item) for item in lora or []]
-        plan_ = _plan(s, model)
+        plan_, rs, config = _plan(s, model, full=True)
         if not quiet:
             typer.echo(plan_.summary())
+        if memory_budget is not None:  # the fastest residency that fits, before anything loads
+            residency = _memory(config, rs, device=device, dtype=dtype, residency=residency,
+                                quantize=None, budget=memory_budget, runnable=True).request.residency  # fmt: skip
+            if not quiet:
+                typer.echo(f"memory budget {memory_budget}: residency {residency}")
         pipe = _load(
             model,
             device=device,
@@ -293,8 +305,20 @@ def plan(
     sigmas: str | None = typer.Option(None, "--sigmas", help=SIGMAS_HELP),
     timesteps: str | None = typer.Option(None, "--timesteps", help=TIMESTEPS_HELP),
     recipe: str | None = typer.Option(None, "--recipe", help=RECIPE_HELP),
+    # -- the memory planner (vidmoe/planner.py) --
+    width: int | None = typer.Option(None, "--width", "-W"),
+    height: int | None = typer.Option(None, "--height", "-H"),
+    frames: int | None = typer.Option(None, "--frames", "-f", help="Frame count, 4k+1."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 or auto."),
+    residency: str = typer.Option("resident", "--residency", help=RESIDENCY_HELP),
+    quantize: str | None = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
+    memory_budget: str | None = typer.Option(None, "--memory-budget", help=BUDGET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan and its memory as JSON."),
 ):
-    """Print the per-step plan: boundary, steps per expert, guidance per step."""
+    """Print the per-step plan (boundary, steps per expert, guidance) and the predicted memory."""
+    import json
+
     with _user_errors():
         s = _settings(
             steps=steps,
@@ -304,8 +328,43 @@ def plan(
             band=band,
             sigmas=parse_schedule(sigmas=sigmas, timesteps=timesteps),
             recipe=recipe,
+            width=width,
+            height=height,
+            frames=frames,
         )
-        typer.echo(_plan(s, model, any_image=True).summary())
+        plan_, rs, config = _plan(s, model, any_image=True, full=True)
+        memory = _memory(config, rs, device=device, dtype=dtype, residency=residency,
+                         quantize=quantize, budget=memory_budget)  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps({"plan": plan_.to_dict(), "settings": rs.to_dict(),
+                               "memory": memory.to_dict()}, indent=2))  # fmt: skip
+    else:
+        typer.echo(plan_.summary())
+        typer.echo(memory.summary())
+
+
+def _memory(config, rs, *, device: str, dtype: str, residency: str, quantize: str | None,
+            budget: str | None, runnable: bool = False):  # fmt: skip
+    """The predicted MemoryPlan of a run; with a budget, of the fastest policy that fits it
+    (`runnable`: only among the policies this build runs)."""
+    from vidmoe.devices import resolve_device, resolve_dtype
+    from vidmoe.models.moe import RESIDENCY
+    from vidmoe.planner import POLICIES, MemoryRequest, choose_policy, parse_budget, predict
+
+    if quantize not in (None, "fp8", "auto"):
+        raise ValueError(f"--quantize must be fp8 or auto; got {quantize!r}")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    request = MemoryRequest(
+        width=rs.width, height=rs.height, num_frames=rs.num_frames,
+        dtype=str(torch_dtype).removeprefix("torch."), residency=residency,
+        quantize="fp8" if quantize == "fp8" else None, device=dev.type,
+    )  # fmt: skip
+    if budget is None:
+        return predict(config, request)
+    policies = tuple(p for p in POLICIES if p in RESIDENCY) if runnable else POLICIES
+    return choose_policy(config, request, parse_budget(budget), allow_fp8=quantize == "auto",
+                         policies=policies)  # fmt: skip
 
 
 @app.command()
