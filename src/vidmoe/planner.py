@@ -10,6 +10,7 @@ Shape legend: B batch (cond + uncond = 2), L video tokens, D width, F ffn width.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -140,6 +141,7 @@ def parse_budget(text: str) -> MemoryBudget:
     return MemoryBudget(host_bytes=values.get("host"), device_bytes=values.get("device"))
 
 
+@functools.lru_cache(maxsize=8)
 def expert_bytes(config: ModelConfig, dtype: str, quantize: str | None) -> dict[str, dict[str, int]]:
     """Per expert: bytes of all its weights ('total') and of its largest block ('block'), as
     stored (fp8 weights one byte each, their float32 scales included); built on meta."""
@@ -160,6 +162,7 @@ def expert_bytes(config: ModelConfig, dtype: str, quantize: str | None) -> dict[
     return out
 
 
+@functools.lru_cache(maxsize=8)
 def vae_bytes(config: ModelConfig) -> int:
     """The VAE's float32 weights (it always runs in float32)."""
     import torch
