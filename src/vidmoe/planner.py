@@ -14,6 +14,7 @@ import functools
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from vidmoe.config import ModelConfig
 
@@ -37,8 +38,8 @@ RESIDUAL_FACTOR = 2
 ATTENTION_FACTOR = 6
 # VAE decode: bytes per output pixel per unit of the VAE's base width (one chunk of 4 frames,
 # every decoder level), plus a fixed part; fitted on the demo and tiny VAEs (docs/planner.md).
-VAE_DECODE_PER_PIXEL_DIM = 260
-VAE_DECODE_FIXED = 160 * MiB
+VAE_DECODE_PER_PIXEL_DIM = 450
+VAE_DECODE_FIXED = 48 * MiB
 UMT5_XXL = dict(vocab=256384, dim=4096, dim_attn=4096, dim_ffn=10240, num_heads=64, num_layers=24,
                 num_buckets=32)  # fmt: skip
 MINILM_PARAMS = 22_713_216  # all-MiniLM-L6-v2
@@ -311,3 +312,39 @@ def machine_budget(device: str = "cpu") -> MemoryBudget:
 
         device_bytes = torch.cuda.mem_get_info(torch.device(device))[0] if torch.cuda.is_available() else None
     return MemoryBudget(host_bytes=host, device_bytes=device_bytes)
+
+
+_MEASURE = """
+import json, sys
+import torch
+from vidmoe.loading import load_pipeline
+torch.set_num_threads(1)
+model, width, height, frames, dtype, residency = json.loads(sys.argv[1])
+pipe = load_pipeline(model, device="cpu", dtype=dtype, residency=residency)
+pipe.generate("a red circle moving left", width=width, height=height, num_frames=frames, num_steps=2)
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(json.dumps(int(status["VmHWM"].split()[0]) * 1024))
+"""
+
+
+def measure_peak_rss(model: str | None, request: MemoryRequest, *, timeout: float = 600) -> int:
+    """Peak RSS (VmHWM, bytes) of a fresh process that loads `model` on the CPU under the
+    request's dtype and residency and generates one clip of its size (2 steps). Linux only."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import vidmoe
+
+    if request.device != "cpu":
+        raise ValueError(f"measure_peak_rss measures CPU runs; got device {request.device!r}")
+    dtype = {2: "bfloat16", 4: "float32"}[DTYPE_BYTES[request.dtype]]
+    args = [model, request.width, request.height, request.num_frames, dtype, request.residency]
+    src = str(Path(vidmoe.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(args)], capture_output=True,
+                         text=True, timeout=timeout, env=env, check=False)  # fmt: skip
+    if out.returncode:
+        raise RuntimeError(f"the measured run failed: {out.stderr.strip().splitlines()[-1:]}")
+    return int(out.stdout.strip().splitlines()[-1])
