@@ -38,7 +38,7 @@ RESIDUAL_FACTOR = 2
 ATTENTION_FACTOR = 6
 # VAE decode: bytes per output pixel per unit of the VAE's base width (one chunk of 4 frames,
 # every decoder level), plus a fixed part; fitted on the demo and tiny VAEs (docs/planner.md).
-VAE_DECODE_PER_PIXEL_DIM = 450
+VAE_DECODE_PER_PIXEL_DIM = 380
 VAE_DECODE_FIXED = 48 * MiB
 UMT5_XXL = dict(vocab=256384, dim=4096, dim_attn=4096, dim_ffn=10240, num_heads=64, num_layers=24,
                 num_buckets=32)  # fmt: skip
