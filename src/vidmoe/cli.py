@@ -364,7 +364,7 @@ def _memory(config, rs, *, device: str, dtype: str, residency: str, quantize: st
         return predict(config, request)
     policies = tuple(p for p in POLICIES if p in RESIDENCY) if runnable else POLICIES
     return choose_policy(config, request, parse_budget(budget), allow_fp8=quantize == "auto",
-                         policies=policies)  # fmt: skip
+                         policies=policies, fp8_hint="" if runnable else "--quantize auto")  # fmt: skip
 
 
 @app.command()

@@ -271,9 +271,11 @@ def _non_block(config: ModelConfig, name: str, e: dict[str, int]) -> int:
 
 
 def choose_policy(config: ModelConfig, request: MemoryRequest, budget: MemoryBudget, *,
-                  allow_fp8: bool = False, policies: tuple[str, ...] = POLICIES) -> MemoryPlan:
+                  allow_fp8: bool = False, policies: tuple[str, ...] = POLICIES,
+                  fp8_hint: str = "--quantize auto") -> MemoryPlan:
     """The fastest policy (in `policies` order; per policy the request's format first, then
-    fp8 when allowed) whose prediction fits `budget`; ValueError naming what would fit."""
+    fp8 when allowed) whose prediction fits `budget`; ValueError naming what would fit
+    (`fp8_hint`: how the user allows fp8, named in that error; empty: not offered)."""
     tried = []
     for residency in (p for p in POLICIES if p in policies):
         formats = [request.quantize] + (["fp8"] if allow_fp8 and request.quantize is None else [])
@@ -286,7 +288,7 @@ def choose_policy(config: ModelConfig, request: MemoryRequest, budget: MemoryBud
     best = min(tried, key=lambda p: (max(p.host_peak_bytes - (budget.host_bytes or math.inf), 0),
                                      p.device_peak_bytes))  # fmt: skip
     r = best.request
-    hint = "" if allow_fp8 or request.quantize else ", or allow fp8 with --quantize auto"
+    hint = "" if allow_fp8 or request.quantize or not fp8_hint else f", or allow fp8 with {fp8_hint}"
     raise ValueError(
         f"no policy fits the memory budget {budget.describe()} for {config.name} at "
         f"{request.width}x{request.height}x{request.num_frames}: the smallest, {r.residency}"
