@@ -62,6 +62,9 @@ def _component_files(expert: list[str] | None, vae: Path | None, text_encoder: P
 ATTENTION_HELP = (
     "auto (flash-attn on CUDA in bf16/fp16 when installed, else sdpa), sdpa, flash or sage."
 )
+RESIDENCY_HELP = "resident, swap, blocks or disk (where the idle experts wait)."
+QUANTIZE_HELP = "fp8: e4m3 block weights; auto: fp8 only where a --memory-budget needs it."
+BUDGET_HELP = "host=24GB,device=24GB: pick the fastest policy that fits, or refuse (exit 2)."
 
 
 def _settings(
@@ -129,10 +132,12 @@ def _user_errors() -> Iterator[None]:
         _fail(e)
 
 
-def _plan(settings, model: str | None, *, any_image: bool = False, files: dict | None = None):
+def _plan(settings, model: str | None, *, any_image: bool = False, files: dict | None = None,
+          full: bool = False):
     """Validate `settings` against the model's config and plan the steps (no weights loaded);
     `any_image` stands in an image for an i2v model when only the plan is wanted; `files` are
-    components from separate files (`_component_files`)."""
+    components from separate files (`_component_files`); `full` also returns the resolved
+    settings and the model config."""
     from vidmoe.loading import model_config_for, model_config_for_files
     from vidmoe.sampling.plan import plan_for
     from vidmoe.sampling.settings import resolve_settings
@@ -145,7 +150,8 @@ def _plan(settings, model: str | None, *, any_image: bool = False, files: dict |
     if any_image and config.transformer.model_type == "i2v" and not settings.image:
         settings = type(settings)(**{**settings.__dict__, "image": "<image>"})
         image_size = config.default_size  # an image of the default size keeps that size
-    return plan_for(resolve_settings(settings, config, image_size=image_size), config)
+    rs = resolve_settings(settings, config, image_size=image_size)
+    return (plan_for(rs, config), rs, config) if full else plan_for(rs, config)
 
 
 def _load(
@@ -266,9 +272,7 @@ def generate(
         "change, e.g. 0.1) for every expert, or per expert: high_noise=0.05,low_noise=0.1. Off "
         "by default.",
     ),
-    quantize: str | None = typer.Option(
-        None, "--quantize", help="fp8: the experts' block linear layers in fp8 (e4m3 + scales)."
-    ),
+    quantize: str | None = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
     area: str | None = typer.Option(
         None, "--area", help="i2v: frame area W*H (e.g. 832*480); the size follows the image's "
         "aspect ratio as in the release. Default: the model's width x height. Not with -W/-H."
@@ -282,6 +286,8 @@ def generate(
     compile: bool = typer.Option(
         False, "--compile", help="torch.compile each transformer block (first step is slower)."
     ),
+    # -- the memory planner (vidmoe/planner.py) --
+    memory_budget: str | None = typer.Option(None, "--memory-budget", help=BUDGET_HELP),
 ):
     """Generate a video; writes OUTPUT (mp4) and OUTPUT.json (settings, plan, trace) together."""
     from vidmoe.io.video import check_video_path
@@ -315,9 +321,18 @@ def generate(
             s = dataclasses.replace(s, area=parse_area(area))
         loras = [parse_lora_spec(item) for item in lora or []]
         files = _component_files(expert, vae, text_encoder)
-        plan_ = _plan(s, model, files=files)
+        plan_, rs, config = _plan(s, model, files=files, full=True)
         if not quiet:
             typer.echo(plan_.summary())
+        if memory_budget is not None:  # the fastest residency that fits, before anything loads
+            chosen = _memory(config, rs, device=device, dtype=dtype, residency=residency,
+                             quantize=quantize, budget=memory_budget, runnable=True).request  # fmt: skip
+            residency, quantize = chosen.residency, chosen.quantize
+            if not quiet:
+                typer.echo(f"memory budget {memory_budget}: residency {residency}, weights "
+                           f"{quantize or 'as stored'}")  # fmt: skip
+        elif quantize == "auto":
+            quantize = None  # auto quantises only where a memory budget needs it
         pipe = _load(
             model,
             device=device,
@@ -360,8 +375,20 @@ def plan(
     sigmas: str | None = typer.Option(None, "--sigmas", help=SIGMAS_HELP),
     timesteps: str | None = typer.Option(None, "--timesteps", help=TIMESTEPS_HELP),
     recipe: str | None = typer.Option(None, "--recipe", help=RECIPE_HELP),
+    # -- the memory planner (vidmoe/planner.py) --
+    width: int | None = typer.Option(None, "--width", "-W"),
+    height: int | None = typer.Option(None, "--height", "-H"),
+    frames: int | None = typer.Option(None, "--frames", "-f", help="Frame count, 4k+1."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 or auto."),
+    residency: str = typer.Option("resident", "--residency", help=RESIDENCY_HELP),
+    quantize: str | None = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
+    memory_budget: str | None = typer.Option(None, "--memory-budget", help=BUDGET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan and its memory as JSON."),
 ):
-    """Print the per-step plan: boundary, steps per expert, guidance per step."""
+    """Print the per-step plan (boundary, steps per expert, guidance) and the predicted memory."""
+    import json
+
     with _user_errors():
         s = _settings(
             steps=steps,
@@ -371,8 +398,43 @@ def plan(
             band=band,
             sigmas=parse_schedule(sigmas=sigmas, timesteps=timesteps),
             recipe=recipe,
+            width=width,
+            height=height,
+            frames=frames,
         )
-        typer.echo(_plan(s, model, any_image=True).summary())
+        plan_, rs, config = _plan(s, model, any_image=True, full=True)
+        memory = _memory(config, rs, device=device, dtype=dtype, residency=residency,
+                         quantize=quantize, budget=memory_budget)  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps({"plan": plan_.to_dict(), "settings": rs.to_dict(),
+                               "memory": memory.to_dict()}, indent=2))  # fmt: skip
+    else:
+        typer.echo(plan_.summary())
+        typer.echo(memory.summary())
+
+
+def _memory(config, rs, *, device: str, dtype: str, residency: str, quantize: str | None,
+            budget: str | None, runnable: bool = False):  # fmt: skip
+    """The predicted MemoryPlan of a run; with a budget, of the fastest policy that fits it
+    (`runnable`: only among the policies this build runs)."""
+    from vidmoe.devices import resolve_device, resolve_dtype
+    from vidmoe.models.moe import RESIDENCY
+    from vidmoe.planner import POLICIES, MemoryRequest, choose_policy, parse_budget, predict
+
+    if quantize not in (None, "fp8", "auto"):
+        raise ValueError(f"--quantize must be fp8 or auto; got {quantize!r}")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    request = MemoryRequest(
+        width=rs.width, height=rs.height, num_frames=rs.num_frames,
+        dtype=str(torch_dtype).removeprefix("torch."), residency=residency,
+        quantize="fp8" if quantize == "fp8" else None, device=dev.type,
+    )  # fmt: skip
+    if budget is None:
+        return predict(config, request)
+    policies = tuple(p for p in POLICIES if p in RESIDENCY) if runnable else POLICIES
+    return choose_policy(config, request, parse_budget(budget), allow_fp8=quantize == "auto",
+                         policies=policies, fp8_hint="--quantize auto")  # fmt: skip
 
 
 @app.command()

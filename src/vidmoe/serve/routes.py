@@ -19,6 +19,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from vidmoe.planner import gb, predict
 from vidmoe.sampling.plan import Plan, plan_for
 from vidmoe.sampling.settings import ResolvedSettings, resolve_settings
 from vidmoe.serve.guard import guard_api, guard_page
@@ -63,6 +64,11 @@ def check_request(s: ServeState, fields: dict, image_bytes: bytes | None) -> Che
     size = None if image is None else image.size
     resolved = resolve_settings(settings, s.config, s.limits, image_size=size)
     plan = plan_for(resolved, s.config)
+    memory = predict(s.config, s.memory_request(resolved.width, resolved.height, resolved.num_frames))
+    if not s.memory_budget.fits(memory):  # refuse what would kill the server, before queueing
+        raise ValueError(f"this job needs about host {gb(memory.host_peak_bytes)}, device "
+                         f"{gb(memory.device_peak_bytes)} (predicted); this server has "
+                         f"{s.memory_budget.describe()}: use a smaller size or fewer frames")  # fmt: skip
     return Checked(fields=fields, resolved=resolved, plan=plan, image=image)
 
 

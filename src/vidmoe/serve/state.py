@@ -11,6 +11,7 @@ from pathlib import Path
 from starlette.requests import Request
 
 from vidmoe.config import ModelConfig
+from vidmoe.planner import MemoryBudget, MemoryRequest, machine_budget
 from vidmoe.sampling.settings import Limits
 from vidmoe.serve.queue import JobStore
 from vidmoe.serve.worker import Worker
@@ -59,6 +60,9 @@ class ServeConfig:
     allowed_origins: tuple[str, ...] = ()
     """Origins (`scheme://host[:port]`) accepted on state-changing requests beside the
     server's own."""
+    memory_budget: MemoryBudget | None = None
+    """Memory a job may need at its predicted peak (vidmoe/planner.py); None: the machine's
+    available RAM (and free CUDA memory) when the server starts, before the model loads."""
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_attempts", *LIMITS):
@@ -99,6 +103,22 @@ class ServeState:
     uploads: Path
     model_info: dict = field(default_factory=dict)
     """`/v1/model`'s answer, filled on first use (counting parameters builds the model)."""
+    memory_budget: MemoryBudget | None = None
+    """What a job may need (see `ServeConfig.memory_budget`); filled when the state is built."""
+
+    def __post_init__(self) -> None:
+        if self.memory_budget is None:
+            budget = self.cfg.memory_budget or machine_budget(self.memory_request(1, 1, 1).device)
+            object.__setattr__(self, "memory_budget", budget)
+
+    def memory_request(self, width: int, height: int, num_frames: int) -> MemoryRequest:
+        """The planner's request for a job of this size on this server's device and dtype."""
+        from vidmoe.devices import resolve_device, resolve_dtype
+
+        device = resolve_device(self.cfg.device)
+        dtype = str(resolve_dtype(self.cfg.dtype, device)).removeprefix("torch.")
+        return MemoryRequest(width=width, height=height, num_frames=num_frames, dtype=dtype,
+                             residency=self.cfg.residency, device=device.type)  # fmt: skip
 
 
 def serve_state(request: Request) -> ServeState:
