@@ -50,4 +50,4 @@ vidmoe export runs/demo/model runs/demo/high_noise_cpu runs/demo/low_noise_cpu2 
 
 # 5. The result: generate with it, and score it on the 128 held-out prompts
 vidmoe generate "a red circle moving to the right" --model runs/demo/model -o outputs/recipe_red_circle.mp4
-vidmoe eval runs/demo/model --prompts 128 --seeds 4 -o runs/demo/eval
+vidmoe eval runs/demo/model --prompts 128 --seeds 0-3 -o runs/demo/eval

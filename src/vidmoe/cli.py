@@ -554,36 +554,70 @@ def train_vae_command(
 def eval_(
     model: str | None = typer.Argument(None, help=MODEL_HELP),
     num_prompts: int = typer.Option(
-        32, "--prompts", help="Held-out prompts (balanced over colour, shape, motion)."
+        32, "--prompts", help="Held-out prompts per set (balanced over colour, shape, motion)."
     ),
-    seeds: int = typer.Option(1, "--seeds", help="Seeds per prompt."),
+    seeds: str = typer.Option(
+        "0", "--seeds", help="Seeds, each prompt at each: a list and/or ranges, e.g. 2,3 or 0-3."
+    ),
     motions: str = typer.Option(
         "left,right,up,down", "--motions", help="Motions in the prompt set."
+    ),
+    prompt_set: str = typer.Option(
+        "phrasings",
+        "--prompt-set",
+        help="Held-out prompts: phrasings (templates and motion phrases no caption uses), words "
+        "(colour, shape and motion words no caption uses) or both.",
+    ),
+    expert: list[str] | None = typer.Option(
+        None,
+        "--expert",
+        help="NAME=FILE: that expert's weights from FILE, the others the model's (repeatable), "
+        "e.g. low_noise=runs/low/low_noise.safetensors.",
     ),
     ablation: list[str] | None = typer.Option(
         None, "--ablation", help="swap, boundary:0.5,0.9 or band:0.05 (repeatable)."
     ),
-    steps: int | None = typer.Option(None, "--steps", "-s"),
+    steps: str | None = typer.Option(
+        None, "--steps", "-s", help="Steps, or per expert: high_noise=2,low_noise=6."
+    ),
+    shift: float | None = typer.Option(None, "--shift"),
+    sampler: str | None = typer.Option(None, "--sampler", help="euler, unipc or dpm++."),
+    guidance: list[str] | None = typer.Option(
+        None, "--guidance", "-g", help="Per expert: high_noise=4.0,low_noise=3.0."
+    ),
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Report path (writes .md, .json and .png)."
     ),
 ):
-    """Prompt adherence (analyser read-back), flicker and speed, with inference-time ablations."""
-    from vidmoe.evaluation import dumps, markdown_table, run_eval
+    """Prompt adherence (analyser read-back) on held-out phrasings and words, the first frame's
+    change against later frames, flicker and speed, with inference-time ablations."""
+    from vidmoe.eval_report import dumps, markdown_details, markdown_table
+    from vidmoe.evaluation import parse_expert_files, parse_seeds, run_eval
 
     command = "vidmoe eval " + " ".join(sys.argv[2:])
     with _user_errors():
+        num_steps, steps_per_expert = parse_steps(steps)
+        settings = dict(
+            num_steps=num_steps,
+            shift=shift,
+            sampler=sampler,
+            guidance=parse_per_expert(guidance),
+            steps_per_expert=steps_per_expert,
+        )
         results = run_eval(
             model,
             num_prompts=num_prompts,
-            seeds=tuple(range(seeds)),
+            seeds=parse_seeds(seeds),
             ablations=ablation or [],
-            motions=tuple(motions.split(",")),
+            motions=tuple(m.strip() for m in motions.split(",")),
             out=out,
             command=command,
-            num_steps=steps,
+            prompts=prompt_set,
+            experts=parse_expert_files(expert or []),
+            **settings,
         )
     typer.echo(markdown_table(results))
+    typer.echo(markdown_details(results))
     if out is None:
         typer.echo(dumps(results))
 

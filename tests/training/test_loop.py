@@ -395,3 +395,24 @@ def test_a_cuda_run_resumes_on_the_cpu(cache_dir, tmp_path):
     assert again.step == 5 and all(
         v.is_cuda for s in again.ema.shadow.values() for v in s.values()
     )
+
+
+def test_trainer_holds_an_experts_of_the_trained_experts(cache_dir, tmp_path):
+    """A run of every expert holds them all in one `Experts`; a run of `experts = ["low_noise"]`
+    holds only that one (the router still knows both) and counts its parameters alone."""
+    from vidmoe.models.moe import Experts, count_params
+
+    both = Trainer(TrainConfig.from_dict(_config(cache_dir, tmp_path / "both")))
+    low = Trainer(TrainConfig.from_dict(_config(cache_dir, tmp_path / "low", experts=["low_noise"])))
+    assert isinstance(both.experts, Experts) and isinstance(low.experts, Experts)
+    assert list(both.experts) == ["high_noise", "low_noise"] and list(low.experts) == ["low_noise"]
+    assert "high_noise" not in low.experts and len(low.experts) == 1
+    assert low.experts.router.expert_names == ("high_noise", "low_noise")
+    per_expert = {n: e.num_params() for n, e in both.experts.items()}
+    assert both.param_counts().per_expert == per_expert
+    assert both.param_counts().total == sum(per_expert.values())
+    assert low.param_counts() == count_params({"low_noise": low.experts["low_noise"]})
+    record = low.train_step()  # every sample falls in low_noise's range
+    assert set(record["count"]) == {"low_noise"} and record["count"]["low_noise"] == 4
+    with pytest.raises(ValueError, match="missing \\['high_noise'\\]"):
+        Experts({"low_noise": low.experts["low_noise"]}, low.cfg.moe)  # a Pipeline needs both

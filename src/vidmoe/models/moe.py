@@ -252,10 +252,12 @@ class Experts(nn.Module):
         moe: MoEConfig,
         *,
         placement: Placement | None = None,
+        require_all: bool = True,
     ):
         super().__init__()
         names = moe.expert_names
-        missing = [n for n in names if n not in experts]
+        # a training run of some experts (`TrainConfig.experts`) holds only those: require_all=False
+        missing = [n for n in names if n not in experts] if require_all else []
         unknown = [n for n in experts if n not in names]
         if missing or unknown:
             raise ValueError(
@@ -266,7 +268,7 @@ class Experts(nn.Module):
         self.router = Router(moe)
         self.placement = placement or Placement()
         self.policy = RESIDENCY[self.placement.residency]()
-        self.by_name = nn.ModuleDict({name: experts[name] for name in names})
+        self.by_name = nn.ModuleDict({name: experts[name] for name in names if name in experts})
         self.policy.place(self.by_name, self.placement.device)
 
     @property
@@ -288,10 +290,10 @@ class Experts(nn.Module):
         return self.by_name[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.expert_names)
+        return iter(self.by_name)  # the experts held, noisiest first
 
     def __len__(self) -> int:
-        return len(self.expert_names)
+        return len(self.by_name)
 
     def __contains__(self, name: object) -> bool:
         return name in self.by_name
@@ -330,10 +332,10 @@ class Experts(nn.Module):
                 )
             cfg = expert.config
             configs[name] = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else vars(cfg)
-        first, *rest = self.expert_names
+        first, *rest = configs
         fields = list(configs[first]) if strict else list(SHARED_TRANSFORMER_FIELDS)
         diffs = [
-            f"{f}: " + ", ".join(f"{n}={configs[n].get(f)!r}" for n in self.expert_names)
+            f"{f}: " + ", ".join(f"{n}={configs[n].get(f)!r}" for n in configs)
             for f in fields
             if any(configs[n].get(f) != configs[first].get(f) for n in rest)
         ]

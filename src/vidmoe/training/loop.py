@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vidmoe.models.moe import Experts, ParamCounts, Placement
 from vidmoe.models.transformer import WanTransformer
 from vidmoe.training import finetune
 from vidmoe.training.checkpoint import (
@@ -55,7 +56,8 @@ def build_experts(cfg: TrainConfig) -> dict[str, WanTransformer]:
 
 
 class Trainer:
-    """The state of one run: experts, optimiser, scheduler, EMA, data position, RNG."""
+    """The state of one run: experts (an `Experts` of the trained ones), optimiser, scheduler,
+    EMA, data position, RNG."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -67,7 +69,9 @@ class Trainer:
                 f"text_len={cfg.transformer.text_len}: rebuild the cache or set text_len"
             )
         self.device = resolve_device(cfg.device)
-        self.experts = {n: e.to(self.device) for n, e in build_experts(cfg).items()}
+        # the trained experts only (`cfg.experts`); the router still knows every configured one
+        placement = Placement(device=self.device)
+        self.experts = Experts(build_experts(cfg), cfg.moe, placement=placement, require_all=False)
         if cfg.compile:
             for expert in self.experts.values():
                 expert.compile()  # in place: state_dict keys and the optimiser's params unchanged
@@ -83,6 +87,10 @@ class Trainer:
         self.step = 0
         self.sigma_bins = torch.zeros(2, NUM_SIGMA_BINS, dtype=torch.float64)  # (sum, count)
         self.log_window: list[dict] = []  # step records not yet summarised into log.jsonl
+
+    def param_counts(self) -> ParamCounts:
+        """Parameters of the trained experts: total, one step's (the largest), per expert."""
+        return self.experts.param_counts()
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

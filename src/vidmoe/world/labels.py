@@ -213,19 +213,19 @@ def _object_phrase(lab: ShapeLabel, rng: np.random.Generator, table: dict) -> st
 
 _COLOUR_SYNONYMS = {
     "red": r"red|crimson|scarlet",
-    "green": r"green|lime",
-    "blue": r"blue",
-    "yellow": r"yellow|golden",
+    "green": r"green|lime|emerald",
+    "blue": r"blue|azure|cobalt",
+    "yellow": r"yellow|golden|lemon",
     "purple": r"purple|magenta|violet",
     "cyan": r"cyan|aqua|turquoise|teal",
-    "orange": r"orange",
-    "white": r"white",
+    "orange": r"orange|tangerine",
+    "white": r"white|ivory|snowy",
 }
 _SHAPE_SYNONYMS = {
     "circle": r"circles?|disc|disk|ball|dot|round shape",
     "square": r"squares?|box|block|rectangle",
-    "triangle": r"triangles?|triangular shape",
-    "star": r"stars?",
+    "triangle": r"triangles?|triangular shape|wedge",
+    "star": r"stars?|pentagram|five-pointed shape",
 }
 # The earliest mention wins (the first object's motion); where two patterns match at the same
 # place the earlier one in this list wins, so compound phrases ("up and to the right", "rising
@@ -238,22 +238,26 @@ _MOTION_PATTERNS = (
     (
         "shrinking",
         r"shrink\w*|getting smaller|gets smaller|grow(s|ing)? smaller|contract\w*|dwindl\w*"
-        r"|decreas\w* in size|becom\w* smaller",
+        r"|decreas\w* in size|becom\w* smaller|diminish\w*|deflat\w*",
     ),
     (
         "growing",
         r"grow\w*|expand\w*|getting (bigger|larger)|gets (bigger|larger)|enlarg\w*|swell\w*"
-        r"|increas\w* in size|becom\w* (bigger|larger)",
+        r"|increas\w* in size|becom\w* (bigger|larger)|inflat\w*",
     ),
     ("rotating", r"rotat\w*|spin\w*|turning|turns|twirl\w*|revolv\w*|whirl\w*"),
-    ("up", r"up|upwards?|ris(e|es|ing)|ascend\w*|climb\w*|soar\w*|lift\w*|higher|skyward|top"),
+    (
+        "up",
+        r"up|upwards?|ris(e|es|ing)|ascend\w*|climb\w*|soar\w*|lift\w*|higher|skyward|top"
+        r"|north(wards?)?",
+    ),
     (
         "down",
         r"down|downwards?|fall(s|ing)?|sink(s|ing)?|drop(s|ping)?|descend\w*|plung\w*|plummet\w*"
-        r"|lower|bottom",
+        r"|lower|bottom|south(wards?)?",
     ),
-    ("right", r"right|rightwards?"),
-    ("left", r"left|leftwards?"),
+    ("right", r"right|rightwards?|east(wards?)?"),
+    ("left", r"left|leftwards?|west(wards?)?"),
 )
 _BACKGROUND_RE = re.compile(
     r"(?:(plain|noisy|textured|striped|stripy)\s+)?(dark[- ]blue|navy|grey|black|white)\s+"
@@ -311,3 +315,56 @@ def parse_prompt(text: str) -> PromptLabel:
         size=_first(text, _SIZE_RE),
         texture=texture,
     )
+
+
+# Held-out words: `parse_prompt` reads each of these as its attribute, but no caption ever uses
+# it (`caption_words`), so a model that follows them has learned what the words mean, not the
+# captions. Colours and shapes are single words (or two-word names); each motion phrase carries
+# its motion only in words outside the captions ("moving" is a caption word, "westward" is not).
+HELD_OUT_COLOUR_WORDS = {
+    "red": ("crimson", "scarlet"),
+    "green": ("lime", "emerald"),
+    "blue": ("azure", "cobalt"),
+    "yellow": ("golden", "lemon"),
+    "purple": ("violet", "magenta"),
+    "cyan": ("turquoise", "teal"),
+    "orange": ("tangerine",),
+    "white": ("ivory", "snowy"),
+}
+HELD_OUT_SHAPE_WORDS = {
+    "circle": ("disc", "ball"),
+    "square": ("box", "block"),
+    "triangle": ("wedge", "triangular shape"),
+    "star": ("pentagram", "five-pointed shape"),
+}
+HELD_OUT_MOTION_WORDS = {
+    "left": ("moving westward", "drifting toward the west"),
+    "right": ("moving eastward", "drifting toward the east"),
+    "up": ("ascending", "moving northward"),
+    "down": ("descending", "moving southward"),
+    "diagonal": ("moving toward the north-east", "moving northeast"),
+    "growing": ("enlarging", "inflating"),
+    "shrinking": ("diminishing", "deflating"),
+    "rotating": ("revolving", "whirling"),
+}
+
+
+def words_of(text: str) -> set[str]:
+    """The lower-case words of `text` (hyphenated words split: "up-right" -> up, right)."""
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def caption_words(vocabulary: str = "base") -> set[str]:
+    """Every word a caption of `vocabulary` can contain (templates, label words, size, texture,
+    background and motion phrases): a superset of what any drawn caption uses."""
+    parts = [
+        *_TEMPLATES,
+        *COLOURS,
+        *SHAPES,
+        "and on an a background",  # the multi-object caption's own words
+        *_TEXTURE_WORDS.values(),
+        *_BACKGROUND_WORDS.values(),
+        *(w for ws in _SIZE_WORDS.values() for w in ws),
+        *(p for ps in motion_phrases(vocabulary).values() for p in ps),
+    ]
+    return set().union(*(words_of(re.sub(r"\{\w+\}", " ", p)) for p in parts))
