@@ -116,6 +116,26 @@ def encoded_latents(vae, num_clips: int) -> torch.Tensor:
         return videos, torch.cat([vae.encode(v[None]) for v in videos])
 
 
+def plain_backgrounds(vae) -> dict:
+    """(c) each background as a plain 17-frame clip: the distance between two backgrounds'
+    latents (centre position) per latent frame, and the colour decoded in frames 0 and 5."""
+    from vidmoe.world.shapes import BACKGROUND_RGB
+
+    latents, colours = {}, {}
+    for bg in BACKGROUNDS:
+        rgb = torch.tensor(BACKGROUND_RGB[bg]).view(1, 3, 1, 1, 1)
+        video = (rgb * 2 - 1).expand(1, 3, 17, 64, 64).contiguous()  # (1, 3, T, H, W)
+        with torch.no_grad():
+            z = vae.encode(video)  # (1, Z, F, h, w)
+            out = (vae.decode(z)[0].mean(dim=(2, 3)) + 1) * 127.5  # (3, T)
+        latents[bg] = z[0, :, :, 8, 8]  # (Z, F)
+        colours[bg] = {"true": [round(255 * c) for c in BACKGROUND_RGB[bg]],
+                       "frame 0": out[:, 0].round().tolist(), "frame 5": out[:, 5].round().tolist()}
+    pairs = [("black", "dark_blue"), ("black", "grey"), ("grey", "white")]
+    distance = {f"{a} - {b}": (latents[a] - latents[b]).norm(dim=0).tolist() for a, b in pairs}
+    return {"distance": distance, "colours": colours}  # fmt: skip
+
+
 def load_vae(pipe, path: str):
     """A copy of the pipeline's VAE with the weights of `path`."""
     import copy
@@ -160,6 +180,17 @@ def report(results: dict) -> str:
     gap = np.abs(gen - enc).mean(axis=1)  # (F,)
     lines.append("| per-channel mean, generated - encoded, mean abs | "
                  + " | ".join(f"{g:.2f}" for g in gap) + " |")  # fmt: skip
+    sep = results["backgrounds"]["shipped"]  # the encoder is the same in every VAE compared here
+    lines += ["", "Plain backgrounds: distance between two backgrounds' latents (normalised, one "
+              "position), by latent frame", "", "| pair | " + " | ".join(f"frame {f}" for f in range(5))
+              + " |", "| --- |" + " --- |" * 5]  # fmt: skip
+    for pair, d in sep["distance"].items():
+        lines.append(f"| {pair} | " + " | ".join(f"{x:.2f}" for x in d) + " |")
+    lines += ["", "| VAE | background | true RGB | decoded frame 0 | decoded frame 5 |",
+              "| --- | --- | --- | --- | --- |"]
+    for name, by_vae in results["backgrounds"].items():
+        for bg, c in by_vae["colours"].items():
+            lines.append(f"| {name} | {bg} | {c['true']} | {c['frame 0']} | {c['frame 5']} |")
     return "\n".join(lines)
 
 
@@ -187,7 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
     originals, real = encoded_latents(pipe.vae, len(gen["latents"]))
     results: dict = {"roundtrip": roundtrip(vaes, args.clips), "flash": {}, "adherence": {},
                      "latents": {"generated": latent_frame_stats(gen["latents"]),
-                                 "encoded": latent_frame_stats(real)}}  # fmt: skip
+                                 "encoded": latent_frame_stats(real)},
+               "backgrounds": {name: plain_backgrounds(vae) for name, vae in vaes.items()}}  # fmt: skip
     from vidmoe.io.video import to_uint8_frames
 
     results["flash"][("none", "original real")] = flash_summary(
