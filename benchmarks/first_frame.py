@@ -136,6 +136,34 @@ def plain_backgrounds(vae) -> dict:
     return {"distance": distance, "colours": colours}  # fmt: skip
 
 
+def decoder_probe(vae, num_steps: int = 60) -> dict:
+    """(c) can the decoder draw frame 0 at all? For clip 0 of each dark background, frame 0's
+    error (levels) from the encoder's frame-0 latent, and from that latent after `num_steps`
+    Adam steps that fit the decoded frame 0 to the clip's (the decoder's weights fixed)."""
+    from vidmoe.world.shapes import ShapesWorld
+
+    out = {}
+    for bg in ("black", "dark_blue"):
+        world = ShapesWorld(64, 64, 17, backgrounds=(bg,), motions=("left", "right", "up", "down"),
+                            sizes=("large",), seed=2323)  # fmt: skip
+        first = world.sample(0).video[None, :, :1]  # (1, 3, 1, H, W)
+        with torch.no_grad():
+            z0 = vae.encode(first)  # (1, Z, 1, h, w)
+            before = float((vae.decode(z0) - first).abs().mean()) * 127.5
+        z = z0.clone().requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=0.05)
+        for _ in range(num_steps):
+            loss = (vae.decode(z, clamp=False) - first).abs().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            after = float((vae.decode(z) - first).abs().mean()) * 127.5
+        out[bg] = {"encoder_latent": before, "fitted_latent": after,
+                   "latent_shift": float((z.detach() - z0).abs().mean())}  # fmt: skip
+    return out
+
+
 def load_vae(pipe, path: str):
     """A copy of the pipeline's VAE with the weights of `path`."""
     import copy
@@ -191,6 +219,13 @@ def report(results: dict) -> str:
     for name, by_vae in results["backgrounds"].items():
         for bg, c in by_vae["colours"].items():
             lines.append(f"| {name} | {bg} | {c['true']} | {c['frame 0']} | {c['frame 5']} |")
+    lines += ["", "Decoder probe (shipped VAE): frame 0's error from the encoder's latent, and from a "
+              "latent fitted to it (60 Adam steps)", "",
+              "| background | encoder's latent | fitted latent | mean latent shift |",
+              "| --- | --- | --- | --- |"]  # fmt: skip
+    for bg, r in results["probe"].items():
+        lines.append(f"| {bg} | {r['encoder_latent']:.1f} | {r['fitted_latent']:.1f} "
+                     f"| {r['latent_shift']:.2f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -219,7 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"roundtrip": roundtrip(vaes, args.clips), "flash": {}, "adherence": {},
                      "latents": {"generated": latent_frame_stats(gen["latents"]),
                                  "encoded": latent_frame_stats(real)},
-               "backgrounds": {name: plain_backgrounds(vae) for name, vae in vaes.items()}}  # fmt: skip
+               "backgrounds": {name: plain_backgrounds(vae) for name, vae in vaes.items()},
+               "probe": decoder_probe(pipe.vae)}  # fmt: skip
     from vidmoe.io.video import to_uint8_frames
 
     results["flash"][("none", "original real")] = flash_summary(
