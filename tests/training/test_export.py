@@ -263,3 +263,28 @@ def test_train_vae_command_trains_then_fine_tunes_the_decoder(tmp_path):
     assert "init" in refused(f'base = "stage1.toml"\ninit = "{tmp_path / "gone"}"\n')
     wider = refused(f'base = "stage1.toml"\ninit = "{first}"\n[vae]\ndim = 8\n')
     assert "does not fit this config's VAE" in wider and "mis-shaped" in wider
+
+
+def test_first_frame_weight_weighs_each_windows_first_frame():
+    """With `first_frame_weight` w the reconstruction loss is the pixel mean with frame 0 counted
+    w times: (w E_0 + E_1 + ... + E_{T-1}) / (w + T - 1), E_t frame t's mean L1 + MSE."""
+    from vidmoe.training.vae_train import vae_loss
+
+    torch.manual_seed(0)
+    vae = WanVAE(VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1))
+    video = torch.rand(2, 3, 5, 16, 16) * 2 - 1  # (B, 3, T, H, W)
+    base = dict(vae=vae.config, latent_noise=0.0, latent_weight=0.0, object_weight=0.0)
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(video, chunked=False), chunked=False, clamp=False)
+        err = (recon - video).abs() + (recon - video).pow(2)  # (B, 3, T, H, W)
+        per_frame = err.mean(dim=(0, 1, 3, 4))  # (T,)
+        for w in (1.0, 3.0, 0.25):
+            loss, _ = vae_loss(vae, video, VAETrainConfig(**base, first_frame_weight=w))
+            expected = (w * per_frame[0] + per_frame[1:].sum()) / (w + len(per_frame) - 1)
+            assert torch.allclose(loss, expected, rtol=1e-5), (w, loss, expected)
+    assert per_frame[0] != per_frame[1:].mean()  # so the weights above change the loss
+
+
+def test_first_frame_weight_must_be_positive():
+    with pytest.raises(ValueError, match=r"first_frame_weight must be > 0.*got 0.0"):
+        VAETrainConfig(first_frame_weight=0.0)

@@ -89,6 +89,10 @@ class VAETrainConfig:
     """Extra loss weight of the pixels on an object's outline (inside or outside it by one pixel),
     on top of `object_weight`: corners and points are a few pixels each, and a VAE that rounds them
     off loses little loss but turns a star into a circle."""
+    first_frame_weight: float = 1.0
+    """Loss weight of each window's first frame relative to the others (1: the same). The causal
+    VAE codes the first frame alone, through a path the other frames share little of; a window
+    has one first frame in `window_frames`, so that path learns slowest (issue 23's flash)."""
 
     def __post_init__(self) -> None:
         for name, allowed in (("sizes", SIZES), ("motions", MOTIONS), ("shapes", SHAPES)):
@@ -109,6 +113,10 @@ class VAETrainConfig:
             raise ValueError(
                 f"stop_step must be in [0, max_steps={self.max_steps}] (0: run to max_steps); "
                 f"got {self.stop_step}"
+            )
+        if self.first_frame_weight <= 0:
+            raise ValueError(
+                f"first_frame_weight must be > 0 (1: as the other frames); got {self.first_frame_weight}"
             )
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0; got {self.checkpoint_every}")
@@ -172,6 +180,8 @@ def vae_loss(vae: WanVAE, video: Tensor, cfg: VAETrainConfig) -> tuple[Tensor, d
     weight = 1.0 + cfg.object_weight * is_object.float()
     if cfg.edge_weight:
         weight = weight + cfg.edge_weight * outline(is_object)
+    if cfg.first_frame_weight != 1.0:
+        weight[:, :, :1] = weight[:, :, :1] * cfg.first_frame_weight  # (B, 1, 1, H, W): frame 0
     weight = weight / weight.mean()
     l1 = ((recon - video).abs() * weight).mean()
     mse = ((recon - video).pow(2) * weight).mean()
