@@ -41,8 +41,12 @@ def model_config_for(model: str | Path | None) -> ModelConfig:
 
 
 def build_random_pipeline(config: ModelConfig | str, *, seed: int = 0, device="cpu",
-                          dtype: torch.dtype = torch.float32) -> Pipeline:  # fmt: skip
-    """A pipeline with randomly initialised weights (tests, benchmarks, `--model tiny-t2v`)."""
+                          dtype: torch.dtype = torch.float32, residency: str = "resident",
+                          text_encoder_device: str | torch.device | None = None) -> Pipeline:  # fmt: skip
+    """A pipeline with randomly initialised weights (tests, benchmarks, `--model tiny-t2v`).
+
+    Residency 'disk' is refused: these experts have no file to be re-read from.
+    """
     from vidmoe.models.text_encoder import build_text_encoder
     from vidmoe.models.transformer import WanTransformer
     from vidmoe.models.vae import WanVAE
@@ -62,34 +66,86 @@ def build_random_pipeline(config: ModelConfig | str, *, seed: int = 0, device="c
         dtype=torch.float32,
         max_length=config.transformer.text_len,
     )
-    placement = Placement(device=device, dtype=dtype)
+    placement = Placement(device=device, dtype=dtype, residency=residency,
+                          text_encoder_device=text_encoder_device)  # fmt: skip
+    _place_text_encoder(text, placement)
     pipe = Pipeline(config, Experts(experts, config.moe, placement=placement), vae, text)
     pipe.source = {"preset": config.name, "weights": f"random (seed {seed})"}
     return pipe
 
 
 def load_pipeline(model: str | Path | None = None, *, device: str = "auto", dtype: str | torch.dtype = "auto",
-                  residency: str = "resident", strict: bool = True) -> Pipeline:  # fmt: skip
+                  residency: str = "resident", strict: bool = True,
+                  text_encoder_device: str | None = None) -> Pipeline:  # fmt: skip
     """Load a pipeline from a checkpoint (any supported layout), a preset name, or the demo model.
 
     A preset name builds that architecture with random weights (useful for tests and timing).
+    `residency` is a key of `RESIDENCY` (see docs/memory.md); `text_encoder_device` runs the text
+    encoder elsewhere than the experts (e.g. 'cpu'; default: the compute device).
     """
     model = _default_model(model)
     dev = resolve_device(device)
-    placement = Placement(device=dev, dtype=resolve_dtype(dtype, dev), residency=residency)
+    te_dev = None if text_encoder_device is None else resolve_device(text_encoder_device)
+    placement = Placement(device=dev, dtype=resolve_dtype(dtype, dev), residency=residency,
+                          text_encoder_device=te_dev)  # fmt: skip
     if isinstance(model, str) and model in PRESETS:
-        return build_random_pipeline(model, device=dev, dtype=placement.dtype)
+        return build_random_pipeline(model, device=dev, dtype=placement.dtype, residency=residency,
+                                     text_encoder_device=te_dev)  # fmt: skip
+    if residency == "disk":
+        return _disk_pipeline(Path(model), placement, strict=strict)
     from vidmoe.io.checkpoints import load_components
 
-    # swap keeps idle experts in host RAM: load them there, the policy moves one at a time
+    # residency: the other policies keep idle experts in host RAM: load them there
     c = load_components(
         Path(model), device=dev if residency == "resident" else "cpu", dtype=placement.dtype,
         strict=strict,
     )
+    _place_text_encoder(c.text_encoder, placement)
     experts = Experts(c.experts, c.config.moe, placement=placement)
     pipe = Pipeline(c.config, experts, c.vae, c.text_encoder)
     pipe.source = {"path": str(model), "layout": c.layout}
     return pipe
+
+
+def _disk_pipeline(path: Path, placement: Placement, *, strict: bool) -> Pipeline:
+    """Residency 'disk': each expert read (checked strictly) and released in turn, so host RAM
+    never holds two; the experts' sources read them again when their phases come."""
+    from vidmoe.io.checkpoints import detect_layout, load_expert, load_vae
+    from vidmoe.models.moe import hollow
+    from vidmoe.models.text_encoder import build_text_encoder
+
+    layout = detect_layout(path)
+    if layout.vae is None:
+        raise ValueError(
+            f"{path} is a {layout.kind} file with one expert and no VAE or text encoder; use a "
+            "full checkpoint folder"
+        )
+    dev, dtype = placement.device, placement.dtype
+
+    def source(name: str):
+        return lambda: load_expert(layout, name, device=dev, dtype=dtype, strict=strict)
+
+    experts = {}
+    for name in layout.experts:
+        experts[name] = load_expert(layout, name, device="cpu", dtype=dtype, strict=strict)
+        hollow(experts[name])
+    vae = load_vae(layout, device="cpu", dtype=torch.float32, strict=strict)
+    kind = layout.config.text_encoder
+    text_path = layout.root if kind == "umt5-xxl" else layout.text_encoder
+    text = build_text_encoder(kind, text_path, device=placement.text_encoder_device or "cpu",
+                              max_length=layout.config.transformer.text_len)  # fmt: skip
+    sources = {name: source(name) for name in experts}
+    pipe = Pipeline(layout.config, Experts(experts, layout.config.moe, placement=placement,
+                                           sources=sources), vae, text)  # fmt: skip
+    pipe.source = {"path": str(path), "layout": layout.kind}
+    return pipe
+
+
+def _place_text_encoder(text, placement: Placement) -> None:
+    """Move the text encoder's network to `placement.text_encoder_device`, when one is set."""
+    network = getattr(text, "model", None)
+    if placement.text_encoder_device is not None and network is not None:
+        network.to(placement.text_encoder_device)
 
 
 def describe_model(model: str | Path | None) -> str:
