@@ -64,7 +64,10 @@ def test_disk_holds_one_expert_and_reads_each_when_its_phase_comes(checkpoint):
     assert counts == load_pipeline(checkpoint, device="cpu").experts.param_counts()
     pipe.generate("x", output="latents", **RUN)
     assert experts.policy.log == [("high_noise", "read"), ("high_noise", "release"),
-                                  ("low_noise", "read")]  # fmt: skip
+                                  ("low_noise", "read"), ("low_noise", "release")]  # fmt: skip
+    assert all(is_hollow(e) for e in experts.values())  # released for the decode
+    assert experts.on_device() == ()
+    assert experts.activate("low_noise") is experts["low_noise"]
     assert is_hollow(experts["high_noise"]) and not is_hollow(experts["low_noise"])
     assert experts.on_device() == ("low_noise",)
 
@@ -79,7 +82,8 @@ def test_swap_prefetches_the_next_expert_one_step_before_its_first_step():
     before = steps[first_low - 1]  # the log after the step before the switch
     assert before[-1] == ("low_noise", "prefetch") and ("low_noise", "upload") not in before
     assert steps[first_low][-2:] == [("high_noise", "evict"), ("low_noise", "upload")]
-    assert pipe.experts.on_device() == ("low_noise",)
+    assert pipe.experts.policy.log[-1] == ("low_noise", "evict")  # to host RAM for the decode
+    assert pipe.experts.on_device() == ()
 
 
 def test_blocks_stream_one_block_ahead_and_leave_none_behind():

@@ -287,6 +287,11 @@ class Experts(nn.Module):
         self.__getitem__(name)
         self.policy.prefetch(self.by_name, name, self.placement.device)
 
+    def idle(self) -> None:
+        """The denoising is over: the policy frees what the decode does not need (`swap` and
+        `blocks` move the active expert to host RAM, `disk` releases it)."""
+        self.policy.idle(self.by_name)
+
     def on_device(self) -> tuple[str, ...]:
         """The experts whose weights are on the compute device now (all or in part)."""
         return self.policy.on_device()

@@ -145,6 +145,9 @@ class Residency:
         """Make expert `name` ready to run on `device`, and return it."""
         raise NotImplementedError
 
+    def idle(self, experts: Mapping[str, nn.Module]) -> None:
+        """The denoising is over: free what the decode does not need (no effect by default)."""
+
     def on_device(self) -> tuple[str, ...]:
         """The experts whose weights are on the compute device now (all of them or in part)."""
         raise NotImplementedError
@@ -199,6 +202,12 @@ class Swap(Residency):
             self.copies[name].install(self.stream)
             self.active = name
         return experts[name]
+
+    def idle(self, experts: Mapping[str, nn.Module]) -> None:
+        if self.active is not None:
+            self.log.append((self.active, "evict"))
+            self.copies[self.active].evict()
+            self.active = None
 
     def on_device(self) -> tuple[str, ...]:
         return () if self.active is None else (self.active,)
@@ -257,6 +266,11 @@ class Disk(Residency):
         module.to(device)  # the adapters' buffers follow (the weights are there already)
         self.active = name
         return module
+
+    def idle(self, experts: Mapping[str, nn.Module]) -> None:
+        if self.active is not None:
+            self._release(experts[self.active], self.active)
+            self.active = None
 
     def _release(self, module: nn.Module, name: str) -> None:
         from vidmoe.models.lora import is_fused
@@ -330,6 +344,12 @@ class Blocks(Residency):
             self.active = name
         self.blocks[name][0].start(self.stream)
         return experts[name]
+
+    def idle(self, experts: Mapping[str, nn.Module]) -> None:
+        if self.active is not None:
+            self.log.append((self.active, "evict"))
+            self.rest[self.active].evict()
+            self.active = None
 
     def on_device(self) -> tuple[str, ...]:
         return () if self.active is None else (self.active,)

@@ -186,6 +186,7 @@ class Pipeline:
         plan = self._with_adapters(plan_for(rs, self.config))
         with _timed(timings, "denoise"):
             x, trace = self._denoise(x, plan, rs.sampler, cond, uncond, c, progress, callback)
+        self.experts.idle()  # residency: non-resident policies free the experts for the decode
         frames = None
         if output == "frames":
             with _timed(timings, "decode"):
