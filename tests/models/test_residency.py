@@ -105,18 +105,25 @@ def test_blocks_stream_one_block_ahead_and_leave_none_behind():
     assert all(c.versions is None and c.pending is None for c in policy.blocks["high_noise"])
 
 
-def test_a_fused_lora_survives_swap_but_disk_refuses_to_drop_it(checkpoint, tmp_path):
-    pipe = load_pipeline(checkpoint, device="cpu", residency="disk")
-    pipe.experts.activate("high_noise")
+def _fuse_one(expert):
     from vidmoe.models import lora
 
-    expert = pipe.experts["high_noise"]
     w = expert.blocks[0].self_attn.q.weight
     lora.add_adapter(expert, "a", {"blocks.0.self_attn.q": lora.AdapterWeights(
         down=torch.ones(1, w.shape[1]), up=torch.ones(w.shape[0], 1))})  # fmt: skip
     lora.fuse(expert)
+    return expert.blocks[0].self_attn.q.weight.detach().clone()
+
+
+def test_a_fused_lora_survives_swap_but_disk_refuses_to_drop_it(checkpoint):
+    swap = load_pipeline(checkpoint, device="cpu", residency="swap").experts
+    fused = _fuse_one(swap.activate("high_noise"))
+    swap.activate("low_noise")
+    assert torch.equal(swap.activate("high_noise").blocks[0].self_attn.q.weight, fused)
+    disk = load_pipeline(checkpoint, device="cpu", residency="disk").experts
+    _fuse_one(disk.activate("high_noise"))
     with pytest.raises(ValueError, match="fused LoRA weights, which residency 'disk' cannot"):
-        pipe.experts.activate("low_noise")
+        disk.activate("low_noise")
 
 
 def test_hollow_keeps_shapes_and_dtypes_but_no_storage():
