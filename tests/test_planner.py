@@ -107,6 +107,8 @@ def test_prediction_within_15_percent_of_measured_peak(model, width, height, fra
     if residency not in RESIDENCY:
         pytest.skip(f"residency {residency!r} is not implemented yet (Placement accepts "
                     f"{', '.join(RESIDENCY)}): the check runs once it is")  # fmt: skip
+    if residency == "disk" and model is not None:
+        pytest.skip("residency 'disk' re-reads experts from their files: a preset has none")
     request = MemoryRequest(width=width, height=height, num_frames=frames, residency=residency)
     predicted = predict(model_config_for(model), request).host_peak_bytes
     measured = measure_peak_rss(model, request)

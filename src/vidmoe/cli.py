@@ -250,7 +250,7 @@ def generate(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 or auto."),
     residency: str = typer.Option(
-        "resident", "--residency", help="resident or swap (idle expert in host RAM)."
+        "resident", "--residency", help="resident, swap, disk or blocks (docs/memory.md)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     lora: list[str] | None = typer.Option(
@@ -459,7 +459,7 @@ def serve(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 or auto."),
     residency: str = typer.Option(
-        "resident", "--residency", help="resident or swap (idle expert in host RAM)."
+        "resident", "--residency", help="resident, swap, disk or blocks (docs/memory.md)."
     ),
     log_level: str = typer.Option("info", "--log-level"),
     allowed_host: list[str] | None = typer.Option(None, "--allowed-host", help="A Host name (NAME or NAME:PORT) accepted beside 127.0.0.1, localhost, [::1] (repeatable)."),

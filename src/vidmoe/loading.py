@@ -42,8 +42,12 @@ def model_config_for(model: str | Path | None) -> ModelConfig:
 
 
 def build_random_pipeline(config: ModelConfig | str, *, seed: int = 0, device="cpu",
-                          dtype: torch.dtype = torch.float32) -> Pipeline:  # fmt: skip
-    """A pipeline with randomly initialised weights (tests, benchmarks, `--model tiny-t2v`)."""
+                          dtype: torch.dtype = torch.float32, residency: str = "resident",
+                          text_encoder_device: str | torch.device | None = None) -> Pipeline:  # fmt: skip
+    """A pipeline with randomly initialised weights (tests, benchmarks, `--model tiny-t2v`).
+
+    Residency 'disk' is refused: these experts have no file to be re-read from.
+    """
     from vidmoe.models.text_encoder import build_text_encoder
     from vidmoe.models.transformer import WanTransformer
     from vidmoe.models.vae import WanVAE
@@ -63,7 +67,9 @@ def build_random_pipeline(config: ModelConfig | str, *, seed: int = 0, device="c
         dtype=torch.float32,
         max_length=config.transformer.text_len,
     )
-    placement = Placement(device=device, dtype=dtype)
+    placement = Placement(device=device, dtype=dtype, residency=residency,
+                          text_encoder_device=text_encoder_device)  # fmt: skip
+    _place_text_encoder(text, placement)
     pipe = Pipeline(config, Experts(experts, config.moe, placement=placement), vae, text)
     pipe.source = {"preset": config.name, "weights": f"random (seed {seed})"}
     return pipe
@@ -73,10 +79,13 @@ def load_pipeline(model: str | Path | None = None, *, device: str = "auto", dtyp
                   residency: str = "resident", strict: bool = True,
                   quantize: str | None = None, experts: dict[str, str | Path] | None = None,
                   vae: str | Path | None = None, text_encoder: str | Path | None = None,
-                  attention: str = "auto", compile: bool = False) -> Pipeline:  # fmt: skip
+                  attention: str = "auto", compile: bool = False,
+                  text_encoder_device: str | None = None) -> Pipeline:  # fmt: skip
     """Load a pipeline from a checkpoint (any supported layout), a preset name, or the demo model.
 
     A preset name builds that architecture with random weights (useful for tests and timing).
+    `residency` is a key of `RESIDENCY` (see docs/memory.md); `text_encoder_device` runs the text
+    encoder elsewhere than the experts (e.g. 'cpu'; default: the compute device).
     `quantize="fp8"` keeps the experts' block linear layers in fp8 (e4m3, a float32 scale per
     output channel: `models.fp8`), from fp8 files as they are and from others as they load.
     `experts` ({name: file}), `vae` and `text_encoder` load those components from their own files
@@ -87,7 +96,9 @@ def load_pipeline(model: str | Path | None = None, *, device: str = "auto", dtyp
     if quantize not in (None, "fp8"):
         raise ValueError(f"quantize must be fp8 or None (the weights' own format); got {quantize!r}")
     dev = resolve_device(device)
-    placement = Placement(device=dev, dtype=resolve_dtype(dtype, dev), residency=residency)
+    te_dev = None if text_encoder_device is None else resolve_device(text_encoder_device)
+    placement = Placement(device=dev, dtype=resolve_dtype(dtype, dev), residency=residency,
+                          text_encoder_device=te_dev)  # fmt: skip
     resolve_backend(attention, device=dev, dtype=placement.dtype)  # refuse before reading weights
     if experts or vae is not None or text_encoder is not None:
         pipe = load_pipeline_from_files(model, device=device, dtype=dtype, residency=residency,
@@ -96,20 +107,25 @@ def load_pipeline(model: str | Path | None = None, *, device: str = "auto", dtyp
         return speed_up(pipe, attention=attention, compile=compile)
     model = _default_model(model)
     if isinstance(model, str) and model in PRESETS:
-        pipe = build_random_pipeline(model, device=dev, dtype=placement.dtype)
+        pipe = build_random_pipeline(model, device=dev, dtype=placement.dtype, residency=residency,
+                                     text_encoder_device=te_dev)  # fmt: skip
         if quantize == "fp8":
             from vidmoe.models.fp8 import quantize_fp8_
 
             for expert in pipe.experts.values():
                 quantize_fp8_(expert)
         return speed_up(pipe, attention=attention, compile=compile)
+    if residency == "disk":
+        pipe = _disk_pipeline(Path(model), placement, strict=strict, quantize=quantize)
+        return speed_up(pipe, attention=attention, compile=compile)
     from vidmoe.io.checkpoints import load_components
 
-    # swap keeps idle experts in host RAM: load them there, the policy moves one at a time
+    # residency: the other policies keep idle experts in host RAM: load them there
     c = load_components(
         Path(model), device=dev if residency == "resident" else "cpu", dtype=placement.dtype,
         strict=strict, quantize=quantize,
     )
+    _place_text_encoder(c.text_encoder, placement)
     experts = Experts(c.experts, c.config.moe, placement=placement)
     pipe = Pipeline(c.config, experts, c.vae, c.text_encoder)
     pipe.source = {"path": str(model), "layout": c.layout}
@@ -164,6 +180,50 @@ def model_config_for_files(model: str | Path | None, *, experts: dict[str, str |
 
     files = {n: open_expert_file(p) for n, p in (experts or {}).items()}
     return assemble_config(model, files, open_vae_file(vae) if vae is not None else None)[0]
+
+
+def _disk_pipeline(path: Path, placement: Placement, *, strict: bool,
+                   quantize: str | None = None) -> Pipeline:
+    """Residency 'disk': each expert read (checked strictly) and released in turn, so host RAM
+    never holds two; the experts' sources read them again when their phases come."""
+    from vidmoe.io.checkpoints import detect_layout, load_expert, load_vae
+    from vidmoe.models.moe import hollow
+    from vidmoe.models.text_encoder import build_text_encoder
+
+    layout = detect_layout(path)
+    if layout.vae is None:
+        raise ValueError(
+            f"{path} is a {layout.kind} file with one expert and no VAE or text encoder; use a "
+            "full checkpoint folder"
+        )
+    dev, dtype = placement.device, placement.dtype
+
+    def source(name: str):
+        return lambda: load_expert(layout, name, device=dev, dtype=dtype, strict=strict,
+                                  quantize=quantize)
+
+    experts = {}
+    for name in layout.experts:
+        experts[name] = load_expert(layout, name, device="cpu", dtype=dtype, strict=strict,
+                                    quantize=quantize)
+        hollow(experts[name])
+    vae = load_vae(layout, device="cpu", dtype=torch.float32, strict=strict)
+    kind = layout.config.text_encoder
+    text_path = layout.root if kind == "umt5-xxl" else layout.text_encoder
+    text = build_text_encoder(kind, text_path, device=placement.text_encoder_device or "cpu",
+                              max_length=layout.config.transformer.text_len)  # fmt: skip
+    sources = {name: source(name) for name in experts}
+    pipe = Pipeline(layout.config, Experts(experts, layout.config.moe, placement=placement,
+                                           sources=sources), vae, text)  # fmt: skip
+    pipe.source = {"path": str(path), "layout": layout.kind}
+    return pipe
+
+
+def _place_text_encoder(text, placement: Placement) -> None:
+    """Move the text encoder's network to `placement.text_encoder_device`, when one is set."""
+    network = getattr(text, "model", None)
+    if placement.text_encoder_device is not None and network is not None:
+        network.to(placement.text_encoder_device)
 
 
 def describe_model(model: str | Path | None) -> str:

@@ -226,34 +226,23 @@ def test_resident_experts_sit_on_the_device_and_activate_returns_them():
     assert experts.dtype == torch.float16 and experts.router.owner(0.9) == "high_noise"
 
 
-class Tracked(Stub):
-    """A Stub that records where it is moved (one CPU here; the policy is what is tested)."""
-
-    def __init__(self):
-        super().__init__()
-        self.moves = []
-
-    def to(self, *args, **kwargs):
-        self.moves.append(str(args[0]))
-        return super().to(*args, **kwargs)
-
-
 def test_swap_moves_the_active_expert_in_and_the_others_out():
-    high, low = Tracked(), Tracked()
-    experts = Experts({"high_noise": high, "low_noise": low}, T2V,
+    experts = Experts({"high_noise": Stub(), "low_noise": Stub()}, T2V,
                       placement=Placement(device="cpu", residency="swap"))  # fmt: skip
-    assert high.moves == low.moves == []  # placed where the loader put them
-    assert experts.activate("high_noise") is high
-    assert (high.moves, low.moves) == (["cpu"], ["cpu"])  # idle one to host RAM, active one in
-    resident = Experts({"high_noise": Tracked(), "low_noise": Tracked()}, T2V)
-    assert [e.moves for e in resident.values()] == [["cpu"], ["cpu"]]
+    assert experts.on_device() == ()  # placed in host RAM where the loader put them
+    assert experts.activate("high_noise") is experts["high_noise"]
+    experts.activate("low_noise")
+    assert experts.on_device() == ("low_noise",)
+    assert experts.policy.log == [("high_noise", "upload"), ("high_noise", "evict"),
+                                  ("low_noise", "upload")]  # fmt: skip
+    resident = Experts({"high_noise": Stub(), "low_noise": Stub()}, T2V)
     resident.activate("high_noise")
-    assert [e.moves for e in resident.values()] == [["cpu"], ["cpu"]]  # nothing moves
+    assert resident.on_device() == ("high_noise", "low_noise") and resident.policy.log == []
     with pytest.raises(ValueError, match="unknown expert 'mid'"):
         experts.activate("mid")
 
 
 def test_placement_refuses_an_unknown_residency():
-    assert set(RESIDENCY) == {"resident", "swap"}
-    with pytest.raises(ValueError, match="residency must be one of resident, swap; got 'disk'"):
-        Placement(residency="disk")
+    assert set(RESIDENCY) == {"resident", "swap", "disk", "blocks"}
+    with pytest.raises(ValueError, match="residency must be one of resident, swap, disk, blocks; got 'ram'"):
+        Placement(residency="ram")

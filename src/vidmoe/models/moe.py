@@ -12,13 +12,24 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
 
 from vidmoe.config import SHARED_TRANSFORMER_FIELDS, MoEConfig
+from vidmoe.models.residency import (  # noqa: F401 (the policies are part of this module's API)
+    RESIDENCY,
+    Blocks,
+    Disk,
+    ExpertSource,
+    Residency,
+    Resident,
+    Swap,
+    hollow,
+    is_hollow,
+)
 
 _EPS = 1e-12  # touching bands (or a band ending at sigma 0 or 1) are allowed
 
@@ -169,57 +180,6 @@ def count_params(experts: Mapping[str, nn.Module]) -> ParamCounts:
     )
 
 
-class Residency:
-    """Which experts sit on the compute device, and when they move: one policy per `Experts`.
-
-    `place` runs once when the experts are gathered, `activate` before each expert runs. A new
-    policy (swap with prefetch, disk, streamed blocks) is a subclass registered in RESIDENCY.
-    """
-
-    name: ClassVar[str]
-
-    def place(self, experts: Mapping[str, nn.Module], device: torch.device) -> None:
-        """Initial placement of every expert."""
-
-    def activate(
-        self, experts: Mapping[str, nn.Module], name: str, device: torch.device
-    ) -> nn.Module:
-        """Make expert `name` ready to run on `device`, and return it."""
-        raise NotImplementedError
-
-
-class Resident(Residency):
-    """Every expert stays on the compute device."""
-
-    name = "resident"
-
-    def place(self, experts: Mapping[str, nn.Module], device: torch.device) -> None:
-        for expert in experts.values():
-            expert.to(device)
-
-    def activate(
-        self, experts: Mapping[str, nn.Module], name: str, device: torch.device
-    ) -> nn.Module:
-        return experts[name]
-
-
-class Swap(Residency):
-    """One expert on the compute device at a time; the idle ones wait in host RAM."""
-
-    name = "swap"
-
-    def activate(
-        self, experts: Mapping[str, nn.Module], name: str, device: torch.device
-    ) -> nn.Module:
-        for other, expert in experts.items():
-            if other != name:
-                expert.to("cpu")
-        return experts[name].to(device)
-
-
-RESIDENCY: dict[str, type[Residency]] = {p.name: p for p in (Resident, Swap)}
-
-
 @dataclass(frozen=True, kw_only=True)
 class Placement:
     """Where the experts live and run."""
@@ -229,10 +189,15 @@ class Placement:
     dtype: torch.dtype = torch.float32
     """The dtype expert inputs run in (the loader builds the weights in it)."""
     residency: str = "resident"
-    """A key of RESIDENCY: 'resident' (all on the device) or 'swap' (idle experts in host RAM)."""
+    """A key of RESIDENCY: 'resident' (all on the device), 'swap' (idle experts in host RAM),
+    'disk' (idle experts only in their files) or 'blocks' (blocks streamed to the device)."""
+    text_encoder_device: torch.device | None = None
+    """Where the text encoder runs; None: the compute device (umT5-XXL runs on the CPU too)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", torch.device(self.device))
+        if self.text_encoder_device is not None:
+            object.__setattr__(self, "text_encoder_device", torch.device(self.text_encoder_device))
         if self.residency not in RESIDENCY:
             raise ValueError(
                 f"residency must be one of {', '.join(RESIDENCY)}; got {self.residency!r}"
@@ -253,7 +218,12 @@ class Experts(nn.Module):
         *,
         placement: Placement | None = None,
         require_all: bool = True,
+        sources: Mapping[str, ExpertSource] | None = None,
     ):
+        """Args:
+            sources: per expert, a function that reads it anew from its file (the loader gives
+                them; residency 'disk' needs one per expert).
+        """
         super().__init__()
         names = moe.expert_names
         # a training run of some experts (`TrainConfig.experts`) holds only those: require_all=False
@@ -267,7 +237,8 @@ class Experts(nn.Module):
         self.moe = moe
         self.router = Router(moe)
         self.placement = placement or Placement()
-        self.policy = RESIDENCY[self.placement.residency]()
+        self.sources = dict(sources or {})
+        self.policy = RESIDENCY[self.placement.residency](sources=self.sources)
         self.by_name = nn.ModuleDict({name: experts[name] for name in names if name in experts})
         self.policy.place(self.by_name, self.placement.device)
 
@@ -311,6 +282,41 @@ class Experts(nn.Module):
         """Expert `name` ready on the compute device (the residency policy moves what it must)."""
         self.__getitem__(name)  # an unknown name is a ValueError
         return self.policy.activate(self.by_name, name, self.placement.device)
+
+    def prefetch(self, name: str) -> None:
+        """Start bringing expert `name` to the device ahead of its first step (a hint: the
+        sampling loop calls it one step before a switch; `swap` copies on a side stream)."""
+        self.__getitem__(name)
+        self.policy.prefetch(self.by_name, name, self.placement.device)
+
+    def idle(self) -> None:
+        """The denoising is over: the policy frees what the decode does not need (`swap` and
+        `blocks` move the active expert to host RAM, `disk` releases it)."""
+        self.policy.idle(self.by_name)
+
+    def on_device(self) -> tuple[str, ...]:
+        """The experts whose weights are on the compute device now (all or in part)."""
+        return self.policy.on_device()
+
+    @property
+    def rest_device(self) -> torch.device:
+        """Where the text encoder and the VAE wait between uses: the compute device under
+        `resident`, the CPU under the other policies."""
+        return self.placement.device if not self.policy.offloads else torch.device("cpu")
+
+    @contextmanager
+    def lend(self, module: nn.Module | None, device: torch.device | None = None):
+        """Run `module` (the text encoder's network, the VAE) on `device` (default: the compute
+        device) inside the block; under a non-resident policy it goes back to the CPU after."""
+        if module is None:
+            yield
+            return
+        module.to(device or self.placement.device)
+        try:
+            yield
+        finally:
+            if self.policy.offloads:
+                module.to("cpu")
 
     def param_counts(self) -> ParamCounts:
         """Total (unique) parameters, and the active count per step (one expert)."""

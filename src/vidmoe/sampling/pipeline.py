@@ -78,7 +78,7 @@ class Pipeline:
         for expert in self.experts.values():
             expert.eval().requires_grad_(False)
         if vae is not None:
-            vae.eval().requires_grad_(False).to(self.device)
+            vae.eval().requires_grad_(False).to(self.experts.rest_device)
 
     @property
     def device(self) -> torch.device:
@@ -97,7 +97,8 @@ class Pipeline:
         """Embed prompts: a list of (S_i, text_dim) tensors (cut to each prompt's length)."""
         if self.text_encoder is None:
             raise ValueError("this pipeline has no text encoder: pass prompt_embeds")
-        with torch.no_grad():
+        network = getattr(self.text_encoder, "model", None)  # residency: on the device to encode
+        with torch.no_grad(), self.experts.lend(network, self.experts.placement.text_encoder_device):
             return [e.to(self.device, self.dtype) for e in self.text_encoder.encode(prompts)]
 
     def plan(self, settings: GenerateSettings | ResolvedSettings) -> Plan:
@@ -189,6 +190,7 @@ class Pipeline:
         with _timed(timings, "denoise"):
             caches = {n: StepCache(threshold=t) for n, t in rs.step_cache.items() if t > 0}
             x, trace = self._denoise(x, plan, rs.sampler, cond, uncond, c, progress, callback, caches)
+        self.experts.idle()  # residency: non-resident policies free the experts for the decode
         frames = None
         if output == "frames":
             with _timed(timings, "decode"):
@@ -209,6 +211,7 @@ class Pipeline:
         previous: tuple[str, ...] = ()
         for st in plan.steps:
             t0 = time.perf_counter()
+            self._prefetch_next(plan, st)  # residency: copy the next step's new expert during this one
             v = torch.zeros_like(x)  # (1, C, F, H, W)
             sigma_in = model_sigma(st.sigma, sampler)
             cached, changes = [], {}
@@ -234,6 +237,13 @@ class Pipeline:
                 callback(st.index, len(plan.steps), st.experts)
         bar.close()
         return x, trace
+
+    def _prefetch_next(self, plan: Plan, st: StepPlan) -> None:
+        """Let the residency policy bring the next step's new experts ahead of their first step."""
+        if st.index + 1 < len(plan.steps):
+            for name in plan.steps[st.index + 1].experts:
+                if name not in st.experts:
+                    self.experts.prefetch(name)
 
     def _embeddings(self, rs: ResolvedSettings, prompt_embeds, negative_prompt_embeds):
         """([cond (S, D)], [uncond (S', D)]) on the device: given ones, else encoded."""
@@ -266,7 +276,8 @@ class Pipeline:
         from vidmoe.io.video import to_uint8_frames
 
         dtype = next(self.vae.parameters()).dtype
-        video = self.vae.decode(x.to(dtype), progress=progress, callback=callback)
+        with self.experts.lend(self.vae):  # residency: the VAE leaves the device after
+            video = self.vae.decode(x.to(dtype), progress=progress, callback=callback)
         return to_uint8_frames(video)
 
     def latent_shape(self, rs: ResolvedSettings) -> tuple[int, int, int, int, int]:
@@ -285,9 +296,10 @@ class Pipeline:
         if rs.image is None or model_type == "t2v":
             return Conditioning()
         image = load_image(rs.image, rs.width, rs.height).to(self.device)
-        if model_type == "i2v":
-            return i2v_condition(self.vae, image, rs.num_frames)
-        return ti2v_condition(self.vae, image)
+        with self.experts.lend(self.vae):  # residency: the VAE leaves the device after
+            if model_type == "i2v":
+                return i2v_condition(self.vae, image, rs.num_frames)
+            return ti2v_condition(self.vae, image)
 
     def num_params(self) -> dict[str, int]:
         """Parameters in total, active per step (the largest expert) and per expert."""
