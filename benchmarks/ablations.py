@@ -43,9 +43,18 @@ SIGMA_GRID = (0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95)
 def expert_config(num_layers: int) -> TransformerConfig:
     """The size-N expert (4 layers) or a deeper dense model, at the demo's interface."""
     return TransformerConfig(
-        model_type="t2v", patch_size=(1, 2, 2), text_len=32, in_dim=16, dim=96, ffn_dim=384,
-        freq_dim=256, text_dim=384, out_dim=16, num_heads=4, num_layers=num_layers,
-    )  # fmt: skip
+        model_type="t2v",
+        patch_size=(1, 2, 2),
+        text_len=32,
+        in_dim=16,
+        dim=96,
+        ffn_dim=384,
+        freq_dim=256,
+        text_dim=384,
+        out_dim=16,
+        num_heads=4,
+        num_layers=num_layers,
+    )
 
 
 @dataclass(frozen=True)
@@ -66,28 +75,66 @@ class Run:
     """Per-expert architecture changes (`expert_overrides` of the run and its exported model)."""
 
 
-RUNS = {r.name: r for r in [
-    Run("moe2", "MoE, 2 experts x N", (HIGH, LOW), (0.875,), 4, STEPS),
-    Run("dense", "dense N", ("dense",), (), 4, STEPS),
-    Run("dense2x_half", "dense 2N, S/2 steps (equal compute)", ("dense",), (), 8, STEPS // 2),
-    Run("dense2x", "dense 2N, S steps (equal steps)", ("dense",), (), 8, STEPS),
-    Run("moe3", "MoE, 3 experts x N", (HIGH, MID, LOW), (0.93, 0.75), 4, STEPS),
-    # the optional objective terms, each against moe2 (same data, steps and seed)
-    Run("moe2_band", "MoE 2 x N, band training (band 0.05)", (HIGH, LOW), (0.875,), 4, STEPS,
-        band=0.05, objective=(("band_training", True),)),
-    Run("moe2_temporal", "MoE 2 x N, temporal term (weight 1)", (HIGH, LOW), (0.875,), 4, STEPS,
-        objective=(("temporal_weight", 1.0),)),
-    Run("moe2_spec", "MoE 2 x N, specialisation (weight 0.5, margin 0.05)", (HIGH, LOW),
-        (0.875,), 4, STEPS, objective=(("specialisation_weight", 0.5),
-                                       ("specialisation_margin", 0.05))),
-    # asymmetric experts, against moe2: a local attention window for the low-noise expert
-    # (+-16 tokens = +-1 latent frame of 4x4 tokens), or FFN width moved from the low-noise to the
-    # high-noise expert (384 + 384 -> 576 + 192: the same total parameters, 1.5x / 0.5x)
-    Run("moe_window", "MoE 2 x N, low-noise window +-16 tokens", (HIGH, LOW), (0.875,), 4, STEPS,
-        overrides=((LOW, (("window_size", (16, 16)),)),)),
-    Run("moe_wide_high", "MoE 2 x N, FFN 576 high / 192 low", (HIGH, LOW), (0.875,), 4, STEPS,
-        overrides=((HIGH, (("ffn_dim", 576),)), (LOW, (("ffn_dim", 192),)))),
-]}  # fmt: skip
+RUNS = {
+    r.name: r
+    for r in [
+        Run("moe2", "MoE, 2 experts x N", (HIGH, LOW), (0.875,), 4, STEPS),
+        Run("dense", "dense N", ("dense",), (), 4, STEPS),
+        Run("dense2x_half", "dense 2N, S/2 steps (equal compute)", ("dense",), (), 8, STEPS // 2),
+        Run("dense2x", "dense 2N, S steps (equal steps)", ("dense",), (), 8, STEPS),
+        Run("moe3", "MoE, 3 experts x N", (HIGH, MID, LOW), (0.93, 0.75), 4, STEPS),
+        # the optional objective terms, each against moe2 (same data, steps and seed)
+        Run(
+            "moe2_band",
+            "MoE 2 x N, band training (band 0.05)",
+            (HIGH, LOW),
+            (0.875,),
+            4,
+            STEPS,
+            band=0.05,
+            objective=(("band_training", True),),
+        ),
+        Run(
+            "moe2_temporal",
+            "MoE 2 x N, temporal term (weight 1)",
+            (HIGH, LOW),
+            (0.875,),
+            4,
+            STEPS,
+            objective=(("temporal_weight", 1.0),),
+        ),
+        Run(
+            "moe2_spec",
+            "MoE 2 x N, specialisation (weight 0.5, margin 0.05)",
+            (HIGH, LOW),
+            (0.875,),
+            4,
+            STEPS,
+            objective=(("specialisation_weight", 0.5), ("specialisation_margin", 0.05)),
+        ),
+        # asymmetric experts, against moe2: a local attention window for the low-noise expert
+        # (+-16 tokens = +-1 latent frame of 4x4 tokens), or FFN width moved from the low-noise to the
+        # high-noise expert (384 + 384 -> 576 + 192: the same total parameters, 1.5x / 0.5x)
+        Run(
+            "moe_window",
+            "MoE 2 x N, low-noise window +-16 tokens",
+            (HIGH, LOW),
+            (0.875,),
+            4,
+            STEPS,
+            overrides=((LOW, (("window_size", (16, 16)),)),),
+        ),
+        Run(
+            "moe_wide_high",
+            "MoE 2 x N, FFN 576 high / 192 low",
+            (HIGH, LOW),
+            (0.875,),
+            4,
+            STEPS,
+            overrides=((HIGH, (("ffn_dim", 576),)), (LOW, (("ffn_dim", 192),))),
+        ),
+    ]
+}
 ABLATIONS = {
     "compute": ["moe2", "dense", "dense2x_half", "dense2x"],
     "experts": ["moe2", "moe3"],
@@ -101,25 +148,54 @@ def train_config(run: Run, root: Path, cache: Path):
     from vidmoe.training.config import TrainConfig
 
     return TrainConfig(
-        cache=str(cache), out_dir=str(root / run.name), transformer=expert_config(run.num_layers),
-        moe=MoEConfig(expert_names=run.expert_names, boundaries=run.boundaries,
-                      guidance=(GUIDANCE,) * len(run.expert_names), band=run.band),
-        **dict(run.objective), expert_overrides=run.overrides, batch_size=32, lr=5e-4, warmup_steps=100, lr_schedule="constant", max_steps=run.max_steps,
-        max_minutes=30.0, sigma_sampling="uniform", sigma_shift=3.0, caption_dropout=0.1,
-        ema_decay=0.999, seed=0, log_every=max(1, min(25, run.max_steps // 4)), checkpoint_every=250, num_threads=1,
+        cache=str(cache),
+        out_dir=str(root / run.name),
+        transformer=expert_config(run.num_layers),
+        moe=MoEConfig(
+            expert_names=run.expert_names,
+            boundaries=run.boundaries,
+            guidance=(GUIDANCE,) * len(run.expert_names),
+            band=run.band,
+        ),
+        **dict(run.objective),
+        expert_overrides=run.overrides,
+        batch_size=32,
+        lr=5e-4,
+        warmup_steps=100,
+        lr_schedule="constant",
+        max_steps=run.max_steps,
+        max_minutes=30.0,
+        sigma_sampling="uniform",
+        sigma_shift=3.0,
+        caption_dropout=0.1,
+        ema_decay=0.999,
+        seed=0,
+        log_every=max(1, min(25, run.max_steps // 4)),
+        checkpoint_every=250,
+        num_threads=1,
         use_progress=False,
-    )  # fmt: skip
+    )
 
 
 def model_config(run: Run, vae_dir: Path) -> ModelConfig:
     vae = VAEConfig(**json.loads((vae_dir / "vae_config.json").read_text()))
     return ModelConfig(
-        name=f"ablation-{run.name}", transformer=expert_config(run.num_layers), vae=vae,
-        moe=MoEConfig(expert_names=run.expert_names, boundaries=run.boundaries,
-                      guidance=(GUIDANCE,) * len(run.expert_names), band=run.band),
-        scheduler=SAMPLING, text_encoder="minilm", default_size=(64, 64), default_num_frames=17,
-        fps=8, expert_overrides=run.overrides,
-    )  # fmt: skip
+        name=f"ablation-{run.name}",
+        transformer=expert_config(run.num_layers),
+        vae=vae,
+        moe=MoEConfig(
+            expert_names=run.expert_names,
+            boundaries=run.boundaries,
+            guidance=(GUIDANCE,) * len(run.expert_names),
+            band=run.band,
+        ),
+        scheduler=SAMPLING,
+        text_encoder="minilm",
+        default_size=(64, 64),
+        default_num_frames=17,
+        fps=8,
+        expert_overrides=run.overrides,
+    )
 
 
 def ensure_trained(run: Run, root: Path, cache: Path, vae_dir: Path) -> Path:
@@ -223,13 +299,15 @@ def evaluate_run(run: Run, root: Path, vae_dir: Path, num_prompts: int, seeds) -
     res = evaluate(pipe, prompt_set(num_prompts), seeds=seeds, name=run.label)
     experts = pipe.experts.values()
     cached[key] = {
-        "summary": res.summary(), "rows": res.rows, "heldout": heldout,
+        "summary": res.summary(),
+        "rows": res.rows,
+        "heldout": heldout,
         "train_loss": train_loss(root / run.name),
         "train_seconds": json.loads((root / run.name / "done.json").read_text())["seconds"],
         "params_per_expert": sum(p.numel() for p in next(iter(experts)).parameters()),
         "params": pipe.num_params(),  # total, active (the largest expert), per expert
         "num_experts": len(pipe.experts),
-    }  # fmt: skip
+    }
     path.write_text(json.dumps(cached, indent=1))
     return cached[key]
 
@@ -249,7 +327,9 @@ def training_table(names: list[str], evals: dict[str, dict]) -> str:
         low = [v for sg, v in zip(SIGMA_GRID, h) if sg <= 0.45]
         high = [v for sg, v in zip(SIGMA_GRID, h) if sg >= 0.85]
         k, p = e["num_experts"], e["params_per_expert"]
-        total, active = (e["params"]["total"], e["params"]["active"]) if "params" in e else (k * p, p)
+        total, active = (
+            (e["params"]["total"], e["params"]["active"]) if "params" in e else (k * p, p)
+        )
         tl = ", ".join(f"{x}={v:.4f}" for x, v in e["train_loss"].items() if x != "all")
         lines.append(
             f"| {run.label} | {k} x {run.num_layers} | {total / 1e6:.2f}M / {active / 1e6:.2f}M "
@@ -310,8 +390,9 @@ def run_inference(root: Path, vae_dir: Path, num_prompts: int, seeds) -> str:
     results = []
     for name, extra, swap in variants:
         t0 = time.time()
-        results.append(evaluate(swapped(pipe) if swap else pipe, items, seeds=seeds, name=name,
-                                **extra))  # fmt: skip
+        results.append(
+            evaluate(swapped(pipe) if swap else pipe, items, seeds=seeds, name=name, **extra)
+        )
         print(f"{name}: {results[-1].summary()} ({time.time() - t0:.0f}s)", flush=True)
     heldout = heldout_losses(pipe, LatentCache(heldout_cache(root, vae_dir)), experts=(HIGH, LOW))
     del heldout["routed"]

@@ -36,8 +36,9 @@ def random_adapter(
         if name.startswith("blocks.") and isinstance(m, torch.nn.Linear):
             out[name] = lora.AdapterWeights(
                 down=torch.randn(rank, m.in_features, generator=g) * 0.01,
-                up=torch.randn(m.out_features, rank, generator=g) * 0.01, scale=1.0,
-            )  # fmt: skip
+                up=torch.randn(m.out_features, rank, generator=g) * 0.01,
+                scale=1.0,
+            )
     return out
 
 
@@ -71,8 +72,14 @@ def main(argv: list[str] | None = None) -> str:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = TransformerConfig(dim=args.dim, ffn_dim=4 * args.dim, num_heads=args.heads,
-                            num_layers=args.layers, text_dim=args.dim, text_len=64)  # fmt: skip
+    cfg = TransformerConfig(
+        dim=args.dim,
+        ffn_dim=4 * args.dim,
+        num_heads=args.heads,
+        num_layers=args.layers,
+        text_dim=args.dim,
+        text_len=64,
+    )
     model = WanTransformer(cfg).eval().requires_grad_(False)
     x = torch.randn(2, cfg.in_dim, args.frames, args.latent, args.latent)  # cond + uncond batch
     inputs = (x, torch.full((2,), 0.7), torch.randn(2, cfg.text_len, cfg.text_dim))
@@ -95,14 +102,16 @@ def main(argv: list[str] | None = None) -> str:
     base = rows[0][1]
     cmd = "python benchmarks/bench_lora.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
-        SECTION, "",
+        SECTION,
+        "",
         f"Per-step time of one expert call (cond + uncond batch of 2), CPU float32, "
         f"{torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. Expert: dim "
         f"{cfg.dim}, {cfg.num_layers} layers, ffn {cfg.ffn_dim}, {tokens} video tokens "
         f"({args.frames}x{args.latent}x{args.latent} latent), {sum(q.numel() for q in model.parameters()) / 1e6:.1f}M "
         f"parameters; the adapter covers every block linear ({len(weights)} modules, "
-        f"{extra / 1e6:.2f}M parameters). Median (min) of {args.repeats} interleaved rounds after a warm-up.", "",
+        f"{extra / 1e6:.2f}M parameters). Median (min) of {args.repeats} interleaved rounds after a warm-up.",
+        "",
         "| configuration | per step (s) | min (s) | median vs. no adapter |",
         "| --- | --- | --- | --- |",
         *[f"| {n} | {med:.3f} | {mn:.3f} | {med / base:.2f}x |" for n, med, mn in rows],
@@ -112,8 +121,12 @@ def main(argv: list[str] | None = None) -> str:
         "shared CPU the min column is the steadier one.",
         "",
         f"Fusing took {fuse_s:.2f} s and unfusing (a bit-exact copy back) {unfuse_s:.2f} s. Measured with:",
-        "", "```", cmd.strip(), "```", "",
-    ]  # fmt: skip
+        "",
+        "```",
+        cmd.strip(),
+        "```",
+        "",
+    ]
     text = "\n".join(lines)
     print(text)
     if args.write is not None:

@@ -24,14 +24,19 @@ CASES = [  # (model, width, height, frames)
 
 
 def measured_table() -> str:
-    rows = ["| model | size | residency | predicted MiB | measured MiB | error |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| model | size | residency | predicted MiB | measured MiB | error |",
+        "|---|---|---|---|---|---|",
+    ]
     for model, w, h, f in CASES:
         for residency in (p for p in POLICIES if p in RESIDENCY):
             request = MemoryRequest(width=w, height=h, num_frames=f, residency=residency)
             predicted = predict(model_config_for(model), request).host_peak_bytes
             measured = measure_peak_rss(model, request)
-            rows.append(f"| {model or 'demo'} | {w}x{h}x{f} | {residency} | {predicted / 2**20:.0f} | "
-                        f"{measured / 2**20:.0f} | {100 * (predicted - measured) / measured:+.1f}% |")
+            rows.append(
+                f"| {model or 'demo'} | {w}x{h}x{f} | {residency} | {predicted / 2**20:.0f} | "
+                f"{measured / 2**20:.0f} | {100 * (predicted - measured) / measured:+.1f}% |"
+            )
             print(rows[-1], flush=True)
     return "\n".join(rows)
 
@@ -43,8 +48,10 @@ def a14b_table() -> str:
     for residency in POLICIES:
         for quantize in (None, "fp8"):
             p = predict(config, dataclasses.replace(base, residency=residency, quantize=quantize))
-            rows.append(f"| {residency} | {quantize or 'bf16'} | {p.host_peak_bytes / 1e9:.1f} | "
-                        f"{p.device_peak_bytes / 1e9:.1f} |")
+            rows.append(
+                f"| {residency} | {quantize or 'bf16'} | {p.host_peak_bytes / 1e9:.1f} | "
+                f"{p.device_peak_bytes / 1e9:.1f} |"
+            )
     return "\n".join(rows)
 
 

@@ -72,8 +72,9 @@ def run_one(model: str, residency: str, steps: int) -> dict:
     )
     digest = hashlib.sha256(out.frames.tobytes()).hexdigest()[:16]
     switch = [r["experts"] for r in out.trace]
-    return dict(residency=residency, peak_rss=hwm, frames_sha=digest, seconds=seconds,
-                experts=switch)  # fmt: skip
+    return dict(
+        residency=residency, peak_rss=hwm, frames_sha=digest, seconds=seconds, experts=switch
+    )
 
 
 def main() -> None:
@@ -95,15 +96,19 @@ def main() -> None:
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     params = sum(p.numel() for p in _meta_expert().parameters())
     base = next((r["peak_rss"] for r in rows if r["residency"] == "resident"), None)
-    print(f"model: 2 experts x {params / 1e6:.0f}M parameters, bf16, {per_expert / 2**20:.0f} MiB "
-          f"per expert; {args.steps} steps at {SIZE['width']}x{SIZE['height']}, "
-          f"{SIZE['num_frames']} frames, CPU")  # fmt: skip
+    print(
+        f"model: 2 experts x {params / 1e6:.0f}M parameters, bf16, {per_expert / 2**20:.0f} MiB "
+        f"per expert; {args.steps} steps at {SIZE['width']}x{SIZE['height']}, "
+        f"{SIZE['num_frames']} frames, CPU"
+    )
     print("| residency | peak host RSS (MiB) | vs resident (experts) | frames sha256 | seconds |")
     print("|---|---|---|---|---|")
     for r in rows:
         delta = "" if base is None else f"{(r['peak_rss'] - base) / per_expert:+.2f}"
-        print(f"| {r['residency']} | {r['peak_rss'] / 2**20:.0f} | {delta} | {r['frames_sha']} "
-              f"| {r['seconds']:.1f} |")  # fmt: skip
+        print(
+            f"| {r['residency']} | {r['peak_rss'] / 2**20:.0f} | {delta} | {r['frames_sha']} "
+            f"| {r['seconds']:.1f} |"
+        )
     same = len({r["frames_sha"] for r in rows}) == 1
     print(f"same video for every policy: {'yes' if same else 'NO'}")
 

@@ -31,10 +31,24 @@ def start_server(model: str, outputs: Path, max_queue: int) -> tuple[subprocess.
 
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vidmoe.cli", "serve", model, "--port", str(port), "--outputs",
-         str(outputs), "--max-queue", str(max_queue), "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "vidmoe.cli",
+            "serve",
+            model,
+            "--port",
+            str(port),
+            "--outputs",
+            str(outputs),
+            "--max-queue",
+            str(max_queue),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -55,8 +69,13 @@ def percentile(values: list[float], q: float) -> float:
 def run(args) -> dict:
     import httpx
 
-    settings = {"prompt": "a red circle moving left", "width": args.size, "height": args.size,
-                "num_frames": args.frames, "num_steps": args.steps}  # fmt: skip
+    settings = {
+        "prompt": "a red circle moving left",
+        "width": args.size,
+        "height": args.size,
+        "num_frames": args.frames,
+        "num_steps": args.steps,
+    }
     outputs = Path(tempfile.mkdtemp(prefix="bench_serve_")) / "outputs"
     proc, url = start_server(args.model, outputs, args.max_queue)
     accepted: list[str] = []
@@ -130,15 +149,23 @@ def run(args) -> dict:
         "one_video_each": videos == sorted(f"{i}.mp4" for i in accepted),
     }
     return {
-        "clients": args.clients, "jobs_asked": args.jobs, "accepted": len(accepted),
-        "responses_429": rejected_429, "done": len(done), "seconds": round(elapsed, 1),
+        "clients": args.clients,
+        "jobs_asked": args.jobs,
+        "accepted": len(accepted),
+        "responses_429": rejected_429,
+        "done": len(done),
+        "seconds": round(elapsed, 1),
         "jobs_per_minute": round(60 * len(done) / elapsed, 1),
-        "get_job_latency_ms": {"samples": len(latencies),
-                               "p50": round(1000 * percentile(latencies, 0.5), 2),
-                               "p95": round(1000 * percentile(latencies, 0.95), 2),
-                               "max": round(1000 * max(latencies), 2)},
-        "settings": settings, "max_queue": args.max_queue, "checks": checks,
-    }  # fmt: skip
+        "get_job_latency_ms": {
+            "samples": len(latencies),
+            "p50": round(1000 * percentile(latencies, 0.5), 2),
+            "p95": round(1000 * percentile(latencies, 0.95), 2),
+            "max": round(1000 * max(latencies), 2),
+        },
+        "settings": settings,
+        "max_queue": args.max_queue,
+        "checks": checks,
+    }
 
 
 def main() -> None:

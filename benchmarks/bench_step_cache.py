@@ -41,11 +41,20 @@ def run(pipe, items, seeds, step_cache, reference=None):
             skipped += sum(len(row.get("cached", [])) for row in r.trace)
             steps += sum(len(row["experts"]) for row in r.trace)
             reading = analyse(r.frames)
-            right += (reading.colour, reading.shape, reading.motion) == (item.colour, item.shape, item.motion)
+            right += (reading.colour, reading.shape, reading.motion) == (
+                item.colour,
+                item.shape,
+                item.motion,
+            )
     seconds = time.perf_counter() - t0
-    diff = (math.nan if reference is None
-            else float(np.mean([np.abs(a - b).mean() for a, b in zip(frames, reference)])))  # fmt: skip
-    return dict(seconds=seconds, skipped=skipped / steps, diff=diff, adherence=right / len(frames)), frames
+    diff = (
+        math.nan
+        if reference is None
+        else float(np.mean([np.abs(a - b).mean() for a, b in zip(frames, reference)]))
+    )
+    return dict(
+        seconds=seconds, skipped=skipped / steps, diff=diff, adherence=right / len(frames)
+    ), frames
 
 
 def main() -> None:
@@ -69,14 +78,20 @@ def main() -> None:
         rows.append((t, run(pipe, items, seeds, float(t), ref)[0]))
     for f in args.calibrate.split(","):
         thresholds = calibrate(pipe, items[:4], seeds, float(f))
-        label = f"calibrated {float(f):.0%}: " + ",".join(f"{n}={v:.3g}" for n, v in thresholds.items())
+        label = f"calibrated {float(f):.0%}: " + ",".join(
+            f"{n}={v:.3g}" for n, v in thresholds.items()
+        )
         rows.append((label, run(pipe, items, seeds, thresholds, ref)[0]))
     print(f"demo, {len(items)} held-out prompts x seeds {seeds}, {args.threads} threads, 25 steps")
-    print("| step cache | expert steps skipped | time (x uncached) | mean abs diff vs uncached (of 255) | all three right |")
+    print(
+        "| step cache | expert steps skipped | time (x uncached) | mean abs diff vs uncached (of 255) | all three right |"
+    )
     print("| --- | --- | --- | --- | --- |")
     for label, r in rows:
         diff = "-" if math.isnan(r["diff"]) else f"{r['diff']:.2f}"
-        print(f"| {label} | {r['skipped']:.0%} | {r['seconds'] / base['seconds']:.2f} | {diff} | {r['adherence']:.1%} |")
+        print(
+            f"| {label} | {r['skipped']:.0%} | {r['seconds'] / base['seconds']:.2f} | {diff} | {r['adherence']:.1%} |"
+        )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,12 @@ import torch
 from vidmoe.models.transformer import WanTransformer
 from vidmoe.training.config import load_train_config
 
-MODES = [("eager", False, False), ("compiled", True, False), ("eager", False, True),
-         ("compiled", True, True)]  # fmt: skip
+MODES = [
+    ("eager", False, False),
+    ("compiled", True, False),
+    ("eager", False, True),
+    ("compiled", True, True),
+]
 
 
 def step_times(expert: WanTransformer, batch, *, bf16: bool, repeats: int, warmup: int):
@@ -57,15 +61,21 @@ def main() -> None:
     arch = cfg.transformer_for(args.expert)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, arch.in_dim, args.frames, args.size, args.size, generator=g)
-    batch = (x, torch.rand(args.batch, generator=g),
-             torch.randn(args.batch, arch.text_len, arch.text_dim, generator=g), torch.randn_like(x))  # fmt: skip
+    batch = (
+        x,
+        torch.rand(args.batch, generator=g),
+        torch.randn(args.batch, arch.text_len, arch.text_dim, generator=g),
+        torch.randn_like(x),
+    )
     rows, reference = [], None
     for mode, compiled, bf16 in MODES:
         torch.manual_seed(0)
         expert = WanTransformer(arch).train()
         if compiled:
             expert.compile()
-        times = step_times(expert, batch, bf16=bf16, repeats=args.repeats, warmup=3 if compiled else 1)
+        times = step_times(
+            expert, batch, bf16=bf16, repeats=args.repeats, warmup=3 if compiled else 1
+        )
         median = statistics.median(times)
         reference = reference or median
         rows.append((mode, "bf16 autocast" if bf16 else "fp32", median, reference / median))

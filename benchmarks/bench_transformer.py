@@ -113,7 +113,12 @@ def demo_shape(args) -> TransformerConfig:
     (w, h), vae = config.default_size, config.vae
     args.frames = (config.default_num_frames - 1) // vae.temporal_stride + 1
     args.size, args.width = h // vae.spatial_stride, w // vae.spatial_stride
-    args.dim, args.layers, args.ffn_dim, args.heads = cfg.dim, cfg.num_layers, cfg.ffn_dim, cfg.num_heads
+    args.dim, args.layers, args.ffn_dim, args.heads = (
+        cfg.dim,
+        cfg.num_layers,
+        cfg.ffn_dim,
+        cfg.num_heads,
+    )
     args.text_len = cfg.text_len
     return cfg
 
@@ -138,8 +143,14 @@ def main() -> None:
     ap.add_argument("--attention", default="auto", help="vidmoe's attention backend")
     ap.add_argument("--demo", action="store_true", help="the demo's expert and latent shape")
     args = ap.parse_args()
-    defaults = {"width": args.size, "ffn_dim": 4 * args.dim, "heads": args.dim // 64,
-                "text_len": 512, "batch": 2, "device": "cpu"}  # fmt: skip
+    defaults = {
+        "width": args.size,
+        "ffn_dim": 4 * args.dim,
+        "heads": args.dim // 64,
+        "text_len": 512,
+        "batch": 2,
+        "device": "cpu",
+    }
     for k in ("width", "ffn_dim", "heads"):
         if getattr(args, k) is None:
             setattr(args, k, defaults[k])
@@ -149,20 +160,30 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     try:
         from diffusers import WanTransformer3DModel
+
         if args.demo:
             WanTransformer3DModel = None
     except ImportError as e:
         if not cuda and not args.compile:
             sys.exit(f"diffusers is needed for the CPU comparison ({e}); pip install diffusers")
-        print(f"NOTE: diffusers failed to import ({e}); timing vidmoe alone against the GEMM "
-              "reference.", file=sys.stderr)  # fmt: skip
+        print(
+            f"NOTE: diffusers failed to import ({e}); timing vidmoe alone against the GEMM "
+            "reference.",
+            file=sys.stderr,
+        )
         WanTransformer3DModel = None
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     warmup = 2 if cuda else 1
 
     dtype = getattr(torch, args.dtype)
-    cfg = TransformerConfig(dim=args.dim, ffn_dim=args.ffn_dim, num_heads=args.heads, num_layers=args.layers,
-                            text_len=args.text_len, text_dim=4096)  # fmt: skip
+    cfg = TransformerConfig(
+        dim=args.dim,
+        ffn_dim=args.ffn_dim,
+        num_heads=args.heads,
+        num_layers=args.layers,
+        text_len=args.text_len,
+        text_dim=4096,
+    )
     if args.demo:
         cfg = demo_shape(args)
     t_build = time.perf_counter()
@@ -229,8 +250,13 @@ def main() -> None:
             err_c = ((compiled_out.float() - eager.float()).norm() / eager.float().norm()).item()
             del eager, compiled_out
             # eager and compiled calls alternate, so both see the same load on a shared machine
-            pairs = [(_time(run_ours, 1, 0, sync)[0], _time(lambda: compiled(x, sigma, ctx), 1, 0, sync)[0])
-                     for _ in range(args.repeats)]  # fmt: skip
+            pairs = [
+                (
+                    _time(run_ours, 1, 0, sync)[0],
+                    _time(lambda: compiled(x, sigma, ctx), 1, 0, sync)[0],
+                )
+                for _ in range(args.repeats)
+            ]
             t_ours = [e for e, _ in pairs]
             t_comp, ratio_c = [c for _, c in pairs], statistics.median(c / e for e, c in pairs)
     m_ours = statistics.median(t_ours)
@@ -247,7 +273,9 @@ def main() -> None:
         vs = f"{m / m_theirs:.2f}x" if m_theirs is not None else "n/a"
         row = f"| {name} | {m:.4f} | {vs} |"
         if args.compile:
-            row += f" {1.0 if m is m_ours else ratio_c if 'compiled' in name else m / m_ours:.2f}x |"
+            row += (
+                f" {1.0 if m is m_ours else ratio_c if 'compiled' in name else m / m_ours:.2f}x |"
+            )
         if cuda:
             rate = flops / m / 1e12
             row += f" {rate:.4g} | {rate / gemm:.1%} | {'n/a' if mem is None else f'{mem:.2f}'} |"
@@ -263,51 +291,76 @@ def main() -> None:
         if cuda or args.width != args.size
         else ""
     )
-    model = (f"expert dim {args.dim}, {args.layers} layers"
-             + (f", FFN {args.ffn_dim}, {args.heads} heads" if cuda or args.ffn_dim != 4 * args.dim
-                or args.heads != args.dim // 64 else "")
-             + f", {n / 1e6:.1f}M parameters")  # fmt: skip
-    agree = (f"Outputs agree to {err:.1e} relative." if err is not None
-             else "Not compared with diffusers.")  # fmt: skip
+    model = (
+        f"expert dim {args.dim}, {args.layers} layers"
+        + (
+            f", FFN {args.ffn_dim}, {args.heads} heads"
+            if cuda or args.ffn_dim != 4 * args.dim or args.heads != args.dim // 64
+            else ""
+        )
+        + f", {n / 1e6:.1f}M parameters"
+    )
+    agree = (
+        f"Outputs agree to {err:.1e} relative."
+        if err is not None
+        else "Not compared with diffusers."
+    )
     if args.compile:
-        agree += (f" Compiled blocks agree with eager to {err_c:.1e} relative; the first compiled "
-                  f"call (the compilation) took {t_compile:.1f} s. Eager and compiled calls alternate "
-                  f"({args.repeats} pairs); vs eager is the median of the pairs' ratios.")  # fmt: skip
+        agree += (
+            f" Compiled blocks agree with eager to {err_c:.1e} relative; the first compiled "
+            f"call (the compilation) took {t_compile:.1f} s. Eager and compiled calls alternate "
+            f"({args.repeats} pairs); vs eager is the median of the pairs' ratios."
+        )
     if backend != "sdpa":
         agree += f" Attention backend: {backend}."
     rates = f"{flops / m_ours / 1e12:.3g} TFLOP/s vidmoe" + (
         f", {flops / m_theirs / 1e12:.3g} diffusers" if m_theirs is not None else ""
     )
     if cuda:
-        where = (f"{args.dtype} on {torch.cuda.get_device_name()}, torch {torch.__version__} "
-                 f"(CUDA {torch.version.cuda})")  # fmt: skip
-        head = (f"{batch}, {shape}{tokens} video tokens, {args.text_len} text tokens; {model}; {where}. "
-                f"Median of {args.repeats} after {warmup} warm-ups. {agree} "
-                f"A forward is {flops / 1e12:.4g} TFLOP (counted analytically: linears, attention, "
-                f"patch embedding, head; see `forward_flops`). MFU vs GEMM = achieved TFLOP/s / "
-                f"{GEMM_N}x{GEMM_N}x{GEMM_N} {args.dtype} matmul rate in the same process, "
-                f"{gemm:.1f} TFLOP/s (mean of 10 after 3 warm-ups). Peak GiB = the implementation's "
-                f"weights + its forward's peak allocation. Models built in {t_build:.1f} s.")  # fmt: skip
+        where = (
+            f"{args.dtype} on {torch.cuda.get_device_name()}, torch {torch.__version__} "
+            f"(CUDA {torch.version.cuda})"
+        )
+        head = (
+            f"{batch}, {shape}{tokens} video tokens, {args.text_len} text tokens; {model}; {where}. "
+            f"Median of {args.repeats} after {warmup} warm-ups. {agree} "
+            f"A forward is {flops / 1e12:.4g} TFLOP (counted analytically: linears, attention, "
+            f"patch embedding, head; see `forward_flops`). MFU vs GEMM = achieved TFLOP/s / "
+            f"{GEMM_N}x{GEMM_N}x{GEMM_N} {args.dtype} matmul rate in the same process, "
+            f"{gemm:.1f} TFLOP/s (mean of 10 after 3 warm-ups). Peak GiB = the implementation's "
+            f"weights + its forward's peak allocation. Models built in {t_build:.1f} s."
+        )
         title = (
             "Expert transformer vs diffusers (GPU)"
             if theirs is not None
             else "Expert transformer (GPU)"
         )
     else:
-        head = (f"{batch}, {shape}{tokens} video tokens, {args.text_len} text tokens; {model}; {args.dtype} on "
-                f"CPU, {args.threads} threads, {platform.machine()}, torch {torch.__version__}. Median of "
-                f"{args.repeats}. {agree} Forward {flops / 1e12:.3g} TFLOP (analytic): {rates}.")  # fmt: skip
+        head = (
+            f"{batch}, {shape}{tokens} video tokens, {args.text_len} text tokens; {model}; {args.dtype} on "
+            f"CPU, {args.threads} threads, {platform.machine()}, torch {torch.__version__}. Median of "
+            f"{args.repeats}. {agree} Forward {flops / 1e12:.3g} TFLOP (analytic): {rates}."
+        )
         title = "Expert transformer vs diffusers"
     if args.compile:
-        title = (("Demo expert" if args.demo else "Expert transformer")
-                 + f": blocks compiled vs eager, {args.dtype}" + (" (GPU)" if cuda else ""))  # fmt: skip
+        title = (
+            ("Demo expert" if args.demo else "Expert transformer")
+            + f": blocks compiled vs eager, {args.dtype}"
+            + (" (GPU)" if cuda else "")
+        )
     flags = {"compile": False, "demo": False, "attention": "auto"}
     cmd = "python benchmarks/bench_transformer.py " + " ".join(
-        (f"--{k}" if v is True else f"--{k.replace('_', '-')} {v}") for k, v in vars(args).items()
-        if k != "write" and v is not None and not (k in defaults and v == defaults[k])
+        (f"--{k}" if v is True else f"--{k.replace('_', '-')} {v}")
+        for k, v in vars(args).items()
+        if k != "write"
+        and v is not None
+        and not (k in defaults and v == defaults[k])
         and not (k in flags and v == flags[k])
-        and not (args.demo and k in ("dim", "layers", "frames", "size", "width", "ffn_dim", "heads", "text_len"))
-    )  # fmt: skip
+        and not (
+            args.demo
+            and k in ("dim", "layers", "frames", "size", "width", "ffn_dim", "heads", "text_len")
+        )
+    )
     text = f"\n## {title}\n\n{head}\n\n{table}\n\n```\n{cmd}\n```\n"
     print(text)
     if args.write:

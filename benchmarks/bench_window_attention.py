@@ -44,18 +44,24 @@ def main() -> None:
     def dense():
         mask = window_mask((args.tokens, 1, 1), window)
         qh, kh, vh = (rearrange(t, "b l n d -> b n l d") for t in (q, k, v))
-        return rearrange(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask), "b n l d -> b l n d")
+        return rearrange(
+            F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask), "b n l d -> b l n d"
+        )
 
     t_dense, ref = timed(dense, args.repeats)
     t_chunk, out = timed(lambda: attention(q, k, v, window, chunk=args.chunk), args.repeats)
     keys = min(args.tokens, args.chunk + 2 * args.window)
-    print(f"tokens {args.tokens}, window ({args.window}, {args.window}), {args.heads} heads x "
-          f"{args.head_dim}, bf16, {args.threads} threads, chunk {args.chunk}")
+    print(
+        f"tokens {args.tokens}, window ({args.window}, {args.window}), {args.heads} heads x "
+        f"{args.head_dim}, bf16, {args.threads} threads, chunk {args.chunk}"
+    )
     print("| path | s per call | largest mask |")
     print("| --- | --- | --- |")
-    print(f"| dense (L, L) mask + SDPA | {t_dense:.3f} | {args.tokens ** 2 / 2**20:.1f} MiB |")
-    print(f"| chunked (vidmoe) | {t_chunk:.3f} ({t_chunk / t_dense:.2f}x) | "
-          f"{min(args.chunk, args.tokens) * keys / 2**20:.1f} MiB |")
+    print(f"| dense (L, L) mask + SDPA | {t_dense:.3f} | {args.tokens**2 / 2**20:.1f} MiB |")
+    print(
+        f"| chunked (vidmoe) | {t_chunk:.3f} ({t_chunk / t_dense:.2f}x) | "
+        f"{min(args.chunk, args.tokens) * keys / 2**20:.1f} MiB |"
+    )
     print(f"max |difference| {(out.float() - ref.float()).abs().max().item():.3g}")
 
 

@@ -40,20 +40,36 @@ def generation_cases():
     from vidmoe.loading import build_random_pipeline, load_pipeline
 
     demo = load_pipeline(None, device="cpu")
-    for prompt, seed in (("a red circle moving to the right", 1), ("a blue star going up", 7),
-                         ("green triangle sliding left", 3), ("", 0)):
+    for prompt, seed in (
+        ("a red circle moving to the right", 1),
+        ("a blue star going up", 7),
+        ("green triangle sliding left", 3),
+        ("", 0),
+    ):
         r = demo.generate(prompt, seed=seed)
         yield f"demo {prompt!r} seed {seed}", digest(r.frames, r.latents, r.plan.to_dict())
-    r = demo.generate("a yellow square moving down", seed=2, num_steps=6, sampler="unipc",
-                      guidance={"high_noise": 4.0}, band=0.05)
+    r = demo.generate(
+        "a yellow square moving down",
+        seed=2,
+        num_steps=6,
+        sampler="unipc",
+        guidance={"high_noise": 4.0},
+        band=0.05,
+    )
     yield "demo unipc band", digest(r.frames, r.latents, r.plan.to_dict())
     t2v = build_random_pipeline("tiny-t2v")
     variants = {
-        "euler": dict(sampler="euler"), "unipc": dict(sampler="unipc"), "dpm++": dict(sampler="dpm++"),
-        "boundary 0.6": dict(boundary=0.6), "snr": dict(boundary="snr"), "steps:2": dict(boundary="steps:2"),
+        "euler": dict(sampler="euler"),
+        "unipc": dict(sampler="unipc"),
+        "dpm++": dict(sampler="dpm++"),
+        "boundary 0.6": dict(boundary=0.6),
+        "snr": dict(boundary="snr"),
+        "steps:2": dict(boundary="steps:2"),
         "budgets": dict(steps_per_expert={"high_noise": 2, "low_noise": 3}),
-        "band": dict(band=0.1), "guidance 1": dict(guidance=1.0),
-        "sigmas": dict(sigmas=(1.0, 0.7, 0.4, 0.1)), "shift 3": dict(shift=3.0, num_steps=5),
+        "band": dict(band=0.1),
+        "guidance 1": dict(guidance=1.0),
+        "sigmas": dict(sigmas=(1.0, 0.7, 0.4, 0.1)),
+        "shift 3": dict(shift=3.0, num_steps=5),
     }
     for name, kw in variants.items():
         kw.setdefault("num_steps", 4)
@@ -65,7 +81,9 @@ def generation_cases():
 
     with tempfile.TemporaryDirectory() as tmp:
         img = Path(tmp) / "im.png"
-        Image.fromarray((np.arange(64 * 64 * 3) % 251).astype(np.uint8).reshape(64, 64, 3)).save(img)
+        Image.fromarray((np.arange(64 * 64 * 3) % 251).astype(np.uint8).reshape(64, 64, 3)).save(
+            img
+        )
         for preset in ("tiny-i2v", "tiny-ti2v"):
             pipe = build_random_pipeline(preset)
             r = pipe.generate("a dog", seed=2, num_steps=3, image=str(img))
@@ -82,8 +100,12 @@ def training_case():
         cache = Path(tmp) / "cache"
         build_latent_cache(fake_clips(8), PoolVAE(), HashTextEncoder(), cache, text_len=8)
         trainer = train(TrainConfig.from_dict(tiny_run(cache, Path(tmp) / "run")))
-        losses = [json.loads(line) for line in (Path(tmp) / "run" / "log.jsonl").read_text().splitlines()]
-        losses = [{k: v for k, v in rec.items() if "sec" not in k and "time" not in k} for rec in losses]
+        losses = [
+            json.loads(line) for line in (Path(tmp) / "run" / "log.jsonl").read_text().splitlines()
+        ]
+        losses = [
+            {k: v for k, v in rec.items() if "sec" not in k and "time" not in k} for rec in losses
+        ]
         state = {n: p for e in trainer.experts.values() for n, p in e.state_dict().items()}
         yield "training tiny 8 steps", digest(losses, *state.values())
 

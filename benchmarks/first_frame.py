@@ -43,8 +43,15 @@ def roundtrip(vaes: dict, num_clips: int) -> dict:
 
     out = {name: {} for name in vaes}
     for bg in BACKGROUNDS:
-        world = ShapesWorld(64, 64, 17, backgrounds=(bg,), motions=("left", "right", "up", "down"),
-                            sizes=("large",), seed=2323)  # fmt: skip
+        world = ShapesWorld(
+            64,
+            64,
+            17,
+            backgrounds=(bg,),
+            motions=("left", "right", "up", "down"),
+            sizes=("large",),
+            seed=2323,
+        )
         clips = [world.sample(i).video[None] for i in range(num_clips)]  # (1, 3, T, H, W) each
         for name, vae in vaes.items():
             out[name][bg] = np.mean([frame_errors(vae, v) for v in clips], axis=0)  # (T,)
@@ -59,9 +66,13 @@ def generate_latents(pipe, num_prompts: int, seeds: list[int], cache: Path | Non
 
     items = prompt_set(num_prompts)
     jobs = [(item, seed) for item in items for seed in seeds]
-    latents = [pipe.generate(item.prompt, seed=seed, output="latents").latents for item, seed in jobs]
-    out = {"latents": torch.cat(latents),  # (N, Z, F, h, w)
-           "items": [(i.prompt, i.colour, i.shape, i.motion, s) for i, s in jobs]}  # fmt: skip
+    latents = [
+        pipe.generate(item.prompt, seed=seed, output="latents").latents for item, seed in jobs
+    ]
+    out = {
+        "latents": torch.cat(latents),  # (N, Z, F, h, w)
+        "items": [(i.prompt, i.colour, i.shape, i.motion, s) for i, s in jobs],
+    }
     if cache is not None:
         torch.save(out, cache)
     return out
@@ -78,12 +89,16 @@ def flash_summary(changes: np.ndarray) -> dict:
     """(N, T-1) border changes -> median and p90 of the first pair and of the later pairs'
     per-clip maximum, and how many clips' first change exceeds their largest later one."""
     first, later = changes[:, 0], changes[:, 1:].max(axis=1)
-    return {"first_median": float(np.median(first)), "first_p90": float(np.percentile(first, 90)),
-            "later_max_median": float(np.median(later)),
-            "later_max_p90": float(np.percentile(later, 90)),
-            "later_all_median": float(np.median(changes[:, 1:])),
-            "later_all_p90": float(np.percentile(changes[:, 1:], 90)),
-            "clips_first_over_later_max": int((first > later).sum()), "clips": len(first)}  # fmt: skip
+    return {
+        "first_median": float(np.median(first)),
+        "first_p90": float(np.percentile(first, 90)),
+        "later_max_median": float(np.median(later)),
+        "later_max_p90": float(np.percentile(later, 90)),
+        "later_all_median": float(np.median(changes[:, 1:])),
+        "later_all_p90": float(np.percentile(changes[:, 1:], 90)),
+        "clips_first_over_later_max": int((first > later).sum()),
+        "clips": len(first),
+    }
 
 
 def adherence(frames: list[np.ndarray], items: list) -> dict:
@@ -100,9 +115,12 @@ def adherence(frames: list[np.ndarray], items: list) -> dict:
 def latent_frame_stats(z: torch.Tensor) -> dict:
     """(N, Z, F, h, w) normalised latents -> per latent frame: mean, std, and the per-channel
     means and stds (for comparing two sets channel by channel)."""
-    return {"mean": z.mean(dim=(0, 1, 3, 4)).tolist(), "std": z.std(dim=(0, 1, 3, 4)).tolist(),
-            "channel_mean": z.mean(dim=(0, 3, 4)).T.tolist(),  # (F, Z)
-            "channel_std": z.std(dim=(0, 3, 4)).T.tolist()}  # fmt: skip
+    return {
+        "mean": z.mean(dim=(0, 1, 3, 4)).tolist(),
+        "std": z.std(dim=(0, 1, 3, 4)).tolist(),
+        "channel_mean": z.mean(dim=(0, 3, 4)).T.tolist(),  # (F, Z)
+        "channel_std": z.std(dim=(0, 3, 4)).T.tolist(),
+    }
 
 
 def encoded_latents(vae, num_clips: int) -> torch.Tensor:
@@ -129,11 +147,14 @@ def plain_backgrounds(vae) -> dict:
             z = vae.encode(video)  # (1, Z, F, h, w)
             out = (vae.decode(z)[0].mean(dim=(2, 3)) + 1) * 127.5  # (3, T)
         latents[bg] = z[0, :, :, 8, 8]  # (Z, F)
-        colours[bg] = {"true": [round(255 * c) for c in BACKGROUND_RGB[bg]],
-                       "frame 0": out[:, 0].round().tolist(), "frame 5": out[:, 5].round().tolist()}
+        colours[bg] = {
+            "true": [round(255 * c) for c in BACKGROUND_RGB[bg]],
+            "frame 0": out[:, 0].round().tolist(),
+            "frame 5": out[:, 5].round().tolist(),
+        }
     pairs = [("black", "dark_blue"), ("black", "grey"), ("grey", "white")]
     distance = {f"{a} - {b}": (latents[a] - latents[b]).norm(dim=0).tolist() for a, b in pairs}
-    return {"distance": distance, "colours": colours}  # fmt: skip
+    return {"distance": distance, "colours": colours}
 
 
 def decoder_probe(vae, num_steps: int = 60) -> dict:
@@ -144,8 +165,15 @@ def decoder_probe(vae, num_steps: int = 60) -> dict:
 
     out = {}
     for bg in ("black", "dark_blue"):
-        world = ShapesWorld(64, 64, 17, backgrounds=(bg,), motions=("left", "right", "up", "down"),
-                            sizes=("large",), seed=2323)  # fmt: skip
+        world = ShapesWorld(
+            64,
+            64,
+            17,
+            backgrounds=(bg,),
+            motions=("left", "right", "up", "down"),
+            sizes=("large",),
+            seed=2323,
+        )
         first = world.sample(0).video[None, :, :1]  # (1, 3, 1, H, W)
         with torch.no_grad():
             z0 = vae.encode(first)  # (1, Z, 1, h, w)
@@ -159,8 +187,11 @@ def decoder_probe(vae, num_steps: int = 60) -> dict:
             opt.step()
         with torch.no_grad():
             after = float((vae.decode(z) - first).abs().mean()) * 127.5
-        out[bg] = {"encoder_latent": before, "fitted_latent": after,
-                   "latent_shift": float((z.detach() - z0).abs().mean())}  # fmt: skip
+        out[bg] = {
+            "encoder_latent": before,
+            "fitted_latent": after,
+            "latent_shift": float((z.detach() - z0).abs().mean()),
+        }
     return out
 
 
@@ -177,62 +208,104 @@ def load_vae(pipe, path: str):
 
 
 def report(results: dict) -> str:
-    lines = ["## (a) VAE round trip: mean error per frame (levels of 255)", "",
-             "| VAE | background | frame 0 | frames 1-16 (mean) | worst of 1-16 | ratio |",
-             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        "## (a) VAE round trip: mean error per frame (levels of 255)",
+        "",
+        "| VAE | background | frame 0 | frames 1-16 (mean) | worst of 1-16 | ratio |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for name, by_bg in results["roundtrip"].items():
         for bg, e in by_bg.items():
             e = np.asarray(e)
-            lines.append(f"| {name} | {bg} | {e[0]:.1f} | {e[1:].mean():.1f} | {e[1:].max():.1f} "
-                         f"| {e[0] / e[1:].mean():.2f} |")  # fmt: skip
-    lines += ["", "## (b) border change between frames (levels): generated and real clips", "",
-              "| VAE | latents | frame 0->1 median | p90 | later pairs' max median | p90 "
-              "| all later pairs median | p90 | clips first > later max |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+            lines.append(
+                f"| {name} | {bg} | {e[0]:.1f} | {e[1:].mean():.1f} | {e[1:].max():.1f} "
+                f"| {e[0] / e[1:].mean():.2f} |"
+            )
+    lines += [
+        "",
+        "## (b) border change between frames (levels): generated and real clips",
+        "",
+        "| VAE | latents | frame 0->1 median | p90 | later pairs' max median | p90 "
+        "| all later pairs median | p90 | clips first > later max |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for (name, source), s in results["flash"].items():
-        lines.append(f"| {name} | {source} | {s['first_median']:.1f} | {s['first_p90']:.1f} "
-                     f"| {s['later_max_median']:.1f} | {s['later_max_p90']:.1f} "
-                     f"| {s['later_all_median']:.1f} | {s['later_all_p90']:.1f} "
-                     f"| {s['clips_first_over_later_max']}/{s['clips']} |")  # fmt: skip
-    lines += ["", "## Adherence of the generated clips (analyser)", "",
-              "| VAE | colour | shape | direction | all three |", "| --- | --- | --- | --- | --- |"]
+        lines.append(
+            f"| {name} | {source} | {s['first_median']:.1f} | {s['first_p90']:.1f} "
+            f"| {s['later_max_median']:.1f} | {s['later_max_p90']:.1f} "
+            f"| {s['later_all_median']:.1f} | {s['later_all_p90']:.1f} "
+            f"| {s['clips_first_over_later_max']}/{s['clips']} |"
+        )
+    lines += [
+        "",
+        "## Adherence of the generated clips (analyser)",
+        "",
+        "| VAE | colour | shape | direction | all three |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for name, a in results["adherence"].items():
         lines.append(f"| {name} | " + " | ".join(f"{100 * a[k]:.1f}%" for k in a) + " |")
-    lines += ["", "## (c) latent statistics per latent frame (normalised latents)", "",
-              "| latents | " + " | ".join(f"frame {f} mean / std" for f in range(5)) + " |",
-              "| --- |" + " --- |" * 5]  # fmt: skip
+    lines += [
+        "",
+        "## (c) latent statistics per latent frame (normalised latents)",
+        "",
+        "| latents | " + " | ".join(f"frame {f} mean / std" for f in range(5)) + " |",
+        "| --- |" + " --- |" * 5,
+    ]
     for source, s in results["latents"].items():
         cells = " | ".join(f"{m:+.2f} / {sd:.2f}" for m, sd in zip(s["mean"], s["std"]))
         lines.append(f"| {source} | {cells} |")
     gen, enc = (np.asarray(results["latents"][k]["channel_mean"]) for k in ("generated", "encoded"))
     gap = np.abs(gen - enc).mean(axis=1)  # (F,)
-    lines.append("| per-channel mean, generated - encoded, mean abs | "
-                 + " | ".join(f"{g:.2f}" for g in gap) + " |")  # fmt: skip
+    lines.append(
+        "| per-channel mean, generated - encoded, mean abs | "
+        + " | ".join(f"{g:.2f}" for g in gap)
+        + " |"
+    )
     sep = results["backgrounds"]["shipped"]  # the encoder is the same in every VAE compared here
-    lines += ["", "Plain backgrounds: distance between two backgrounds' latents (normalised, one "
-              "position), by latent frame", "", "| pair | " + " | ".join(f"frame {f}" for f in range(5))
-              + " |", "| --- |" + " --- |" * 5]  # fmt: skip
+    lines += [
+        "",
+        "Plain backgrounds: distance between two backgrounds' latents (normalised, one "
+        "position), by latent frame",
+        "",
+        "| pair | " + " | ".join(f"frame {f}" for f in range(5)) + " |",
+        "| --- |" + " --- |" * 5,
+    ]
     for pair, d in sep["distance"].items():
         lines.append(f"| {pair} | " + " | ".join(f"{x:.2f}" for x in d) + " |")
-    lines += ["", "| VAE | background | true RGB | decoded frame 0 | decoded frame 5 |",
-              "| --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "| VAE | background | true RGB | decoded frame 0 | decoded frame 5 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for name, by_vae in results["backgrounds"].items():
         for bg, c in by_vae["colours"].items():
             lines.append(f"| {name} | {bg} | {c['true']} | {c['frame 0']} | {c['frame 5']} |")
-    lines += ["", "Decoder probe (shipped VAE): frame 0's error from the encoder's latent, and from a "
-              "latent fitted to it (60 Adam steps)", "",
-              "| background | encoder's latent | fitted latent | mean latent shift |",
-              "| --- | --- | --- | --- |"]  # fmt: skip
+    lines += [
+        "",
+        "Decoder probe (shipped VAE): frame 0's error from the encoder's latent, and from a "
+        "latent fitted to it (60 Adam steps)",
+        "",
+        "| background | encoder's latent | fitted latent | mean latent shift |",
+        "| --- | --- | --- | --- |",
+    ]
     for bg, r in results["probe"].items():
-        lines.append(f"| {bg} | {r['encoder_latent']:.1f} | {r['fitted_latent']:.1f} "
-                     f"| {r['latent_shift']:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {bg} | {r['encoder_latent']:.1f} | {r['fitted_latent']:.1f} "
+            f"| {r['latent_shift']:.2f} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vae", action="append", default=[], metavar="NAME=FILE",
-                        help="a candidate vae.safetensors (repeatable); the shipped one is always in")
+    parser.add_argument(
+        "--vae",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="a candidate vae.safetensors (repeatable); the shipped one is always in",
+    )
     parser.add_argument("--clips", type=int, default=12, help="round-trip clips per background")
     parser.add_argument("--prompts", type=int, default=24, help="held-out prompts generated")
     parser.add_argument("--seeds", default="0,1", help="seeds per prompt")
@@ -251,15 +324,22 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = [int(s) for s in args.seeds.split(",")]
     gen = generate_latents(pipe, args.prompts, seeds, args.latents)
     originals, real = encoded_latents(pipe.vae, len(gen["latents"]))
-    results: dict = {"roundtrip": roundtrip(vaes, args.clips), "flash": {}, "adherence": {},
-                     "latents": {"generated": latent_frame_stats(gen["latents"]),
-                                 "encoded": latent_frame_stats(real)},
-               "backgrounds": {name: plain_backgrounds(vae) for name, vae in vaes.items()},
-               "probe": decoder_probe(pipe.vae)}  # fmt: skip
+    results: dict = {
+        "roundtrip": roundtrip(vaes, args.clips),
+        "flash": {},
+        "adherence": {},
+        "latents": {
+            "generated": latent_frame_stats(gen["latents"]),
+            "encoded": latent_frame_stats(real),
+        },
+        "backgrounds": {name: plain_backgrounds(vae) for name, vae in vaes.items()},
+        "probe": decoder_probe(pipe.vae),
+    }
     from vidmoe.io.video import to_uint8_frames
 
     results["flash"][("none", "original real")] = flash_summary(
-        np.stack([border_changes(to_uint8_frames(v)) for v in originals]))
+        np.stack([border_changes(to_uint8_frames(v)) for v in originals])
+    )
     for name, vae in vaes.items():
         for source, z in (("generated", gen["latents"]), ("encoded real", real)):
             frames = decode_frames(vae, z)
@@ -269,9 +349,14 @@ def main(argv: list[str] | None = None) -> dict:
                 results["adherence"][name] = adherence(frames, gen["items"])
     print(report(results))
     if args.json is not None:
-        flat = dict(results, flash={f"{n} / {s}": v for (n, s), v in results["flash"].items()},
-                    roundtrip={n: {bg: np.asarray(e).tolist() for bg, e in d.items()}
-                               for n, d in results["roundtrip"].items()})  # fmt: skip
+        flat = dict(
+            results,
+            flash={f"{n} / {s}": v for (n, s), v in results["flash"].items()},
+            roundtrip={
+                n: {bg: np.asarray(e).tolist() for bg, e in d.items()}
+                for n, d in results["roundtrip"].items()
+            },
+        )
         args.json.write_text(json.dumps(flat, indent=1))
     return results
 

@@ -50,8 +50,21 @@ def tiny_umt5_release_weights(seed: int = 0) -> dict[str, torch.Tensor]:
     n = UMT5_TINY_HPARAMS["num_layers"]
     names = ["token_embedding.weight", "norm.weight"]
     for i in range(n):
-        names += [f"blocks.{i}.{k}.weight" for k in ("norm1", "norm2", "attn.q", "attn.k", "attn.v", "attn.o",
-                                                   "ffn.gate.0", "ffn.fc1", "ffn.fc2", "pos_embedding.embedding")]  # fmt: skip
+        names += [
+            f"blocks.{i}.{k}.weight"
+            for k in (
+                "norm1",
+                "norm2",
+                "attn.q",
+                "attn.k",
+                "attn.v",
+                "attn.o",
+                "ffn.gate.0",
+                "ffn.fc1",
+                "ffn.fc2",
+                "pos_embedding.embedding",
+            )
+        ]
     probe = release_umt5_to_hf({name: name for name in names})
     for hf_name, release_name in probe.items():
         release_names[release_name] = hf[hf_name].clone()
@@ -75,8 +88,14 @@ def tiny_pipeline_weights(preset: str = "tiny-t2v", seed: int = 0):
 def write_tiny_official(root: Path, preset: str = "tiny-t2v", seed: int = 0) -> Path:
     """A tiny model in the release folder layout, with a tiny umT5 and tokenizer."""
     config, experts, vae = tiny_pipeline_weights(preset, seed)
-    write_official_layout(root, experts=experts, transformer=config.transformer, vae=vae,
-                          vae_generation=config.vae.generation, max_shard_bytes=400_000)  # fmt: skip
+    write_official_layout(
+        root,
+        experts=experts,
+        transformer=config.transformer,
+        vae=vae,
+        vae_generation=config.vae.generation,
+        max_shard_bytes=400_000,
+    )
     torch.save(tiny_umt5_release_weights(seed), root / RELEASE_T5_FILE)
     save_word_tokenizer(root / RELEASE_TOKENIZER_DIR)
     return root
@@ -87,19 +106,33 @@ def write_tiny_diffusers(
 ) -> Path:
     """The same tiny model in the diffusers folder layout, text encoder and scheduler included."""
     config, experts, vae = tiny_pipeline_weights(preset, seed)
-    write_diffusers_layout(root, experts=experts, transformer=config.transformer, vae=vae,
-                           vae_config=config.vae, boundary_ratio=config.moe.boundaries[0])  # fmt: skip
+    write_diffusers_layout(
+        root,
+        experts=experts,
+        transformer=config.transformer,
+        vae=vae,
+        vae_config=config.vae,
+        boundary_ratio=config.moe.boundaries[0],
+    )
     hf = release_umt5_to_hf(tiny_umt5_release_weights(seed))
     (root / "text_encoder").mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in hf.items() if k != "shared.weight"},
-              str(root / "text_encoder" / "model.safetensors"))  # fmt: skip
+    save_file(
+        {k: v.contiguous() for k, v in hf.items() if k != "shared.weight"},
+        str(root / "text_encoder" / "model.safetensors"),
+    )
     umt5_config(**UMT5_TINY_HPARAMS).save_pretrained(str(root / "text_encoder"))
     save_word_tokenizer(root / "tokenizer")
     (root / "scheduler").mkdir(exist_ok=True)
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": shift, "flow_shift": shift}))  # fmt: skip
+    (root / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(
+            {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": shift, "flow_shift": shift}
+        )
+    )
     index = json.loads((root / "model_index.json").read_text())
-    index.update(text_encoder=["transformers", "UMT5EncoderModel"], tokenizer=["transformers", "PreTrainedTokenizerFast"],
-                 scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"])  # fmt: skip
+    index.update(
+        text_encoder=["transformers", "UMT5EncoderModel"],
+        tokenizer=["transformers", "PreTrainedTokenizerFast"],
+        scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    )
     (root / "model_index.json").write_text(json.dumps(index))
     return root

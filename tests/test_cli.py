@@ -12,8 +12,28 @@ runner = CliRunner()
 
 def test_generate_tiny_preset_writes_mp4_and_settings(tmp_path):
     out = tmp_path / "clip.mp4"
-    r = runner.invoke(app, ["generate", "a red circle", "-m", "tiny-t2v", "-f", "9", "-W", "64", "-H", "48",
-                            "-s", "3", "--seed", "3", "-o", str(out), "--quiet"])  # fmt: skip
+    r = runner.invoke(
+        app,
+        [
+            "generate",
+            "a red circle",
+            "-m",
+            "tiny-t2v",
+            "-f",
+            "9",
+            "-W",
+            "64",
+            "-H",
+            "48",
+            "-s",
+            "3",
+            "--seed",
+            "3",
+            "-o",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     frames, fps = read_video(out)
     assert frames.shape == (9, 48, 64, 3) and fps == 16
@@ -54,8 +74,28 @@ def test_generate_from_official_layout_folder(tmp_path):
 
     folder = write_tiny_official(tmp_path / "Wan2.2-tiny")
     out = tmp_path / "official.mp4"
-    r = runner.invoke(app, ["generate", "a red circle", "-m", str(folder), "-f", "5", "-W", "32", "-H", "32",
-                            "-s", "2", "-o", str(out), "--dtype", "float32", "--quiet"])  # fmt: skip
+    r = runner.invoke(
+        app,
+        [
+            "generate",
+            "a red circle",
+            "-m",
+            str(folder),
+            "-f",
+            "5",
+            "-W",
+            "32",
+            "-H",
+            "32",
+            "-s",
+            "2",
+            "-o",
+            str(out),
+            "--dtype",
+            "float32",
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     frames, _ = read_video(out)
     assert frames.shape == (5, 32, 32, 3)

@@ -102,8 +102,11 @@ class _Renderer:
         p = parse_prompt(prompt)
         label = ShapeLabel(colour=p.colour, shape=p.shape, motion=p.motion)
         if self.wrong:
-            label = ShapeLabel(colour="green" if p.colour != "green" else "red", shape=p.shape,
-                               motion="up" if p.motion != "up" else "down")  # fmt: skip
+            label = ShapeLabel(
+                colour="green" if p.colour != "green" else "red",
+                shape=p.shape,
+                motion="up" if p.motion != "up" else "down",
+            )
         return type("R", (), {"frames": to_uint8_frames(render(label, seed))})()
 
 
@@ -311,9 +314,28 @@ def test_cli_eval_with_sets_seeds_expert_and_sampling_options(tmp_path):
         build_random_pipeline("tiny-t2v").experts["low_noise"].state_dict(), expert
     )
     out = tmp_path / "report"
-    args = ["eval", "tiny-t2v", "--prompts", "1", "--seeds", "5", "--steps", "1",
-            "--prompt-set", "both", "--expert", f"low_noise={expert}", "-g",
-            "high_noise=4,low_noise=3", "--sampler", "unipc", "--shift", "5", "-o", str(out)]  # fmt: skip
+    args = [
+        "eval",
+        "tiny-t2v",
+        "--prompts",
+        "1",
+        "--seeds",
+        "5",
+        "--steps",
+        "1",
+        "--prompt-set",
+        "both",
+        "--expert",
+        f"low_noise={expert}",
+        "-g",
+        "high_noise=4,low_noise=3",
+        "--sampler",
+        "unipc",
+        "--shift",
+        "5",
+        "-o",
+        str(out),
+    ]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "| release plan | phrasings |" in r.output and "| release plan | words |" in r.output

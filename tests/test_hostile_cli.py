@@ -95,11 +95,24 @@ def _bomb_png(path: Path, width: int, height: int) -> Path:
 @pytest.mark.parametrize("kind", ["bomb", "not an image"])
 def test_image_that_cannot_be_opened_safely(tmp_path, kind):
     if kind == "bomb":
-        image, needles = _bomb_png(tmp_path / "bomb.png", 100_000, 100_000), ("bomb.png", "too large")
+        image, needles = (
+            _bomb_png(tmp_path / "bomb.png", 100_000, 100_000),
+            ("bomb.png", "too large"),
+        )
     else:
         image, needles = tmp_path / "x.png", ("x.png",)
         image.write_bytes(b"not an image")
-    args = ["generate", "x", *TINY, "-m", "tiny-ti2v", "-i", str(image), "-o", str(tmp_path / "a.mp4")]
+    args = [
+        "generate",
+        "x",
+        *TINY,
+        "-m",
+        "tiny-ti2v",
+        "-i",
+        str(image),
+        "-o",
+        str(tmp_path / "a.mp4"),
+    ]
     refused(args, *needles)
 
 

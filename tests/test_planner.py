@@ -38,7 +38,10 @@ def test_parse_budget_units_and_errors():
 
 
 def test_weights_counted_exactly_and_fp8_shrinks_them():
-    bf16, fp8 = predict(A14B, GPU_480P), predict(A14B, dataclasses.replace(GPU_480P, quantize="fp8"))
+    bf16, fp8 = (
+        predict(A14B, GPU_480P),
+        predict(A14B, dataclasses.replace(GPU_480P, quantize="fp8")),
+    )
     # two experts of 14.3B parameters in bf16 (the issue: about 2 x 28.6 GB)
     assert bf16.breakdown["experts_device"] == pytest.approx(2 * 28.6e9, rel=0.01)
     assert fp8.breakdown["experts_device"] < 0.55 * bf16.breakdown["experts_device"]
@@ -46,8 +49,10 @@ def test_weights_counted_exactly_and_fp8_shrinks_them():
 
 
 def test_policies_trade_device_for_host():
-    plans = {r: predict(A14B, dataclasses.replace(GPU_480P, residency=r))
-             for r in ("resident", "swap", "blocks", "disk")}  # fmt: skip
+    plans = {
+        r: predict(A14B, dataclasses.replace(GPU_480P, residency=r))
+        for r in ("resident", "swap", "blocks", "disk")
+    }
     dev = {r: p.device_peak_bytes for r, p in plans.items()}
     host = {r: p.host_peak_bytes for r, p in plans.items()}
     assert dev["resident"] > dev["swap"] == dev["disk"] > dev["blocks"]
@@ -62,8 +67,9 @@ def test_choose_policy_fastest_that_fits_or_refuses():
     assert small.request.residency == "blocks"
     with pytest.raises(ValueError, match="no policy fits.*allow fp8"):
         choose_policy(A14B, GPU_480P, MemoryBudget(host_bytes=30 * 10**9, device_bytes=36 * 10**9))
-    fp8 = choose_policy(A14B, GPU_480P, MemoryBudget(host_bytes=30 * 10**9, device_bytes=36 * 10**9),
-                        allow_fp8=True)  # fmt: skip
+    fp8 = choose_policy(
+        A14B, GPU_480P, MemoryBudget(host_bytes=30 * 10**9, device_bytes=36 * 10**9), allow_fp8=True
+    )
     assert fp8.request.quantize == "fp8" and fp8.host_peak_bytes <= 30e9
 
 
@@ -86,8 +92,12 @@ def test_server_refuses_a_job_that_cannot_fit(tmp_path):
     from vidmoe.serve.routes import check_request
     from vidmoe.serve.state import ServeConfig
 
-    cfg = ServeConfig(model="tiny-t2v", outputs=tmp_path, device="cpu",
-                      memory_budget=MemoryBudget(host_bytes=800 * 10**6))  # fmt: skip
+    cfg = ServeConfig(
+        model="tiny-t2v",
+        outputs=tmp_path,
+        device="cpu",
+        memory_budget=MemoryBudget(host_bytes=800 * 10**6),
+    )
     state = create_app(cfg, load=lambda: None).state.serve
     check_request(state, {"prompt": "x", "width": 64, "height": 64}, None)  # fits
     with pytest.raises(ValueError, match="this job needs about host"):
@@ -105,8 +115,10 @@ CASES = [  # (model, width, height, frames)
 @pytest.mark.parametrize("model,width,height,frames", CASES)
 def test_prediction_within_15_percent_of_measured_peak(model, width, height, frames, residency):
     if residency not in RESIDENCY:
-        pytest.skip(f"residency {residency!r} is not implemented yet (Placement accepts "
-                    f"{', '.join(RESIDENCY)}): the check runs once it is")  # fmt: skip
+        pytest.skip(
+            f"residency {residency!r} is not implemented yet (Placement accepts "
+            f"{', '.join(RESIDENCY)}): the check runs once it is"
+        )
     if residency == "disk" and model is not None:
         pytest.skip("residency 'disk' re-reads experts from their files: a preset has none")
     request = MemoryRequest(width=width, height=height, num_frames=frames, residency=residency)

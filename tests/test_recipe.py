@@ -87,8 +87,18 @@ def test_recipe_describes_the_shipped_model():
 def test_resumed_phases_keep_the_run_and_its_objective():
     """Phases that share an out_dir resume one another: each starts where the one before ended
     and changes only the schedule, data mix and arithmetic, never the model or objective."""
-    varying = {"lr_schedule", "max_steps", "stop_step", "cache", "num_threads", "lr",
-               "schedule_start", "use_bf16", "compile", "oversample"}  # fmt: skip
+    varying = {
+        "lr_schedule",
+        "max_steps",
+        "stop_step",
+        "cache",
+        "num_threads",
+        "lr",
+        "schedule_start",
+        "use_bf16",
+        "compile",
+        "oversample",
+    }
     by_run: dict[str, list] = {}
     for args in recipe_commands():
         if args[0] == "train":
@@ -110,10 +120,21 @@ def _smoke_train_config(path: Path, done: dict[str, int]) -> dict:
     same resume and init chain."""
     d = read_config(path)
     start = done.get(d["out_dir"], 0)
-    d.update(max_steps=start + 1, stop_step=0, warmup_steps=1, batch_size=2, device="cpu",
-             compile=False, use_bf16=False, num_threads=0, log_every=1, checkpoint_every=100,
-             use_progress=False, schedule_start=start if d.get("schedule_start") else 0,
-             transformer={**d["transformer"], **SMOKE_TRANSFORMER})  # fmt: skip
+    d.update(
+        max_steps=start + 1,
+        stop_step=0,
+        warmup_steps=1,
+        batch_size=2,
+        device="cpu",
+        compile=False,
+        use_bf16=False,
+        num_threads=0,
+        log_every=1,
+        checkpoint_every=100,
+        use_progress=False,
+        schedule_start=start if d.get("schedule_start") else 0,
+        transformer={**d["transformer"], **SMOKE_TRANSFORMER},
+    )
     done[d["out_dir"]] = start + 1
     return d
 
@@ -122,9 +143,20 @@ def _smoke_vae_config(path: Path) -> dict:
     """A VAE stage at a reduced size: 1 step on small clips, a third of the width (the latent
     grid, hence the experts, stay as they are)."""
     d = read_config(path, "VAE train config")
-    d.update(max_steps=1, stop_step=0, batch_size=1, width=32, height=32, clip_frames=5,
-             window_frames=5, crop=min(d["crop"], 16), num_stat_clips=1, num_threads=0,
-             max_minutes=10.0, vae={**d["vae"], "dim": 8})  # fmt: skip
+    d.update(
+        max_steps=1,
+        stop_step=0,
+        batch_size=1,
+        width=32,
+        height=32,
+        clip_frames=5,
+        window_frames=5,
+        crop=min(d["crop"], 16),
+        num_stat_clips=1,
+        num_threads=0,
+        max_minutes=10.0,
+        vae={**d["vae"], "dim": 8},
+    )
     return d
 
 
@@ -177,9 +209,11 @@ def test_the_whole_recipe_runs_at_a_reduced_size(tmp_path, monkeypatch):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, (args, result.output, result.exception)
     assert done["runs/demo/low_noise"] == 10  # ten phases, each resuming the one before
-    frames = vidmoe.load_pipeline(tmp_path / "runs/demo/model", device="cpu").generate(
-        "a red circle moving to the right", num_steps=2, seed=0
-    ).frames
+    frames = (
+        vidmoe.load_pipeline(tmp_path / "runs/demo/model", device="cpu")
+        .generate("a red circle moving to the right", num_steps=2, seed=0)
+        .frames
+    )
     assert frames.shape == (17, 64, 64, 3) and frames.dtype == np.uint8
     assert (tmp_path / "outputs/recipe_red_circle.mp4").stat().st_size > 0
 
@@ -190,8 +224,19 @@ def test_cache_verb_builds_the_world_cache_the_trainer_reads(tmp_path, vocabular
     from vidmoe.world.shapes import demo_world
 
     out = tmp_path / "cache"
-    args = ["cache", str(out), "--clips", "3", "--start", "5", "--captions", "2", "--quiet",
-            "--vocabulary", vocabulary]  # fmt: skip
+    args = [
+        "cache",
+        str(out),
+        "--clips",
+        "3",
+        "--start",
+        "5",
+        "--captions",
+        "2",
+        "--quiet",
+        "--vocabulary",
+        vocabulary,
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     cache = LatentCache(out)
@@ -211,8 +256,10 @@ def test_cache_verb_reads_a_video_folder_and_refuses_bad_input(tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert LatentCache(out).latents.shape == (2, 16, 3, 16, 16)  # resized to 64x64, 9 frames
-    for bad, message in ((["--clips", "0"], "give the number of clips"),
-                         (["--clips", "2", "--vocabulary", "klingon"], "klingon")):  # fmt: skip
+    for bad, message in (
+        (["--clips", "0"], "give the number of clips"),
+        (["--clips", "2", "--vocabulary", "klingon"], "klingon"),
+    ):
         result = CliRunner().invoke(app, ["cache", str(tmp_path / "c2"), *bad])
         assert result.exit_code == 2 and message in result.output, result.output
 

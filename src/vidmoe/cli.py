@@ -46,7 +46,9 @@ DEVICE_HELP = "cpu, cuda, cuda:N or auto."
 EXPERT_HELP = "An expert from its own file, repeatable: high_noise=FILE (official, diffusers, ComfyUI bf16/fp16/fp8/fp8_scaled, or .gguf); on top of --model, or alone with --vae and --text-encoder."
 
 
-def _component_files(expert: list[str] | None, vae: Path | None, text_encoder: Path | None) -> dict | None:
+def _component_files(
+    expert: list[str] | None, vae: Path | None, text_encoder: Path | None
+) -> dict | None:
     """`load_pipeline`'s experts/vae/text_encoder from --expert NAME=FILE, --vae, --text-encoder."""
     if not expert and vae is None and text_encoder is None:
         return None
@@ -54,11 +56,15 @@ def _component_files(expert: list[str] | None, vae: Path | None, text_encoder: P
     for item in expert or []:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"--expert takes NAME=FILE (e.g. high_noise=wan_high.safetensors); got {item!r}")
+            raise ValueError(
+                f"--expert takes NAME=FILE (e.g. high_noise=wan_high.safetensors); got {item!r}"
+            )
         if name in experts:
             raise ValueError(f"--expert {name} is given twice ({experts[name]} and {path})")
         experts[name] = Path(path)
     return {"experts": experts, "vae": vae, "text_encoder": text_encoder}
+
+
 ATTENTION_HELP = (
     "auto (flash-attn on CUDA in bf16/fp16 when installed, else sdpa), sdpa, flash or sage."
 )
@@ -132,8 +138,14 @@ def _user_errors() -> Iterator[None]:
         _fail(e)
 
 
-def _plan(settings, model: str | None, *, any_image: bool = False, files: dict | None = None,
-          full: bool = False):
+def _plan(
+    settings,
+    model: str | None,
+    *,
+    any_image: bool = False,
+    files: dict | None = None,
+    full: bool = False,
+):
     """Validate `settings` against the model's config and plan the steps (no weights loaded);
     `any_image` stands in an image for an i2v model when only the plan is wanted; `files` are
     components from separate files (`_component_files`); `full` also returns the resolved
@@ -173,9 +185,16 @@ def _load(
     from vidmoe.loading import load_pipeline
 
     try:
-        pipe = load_pipeline(model, device=device, dtype=dtype, residency=residency,
-                             quantize=quantize, attention=attention, compile=compile,
-                             **(files or {}))
+        pipe = load_pipeline(
+            model,
+            device=device,
+            dtype=dtype,
+            residency=residency,
+            quantize=quantize,
+            attention=attention,
+            compile=compile,
+            **(files or {}),
+        )
     except (RuntimeError, MemoryError) as e:  # e.g. a config whose sizes cannot be allocated
         raise ValueError(f"cannot build the model {model or '(demo)'}: {e}") from e
     for expert, path, strength in loras:
@@ -274,13 +293,23 @@ def generate(
     ),
     quantize: str | None = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
     area: str | None = typer.Option(
-        None, "--area", help="i2v: frame area W*H (e.g. 832*480); the size follows the image's "
-        "aspect ratio as in the release. Default: the model's width x height. Not with -W/-H."
+        None,
+        "--area",
+        help="i2v: frame area W*H (e.g. 832*480); the size follows the image's "
+        "aspect ratio as in the release. Default: the model's width x height. Not with -W/-H.",
     ),
     # components from separate files (docs/checkpoints.md)
     expert: list[str] | None = typer.Option(None, "--expert", help=EXPERT_HELP),
-    vae: Path | None = typer.Option(None, "--vae", help="VAE file: Wan2.1_VAE.pth, wan_2.1_vae.safetensors or a diffusers vae/ folder."),
-    text_encoder: Path | None = typer.Option(None, "--text-encoder", help="umT5 file: the release .pth, umt5_xxl_fp16 / umt5_xxl_fp8_e4m3fn_scaled .safetensors (tokenizer beside it) or a diffusers text_encoder/ folder."),
+    vae: Path | None = typer.Option(
+        None,
+        "--vae",
+        help="VAE file: Wan2.1_VAE.pth, wan_2.1_vae.safetensors or a diffusers vae/ folder.",
+    ),
+    text_encoder: Path | None = typer.Option(
+        None,
+        "--text-encoder",
+        help="umT5 file: the release .pth, umt5_xxl_fp16 / umt5_xxl_fp8_e4m3fn_scaled .safetensors (tokenizer beside it) or a diffusers text_encoder/ folder.",
+    ),
     # speed: attention backend and regional compile (models/attention.py)
     attention: str = typer.Option("auto", "--attention", help=ATTENTION_HELP),
     compile: bool = typer.Option(
@@ -325,12 +354,22 @@ def generate(
         if not quiet:
             typer.echo(plan_.summary())
         if memory_budget is not None:  # the fastest residency that fits, before anything loads
-            chosen = _memory(config, rs, device=device, dtype=dtype, residency=residency,
-                             quantize=quantize, budget=memory_budget, runnable=True).request  # fmt: skip
+            chosen = _memory(
+                config,
+                rs,
+                device=device,
+                dtype=dtype,
+                residency=residency,
+                quantize=quantize,
+                budget=memory_budget,
+                runnable=True,
+            ).request
             residency, quantize = chosen.residency, chosen.quantize
             if not quiet:
-                typer.echo(f"memory budget {memory_budget}: residency {residency}, weights "
-                           f"{quantize or 'as stored'}")  # fmt: skip
+                typer.echo(
+                    f"memory budget {memory_budget}: residency {residency}, weights "
+                    f"{quantize or 'as stored'}"
+                )
         elif quantize == "auto":
             quantize = None  # auto quantises only where a memory budget needs it
         pipe = _load(
@@ -403,18 +442,38 @@ def plan(
             frames=frames,
         )
         plan_, rs, config = _plan(s, model, any_image=True, full=True)
-        memory = _memory(config, rs, device=device, dtype=dtype, residency=residency,
-                         quantize=quantize, budget=memory_budget)  # fmt: skip
+        memory = _memory(
+            config,
+            rs,
+            device=device,
+            dtype=dtype,
+            residency=residency,
+            quantize=quantize,
+            budget=memory_budget,
+        )
     if as_json:
-        typer.echo(json.dumps({"plan": plan_.to_dict(), "settings": rs.to_dict(),
-                               "memory": memory.to_dict()}, indent=2))  # fmt: skip
+        typer.echo(
+            json.dumps(
+                {"plan": plan_.to_dict(), "settings": rs.to_dict(), "memory": memory.to_dict()},
+                indent=2,
+            )
+        )
     else:
         typer.echo(plan_.summary())
         typer.echo(memory.summary())
 
 
-def _memory(config, rs, *, device: str, dtype: str, residency: str, quantize: str | None,
-            budget: str | None, runnable: bool = False):  # fmt: skip
+def _memory(
+    config,
+    rs,
+    *,
+    device: str,
+    dtype: str,
+    residency: str,
+    quantize: str | None,
+    budget: str | None,
+    runnable: bool = False,
+):
     """The predicted MemoryPlan of a run; with a budget, of the fastest policy that fits it
     (`runnable`: only among the policies this build runs)."""
     from vidmoe.devices import resolve_device, resolve_dtype
@@ -426,15 +485,25 @@ def _memory(config, rs, *, device: str, dtype: str, residency: str, quantize: st
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     request = MemoryRequest(
-        width=rs.width, height=rs.height, num_frames=rs.num_frames,
-        dtype=str(torch_dtype).removeprefix("torch."), residency=residency,
-        quantize="fp8" if quantize == "fp8" else None, device=dev.type,
-    )  # fmt: skip
+        width=rs.width,
+        height=rs.height,
+        num_frames=rs.num_frames,
+        dtype=str(torch_dtype).removeprefix("torch."),
+        residency=residency,
+        quantize="fp8" if quantize == "fp8" else None,
+        device=dev.type,
+    )
     if budget is None:
         return predict(config, request)
     policies = tuple(p for p in POLICIES if p in RESIDENCY) if runnable else POLICIES
-    return choose_policy(config, request, parse_budget(budget), allow_fp8=quantize == "auto",
-                         policies=policies, fp8_hint="--quantize auto")  # fmt: skip
+    return choose_policy(
+        config,
+        request,
+        parse_budget(budget),
+        allow_fp8=quantize == "auto",
+        policies=policies,
+        fp8_hint="--quantize auto",
+    )
 
 
 @app.command()
@@ -462,11 +531,27 @@ def serve(
         "resident", "--residency", help="resident, swap, disk or blocks (docs/memory.md)."
     ),
     log_level: str = typer.Option("info", "--log-level"),
-    allowed_host: list[str] | None = typer.Option(None, "--allowed-host", help="A Host name (NAME or NAME:PORT) accepted beside 127.0.0.1, localhost, [::1] (repeatable)."),
-    allowed_origin: list[str] | None = typer.Option(None, "--allowed-origin", help="A web origin (https://NAME[:PORT]) that may change jobs beside the server's own (repeatable)."),
-    max_steps: int | None = typer.Option(None, "--max-steps", help="Most denoising steps per job (default: the model's limit)."),
-    max_frames: int | None = typer.Option(None, "--max-frames", help="Most frames per job (default: the model's limit)."),
-    max_pixels: int | None = typer.Option(None, "--max-pixels", help="Most pixels (width x height) per frame (default: the model's limit)."),
+    allowed_host: list[str] | None = typer.Option(
+        None,
+        "--allowed-host",
+        help="A Host name (NAME or NAME:PORT) accepted beside 127.0.0.1, localhost, [::1] (repeatable).",
+    ),
+    allowed_origin: list[str] | None = typer.Option(
+        None,
+        "--allowed-origin",
+        help="A web origin (https://NAME[:PORT]) that may change jobs beside the server's own (repeatable).",
+    ),
+    max_steps: int | None = typer.Option(
+        None, "--max-steps", help="Most denoising steps per job (default: the model's limit)."
+    ),
+    max_frames: int | None = typer.Option(
+        None, "--max-frames", help="Most frames per job (default: the model's limit)."
+    ),
+    max_pixels: int | None = typer.Option(
+        None,
+        "--max-pixels",
+        help="Most pixels (width x height) per frame (default: the model's limit).",
+    ),
     # speed: attention backend and regional compile (models/attention.py)
     attention: str = typer.Option("auto", "--attention", help=ATTENTION_HELP),
     compile: bool = typer.Option(False, "--compile", help="torch.compile each transformer block."),
@@ -625,16 +710,37 @@ def eval_(
 @app.command()
 def cache(
     out: Path = typer.Argument(..., help="Folder of the new latent cache."),
-    videos: Path | None = typer.Option(None, "--videos", help="Folder of mp4s + metadata.jsonl/csv; default: the demo's shapes world."),
-    clips: int = typer.Option(0, "--clips", help="Clips to encode (0: every video; the world needs a number)."),
+    videos: Path | None = typer.Option(
+        None,
+        "--videos",
+        help="Folder of mp4s + metadata.jsonl/csv; default: the demo's shapes world.",
+    ),
+    clips: int = typer.Option(
+        0, "--clips", help="Clips to encode (0: every video; the world needs a number)."
+    ),
     start: int = typer.Option(0, "--start", help="First clip: world index or metadata row."),
-    captions: int = typer.Option(1, "--captions", help="Phrasings per world clip (one drawn per sample)."),
-    vocabulary: str = typer.Option("base", "--vocabulary", help="World captions' motion phrasings: base or extended."),
-    frames: int = typer.Option(0, "--frames", "-f", help="Frames per video (0: the model's default)."),
+    captions: int = typer.Option(
+        1, "--captions", help="Phrasings per world clip (one drawn per sample)."
+    ),
+    vocabulary: str = typer.Option(
+        "base", "--vocabulary", help="World captions' motion phrasings: base or extended."
+    ),
+    frames: int = typer.Option(
+        0, "--frames", "-f", help="Frames per video (0: the model's default)."
+    ),
     width: int = typer.Option(0, "--width", "-W", help="Video width (0: the model's default)."),
     height: int = typer.Option(0, "--height", "-H", help="Video height (0: the model's default)."),
-    model: str | None = typer.Option(None, "--model", "-m", help="Model folder whose VAE and text encoder encode. Default: the shipped demo model."),
-    vae: Path | None = typer.Option(None, "--vae", help="VAE folder (vae.safetensors + vae_config.json, as train-vae writes) in place of the model's."),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Model folder whose VAE and text encoder encode. Default: the shipped demo model.",
+    ),
+    vae: Path | None = typer.Option(
+        None,
+        "--vae",
+        help="VAE folder (vae.safetensors + vae_config.json, as train-vae writes) in place of the model's.",
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(16, "--batch-size", help="Clips encoded at once."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -643,19 +749,40 @@ def cache(
     from vidmoe.training.cache import CacheSource, build_cache
 
     with _user_errors():
-        source = CacheSource(videos=videos, start=start, clips=clips, captions=captions, vocabulary=vocabulary,
-                             num_frames=frames, width=width, height=height)  # fmt: skip
-        index = build_cache(out, source, model=model, vae=vae, device=device, batch_size=batch_size,
-                            progress=not quiet)  # fmt: skip
+        source = CacheSource(
+            videos=videos,
+            start=start,
+            clips=clips,
+            captions=captions,
+            vocabulary=vocabulary,
+            num_frames=frames,
+            width=width,
+            height=height,
+        )
+        index = build_cache(
+            out,
+            source,
+            model=model,
+            vae=vae,
+            device=device,
+            batch_size=batch_size,
+            progress=not quiet,
+        )
     typer.echo(f"latent cache in {index.parent}")
 
 
 @app.command()
 def export(
     out: Path = typer.Argument(..., help="The model folder to write."),
-    runs: list[Path] = typer.Argument(..., help="Training runs (out_dir folders) that together hold every expert."),
-    config: Path = typer.Option(..., "--config", help="Model config (a vidmoe.json; its vae table may be left out)."),
-    vae: Path = typer.Option(..., "--vae", help="VAE folder (train-vae's out_dir, or a model folder)."),
+    runs: list[Path] = typer.Argument(
+        ..., help="Training runs (out_dir folders) that together hold every expert."
+    ),
+    config: Path = typer.Option(
+        ..., "--config", help="Model config (a vidmoe.json; its vae table may be left out)."
+    ),
+    vae: Path = typer.Option(
+        ..., "--vae", help="VAE folder (train-vae's out_dir, or a model folder)."
+    ),
 ):
     """Write training runs' EMA experts, a VAE and a model config as a model folder."""
     from vidmoe.training.export import export_runs
@@ -667,10 +794,18 @@ def export(
 
 @app.command()
 def convert(
-    src: Path = typer.Argument(..., help="A checkpoint folder or file in any layout vidmoe reads (or a .gguf expert)."),
-    dst: Path = typer.Argument(..., help="Where to write: a folder (a .safetensors file for one ComfyUI expert)."),
+    src: Path = typer.Argument(
+        ..., help="A checkpoint folder or file in any layout vidmoe reads (or a .gguf expert)."
+    ),
+    dst: Path = typer.Argument(
+        ..., help="Where to write: a folder (a .safetensors file for one ComfyUI expert)."
+    ),
     layout: str = typer.Option(..., "--layout", help="official, diffusers, comfyui or vidmoe."),
-    quantize: str | None = typer.Option(None, "--quantize", help="fp8: block linear weights as ComfyUI fp8_scaled (a scale per output channel)."),
+    quantize: str | None = typer.Option(
+        None,
+        "--quantize",
+        help="fp8: block linear weights as ComfyUI fp8_scaled (a scale per output channel).",
+    ),
 ):
     """Write a checkpoint in another layout (optionally fp8_scaled); the text encoder is not copied."""
     from vidmoe.io.convert import convert as convert_checkpoint

@@ -41,9 +41,15 @@ def model_config_for(model: str | Path | None) -> ModelConfig:
     return detect_layout(Path(model)).config
 
 
-def build_random_pipeline(config: ModelConfig | str, *, seed: int = 0, device="cpu",
-                          dtype: torch.dtype = torch.float32, residency: str = "resident",
-                          text_encoder_device: str | torch.device | None = None) -> Pipeline:  # fmt: skip
+def build_random_pipeline(
+    config: ModelConfig | str,
+    *,
+    seed: int = 0,
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
+    residency: str = "resident",
+    text_encoder_device: str | torch.device | None = None,
+) -> Pipeline:
     """A pipeline with randomly initialised weights (tests, benchmarks, `--model tiny-t2v`).
 
     Residency 'disk' is refused: these experts have no file to be re-read from.
@@ -67,20 +73,30 @@ def build_random_pipeline(config: ModelConfig | str, *, seed: int = 0, device="c
         dtype=torch.float32,
         max_length=config.transformer.text_len,
     )
-    placement = Placement(device=device, dtype=dtype, residency=residency,
-                          text_encoder_device=text_encoder_device)  # fmt: skip
+    placement = Placement(
+        device=device, dtype=dtype, residency=residency, text_encoder_device=text_encoder_device
+    )
     _place_text_encoder(text, placement)
     pipe = Pipeline(config, Experts(experts, config.moe, placement=placement), vae, text)
     pipe.source = {"preset": config.name, "weights": f"random (seed {seed})"}
     return pipe
 
 
-def load_pipeline(model: str | Path | None = None, *, device: str = "auto", dtype: str | torch.dtype = "auto",
-                  residency: str = "resident", strict: bool = True,
-                  quantize: str | None = None, experts: dict[str, str | Path] | None = None,
-                  vae: str | Path | None = None, text_encoder: str | Path | None = None,
-                  attention: str = "auto", compile: bool = False,
-                  text_encoder_device: str | None = None) -> Pipeline:  # fmt: skip
+def load_pipeline(
+    model: str | Path | None = None,
+    *,
+    device: str = "auto",
+    dtype: str | torch.dtype = "auto",
+    residency: str = "resident",
+    strict: bool = True,
+    quantize: str | None = None,
+    experts: dict[str, str | Path] | None = None,
+    vae: str | Path | None = None,
+    text_encoder: str | Path | None = None,
+    attention: str = "auto",
+    compile: bool = False,
+    text_encoder_device: str | None = None,
+) -> Pipeline:
     """Load a pipeline from a checkpoint (any supported layout), a preset name, or the demo model.
 
     A preset name builds that architecture with random weights (useful for tests and timing).
@@ -94,21 +110,37 @@ def load_pipeline(model: str | Path | None = None, *, device: str = "auto", dtyp
     models/attention.py); `compile` compiles each transformer block (regional torch.compile).
     """
     if quantize not in (None, "fp8"):
-        raise ValueError(f"quantize must be fp8 or None (the weights' own format); got {quantize!r}")
+        raise ValueError(
+            f"quantize must be fp8 or None (the weights' own format); got {quantize!r}"
+        )
     dev = resolve_device(device)
     te_dev = None if text_encoder_device is None else resolve_device(text_encoder_device)
-    placement = Placement(device=dev, dtype=resolve_dtype(dtype, dev), residency=residency,
-                          text_encoder_device=te_dev)  # fmt: skip
+    placement = Placement(
+        device=dev, dtype=resolve_dtype(dtype, dev), residency=residency, text_encoder_device=te_dev
+    )
     resolve_backend(attention, device=dev, dtype=placement.dtype)  # refuse before reading weights
     if experts or vae is not None or text_encoder is not None:
-        pipe = load_pipeline_from_files(model, device=device, dtype=dtype, residency=residency,
-                                        strict=strict, experts=experts, vae=vae,
-                                        text_encoder=text_encoder, quantize=quantize)  # fmt: skip
+        pipe = load_pipeline_from_files(
+            model,
+            device=device,
+            dtype=dtype,
+            residency=residency,
+            strict=strict,
+            experts=experts,
+            vae=vae,
+            text_encoder=text_encoder,
+            quantize=quantize,
+        )
         return speed_up(pipe, attention=attention, compile=compile)
     model = _default_model(model)
     if isinstance(model, str) and model in PRESETS:
-        pipe = build_random_pipeline(model, device=dev, dtype=placement.dtype, residency=residency,
-                                     text_encoder_device=te_dev)  # fmt: skip
+        pipe = build_random_pipeline(
+            model,
+            device=dev,
+            dtype=placement.dtype,
+            residency=residency,
+            text_encoder_device=te_dev,
+        )
         if quantize == "fp8":
             from vidmoe.models.fp8 import quantize_fp8_
 
@@ -122,8 +154,11 @@ def load_pipeline(model: str | Path | None = None, *, device: str = "auto", dtyp
 
     # residency: the other policies keep idle experts in host RAM: load them there
     c = load_components(
-        Path(model), device=dev if residency == "resident" else "cpu", dtype=placement.dtype,
-        strict=strict, quantize=quantize,
+        Path(model),
+        device=dev if residency == "resident" else "cpu",
+        dtype=placement.dtype,
+        strict=strict,
+        quantize=quantize,
     )
     _place_text_encoder(c.text_encoder, placement)
     experts = Experts(c.experts, c.config.moe, placement=placement)
@@ -137,7 +172,9 @@ def load_pipeline(model: str | Path | None = None, *, device: str = "auto", dtyp
 def speed_up(pipe: Pipeline, *, attention: str = "auto", compile: bool = False) -> Pipeline:
     """Set every expert's attention backend (recorded in `pipe.source` when not sdpa) and, with
     `compile`, compile its blocks; once, at load."""
-    chosen = {n: e.set_attention(attention, device=pipe.experts.device) for n, e in pipe.experts.items()}
+    chosen = {
+        n: e.set_attention(attention, device=pipe.experts.device) for n, e in pipe.experts.items()
+    }
     if set(chosen.values()) != {"sdpa"}:
         pipe.source["attention"] = chosen
     if compile:
@@ -147,33 +184,55 @@ def speed_up(pipe: Pipeline, *, attention: str = "auto", compile: bool = False) 
     return pipe
 
 
-def load_pipeline_from_files(model: str | Path | None, *, device: str = "auto",
-                             dtype: str | torch.dtype = "auto", residency: str = "resident",
-                             strict: bool = True, experts: dict[str, str | Path] | None = None,
-                             vae: str | Path | None = None,
-                             text_encoder: str | Path | None = None,
-                             quantize: str | None = None) -> Pipeline:  # fmt: skip
+def load_pipeline_from_files(
+    model: str | Path | None,
+    *,
+    device: str = "auto",
+    dtype: str | torch.dtype = "auto",
+    residency: str = "resident",
+    strict: bool = True,
+    experts: dict[str, str | Path] | None = None,
+    vae: str | Path | None = None,
+    text_encoder: str | Path | None = None,
+    quantize: str | None = None,
+) -> Pipeline:
     """`load_pipeline` with components from separate files (`vidmoe.io.components`)."""
     from vidmoe.io.components import load_components_from
 
     dev = resolve_device(device)
     placement = Placement(device=dev, dtype=resolve_dtype(dtype, dev), residency=residency)
     c = load_components_from(
-        model, experts=experts, vae=vae, text_encoder=text_encoder, strict=strict,
-        device=dev if residency == "resident" else "cpu", dtype=placement.dtype, quantize=quantize,
-    )  # fmt: skip
-    pipe = Pipeline(c.config, Experts(c.experts, c.config.moe, placement=placement), c.vae,
-                    c.text_encoder)  # fmt: skip
-    files = {**{f"expert.{n}": str(p) for n, p in (experts or {}).items()},
-             **({"vae": str(vae)} if vae is not None else {}),
-             **({"text_encoder": str(text_encoder)} if text_encoder is not None else {})}  # fmt: skip
-    pipe.source = {"path": str(model) if model is not None else None, "layout": c.layout,
-                   "files": files}  # fmt: skip
+        model,
+        experts=experts,
+        vae=vae,
+        text_encoder=text_encoder,
+        strict=strict,
+        device=dev if residency == "resident" else "cpu",
+        dtype=placement.dtype,
+        quantize=quantize,
+    )
+    pipe = Pipeline(
+        c.config, Experts(c.experts, c.config.moe, placement=placement), c.vae, c.text_encoder
+    )
+    files = {
+        **{f"expert.{n}": str(p) for n, p in (experts or {}).items()},
+        **({"vae": str(vae)} if vae is not None else {}),
+        **({"text_encoder": str(text_encoder)} if text_encoder is not None else {}),
+    }
+    pipe.source = {
+        "path": str(model) if model is not None else None,
+        "layout": c.layout,
+        "files": files,
+    }
     return pipe
 
 
-def model_config_for_files(model: str | Path | None, *, experts: dict[str, str | Path] | None = None,
-                           vae: str | Path | None = None) -> ModelConfig:  # fmt: skip
+def model_config_for_files(
+    model: str | Path | None,
+    *,
+    experts: dict[str, str | Path] | None = None,
+    vae: str | Path | None = None,
+) -> ModelConfig:
     """The ModelConfig of a folder or preset with expert and VAE files on top (or of the files
     alone), read from headers and shapes without loading any weights."""
     from vidmoe.io.components import assemble_config, open_expert_file, open_vae_file
@@ -182,8 +241,9 @@ def model_config_for_files(model: str | Path | None, *, experts: dict[str, str |
     return assemble_config(model, files, open_vae_file(vae) if vae is not None else None)[0]
 
 
-def _disk_pipeline(path: Path, placement: Placement, *, strict: bool,
-                   quantize: str | None = None) -> Pipeline:
+def _disk_pipeline(
+    path: Path, placement: Placement, *, strict: bool, quantize: str | None = None
+) -> Pipeline:
     """Residency 'disk': each expert read (checked strictly) and released in turn, so host RAM
     never holds two; the experts' sources read them again when their phases come."""
     from vidmoe.io.checkpoints import detect_layout, load_expert, load_vae
@@ -199,22 +259,32 @@ def _disk_pipeline(path: Path, placement: Placement, *, strict: bool,
     dev, dtype = placement.device, placement.dtype
 
     def source(name: str):
-        return lambda: load_expert(layout, name, device=dev, dtype=dtype, strict=strict,
-                                  quantize=quantize)
+        return lambda: load_expert(
+            layout, name, device=dev, dtype=dtype, strict=strict, quantize=quantize
+        )
 
     experts = {}
     for name in layout.experts:
-        experts[name] = load_expert(layout, name, device="cpu", dtype=dtype, strict=strict,
-                                    quantize=quantize)
+        experts[name] = load_expert(
+            layout, name, device="cpu", dtype=dtype, strict=strict, quantize=quantize
+        )
         hollow(experts[name])
     vae = load_vae(layout, device="cpu", dtype=torch.float32, strict=strict)
     kind = layout.config.text_encoder
     text_path = layout.root if kind == "umt5-xxl" else layout.text_encoder
-    text = build_text_encoder(kind, text_path, device=placement.text_encoder_device or "cpu",
-                              max_length=layout.config.transformer.text_len)  # fmt: skip
+    text = build_text_encoder(
+        kind,
+        text_path,
+        device=placement.text_encoder_device or "cpu",
+        max_length=layout.config.transformer.text_len,
+    )
     sources = {name: source(name) for name in experts}
-    pipe = Pipeline(layout.config, Experts(experts, layout.config.moe, placement=placement,
-                                           sources=sources), vae, text)  # fmt: skip
+    pipe = Pipeline(
+        layout.config,
+        Experts(experts, layout.config.moe, placement=placement, sources=sources),
+        vae,
+        text,
+    )
     pipe.source = {"path": str(path), "layout": layout.kind}
     return pipe
 

@@ -40,11 +40,27 @@ ATTENTION_FACTOR = 6
 # every decoder level), plus a fixed part; fitted on the demo and tiny VAEs (docs/planner.md).
 VAE_DECODE_PER_PIXEL_DIM = 380
 VAE_DECODE_FIXED = 48 * MiB
-UMT5_XXL = dict(vocab=256384, dim=4096, dim_attn=4096, dim_ffn=10240, num_heads=64, num_layers=24,
-                num_buckets=32)  # fmt: skip
+UMT5_XXL = dict(
+    vocab=256384,
+    dim=4096,
+    dim_attn=4096,
+    dim_ffn=10240,
+    num_heads=64,
+    num_layers=24,
+    num_buckets=32,
+)
 MINILM_PARAMS = 22_713_216  # all-MiniLM-L6-v2
-UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,7 +87,9 @@ class MemoryRequest:
         if self.quantize not in QUANTIZE:
             raise ValueError(f"quantize must be None or 'fp8'; got {self.quantize!r}")
         if self.residency not in POLICIES:
-            raise ValueError(f"residency must be one of {', '.join(POLICIES)}; got {self.residency!r}")
+            raise ValueError(
+                f"residency must be one of {', '.join(POLICIES)}; got {self.residency!r}"
+            )
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda'; got {self.device!r}")
         for name in ("width", "height", "num_frames", "batch"):
@@ -91,16 +109,23 @@ class MemoryPlan:
     request: MemoryRequest
 
     def to_dict(self) -> dict:
-        return {"host_peak_bytes": self.host_peak_bytes, "device_peak_bytes": self.device_peak_bytes,
-                "residency": self.request.residency, "dtype": self.request.dtype,
-                "quantize": self.request.quantize, "device": self.request.device,
-                "breakdown": dict(self.breakdown)}  # fmt: skip
+        return {
+            "host_peak_bytes": self.host_peak_bytes,
+            "device_peak_bytes": self.device_peak_bytes,
+            "residency": self.request.residency,
+            "dtype": self.request.dtype,
+            "quantize": self.request.quantize,
+            "device": self.request.device,
+            "breakdown": dict(self.breakdown),
+        }
 
     def summary(self) -> str:
         r = self.request
         q = f" + {r.quantize}" if r.quantize else ""
-        return (f"memory ({r.residency}, {r.dtype}{q}, {r.device}): host peak "
-                f"{gb(self.host_peak_bytes)}, device peak {gb(self.device_peak_bytes)} (predicted)")  # fmt: skip
+        return (
+            f"memory ({r.residency}, {r.dtype}{q}, {r.device}): host peak "
+            f"{gb(self.host_peak_bytes)}, device peak {gb(self.device_peak_bytes)} (predicted)"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,8 +141,11 @@ class MemoryBudget:
         return host_ok and device_ok
 
     def describe(self) -> str:
-        parts = [f"{k}={gb(v)}" for k, v in (("host", self.host_bytes), ("device", self.device_bytes))
-                 if v is not None]  # fmt: skip
+        parts = [
+            f"{k}={gb(v)}"
+            for k, v in (("host", self.host_bytes), ("device", self.device_bytes))
+            if v is not None
+        ]
         return ",".join(parts) or "unbounded"
 
 
@@ -133,17 +161,28 @@ def parse_budget(text: str) -> MemoryBudget:
         key, _, amount = part.partition("=")
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", amount)
         unit = (m.group(2).lower() or "b") if m else ""
-        if key.strip() not in ("host", "device") or not m or unit not in UNITS or key.strip() in values:
-            raise ValueError(f"--memory-budget takes host=SIZE,device=SIZE (SIZE like 24GB or "
-                             f"512MiB); got {text!r}")  # fmt: skip
+        if (
+            key.strip() not in ("host", "device")
+            or not m
+            or unit not in UNITS
+            or key.strip() in values
+        ):
+            raise ValueError(
+                f"--memory-budget takes host=SIZE,device=SIZE (SIZE like 24GB or "
+                f"512MiB); got {text!r}"
+            )
         values[key.strip()] = int(float(m.group(1)) * UNITS[unit])
     if not values:
-        raise ValueError(f"--memory-budget names no memory; got {text!r}: use e.g. host=24GB,device=24GB")
+        raise ValueError(
+            f"--memory-budget names no memory; got {text!r}: use e.g. host=24GB,device=24GB"
+        )
     return MemoryBudget(host_bytes=values.get("host"), device_bytes=values.get("device"))
 
 
 @functools.lru_cache(maxsize=8)
-def expert_bytes(config: ModelConfig, dtype: str, quantize: str | None) -> dict[str, dict[str, int]]:
+def expert_bytes(
+    config: ModelConfig, dtype: str, quantize: str | None
+) -> dict[str, dict[str, int]]:
     """Per expert: bytes of all its weights ('total') and of its largest block ('block'), as
     stored (fp8 weights one byte each, their float32 scales included); built on meta."""
     import torch
@@ -180,9 +219,13 @@ def text_encoder_bytes(kind: str) -> tuple[int, int]:
     if kind == "umt5-xxl":
         h = UMT5_XXL
         per_layer = 4 * h["dim"] * h["dim_attn"] + 3 * h["dim"] * h["dim_ffn"] + 2 * h["dim"]
-        params = h["vocab"] * h["dim"] + h["num_layers"] * (per_layer + h["num_buckets"] * h["num_heads"])
+        params = h["vocab"] * h["dim"] + h["num_layers"] * (
+            per_layer + h["num_buckets"] * h["num_heads"]
+        )
         tokens = 2 * 512
-        return params * 2, tokens * (h["dim"] * 16 + h["dim_ffn"] * 4) + 2 * h["num_heads"] * 512 * 512 * 4
+        return params * 2, tokens * (h["dim"] * 16 + h["dim_ffn"] * 4) + 2 * h[
+            "num_heads"
+        ] * 512 * 512 * 4
     if kind == "minilm":
         return MINILM_PARAMS * 4, 16 * MiB
     return 1 * MiB, 8 * MiB  # umt5-tiny (tests)
@@ -244,15 +287,22 @@ def predict(config: ModelConfig, request: MemoryRequest) -> MemoryPlan:
         on_device = sum(totals) if res == "resident" else largest
     held_host = {"resident": 0, "swap": sum(totals), "blocks": sum(totals), "disk": largest}[res]
     text_on_device = res == "resident"
-    breakdown = {"experts_device": on_device, "experts_host": held_host, "vae": vae_w,
-                 "text_encoder": text_w, "text_activations": text_act, "forward_activations": fwd,
-                 "decode_activations": dec}  # fmt: skip
+    breakdown = {
+        "experts_device": on_device,
+        "experts_host": held_host,
+        "vae": vae_w,
+        "text_encoder": text_w,
+        "text_activations": text_act,
+        "forward_activations": fwd,
+        "decode_activations": dec,
+    }
     if request.device == "cpu":
         weights = (sum(totals) if res != "disk" else largest) + vae_w + text_w
         peak = CPU_BASELINE + RUNTIME_OVERHEAD + weights + max(text_act, fwd, dec)
         breakdown.update(baseline=CPU_BASELINE, overhead=RUNTIME_OVERHEAD)
-        return MemoryPlan(host_peak_bytes=peak, device_peak_bytes=peak, breakdown=breakdown,
-                          request=request)  # fmt: skip
+        return MemoryPlan(
+            host_peak_bytes=peak, device_peak_bytes=peak, breakdown=breakdown, request=request
+        )
     text_dev = text_w if text_on_device else 0
     device = CUDA_DEVICE_CONTEXT + on_device + vae_w + text_dev + max(text_act, fwd, dec)
     # host: what stays there, and the transient of loading (umT5's file is read whole; an
@@ -260,19 +310,30 @@ def predict(config: ModelConfig, request: MemoryRequest) -> MemoryPlan:
     load_transient = max(text_w, largest)
     resident_host = held_host + (0 if text_on_device else text_w + text_act)
     host = CPU_BASELINE + CUDA_HOST_CONTEXT + max(resident_host, load_transient)
-    breakdown.update(baseline=CPU_BASELINE, cuda_context_host=CUDA_HOST_CONTEXT,
-                     cuda_context_device=CUDA_DEVICE_CONTEXT, load_transient=load_transient)
-    return MemoryPlan(host_peak_bytes=host, device_peak_bytes=device, breakdown=breakdown,
-                      request=request)  # fmt: skip
+    breakdown.update(
+        baseline=CPU_BASELINE,
+        cuda_context_host=CUDA_HOST_CONTEXT,
+        cuda_context_device=CUDA_DEVICE_CONTEXT,
+        load_transient=load_transient,
+    )
+    return MemoryPlan(
+        host_peak_bytes=host, device_peak_bytes=device, breakdown=breakdown, request=request
+    )
 
 
 def _non_block(config: ModelConfig, name: str, e: dict[str, int]) -> int:
     return e["total"] - e["block"] * config.transformer_for(name).num_layers
 
 
-def choose_policy(config: ModelConfig, request: MemoryRequest, budget: MemoryBudget, *,
-                  allow_fp8: bool = False, policies: tuple[str, ...] = POLICIES,
-                  fp8_hint: str = "--quantize auto") -> MemoryPlan:
+def choose_policy(
+    config: ModelConfig,
+    request: MemoryRequest,
+    budget: MemoryBudget,
+    *,
+    allow_fp8: bool = False,
+    policies: tuple[str, ...] = POLICIES,
+    fp8_hint: str = "--quantize auto",
+) -> MemoryPlan:
     """The fastest policy (in `policies` order; per policy the request's format first, then
     fp8 when allowed) whose prediction fits `budget`; ValueError naming what would fit
     (`fp8_hint`: how the user allows fp8, named in that error; empty: not offered)."""
@@ -285,10 +346,17 @@ def choose_policy(config: ModelConfig, request: MemoryRequest, budget: MemoryBud
             if budget.fits(plan):
                 return plan
             tried.append(plan)
-    best = min(tried, key=lambda p: (max(p.host_peak_bytes - (budget.host_bytes or math.inf), 0),
-                                     p.device_peak_bytes))  # fmt: skip
+    best = min(
+        tried,
+        key=lambda p: (
+            max(p.host_peak_bytes - (budget.host_bytes or math.inf), 0),
+            p.device_peak_bytes,
+        ),
+    )
     r = best.request
-    hint = "" if allow_fp8 or request.quantize or not fp8_hint else f", or allow fp8 with {fp8_hint}"
+    hint = (
+        "" if allow_fp8 or request.quantize or not fp8_hint else f", or allow fp8 with {fp8_hint}"
+    )
     raise ValueError(
         f"no policy fits the memory budget {budget.describe()} for {config.name} at "
         f"{request.width}x{request.height}x{request.num_frames}: the smallest, {r.residency}"
@@ -312,7 +380,9 @@ def machine_budget(device: str = "cpu") -> MemoryBudget:
     if device.startswith("cuda"):
         import torch
 
-        device_bytes = torch.cuda.mem_get_info(torch.device(device))[0] if torch.cuda.is_available() else None
+        device_bytes = (
+            torch.cuda.mem_get_info(torch.device(device))[0] if torch.cuda.is_available() else None
+        )
     return MemoryBudget(host_bytes=host, device_bytes=device_bytes)
 
 
@@ -345,8 +415,14 @@ def measure_peak_rss(model: str | None, request: MemoryRequest, *, timeout: floa
     args = [model, request.width, request.height, request.num_frames, dtype, request.residency]
     src = str(Path(vidmoe.__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(args)], capture_output=True,
-                         text=True, timeout=timeout, env=env, check=False)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
     if out.returncode:
         raise RuntimeError(f"the measured run failed: {out.stderr.strip().splitlines()[-1:]}")
     return int(out.stdout.strip().splitlines()[-1])

@@ -10,8 +10,18 @@ from safetensors.torch import save_file
 
 from vidmoe.io import keymaps
 
-BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
-                 "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")  # fmt: skip
+BLOCK_LINEARS = (
+    "self_attn.q",
+    "self_attn.k",
+    "self_attn.v",
+    "self_attn.o",
+    "cross_attn.q",
+    "cross_attn.k",
+    "cross_attn.v",
+    "cross_attn.o",
+    "ffn.0",
+    "ffn.2",
+)
 
 
 def random_lora(expert, *, rank=4, alpha=6.0, seed=0, diff_b=False, extra=()):
@@ -23,9 +33,11 @@ def random_lora(expert, *, rank=4, alpha=6.0, seed=0, diff_b=False, extra=()):
     for name in [*names, *extra]:
         w = modules[name].weight
         # diffusers reads no alpha outside the blocks: the extra modules get none (scale 1)
-        entry = {"A": torch.randn(rank, w.shape[1], generator=g) * 0.2,
-                 "B": torch.randn(w.shape[0], rank, generator=g) * 0.2,
-                 "alpha": None if name in extra else alpha}  # fmt: skip
+        entry = {
+            "A": torch.randn(rank, w.shape[1], generator=g) * 0.2,
+            "B": torch.randn(w.shape[0], rank, generator=g) * 0.2,
+            "alpha": None if name in extra else alpha,
+        }
         if diff_b:
             entry["diff_b"] = torch.randn(w.shape[0], generator=g) * 0.05
         out[name] = entry
@@ -86,8 +98,13 @@ def write_diffusers(path: Path, loras: dict[str, dict], *, with_alpha=True):
         targets = sorted(
             {k.split(".", 1)[1].rsplit(".lora_", 1)[0] for k in sd if k.startswith("transformer")}
         )
-        cfg = {"r": rank, "lora_alpha": alpha, "target_modules": targets, "alpha_pattern": pattern,
-               "lora_bias": any(k.endswith("lora_B.bias") for k in sd)}  # fmt: skip
+        cfg = {
+            "r": rank,
+            "lora_alpha": alpha,
+            "target_modules": targets,
+            "alpha_pattern": pattern,
+            "lora_bias": any(k.endswith("lora_B.bias") for k in sd),
+        }
         meta["lora_adapter_metadata"] = json.dumps({f"transformer.{k}": v for k, v in cfg.items()})
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=meta)
     return path

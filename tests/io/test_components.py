@@ -27,8 +27,9 @@ from vidmoe.loading import build_random_pipeline, load_pipeline
 from vidmoe.models.text_encoder import RELEASE_T5_FILE, build_text_encoder, release_umt5_to_hf
 
 # A transformer whose file alone implies it: 128-wide heads (dim / 128), K-quantisable rows (256).
-WIDE = dataclasses.replace(TINY_TRANSFORMER, dim=256, ffn_dim=256, num_heads=2, num_layers=1,
-                           text_len=512)  # fmt: skip
+WIDE = dataclasses.replace(
+    TINY_TRANSFORMER, dim=256, ffn_dim=256, num_heads=2, num_layers=1, text_len=512
+)
 
 
 def weights_of(module) -> dict[str, torch.Tensor]:
@@ -82,7 +83,14 @@ def write_format(kind: str, tensors, folder):
     raise AssertionError(kind)
 
 
-KINDS = ["comfyui-bf16", "comfyui-fp16", "fp8-plain", "fp8_scaled", "diffusers-folder", "release-file"]
+KINDS = [
+    "comfyui-bf16",
+    "comfyui-fp16",
+    "fp8-plain",
+    "fp8_scaled",
+    "diffusers-folder",
+    "release-file",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -90,7 +98,9 @@ def test_expert_file_on_top_of_a_folder(tmp_path, official, new_high, kind):
     path, tol = write_format(kind, new_high, tmp_path)
     pipe = load_pipeline(official, device="cpu", dtype="float32", experts={"high_noise": path})
     scale = max(float(v.abs().max()) for v in new_high.values())
-    assert max_diff(pipe.experts["high_noise"], new_high) <= tol * scale + (1e-2 if "bf16" in kind else 0)
+    assert max_diff(pipe.experts["high_noise"], new_high) <= tol * scale + (
+        1e-2 if "bf16" in kind else 0
+    )
     base = load_pipeline(official, device="cpu", dtype="float32")
     assert max_diff(pipe.experts["low_noise"], weights_of(base.experts["low_noise"])) == 0
     assert max_diff(base.experts["high_noise"], new_high) > 0.01  # the file really replaced it
@@ -117,16 +127,23 @@ def test_a_scaled_file_really_needs_its_scales(new_high):
 def test_expert_that_does_not_fit_is_named(tmp_path, official):
     other = random_expert(dataclasses.replace(TINY_TRANSFORMER, ffn_dim=128), 3)
     path = write_comfyui_file(other, tmp_path / "wrong.safetensors")
-    with pytest.raises(ValueError, match=r"wrong.safetensors: cannot load.*'blocks.0.ffn.0.weight', \(192, 96\), \(128, 96\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"wrong.safetensors: cannot load.*'blocks.0.ffn.0.weight', \(192, 96\), \(128, 96\)",
+    ):
         load_pipeline(official, experts={"high_noise": path})
 
 
 def test_experts_that_disagree_are_refused(tmp_path):
     a = write_comfyui_file(random_expert(WIDE, 1), tmp_path / "a_high_noise.safetensors")
-    b = write_comfyui_file(random_expert(dataclasses.replace(WIDE, ffn_dim=512), 2),
-                           tmp_path / "b_low_noise.safetensors")  # fmt: skip
+    b = write_comfyui_file(
+        random_expert(dataclasses.replace(WIDE, ffn_dim=512), 2),
+        tmp_path / "b_low_noise.safetensors",
+    )
     vae = save_torch_atomic(weights_of(build_random_pipeline("tiny-t2v").vae), tmp_path / "vae.pth")
-    with pytest.raises(ValueError, match=r"expert low_noise \(.*b_low_noise.*disagrees.*ffn_dim 256 vs 512"):
+    with pytest.raises(
+        ValueError, match=r"expert low_noise \(.*b_low_noise.*disagrees.*ffn_dim 256 vs 512"
+    ):
         load_pipeline(None, experts={"high_noise": a, "low_noise": b}, vae=vae)
 
 
@@ -145,7 +162,9 @@ def comfyui_umt5(tmp_path, *, fp8: bool):
             else:
                 out[k] = v
         hf = out
-    path = save_safetensors_atomic(hf, tmp_path / f"umt5_xxl_{'fp8_e4m3fn_scaled' if fp8 else 'fp16'}.safetensors")
+    path = save_safetensors_atomic(
+        hf, tmp_path / f"umt5_xxl_{'fp8_e4m3fn_scaled' if fp8 else 'fp16'}.safetensors"
+    )
     save_word_tokenizer(tmp_path / "tokenizer")
     return path
 
@@ -163,18 +182,30 @@ def test_comfyui_umt5_file(tmp_path, official, fp8):
 
 
 def test_files_without_a_model_folder_generate(tmp_path):
-    experts = {n: write_comfyui_file(random_expert(WIDE, i), tmp_path / f"wan_{n}.safetensors")
-               for i, n in enumerate(("high_noise", "low_noise"))}  # fmt: skip
+    experts = {
+        n: write_comfyui_file(random_expert(WIDE, i), tmp_path / f"wan_{n}.safetensors")
+        for i, n in enumerate(("high_noise", "low_noise"))
+    }
     vae = save_torch_atomic(weights_of(build_random_pipeline("tiny-t2v").vae), tmp_path / "vae.pth")
     text = comfyui_umt5(tmp_path, fp8=False)
-    pipe = load_pipeline(None, device="cpu", dtype="float32", experts=experts, vae=vae,
-                         text_encoder=text)  # fmt: skip
+    pipe = load_pipeline(
+        None, device="cpu", dtype="float32", experts=experts, vae=vae, text_encoder=text
+    )
     assert pipe.config.transformer.dim == 256 and pipe.config.vae == TINY_VAE
     assert pipe.source["layout"] == "files"
     from vidmoe.sampling.settings import GenerateSettings
 
-    out = pipe.generate(GenerateSettings(prompt="a red circle", width=32, height=32, num_frames=5,
-                                         num_steps=2, boundary="steps:1"), progress=False)  # fmt: skip
+    out = pipe.generate(
+        GenerateSettings(
+            prompt="a red circle",
+            width=32,
+            height=32,
+            num_frames=5,
+            num_steps=2,
+            boundary="steps:1",
+        ),
+        progress=False,
+    )
     assert out.frames.shape[:3] == (5, 32, 32)
     assert {e for t in out.trace for e in t["experts"]} == {"high_noise", "low_noise"}
 
@@ -201,7 +232,10 @@ def k_quant_bytes(x, bits: int):
     s = (b.max(-1) + m) / levels
     d = (s.max(-1) / 63).astype(np.float16)
     dmin = (m.max(-1) / 63).astype(np.float16)
-    df, mf = np.where(d > 0, d, 1).astype(np.float32), np.where(dmin > 0, dmin, 1).astype(np.float32)
+    df, mf = (
+        np.where(d > 0, d, 1).astype(np.float32),
+        np.where(dmin > 0, dmin, 1).astype(np.float32),
+    )
     sc = np.clip(np.round(s / df[:, None]), 1, 63).astype(np.uint8)
     mn = np.clip(np.ceil(m / mf[:, None]), 0, 63).astype(np.uint8)
     step, low = d.astype(np.float32)[:, None] * sc, dmin.astype(np.float32)[:, None] * mn
@@ -243,11 +277,14 @@ def write_gguf(tensors, path, qtype):
     return path
 
 
-@pytest.mark.parametrize("qtype,tol", [("Q8_0", 0.01), ("Q5_0", 0.05), ("Q4_0", 0.1),
-                                       ("Q5_K", 0.05), ("Q4_K", 0.1)])  # fmt: skip
+@pytest.mark.parametrize(
+    "qtype,tol", [("Q8_0", 0.01), ("Q5_0", 0.05), ("Q4_0", 0.1), ("Q5_K", 0.05), ("Q4_K", 0.1)]
+)
 def test_gguf_expert(tmp_path, qtype, tol):
     weights = random_expert(WIDE, 5)
-    path = write_gguf(weights, tmp_path / f"wan_high_noise-{qtype}.gguf", gguf.GGMLQuantizationType[qtype])
+    path = write_gguf(
+        weights, tmp_path / f"wan_high_noise-{qtype}.gguf", gguf.GGMLQuantizationType[qtype]
+    )
     f = open_expert_file(path)
     assert f.naming == "gguf" and f.config.dim == 256
     assert qtype in set(f.tensors.types.values())  # some tensors really are quantised
@@ -255,8 +292,13 @@ def test_gguf_expert(tmp_path, qtype, tol):
         err = float((f.tensors[name] - w).abs().max() / w.abs().max())
         assert err <= tol, (name, err)
     vae = save_torch_atomic(weights_of(build_random_pipeline("tiny-t2v").vae), tmp_path / "vae.pth")
-    pipe = load_pipeline(None, dtype="float32", experts={"high_noise": path, "low_noise": path},
-                         vae=vae, text_encoder=comfyui_umt5(tmp_path, fp8=False))  # fmt: skip
+    pipe = load_pipeline(
+        None,
+        dtype="float32",
+        experts={"high_noise": path, "low_noise": path},
+        vae=vae,
+        text_encoder=comfyui_umt5(tmp_path, fp8=False),
+    )
     x = torch.randn(1, 16, 1, 4, 4)
     ctx = torch.randn(1, 8, 48)
     v = pipe.experts["high_noise"](x, torch.tensor([0.5]), ctx)
@@ -271,13 +313,19 @@ def test_convert_round_trip(tmp_path, official, layout, quantize):
     _, experts, vae = tiny_pipeline_weights("tiny-t2v", 0)
     if layout == "comfyui":
         files = {n: dst / f"{n}.safetensors" for n in experts}
-        modules = load_pipeline(official, dtype="float32", experts=files, vae=dst / "vae.safetensors").experts
+        modules = load_pipeline(
+            official, dtype="float32", experts=files, vae=dst / "vae.safetensors"
+        ).experts
     else:
         text = official / RELEASE_T5_FILE
         modules = load_pipeline(dst, device="cpu", dtype="float32", text_encoder=text).experts
     for n, w in experts.items():
         err = max_diff(modules[n], w)
-        assert err == 0 if quantize is None else 0 < err < 0.07 * max(float(v.abs().max()) for v in w.values())
+        assert (
+            err == 0
+            if quantize is None
+            else 0 < err < 0.07 * max(float(v.abs().max()) for v in w.values())
+        )
     if quantize:
         written = [p for p in dst.rglob("*.safetensors") if "vae" not in p.name]
         assert any("scaled_fp8" in SafetensorsFile(p) for p in written)
@@ -290,11 +338,34 @@ def test_cli_generate_with_expert_files(tmp_path, official, new_high):
 
     from vidmoe.cli import app
 
-    path = write_comfyui_file(new_high, tmp_path / "wan_high_noise_fp8_scaled.safetensors", quantize="fp8")
+    path = write_comfyui_file(
+        new_high, tmp_path / "wan_high_noise_fp8_scaled.safetensors", quantize="fp8"
+    )
     out = tmp_path / "v.mp4"
-    r = CliRunner().invoke(app, ["generate", "a red circle", "-m", str(official), "--expert",
-                                 f"high_noise={path}", "-f", "5", "-W", "32", "-H", "32", "-s", "2",
-                                 "--device", "cpu", "-q", "-o", str(out)])  # fmt: skip
+    r = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "a red circle",
+            "-m",
+            str(official),
+            "--expert",
+            f"high_noise={path}",
+            "-f",
+            "5",
+            "-W",
+            "32",
+            "-H",
+            "32",
+            "-s",
+            "2",
+            "--device",
+            "cpu",
+            "-q",
+            "-o",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     record = json.loads(out.with_name("v.mp4.json").read_text())
     assert record["model"]["files"] == {"expert.high_noise": str(path)}
@@ -307,11 +378,15 @@ def test_cli_convert(tmp_path, official):
 
     from vidmoe.cli import app
 
-    r = CliRunner().invoke(app, ["convert", str(official), str(tmp_path / "c"), "--layout", "vidmoe",
-                                 "--quantize", "fp8"])  # fmt: skip
+    r = CliRunner().invoke(
+        app,
+        ["convert", str(official), str(tmp_path / "c"), "--layout", "vidmoe", "--quantize", "fp8"],
+    )
     assert r.exit_code == 0, r.output
     assert "scaled_fp8" in SafetensorsFile(tmp_path / "c" / "experts" / "high_noise.safetensors")
-    r = CliRunner().invoke(app, ["convert", str(official), str(tmp_path / "c"), "--layout", "vidmoe"])
+    r = CliRunner().invoke(
+        app, ["convert", str(official), str(tmp_path / "c"), "--layout", "vidmoe"]
+    )
     assert r.exit_code == 2 and "exists" in r.output
     r = CliRunner().invoke(app, ["convert", str(official), str(tmp_path / "d"), "--layout", "gguf"])
     assert r.exit_code == 2 and "--layout must be one of" in r.output

@@ -114,9 +114,20 @@ def test_transformer_configs_round_trip(preset):
 
 def test_release_config_json_defaults_and_errors():
     # The shipped config.json omits keys that equal WanModel's defaults.
-    shipped = {"_class_name": "WanModel", "_diffusers_version": "0.33.0", "dim": 5120,
-               "eps": 1e-06, "ffn_dim": 13824, "freq_dim": 256, "in_dim": 16, "model_type": "t2v",
-               "num_heads": 40, "num_layers": 40, "out_dim": 16, "text_len": 512}  # fmt: skip
+    shipped = {
+        "_class_name": "WanModel",
+        "_diffusers_version": "0.33.0",
+        "dim": 5120,
+        "eps": 1e-06,
+        "ffn_dim": 13824,
+        "freq_dim": 256,
+        "in_dim": 16,
+        "model_type": "t2v",
+        "num_heads": 40,
+        "num_layers": 40,
+        "out_dim": 16,
+        "text_len": 512,
+    }
     assert keymaps.transformer_config_from_release(shipped) == PRESETS["t2v-A14B"].transformer
     with pytest.raises(ValueError, match="num_heads"):
         keymaps.transformer_config_from_release({"dim": 64})

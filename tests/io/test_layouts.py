@@ -55,8 +55,10 @@ def same(source, expected):
 
 @pytest.fixture(scope="module")
 def weights():
-    return {"high_noise": expert_weights(TINY_TRANSFORMER, 1),
-            "low_noise": expert_weights(TINY_TRANSFORMER, 2)}  # fmt: skip
+    return {
+        "high_noise": expert_weights(TINY_TRANSFORMER, 1),
+        "low_noise": expert_weights(TINY_TRANSFORMER, 2),
+    }
 
 
 def test_official_two_experts_sharded(tmp_path, weights):
@@ -64,10 +66,15 @@ def test_official_two_experts_sharded(tmp_path, weights):
     tokenizer.mkdir()
     (tokenizer / "tokenizer.json").write_text("{}")
     root = write_official_layout(
-        tmp_path / "Wan2.2-T2V-A14B", experts=weights, transformer=TINY_TRANSFORMER,
-        vae=vae_weights(TINY_VAE), vae_generation="2.1", text_encoder={"x": torch.zeros(1)},
-        tokenizer_dir=tokenizer, max_shard_bytes=200_000,
-    )  # fmt: skip
+        tmp_path / "Wan2.2-T2V-A14B",
+        experts=weights,
+        transformer=TINY_TRANSFORMER,
+        vae=vae_weights(TINY_VAE),
+        vae_generation="2.1",
+        text_encoder={"x": torch.zeros(1)},
+        tokenizer_dir=tokenizer,
+        max_shard_bytes=200_000,
+    )
     layout = detect_layout(root)
     assert layout.kind == "official" and layout.naming == "release"
     high = layout.experts["high_noise"]
@@ -87,8 +94,13 @@ def test_official_two_experts_sharded(tmp_path, weights):
 
 def test_official_dense_ti2v_at_top_level(tmp_path):
     w = expert_weights(TINY_TI2V, 3)
-    root = write_official_layout(tmp_path / "ti2v", experts={"dense": w}, transformer=TINY_TI2V,
-                                 vae=vae_weights(TINY_VAE_22), vae_generation="2.2")  # fmt: skip
+    root = write_official_layout(
+        tmp_path / "ti2v",
+        experts={"dense": w},
+        transformer=TINY_TI2V,
+        vae=vae_weights(TINY_VAE_22),
+        vae_generation="2.2",
+    )
     layout = detect_layout(root)
     assert layout.experts == {"dense": root / "diffusion_pytorch_model.safetensors"}
     assert layout.vae == root / "Wan2.2_VAE.pth" and layout.text_encoder is None
@@ -111,8 +123,14 @@ def test_full_size_official_vae_config_is_inferred_from_fixture_shapes(layout_fi
 
 def test_diffusers_transformer_is_high_noise(tmp_path, weights):
     vae = vae_weights(TINY_VAE)
-    root = write_diffusers_layout(tmp_path / "diff", experts=weights, transformer=TINY_TRANSFORMER,
-                                  vae=vae, vae_config=TINY_VAE, boundary_ratio=0.9)  # fmt: skip
+    root = write_diffusers_layout(
+        tmp_path / "diff",
+        experts=weights,
+        transformer=TINY_TRANSFORMER,
+        vae=vae,
+        vae_config=TINY_VAE,
+        boundary_ratio=0.9,
+    )
     layout = detect_layout(root)
     assert layout.kind == "diffusers" and layout.naming == "diffusers"
     assert layout.experts["high_noise"].parent == root / "transformer"
@@ -183,8 +201,9 @@ def test_unknown_folder_lists_what_it_found_and_what_is_accepted(tmp_path):
 
 
 def test_official_folder_without_vae_says_which_file(tmp_path, weights):
-    root = write_official_layout(tmp_path / "o", experts=weights, transformer=TINY_TRANSFORMER,
-                                 vae={}, vae_generation="2.1")  # fmt: skip
+    root = write_official_layout(
+        tmp_path / "o", experts=weights, transformer=TINY_TRANSFORMER, vae={}, vae_generation="2.1"
+    )
     (root / "Wan2.1_VAE.pth").unlink()
     with pytest.raises(ValueError, match="Wan2.1_VAE.pth or Wan2.2_VAE.pth"):
         detect_layout(root)
@@ -192,10 +211,17 @@ def test_official_folder_without_vae_says_which_file(tmp_path, weights):
 
 def test_our_modules_load_from_official_and_diffusers_layouts(tmp_path, weights):
     vae = vae_weights(TINY_VAE)
-    official = write_official_layout(tmp_path / "o", experts=weights, transformer=TINY_TRANSFORMER,
-                                     vae=vae, vae_generation="2.1")  # fmt: skip
-    diff = write_diffusers_layout(tmp_path / "d", experts=weights, transformer=TINY_TRANSFORMER,
-                                  vae=vae, vae_config=TINY_VAE, boundary_ratio=0.875)  # fmt: skip
+    official = write_official_layout(
+        tmp_path / "o", experts=weights, transformer=TINY_TRANSFORMER, vae=vae, vae_generation="2.1"
+    )
+    diff = write_diffusers_layout(
+        tmp_path / "d",
+        experts=weights,
+        transformer=TINY_TRANSFORMER,
+        vae=vae,
+        vae_config=TINY_VAE,
+        boundary_ratio=0.875,
+    )
     for root in (official, diff):
         layout = detect_layout(root)
         expert = load_expert(layout, "low_noise", dtype=torch.float32)
@@ -204,8 +230,9 @@ def test_our_modules_load_from_official_and_diffusers_layouts(tmp_path, weights)
 
 
 def test_load_components_from_vidmoe_layout(tmp_path, weights):
-    root = write_vidmoe_layout(tmp_path / "m", config=PRESETS["tiny-t2v"], experts=weights,
-                               vae=vae_weights(TINY_VAE))  # fmt: skip
+    root = write_vidmoe_layout(
+        tmp_path / "m", config=PRESETS["tiny-t2v"], experts=weights, vae=vae_weights(TINY_VAE)
+    )
     c = load_components(root, dtype=torch.float32)
     assert c.layout == "vidmoe" and set(c.experts) == {"high_noise", "low_noise"}
     assert same(c.experts["high_noise"].state_dict(), weights["high_noise"])
@@ -214,8 +241,9 @@ def test_load_components_from_vidmoe_layout(tmp_path, weights):
 
 def test_diffusers_dense_ti2v_uses_expand_timesteps(tmp_path):
     w, vae = expert_weights(TINY_TI2V, 5), vae_weights(TINY_VAE_22)
-    root = write_diffusers_layout(tmp_path / "d", experts={"dense": w}, transformer=TINY_TI2V,
-                                  vae=vae, vae_config=TINY_VAE_22)  # fmt: skip
+    root = write_diffusers_layout(
+        tmp_path / "d", experts={"dense": w}, transformer=TINY_TI2V, vae=vae, vae_config=TINY_VAE_22
+    )
     layout = detect_layout(root)
     assert layout.experts == {"dense": root / "transformer" / "diffusion_pytorch_model.safetensors"}
     assert layout.config.transformer.model_type == "ti2v"

@@ -37,8 +37,11 @@ def pipe():
 @pytest.fixture(scope="module")
 def data():
     g = torch.Generator().manual_seed(3)
-    return dict(emb=torch.randn(1, 32, 48, generator=g), neg=torch.randn(1, 32, 48, generator=g),
-                latents=torch.randn(1, 16, 1, 4, 4, generator=g))  # fmt: skip
+    return dict(
+        emb=torch.randn(1, 32, 48, generator=g),
+        neg=torch.randn(1, 32, 48, generator=g),
+        latents=torch.randn(1, 16, 1, 4, 4, generator=g),
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -48,33 +51,60 @@ def _unload(pipe):
 
 
 def run_ours(pipe, data, sigmas):
-    return pipe.generate(prompt_embeds=data["emb"][0], negative_prompt_embeds=data["neg"][0],
-                         latents=data["latents"], sigmas=sigmas, sampler="euler", num_frames=1,
-                         height=32, width=32, output="latents", guidance=GUIDANCE).latents  # fmt: skip
+    return pipe.generate(
+        prompt_embeds=data["emb"][0],
+        negative_prompt_embeds=data["neg"][0],
+        latents=data["latents"],
+        sigmas=sigmas,
+        sampler="euler",
+        num_frames=1,
+        height=32,
+        width=32,
+        output="latents",
+        guidance=GUIDANCE,
+    ).latents
 
 
 def diffusers_pipeline(pipe):
     diffusers = pytest.importorskip("diffusers")
     pytest.importorskip("peft", reason="diffusers loads LoRAs through peft")
-    d = {k: v for k, v in keymaps.transformer_config_to_diffusers(pipe.config.transformer).items()
-         if k != "_class_name"}  # fmt: skip
+    d = {
+        k: v
+        for k, v in keymaps.transformer_config_to_diffusers(pipe.config.transformer).items()
+        if k != "_class_name"
+    }
     models = []
     for name in NAMES:
         m = diffusers.WanTransformer3DModel(**d)
         sd = pipe.experts[name].state_dict()
         m.load_state_dict({keymaps.transformer_to_diffusers(k): v for k, v in sd.items()})
         models.append(m.eval())
-    dp = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=models[0],
-                               transformer_2=models[1], boundary_ratio=pipe.config.moe.boundaries[0],
-                               scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0))  # fmt: skip
+    dp = diffusers.WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        transformer=models[0],
+        transformer_2=models[1],
+        boundary_ratio=pipe.config.moe.boundaries[0],
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0),
+    )
     dp.set_progress_bar_config(disable=True)
     return dp
 
 
 def run_diffusers(dp, data):
-    out = dp(prompt_embeds=data["emb"], negative_prompt_embeds=data["neg"], latents=data["latents"].clone(),
-             num_inference_steps=STEPS, guidance_scale=GUIDANCE["high_noise"], height=32, width=32,
-             guidance_scale_2=GUIDANCE["low_noise"], num_frames=1, output_type="latent").frames  # fmt: skip
+    out = dp(
+        prompt_embeds=data["emb"],
+        negative_prompt_embeds=data["neg"],
+        latents=data["latents"].clone(),
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE["high_noise"],
+        height=32,
+        width=32,
+        guidance_scale_2=GUIDANCE["low_noise"],
+        num_frames=1,
+        output_type="latent",
+    ).frames
     dp.scheduler.set_timesteps(STEPS)
     return out, tuple(float(s) for s in dp.scheduler.sigmas[:-1])
 
@@ -188,10 +218,17 @@ def test_one_diffusers_file_for_both_experts_equals_two_files(pipe, data, tmp_pa
 def test_vidmoe_format_round_trips(pipe, tmp_path):
     from vidmoe.models.lora import AdapterWeights
 
-    w = {"blocks.0.self_attn.q": AdapterWeights(down=torch.randn(2, 96), up=torch.randn(96, 2), scale=3.0),
-         "blocks.0.norm3": AdapterWeights(diff=torch.randn(96), diff_b=torch.randn(96))}  # fmt: skip
-    save_file(vidmoe_lora_state_dict({"low_noise": w}), str(tmp_path / "v.safetensors"),
-              metadata={"vidmoe_format": "lora/1"})  # fmt: skip
+    w = {
+        "blocks.0.self_attn.q": AdapterWeights(
+            down=torch.randn(2, 96), up=torch.randn(96, 2), scale=3.0
+        ),
+        "blocks.0.norm3": AdapterWeights(diff=torch.randn(96), diff_b=torch.randn(96)),
+    }
+    save_file(
+        vidmoe_lora_state_dict({"low_noise": w}),
+        str(tmp_path / "v.safetensors"),
+        metadata={"vidmoe_format": "lora/1"},
+    )
     rec = pipe.load_lora(tmp_path / "v.safetensors")
     assert rec.format == "vidmoe" and rec.strengths == {"low_noise": 1.0}
     lf = read_lora(
@@ -229,8 +266,11 @@ def test_module_names_resolve_in_every_format(pipe):
         ("diffusion_model.blocks.1.ffn.0", "lora_down", "lora_up"),
         ("lora_unet_blocks_1_ffn_0", "lora_down", "lora_up"),
     ]:
-        lf = parse_lora({f"{prefix}.{a_key}.weight": a, f"{prefix}.{b_key}.weight": b}, modules=modules,
-                        expert_names=NAMES)  # fmt: skip
+        lf = parse_lora(
+            {f"{prefix}.{a_key}.weight": a, f"{prefix}.{b_key}.weight": b},
+            modules=modules,
+            expert_names=NAMES,
+        )
         assert list(lf.experts[None]) == ["blocks.1.ffn.0"] and not lf.unmatched
 
 
@@ -238,9 +278,11 @@ def test_module_names_resolve_in_every_format(pipe):
 
 
 def _release_file(tmp_path, extra=None, name="x.safetensors"):
-    sd = {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(4, 96),
-          "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(96, 4),
-          **(extra or {})}  # fmt: skip
+    sd = {
+        "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(4, 96),
+        "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(96, 4),
+        **(extra or {}),
+    }
     save_file(sd, str(tmp_path / name))
     return tmp_path / name
 
@@ -273,8 +315,13 @@ def test_rank_mismatch_names_both_tensors(pipe, tmp_path):
 
 
 def test_adapter_for_another_model_names_tensor_and_shapes(pipe, tmp_path):
-    path = _release_file(tmp_path, {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(4, 5120),
-                                    "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(5120, 4)})  # fmt: skip
+    path = _release_file(
+        tmp_path,
+        {
+            "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(4, 5120),
+            "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(5120, 4),
+        },
+    )
     with pytest.raises(
         ValueError, match=r"lora_down.weight \(4, 5120\).*weight is \(96, 96\).*another model"
     ):
@@ -312,9 +359,14 @@ def test_bad_strength_expert_name_and_file(pipe, tmp_path):
     with pytest.raises(ValueError, match="must be a finite number"):
         pipe.set_lora_strength("x", float("nan"))
     bad_meta = tmp_path / "m.safetensors"
-    save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 96),
-               "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.zeros(96, 2)}, str(bad_meta),
-              metadata={"lora_adapter_metadata": "{not json"})  # fmt: skip
+    save_file(
+        {
+            "transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 96),
+            "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.zeros(96, 2),
+        },
+        str(bad_meta),
+        metadata={"lora_adapter_metadata": "{not json"},
+    )
     with pytest.raises(ValueError, match="not valid JSON"):
         pipe.load_lora(bad_meta, name="m")
 

@@ -69,8 +69,12 @@ def test_auto_on_cpu_is_sdpa_and_bit_identical_to_plain_sdpa():
     plain = F.scaled_dot_product_attention(*(rearrange(t, "b l n d -> b n l d") for t in (q, k, v)))
     assert torch.equal(attention(q, k, v, backend="sdpa"), rearrange(plain, "b n l d -> b l n d"))
     pipe = load_pipeline("tiny-t2v", device="cpu", dtype="float32")  # attention="auto"
-    backends = {m.attention_backend for e in pipe.experts.values() for m in e.modules()
-                if hasattr(m, "attention_backend")}  # fmt: skip
+    backends = {
+        m.attention_backend
+        for e in pipe.experts.values()
+        for m in e.modules()
+        if hasattr(m, "attention_backend")
+    }
     assert backends == {"sdpa"} and "attention" not in pipe.source
 
 
@@ -95,8 +99,13 @@ def test_unknown_backend_lists_the_choices():
 
 def test_backend_refuses_dtype_head_width_and_window_it_cannot_honour(monkeypatch):
     # sage's own rules, on the CPU: no package, no CUDA requirement, same function
-    sage = dataclasses.replace(ATTENTION_BACKENDS["sage"], name="sage-cpu", package=None,
-                               cuda_only=False, fn=reference_attention)  # fmt: skip
+    sage = dataclasses.replace(
+        ATTENTION_BACKENDS["sage"],
+        name="sage-cpu",
+        package=None,
+        cuda_only=False,
+        fn=reference_attention,
+    )
     monkeypatch.setitem(ATTENTION_BACKENDS, "sage-cpu", sage)
     windowed = _tiny(window_size=(3, 5)).to(torch.bfloat16)
     with pytest.raises(ValueError, match=r"cannot honour the local window \(3, 5\)"):
@@ -122,10 +131,14 @@ def test_registered_backend_gets_the_layout_and_window_of_each_attention(recorde
         assert model.set_attention("ref", device="cpu") == "ref"
         got = model(x, sigma, ctx)
     B, N, Dh, L, S = 2, 4, 24, 32, TINY_TRANSFORMER.text_len
-    assert recorded == [
-        {"q": (B, L, N, Dh), "k": (B, L, N, Dh), "window": window},  # self-attention
-        {"q": (B, L, N, Dh), "k": (B, S, N, Dh), "window": None},  # cross-attention, no mask
-    ] * TINY_TRANSFORMER.num_layers
+    assert (
+        recorded
+        == [
+            {"q": (B, L, N, Dh), "k": (B, L, N, Dh), "window": window},  # self-attention
+            {"q": (B, L, N, Dh), "k": (B, S, N, Dh), "window": None},  # cross-attention, no mask
+        ]
+        * TINY_TRANSFORMER.num_layers
+    )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # SDPA's chunked window agrees
 
 
@@ -162,8 +175,10 @@ def test_load_pipeline_compile_records_it():
 
 def _compare_on_cuda(name: str, window, tol: float) -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(2, 300, 4, 128, generator=g, device="cuda", dtype=torch.bfloat16)
-               for _ in range(3))  # fmt: skip
+    q, k, v = (
+        torch.randn(2, 300, 4, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3)
+    )
     got = attention(q, k, v, window, backend=name)
     want = reference_attention(q, k, v, window)
     assert got.shape == want.shape and got.dtype == torch.bfloat16
@@ -195,8 +210,22 @@ def test_cli_refuses_a_backend_it_cannot_run_before_writing(tmp_path):
     from vidmoe.cli import app
 
     out = tmp_path / "a.mp4"
-    r = CliRunner().invoke(app, ["generate", "x", "-m", "tiny-t2v", "--device", "cpu", "-q",
-                                 "--attention", "sage", "-o", str(out)])  # fmt: skip
+    r = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "x",
+            "-m",
+            "tiny-t2v",
+            "--device",
+            "cpu",
+            "-q",
+            "--attention",
+            "sage",
+            "-o",
+            str(out),
+        ],
+    )
     assert r.exit_code == 2 and "attention backend 'sage' cannot run here" in r.output
     assert not out.exists()
 

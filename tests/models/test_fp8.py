@@ -102,7 +102,9 @@ def comfy_fp8_scaled_file(path, expert: nn.Module, *, per_tensor: bool = True, d
 
 def test_comfyui_fp8_scaled_file_loads_dequantised_with_its_scales(tmp_path):
     expert = tiny_expert()
-    path = comfy_fp8_scaled_file(tmp_path / "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", expert)
+    path = comfy_fp8_scaled_file(
+        tmp_path / "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", expert
+    )
     layout = detect_layout(path)
     assert layout.kind == "comfyui" and list(layout.experts) == ["high_noise"]
     loaded = load_expert(layout, "high_noise", dtype=torch.float32)
@@ -119,13 +121,17 @@ def test_comfyui_fp8_scaled_file_loads_dequantised_with_its_scales(tmp_path):
     kept = load_expert(layout, "high_noise", dtype=torch.float32, quantize="fp8")
     layer = kept.get_submodule(name)
     assert isinstance(layer, FP8Linear)
-    assert torch.equal(layer.weight.view(torch.uint8), raw[f"{PREFIX}{name}.weight"].view(torch.uint8))
+    assert torch.equal(
+        layer.weight.view(torch.uint8), raw[f"{PREFIX}{name}.weight"].view(torch.uint8)
+    )
     assert torch.equal(layer.scale_weight, raw[f"{PREFIX}{name}.scale_weight"].expand(CFG.dim))
     assert torch.allclose(run(kept), run(loaded), rtol=1e-5, atol=1e-5)
 
 
 def test_scaled_file_without_its_scales_is_refused(tmp_path):
-    path = comfy_fp8_scaled_file(tmp_path / "high_noise.safetensors", tiny_expert(), drop_scales=True)
+    path = comfy_fp8_scaled_file(
+        tmp_path / "high_noise.safetensors", tiny_expert(), drop_scales=True
+    )
     with pytest.raises(ValueError, match="lacks the scale_weight of 20 fp8 weight"):
         load_expert(detect_layout(path), "high_noise", dtype=torch.float32)
 
@@ -133,7 +139,9 @@ def test_scaled_file_without_its_scales_is_refused(tmp_path):
 def test_plain_e4m3_file_loads_with_scale_one(tmp_path):
     expert = tiny_expert()
     fp8 = {f"{n}.weight" for n in fp8_layer_names(expert)}
-    tensors = {PREFIX + n: (t.to(FP8_DTYPE) if n in fp8 else t) for n, t in expert.state_dict().items()}
+    tensors = {
+        PREFIX + n: (t.to(FP8_DTYPE) if n in fp8 else t) for n, t in expert.state_dict().items()
+    }
     path = save_safetensors_atomic(tensors, tmp_path / "low_noise_e4m3fn.safetensors")
     loaded = load_expert(detect_layout(path), "low_noise", dtype=torch.float32)
     w = expert.blocks[1].ffn[0].weight
@@ -150,8 +158,10 @@ def test_quantize_at_load_equals_quantizing_the_loaded_float_expert(tmp_path):
     after = quantize_fp8_(load_expert(layout, "high_noise", dtype=torch.float32))
     for (n, a), (m, b) in zip(at_load.state_dict().items(), after.state_dict().items()):
         assert n == m and a.dtype == b.dtype
-        assert torch.equal(a.view(torch.uint8) if a.dtype == FP8_DTYPE else a,
-                           b.view(torch.uint8) if b.dtype == FP8_DTYPE else b), n
+        assert torch.equal(
+            a.view(torch.uint8) if a.dtype == FP8_DTYPE else a,
+            b.view(torch.uint8) if b.dtype == FP8_DTYPE else b,
+        ), n
     with pytest.raises(ValueError, match="quantize must be None or 'fp8'"):
         load_expert(layout, "high_noise", quantize="int4")
 
@@ -193,11 +203,29 @@ def test_cli_quantize_and_step_cache(tmp_path):
     from vidmoe.cli import app
 
     out = tmp_path / "v.mp4"
-    r = CliRunner().invoke(app, ["generate", "a cat", "-m", "tiny-t2v", "-s", "6", "-q", "-o", str(out),
-                                 "--quantize", "fp8", "--step-cache", "high_noise=50,low_noise=50"])  # fmt: skip
+    r = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "a cat",
+            "-m",
+            "tiny-t2v",
+            "-s",
+            "6",
+            "-q",
+            "-o",
+            str(out),
+            "--quantize",
+            "fp8",
+            "--step-cache",
+            "high_noise=50,low_noise=50",
+        ],
+    )
     assert r.exit_code == 0, r.output
     record = json.loads((tmp_path / "v.mp4.json").read_text())
     assert record["settings"]["step_cache"] == {"high_noise": 50.0, "low_noise": 50.0}
     assert any("cached" in row for row in record["trace"])
-    bad = CliRunner().invoke(app, ["generate", "x", "-m", "tiny-t2v", "-o", str(out), "--step-cache", "fast"])
+    bad = CliRunner().invoke(
+        app, ["generate", "x", "-m", "tiny-t2v", "-o", str(out), "--step-cache", "fast"]
+    )
     assert bad.exit_code == 2 and "--step-cache must be a number" in bad.output

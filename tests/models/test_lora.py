@@ -37,8 +37,11 @@ def random_adapter(model, seed, *, rank=3, scale=0.5, diff=False):
     out = {}
     for n in [*names, "head.head", "patch_embedding"]:
         w = mods[n].weight
-        out[n] = AdapterWeights(down=torch.randn(rank, *w.shape[1:], generator=g) * 0.1,
-                                up=torch.randn(w.shape[0], rank, generator=g) * 0.1, scale=scale)  # fmt: skip
+        out[n] = AdapterWeights(
+            down=torch.randn(rank, *w.shape[1:], generator=g) * 0.1,
+            up=torch.randn(w.shape[0], rank, generator=g) * 0.1,
+            scale=scale,
+        )
     if diff:
         for n in ("blocks.1.modulation", "head.modulation"):  # bare parameters: .diff only
             out[n] = AdapterWeights(
@@ -47,8 +50,10 @@ def random_adapter(model, seed, *, rank=3, scale=0.5, diff=False):
         for n in ("blocks.1.self_attn.q", "blocks.1.norm3", "blocks.1.self_attn.norm_q"):
             w = mods[n].weight
             b = getattr(mods[n], "bias", None)
-            out[n] = AdapterWeights(diff=torch.randn(w.shape, generator=g) * 0.05,
-                                    diff_b=None if b is None else torch.randn(b.shape, generator=g) * 0.05)  # fmt: skip
+            out[n] = AdapterWeights(
+                diff=torch.randn(w.shape, generator=g) * 0.05,
+                diff_b=None if b is None else torch.randn(b.shape, generator=g) * 0.05,
+            )
     return out
 
 

@@ -211,7 +211,11 @@ def test_check_compatible():
 def test_sigma_range_is_the_set_of_sigmas_each_expert_owns():
     moe, router = K3, Router(K3)
     for sigma in [i / 200 for i in range(201)] + [0.4, 0.8]:
-        owners = [n for n in moe.expert_names if router.sigma_range(n)[0] <= sigma < router.sigma_range(n)[1]]
+        owners = [
+            n
+            for n in moe.expert_names
+            if router.sigma_range(n)[0] <= sigma < router.sigma_range(n)[1]
+        ]
         assert owners == [router.owner(sigma)], sigma
     with pytest.raises(ValueError, match="unknown expert 'd'"):
         router.sigma_range("d")
@@ -219,22 +223,31 @@ def test_sigma_range_is_the_set_of_sigmas_each_expert_owns():
 
 def test_resident_experts_sit_on_the_device_and_activate_returns_them():
     high, low = Stub(), Stub()
-    experts = Experts({"high_noise": high, "low_noise": low}, T2V,
-                      placement=Placement(device="meta", dtype=torch.float16))  # fmt: skip
+    experts = Experts(
+        {"high_noise": high, "low_noise": low},
+        T2V,
+        placement=Placement(device="meta", dtype=torch.float16),
+    )
     assert all(p.is_meta for e in experts.values() for p in e.parameters())
     assert experts.activate("low_noise") is low and experts.device == torch.device("meta")
     assert experts.dtype == torch.float16 and experts.router.owner(0.9) == "high_noise"
 
 
 def test_swap_moves_the_active_expert_in_and_the_others_out():
-    experts = Experts({"high_noise": Stub(), "low_noise": Stub()}, T2V,
-                      placement=Placement(device="cpu", residency="swap"))  # fmt: skip
+    experts = Experts(
+        {"high_noise": Stub(), "low_noise": Stub()},
+        T2V,
+        placement=Placement(device="cpu", residency="swap"),
+    )
     assert experts.on_device() == ()  # placed in host RAM where the loader put them
     assert experts.activate("high_noise") is experts["high_noise"]
     experts.activate("low_noise")
     assert experts.on_device() == ("low_noise",)
-    assert experts.policy.log == [("high_noise", "upload"), ("high_noise", "evict"),
-                                  ("low_noise", "upload")]  # fmt: skip
+    assert experts.policy.log == [
+        ("high_noise", "upload"),
+        ("high_noise", "evict"),
+        ("low_noise", "upload"),
+    ]
     resident = Experts({"high_noise": Stub(), "low_noise": Stub()}, T2V)
     resident.activate("high_noise")
     assert resident.on_device() == ("high_noise", "low_noise") and resident.policy.log == []
@@ -244,5 +257,7 @@ def test_swap_moves_the_active_expert_in_and_the_others_out():
 
 def test_placement_refuses_an_unknown_residency():
     assert set(RESIDENCY) == {"resident", "swap", "disk", "blocks"}
-    with pytest.raises(ValueError, match="residency must be one of resident, swap, disk, blocks; got 'ram'"):
+    with pytest.raises(
+        ValueError, match="residency must be one of resident, swap, disk, blocks; got 'ram'"
+    ):
         Placement(residency="ram")

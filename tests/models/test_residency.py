@@ -29,8 +29,9 @@ def resident_video(checkpoint):
 
 
 @pytest.mark.parametrize("residency", POLICIES)
-def test_each_policy_gives_the_resident_video_from_a_checkpoint(checkpoint, resident_video,
-                                                                residency):  # fmt: skip
+def test_each_policy_gives_the_resident_video_from_a_checkpoint(
+    checkpoint, resident_video, residency
+):
     pipe = load_pipeline(checkpoint, device="cpu", residency=residency)
     assert pipe.residency == residency
     out = pipe.generate("a red circle", **RUN)
@@ -48,8 +49,10 @@ def test_each_policy_gives_the_resident_video_from_a_preset(residency):
 
 
 def test_disk_is_refused_for_experts_with_no_file():
-    with pytest.raises(ValueError, match="residency 'disk' re-reads each expert from its file.*"
-                                         "use residency 'swap'"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match="residency 'disk' re-reads each expert from its file.*use residency 'swap'",
+    ):
         load_pipeline("tiny-t2v", device="cpu", residency="disk")
     pipe = build_random_pipeline("tiny-t2v")
     with pytest.raises(ValueError, match=r"experts \['high_noise', 'low_noise'\] were built"):
@@ -63,8 +66,12 @@ def test_disk_holds_one_expert_and_reads_each_when_its_phase_comes(checkpoint):
     counts = experts.param_counts()  # shapes survive the release
     assert counts == load_pipeline(checkpoint, device="cpu").experts.param_counts()
     pipe.generate("x", output="latents", **RUN)
-    assert experts.policy.log == [("high_noise", "read"), ("high_noise", "release"),
-                                  ("low_noise", "read"), ("low_noise", "release")]  # fmt: skip
+    assert experts.policy.log == [
+        ("high_noise", "read"),
+        ("high_noise", "release"),
+        ("low_noise", "read"),
+        ("low_noise", "release"),
+    ]
     assert all(is_hollow(e) for e in experts.values())  # released for the decode
     assert experts.on_device() == ()
     assert experts.activate("low_noise") is experts["low_noise"]
@@ -75,8 +82,12 @@ def test_disk_holds_one_expert_and_reads_each_when_its_phase_comes(checkpoint):
 def test_swap_prefetches_the_next_expert_one_step_before_its_first_step():
     pipe = load_pipeline("tiny-t2v", device="cpu", residency="swap")
     steps = []
-    result = pipe.generate("x", output="latents", callback=lambda i, n, e: steps.append(
-        list(pipe.experts.policy.log)), **RUN)  # fmt: skip
+    result = pipe.generate(
+        "x",
+        output="latents",
+        callback=lambda i, n, e: steps.append(list(pipe.experts.policy.log)),
+        **RUN,
+    )
     first_low = next(r["index"] for r in result.trace if r["experts"] == ["low_noise"])
     assert first_low >= 1
     before = steps[first_low - 1]  # the log after the step before the switch
@@ -109,8 +120,15 @@ def _fuse_one(expert):
     from vidmoe.models import lora
 
     w = expert.blocks[0].self_attn.q.weight
-    lora.add_adapter(expert, "a", {"blocks.0.self_attn.q": lora.AdapterWeights(
-        down=torch.ones(1, w.shape[1]), up=torch.ones(w.shape[0], 1))})  # fmt: skip
+    lora.add_adapter(
+        expert,
+        "a",
+        {
+            "blocks.0.self_attn.q": lora.AdapterWeights(
+                down=torch.ones(1, w.shape[1]), up=torch.ones(w.shape[0], 1)
+            )
+        },
+    )
     lora.fuse(expert)
     return expert.blocks[0].self_attn.q.weight.detach().clone()
 
@@ -141,13 +159,17 @@ def test_the_text_encoder_runs_where_the_placement_says_and_offload_follows_the_
     pipe = load_pipeline("tiny-t2v", device="cpu", text_encoder_device="cpu")
     assert pipe.experts.placement.text_encoder_device == torch.device("cpu")
     assert pipe.experts.rest_device == torch.device("cpu")
-    meta = Experts(dict(pipe.experts.items()), get_preset("tiny-t2v").moe,
-                   placement=Placement(device="meta"))  # fmt: skip
+    meta = Experts(
+        dict(pipe.experts.items()), get_preset("tiny-t2v").moe, placement=Placement(device="meta")
+    )
     assert meta.rest_device == torch.device("meta")  # resident: the VAE stays on the device
     swap = Placement(device="meta", residency="swap")
     layer = torch.nn.Linear(2, 2)
-    experts = Experts({n: torch.nn.Linear(2, 2) for n in ("high_noise", "low_noise")},
-                      get_preset("tiny-t2v").moe, placement=swap)  # fmt: skip
+    experts = Experts(
+        {n: torch.nn.Linear(2, 2) for n in ("high_noise", "low_noise")},
+        get_preset("tiny-t2v").moe,
+        placement=swap,
+    )
     assert experts.rest_device == torch.device("cpu")
     with experts.lend(layer, torch.device("cpu")):
         assert layer.weight.device == torch.device("cpu")

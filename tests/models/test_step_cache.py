@@ -30,8 +30,10 @@ def test_threshold_zero_is_the_uncached_expert(expert):
     x, ctx = inputs()
     cache = StepCache(threshold=0.0)
     for sigma in (0.9, 0.8, 0.7):
-        assert torch.equal(expert(x, torch.tensor([sigma]), ctx, cache=cache),
-                           expert(x, torch.tensor([sigma]), ctx))  # fmt: skip
+        assert torch.equal(
+            expert(x, torch.tensor([sigma]), ctx, cache=cache),
+            expert(x, torch.tensor([sigma]), ctx),
+        )
     assert cache.skipped == 0
 
 
@@ -41,7 +43,9 @@ def test_small_change_reuses_the_rest_of_the_stack_and_max_skips_forces_a_full_s
     calls = []
     hook = expert.blocks[2].register_forward_hook(lambda *a: calls.append(1))
     cache = StepCache(threshold=1.0, max_skips=2)
-    outs = [expert(x, torch.tensor([s]), ctx, cache=cache) for s in (0.9, 0.899, 0.898, 0.897, 0.896)]
+    outs = [
+        expert(x, torch.tensor([s]), ctx, cache=cache) for s in (0.9, 0.899, 0.898, 0.897, 0.896)
+    ]
     hook.remove()
     # step 1 full (warm-up), 2-3 cached, 4 forced full (max_skips), 5 cached
     assert cache.skipped == 3 and len(calls) == 2

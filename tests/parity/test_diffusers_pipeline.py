@@ -38,24 +38,47 @@ def test_final_latents_match_diffusers_wan_pipeline(folders):
     shift, steps, boundary = 12.0, 6, 0.875
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     ref = WanPipeline(
-        tokenizer=None, text_encoder=None, vae=AutoencoderKLWan.from_pretrained(root / "vae"),
-        scheduler=scheduler, transformer=WanTransformer3DModel.from_pretrained(root / "transformer"),
-        transformer_2=WanTransformer3DModel.from_pretrained(root / "transformer_2"), boundary_ratio=boundary,
-    )  # fmt: skip
+        tokenizer=None,
+        text_encoder=None,
+        vae=AutoencoderKLWan.from_pretrained(root / "vae"),
+        scheduler=scheduler,
+        transformer=WanTransformer3DModel.from_pretrained(root / "transformer"),
+        transformer_2=WanTransformer3DModel.from_pretrained(root / "transformer_2"),
+        boundary_ratio=boundary,
+    )
     g = torch.Generator().manual_seed(0)
     emb, neg = torch.randn(1, 7, 48, generator=g), torch.randn(1, 5, 48, generator=g)
     latents = torch.randn(1, 16, 3, 8, 8, generator=g)
     pad = lambda e: torch.cat([e, e.new_zeros(1, 512 - e.shape[1], 48)], dim=1)  # noqa: E731
-    want = ref(prompt_embeds=pad(emb), negative_prompt_embeds=pad(neg), latents=latents.clone(),
-               height=64, width=64, num_frames=9, num_inference_steps=steps, guidance_scale=4.0,
-               guidance_scale_2=2.5, output_type="latent").frames  # fmt: skip
+    want = ref(
+        prompt_embeds=pad(emb),
+        negative_prompt_embeds=pad(neg),
+        latents=latents.clone(),
+        height=64,
+        width=64,
+        num_frames=9,
+        num_inference_steps=steps,
+        guidance_scale=4.0,
+        guidance_scale_2=2.5,
+        output_type="latent",
+    ).frames
 
     scheduler.set_timesteps(steps)
     sigmas = tuple(float(s) for s in scheduler.sigmas[:-1])
     pipe = load_pipeline(root, dtype="float32", device="cpu")
-    got = pipe.generate(prompt_embeds=emb[0], negative_prompt_embeds=neg[0], latents=latents, width=64,
-                        height=64, num_frames=9, sigmas=sigmas, sampler="euler", boundary=boundary,
-                        guidance={"high_noise": 4.0, "low_noise": 2.5}, output="latents")  # fmt: skip
+    got = pipe.generate(
+        prompt_embeds=emb[0],
+        negative_prompt_embeds=neg[0],
+        latents=latents,
+        width=64,
+        height=64,
+        num_frames=9,
+        sigmas=sigmas,
+        sampler="euler",
+        boundary=boundary,
+        guidance={"high_noise": 4.0, "low_noise": 2.5},
+        output="latents",
+    )
     assert [s["experts"][0] for s in got.trace].count("high_noise") not in (
         0,
         steps,

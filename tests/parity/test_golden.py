@@ -34,5 +34,7 @@ def test_golden_file(path):
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     kind = meta.get("kind")
-    assert kind in CHECKS, f"{path.name}: no parity check for kind {kind!r}; known: {sorted(CHECKS)}"
+    assert kind in CHECKS, (
+        f"{path.name}: no parity check for kind {kind!r}; known: {sorted(CHECKS)}"
+    )
     CHECKS[kind](path, meta)

@@ -29,11 +29,18 @@ def small(**kw):
 
 def test_guidance_one_calls_each_expert_once_per_step(pipe):
     calls = []
-    hooks = [e.register_forward_hook(lambda m, a, o, n=n: calls.append((n, a[0].shape[0])))
-             for n, e in pipe.experts.items()]  # fmt: skip
+    hooks = [
+        e.register_forward_hook(lambda m, a, o, n=n: calls.append((n, a[0].shape[0])))
+        for n, e in pipe.experts.items()
+    ]
     try:
-        r = pipe.generate("x", **small(steps_per_expert={"high_noise": 2, "low_noise": 3},
-                                       guidance={"high_noise": 1.0, "low_noise": 1.0}))  # fmt: skip
+        r = pipe.generate(
+            "x",
+            **small(
+                steps_per_expert={"high_noise": 2, "low_noise": 3},
+                guidance={"high_noise": 1.0, "low_noise": 1.0},
+            ),
+        )
     finally:
         for h in hooks:
             h.remove()
@@ -93,12 +100,19 @@ def test_plan_carries_per_step_adapter_strengths():
     plan = with_adapter_scales(
         plan, {"speed": {"high_noise": 0.8, "low_noise": 1.0}, "style": {"low_noise": 0.5}}
     )
-    assert [st.adapter_scales for st in plan.steps] == [{"speed": 0.8}, {"speed": 1.0, "style": 0.5},
-                                                       {"speed": 1.0, "style": 0.5}, {"speed": 1.0, "style": 0.5}]  # fmt: skip
+    assert [st.adapter_scales for st in plan.steps] == [
+        {"speed": 0.8},
+        {"speed": 1.0, "style": 0.5},
+        {"speed": 1.0, "style": 0.5},
+        {"speed": 1.0, "style": 0.5},
+    ]
     assert "speed=0.8" in plan.summary() and "style=0.5" in plan.summary()
     assert type(plan).from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
-    band = make_plan(get_preset("tiny-t2v").moe.__class__(boundaries=(0.6,), band=0.2), shift=5.0,
-                     sigmas=[1.0, 0.6, 0.2, 0.0])  # fmt: skip
+    band = make_plan(
+        get_preset("tiny-t2v").moe.__class__(boundaries=(0.6,), band=0.2),
+        shift=5.0,
+        sigmas=[1.0, 0.6, 0.2, 0.0],
+    )
     blended = with_adapter_scales(band, {"speed": {"high_noise": 0.8, "low_noise": 1.0}}).steps[1]
     assert len(blended.experts) == 2 and blended.adapter_scales == {
         "high_noise/speed": 0.8,
@@ -114,8 +128,12 @@ def test_pipeline_sets_each_experts_strength_before_its_steps(pipe, tmp_path):
     seen = []
     from vidmoe.models.lora import adapter_strengths
 
-    hooks = [e.register_forward_pre_hook(lambda m, a, n=n: seen.append((n, adapter_strengths(m)["speed"])))
-             for n, e in pipe.experts.items()]  # fmt: skip
+    hooks = [
+        e.register_forward_pre_hook(
+            lambda m, a, n=n: seen.append((n, adapter_strengths(m)["speed"]))
+        )
+        for n, e in pipe.experts.items()
+    ]
     try:
         r = pipe.generate("x", **small(steps_per_expert={"high_noise": 1, "low_noise": 2}))
     finally:
@@ -140,9 +158,31 @@ def test_cli_generate_with_loras_recipe_and_fuse(tmp_path):
     expert = build_random_pipeline("tiny-t2v").experts["high_noise"]
     f = write_release(tmp_path / "lightning.safetensors", random_lora(expert, seed=5))
     out = tmp_path / "clip.mp4"
-    r = runner.invoke(app, ["generate", "x", "-m", "tiny-t2v", "-f", "1", "-W", "32", "-H", "32", "--recipe",
-                            "lightning-4step", "--lora", f"high_noise={f}:0.8", "--lora", f"low_noise={f}",
-                            "--fuse-lora", "-o", str(out), "--quiet"])  # fmt: skip
+    r = runner.invoke(
+        app,
+        [
+            "generate",
+            "x",
+            "-m",
+            "tiny-t2v",
+            "-f",
+            "1",
+            "-W",
+            "32",
+            "-H",
+            "32",
+            "--recipe",
+            "lightning-4step",
+            "--lora",
+            f"high_noise={f}:0.8",
+            "--lora",
+            f"low_noise={f}",
+            "--fuse-lora",
+            "-o",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     record = json.loads((tmp_path / "clip.mp4.json").read_text())
     (adapter,) = record["model"]["adapters"]

@@ -25,8 +25,12 @@ def release_size(img_w, img_h, max_area, vae_stride=(4, 8, 8), patch_size=(1, 2,
     """wan/image2video.py `generate`: the frame size from max_area and the image's shape."""
     h, w = img_h, img_w  # img.shape[1:] of the (3, h, w) tensor
     aspect_ratio = h / w
-    lat_h = round(np.sqrt(max_area * aspect_ratio) // vae_stride[1] // patch_size[1] * patch_size[1])
-    lat_w = round(np.sqrt(max_area / aspect_ratio) // vae_stride[2] // patch_size[2] * patch_size[2])
+    lat_h = round(
+        np.sqrt(max_area * aspect_ratio) // vae_stride[1] // patch_size[1] * patch_size[1]
+    )
+    lat_w = round(
+        np.sqrt(max_area / aspect_ratio) // vae_stride[2] // patch_size[2] * patch_size[2]
+    )
     h = lat_h * vae_stride[1]
     w = lat_w * vae_stride[2]
     return w, h
@@ -52,8 +56,21 @@ def noisy_image(path, size, seed=0):
     return str(path)
 
 
-ODD = [(832, 480), (480, 832), (1024, 768), (1280, 720), (1920, 1080), (333, 777), (1001, 997),
-       (640, 641), (1, 1), (517, 123), (123, 517), (4000, 3000), (720, 1280)]  # fmt: skip
+ODD = [
+    (832, 480),
+    (480, 832),
+    (1024, 768),
+    (1280, 720),
+    (1920, 1080),
+    (333, 777),
+    (1001, 997),
+    (640, 641),
+    (1, 1),
+    (517, 123),
+    (123, 517),
+    (4000, 3000),
+    (720, 1280),
+]
 
 
 @pytest.mark.parametrize("area", [1280 * 720, 832 * 480])
@@ -87,17 +104,27 @@ def test_explicit_size_is_the_users_override(tmp_path):
 
 @pytest.mark.parametrize(
     ("kwargs", "model", "message"),
-    [(dict(area=832 * 480, width=832), A14B, "give area or width/height, not both"),
-     (dict(area=500_000), A14B, r"area 500000 is not supported by i2v-A14B; supported: "
-                                r"921600 \(1280\*720\), 399360 \(832\*480\)"),
-     (dict(area=0), TINY, r"area must be an integer >= 1; got 0"),
-     (dict(area=4096.0), TINY, r"area must be an integer; got 4096.0"),
-     (dict(area=4096, image=None), get_preset("tiny-t2v"), "area sets an image-to-video"),
-     (dict(area=4096, image_size=(4000, 10)), TINY, r"an image of 4000x10 at area 4096 gives a "
-                                                    r"1280x0 frame"),
-     (dict(area=16 * 1280 * 720, image_size=(1280, 720)), TINY, "over the limit"),
-     (dict(image="/no/such/file.png", image_size=None), TINY, "cannot read image")],
-)  # fmt: skip
+    [
+        (dict(area=832 * 480, width=832), A14B, "give area or width/height, not both"),
+        (
+            dict(area=500_000),
+            A14B,
+            r"area 500000 is not supported by i2v-A14B; supported: "
+            r"921600 \(1280\*720\), 399360 \(832\*480\)",
+        ),
+        (dict(area=0), TINY, r"area must be an integer >= 1; got 0"),
+        (dict(area=4096.0), TINY, r"area must be an integer; got 4096.0"),
+        (dict(area=4096, image=None), get_preset("tiny-t2v"), "area sets an image-to-video"),
+        (
+            dict(area=4096, image_size=(4000, 10)),
+            TINY,
+            r"an image of 4000x10 at area 4096 gives a "
+            r"1280x0 frame",
+        ),
+        (dict(area=16 * 1280 * 720, image_size=(1280, 720)), TINY, "over the limit"),
+        (dict(image="/no/such/file.png", image_size=None), TINY, "cannot read image"),
+    ],
+)
 def test_area_and_image_are_checked(kwargs, model, message):
     kwargs = {"image": "<upload>", "image_size": (64, 64), **kwargs}
     image_size = kwargs.pop("image_size")
@@ -157,13 +184,19 @@ def test_the_server_sizes_an_upload_before_saving_it(tmp_path):
     Image.new("RGB", (100, 60), (200, 30, 30)).save(buf, format="PNG")
     app = create_app(ServeConfig(model="tiny-i2v", outputs=tmp_path / "out", device="cpu"))
     with TestClient(app, base_url="http://127.0.0.1") as c:
-        r = c.post("/v1/plan", data={"prompt": "up", "num_steps": "2"},
-                   files={"image": ("a.png", buf.getvalue(), "image/png")})  # fmt: skip
+        r = c.post(
+            "/v1/plan",
+            data={"prompt": "up", "num_steps": "2"},
+            files={"image": ("a.png", buf.getvalue(), "image/png")},
+        )
         assert r.status_code == 200, r.text
         settings = r.json()["settings"]
         assert (settings["width"], settings["height"], settings["area"]) == (80, 48, 4096)
-        r = c.post("/v1/plan", data={"prompt": "up", "area": "2048"},
-                   files={"image": ("a.png", buf.getvalue(), "image/png")})  # fmt: skip
+        r = c.post(
+            "/v1/plan",
+            data={"prompt": "up", "area": "2048"},
+            files={"image": ("a.png", buf.getvalue(), "image/png")},
+        )
         assert r.status_code == 200, r.text
         assert (r.json()["settings"]["width"], r.json()["settings"]["height"]) == release_size(
             100, 60, 2048

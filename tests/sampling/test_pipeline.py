@@ -56,19 +56,41 @@ def test_guidance_one_equals_conditional_prediction(t2v):
     neg = t2v.encode_prompt(["something else"])[0]
     noise = torch.randn(1, 16, 3, 8, 8)
     g1 = {"high_noise": 1.0, "low_noise": 1.0}
-    a = t2v.generate(prompt_embeds=emb, negative_prompt_embeds=neg, latents=noise, num_steps=3,
-                     guidance=g1, output="latents")  # fmt: skip
-    b = t2v.generate(prompt_embeds=emb, negative_prompt_embeds=emb * 0 + 7, latents=noise, num_steps=3,
-                     guidance=g1, output="latents")  # fmt: skip
+    a = t2v.generate(
+        prompt_embeds=emb,
+        negative_prompt_embeds=neg,
+        latents=noise,
+        num_steps=3,
+        guidance=g1,
+        output="latents",
+    )
+    b = t2v.generate(
+        prompt_embeds=emb,
+        negative_prompt_embeds=emb * 0 + 7,
+        latents=noise,
+        num_steps=3,
+        guidance=g1,
+        output="latents",
+    )
     torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=0)
 
 
 def test_given_latents_and_embeddings_are_used(t2v):
     emb = t2v.encode_prompt(["a"])[0]
     noise = torch.randn(1, 16, 3, 8, 8)
-    a = t2v.generate(prompt_embeds=emb, negative_prompt_embeds=emb, latents=noise, num_steps=2, output="latents")
-    b = t2v.generate(prompt_embeds=emb, negative_prompt_embeds=emb, latents=noise, num_steps=2, output="latents")
-    c = t2v.generate(prompt_embeds=emb, negative_prompt_embeds=emb, latents=noise + 1, num_steps=2, output="latents")
+    a = t2v.generate(
+        prompt_embeds=emb, negative_prompt_embeds=emb, latents=noise, num_steps=2, output="latents"
+    )
+    b = t2v.generate(
+        prompt_embeds=emb, negative_prompt_embeds=emb, latents=noise, num_steps=2, output="latents"
+    )
+    c = t2v.generate(
+        prompt_embeds=emb,
+        negative_prompt_embeds=emb,
+        latents=noise + 1,
+        num_steps=2,
+        output="latents",
+    )
     assert torch.equal(a.latents, b.latents) and not torch.equal(a.latents, c.latents)
     with pytest.raises(ValueError, match="latents must have shape"):
         t2v.generate(prompt_embeds=emb, latents=torch.randn(1, 16, 2, 8, 8), num_steps=2)
@@ -102,7 +124,9 @@ def test_ti2v_keeps_the_first_latent_frame(image_file):
     r = pipe.generate("x", num_steps=3, image=image_file, output="latents")
     from vidmoe.sampling.conditioning import load_image
 
-    first = pipe.vae.encode(load_image(image_file, 64, 64).clamp(-1, 1))  # ti2v clamps; i2v does not
+    first = pipe.vae.encode(
+        load_image(image_file, 64, 64).clamp(-1, 1)
+    )  # ti2v clamps; i2v does not
     torch.testing.assert_close(r.latents[:, :, :1], first, rtol=0, atol=0)
     assert r.latents.shape == (1, 48, 3, 4, 4)
 
@@ -114,7 +138,10 @@ BAD = [
     (dict(boundary=1.5), "boundary must lie in \\(0, 1\\)"),
     (dict(boundary="sometimes"), "boundary must be one of"),
     (dict(guidance={"high_noise": -1.0}), "guidance for high_noise must be a number >= 0"),
-    (dict(guidance={"mid_noise": 2.0}), "unknown expert 'mid_noise'.*valid experts: high_noise, low_noise"),
+    (
+        dict(guidance={"mid_noise": 2.0}),
+        "unknown expert 'mid_noise'.*valid experts: high_noise, low_noise",
+    ),
     (dict(guidance=(5.0,)), "one scale per expert \\(high_noise, low_noise\\): 2 numbers; got 1"),
     (dict(guidance="5"), "guidance must be a dict"),
     (dict(sampler="ddim"), "unknown sampler 'ddim'"),
@@ -122,7 +149,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("kwargs,message", BAD, ids=[next(iter(k)) + str(i) for i, (k, _) in enumerate(BAD)])
+@pytest.mark.parametrize(
+    "kwargs,message", BAD, ids=[next(iter(k)) + str(i) for i, (k, _) in enumerate(BAD)]
+)
 def test_bad_settings_are_clear(kwargs, message):
     with pytest.raises(ValueError, match=message):
         resolve_settings(GenerateSettings(prompt="x", **kwargs), get_preset("tiny-t2v"))
@@ -130,9 +159,12 @@ def test_bad_settings_are_clear(kwargs, message):
 
 @pytest.mark.parametrize(
     "guidance,expected",
-    [((6.0, 2.5), {"high_noise": 6.0, "low_noise": 2.5}), (3.0, {"high_noise": 3.0, "low_noise": 3.0}),
-     ({"low_noise": 1.5}, None)],
-)  # fmt: skip
+    [
+        ((6.0, 2.5), {"high_noise": 6.0, "low_noise": 2.5}),
+        (3.0, {"high_noise": 3.0, "low_noise": 3.0}),
+        ({"low_noise": 1.5}, None),
+    ],
+)
 def test_guidance_as_sequence_number_or_dict(guidance, expected):
     model = get_preset("tiny-t2v")
     rs = resolve_settings(GenerateSettings(prompt="x", guidance=guidance), model)
@@ -142,7 +174,9 @@ def test_guidance_as_sequence_number_or_dict(guidance, expected):
 
 
 def test_unknown_size_for_a_released_model():
-    with pytest.raises(ValueError, match="size 1024x1024 is not supported by t2v-A14B; supported: 1280x720"):
+    with pytest.raises(
+        ValueError, match="size 1024x1024 is not supported by t2v-A14B; supported: 1280x720"
+    ):
         resolve_settings(GenerateSettings(width=1024, height=1024), get_preset("t2v-A14B"))
 
 

@@ -191,11 +191,15 @@ BAD_INPUTS = [
     (dict(mode="quantile"), "release, snr, steps:N, calibrated:PATH.*got 'quantile'"),
     (dict(mode="calibrated"), "loss tables"),
     (dict(mode="release", num_steps=0), "got 0"),
-    (dict(mode=Calibrated({"high_noise": ([0, 1], [1, 1]), "mid": ([0, 1], [1, 1])})),
-     "'mid'.*high_noise, low_noise"),
-    (dict(mode=Calibrated({"high_noise": ([0, 1], [1, 0]), "low_noise": ([0, 1], [2, 2])})),
-     "no loss crossover"),
-]  # fmt: skip
+    (
+        dict(mode=Calibrated({"high_noise": ([0, 1], [1, 1]), "mid": ([0, 1], [1, 1])})),
+        "'mid'.*high_noise, low_noise",
+    ),
+    (
+        dict(mode=Calibrated({"high_noise": ([0, 1], [1, 0]), "low_noise": ([0, 1], [2, 2])})),
+        "no loss crossover",
+    ),
+]
 
 
 @pytest.mark.parametrize(("kwargs", "match"), BAD_INPUTS)

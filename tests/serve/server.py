@@ -26,8 +26,15 @@ def free_port() -> int:
 class Server:
     """One `python -m vidmoe.cli serve tiny-t2v` process."""
 
-    def __init__(self, outputs: Path, *, token: str | None = None, max_queue: int = 64,
-                 device: str = "cpu", extra: tuple[str, ...] = ()):  # fmt: skip
+    def __init__(
+        self,
+        outputs: Path,
+        *,
+        token: str | None = None,
+        max_queue: int = 64,
+        device: str = "cpu",
+        extra: tuple[str, ...] = (),
+    ):
         self.outputs, self.token, self.max_queue = Path(outputs), token, max_queue
         self.device, self.extra = device, tuple(extra)
         self.proc: subprocess.Popen | None = None
@@ -39,9 +46,24 @@ class Server:
 
     def start(self, timeout: float = 90) -> Server:
         self.port = free_port()
-        args = [sys.executable, "-m", "vidmoe.cli", "serve", "tiny-t2v", "--port", str(self.port),
-                "--outputs", str(self.outputs), "--device", self.device, "--max-queue", str(self.max_queue),
-                "--log-level", "warning", *self.extra]  # fmt: skip
+        args = [
+            sys.executable,
+            "-m",
+            "vidmoe.cli",
+            "serve",
+            "tiny-t2v",
+            "--port",
+            str(self.port),
+            "--outputs",
+            str(self.outputs),
+            "--device",
+            self.device,
+            "--max-queue",
+            str(self.max_queue),
+            "--log-level",
+            "warning",
+            *self.extra,
+        ]
         if self.token:
             args += ["--token", self.token]
         env = {k: v for k, v in os.environ.items() if k != "VIDMOE_TOKEN"}
@@ -90,8 +112,12 @@ def submit(client: httpx.Client, **settings) -> str:
     return r.json()["id"]
 
 
-def wait_for(client: httpx.Client, job_id: str, until=lambda job: job["status"] in FINISHED,
-             timeout: float = 60) -> dict:  # fmt: skip
+def wait_for(
+    client: httpx.Client,
+    job_id: str,
+    until=lambda job: job["status"] in FINISHED,
+    timeout: float = 60,
+) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(f"/v1/jobs/{job_id}").json()

@@ -76,8 +76,11 @@ def test_event_stream_reports_steps_and_experts_then_ends(server):
         plan = c.get(f"/v1/jobs/{job_id}").json()["plan"]
     denoise = [p for p in running if p["phase"] == "denoise"]
     first = events[0][1]
-    start = 0 if first["status"] == "queued" or first["progress"]["phase"] is None else (
-        first["progress"]["step"])  # fmt: skip
+    start = (
+        0
+        if first["status"] == "queued" or first["progress"]["phase"] is None
+        else (first["progress"]["step"])
+    )
     assert [p["step"] for p in denoise] == list(range(start, 6))
     assert [p["experts"] for p in denoise] == [plan[p["step"]]["experts"] for p in denoise]
 
@@ -173,8 +176,18 @@ def test_cancel_queued_and_running_and_full_queue_gets_429(server):
         assert c.delete(f"/v1/jobs/{queued[1]}").status_code == 409  # already done
 
 
-@pytest.mark.parametrize("bad", ["nope", "../../etc/passwd", "..", str(uuid.uuid4()),
-                                 str(uuid.uuid4()).upper(), "%00", "1" * 300])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "nope",
+        "../../etc/passwd",
+        "..",
+        str(uuid.uuid4()),
+        str(uuid.uuid4()).upper(),
+        "%00",
+        "1" * 300,
+    ],
+)
 def test_unknown_or_malformed_ids_get_404(server, bad):
     with server.client() as c:
         for suffix in ("", "/video", "/settings", "/events"):

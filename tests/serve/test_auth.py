@@ -6,9 +6,14 @@ from tests.serve.server import SMALL
 
 
 def test_every_api_route_needs_the_token(token_server):
-    routes = [("GET", "/v1/health"), ("GET", "/v1/model"), ("GET", "/v1/jobs"),
-              ("POST", "/v1/jobs"), ("POST", "/v1/plan"),
-              ("GET", "/v1/jobs/00000000-0000-4000-8000-000000000000")]  # fmt: skip
+    routes = [
+        ("GET", "/v1/health"),
+        ("GET", "/v1/model"),
+        ("GET", "/v1/jobs"),
+        ("POST", "/v1/jobs"),
+        ("POST", "/v1/plan"),
+        ("GET", "/v1/jobs/00000000-0000-4000-8000-000000000000"),
+    ]
     with token_server.client(auth=False) as anon, token_server.client() as c:
         for method, path in routes:
             r = anon.request(method, path, json={"prompt": "x", **SMALL})

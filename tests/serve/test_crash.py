@@ -11,9 +11,11 @@ def test_sigkill_and_restart_finishes_every_job_exactly_once(tmp_path):
     first = Server(outputs).start()
     try:
         with first.client() as c:
-            ids = [submit(c, prompt="one", **SMALL),
-                   submit(c, prompt="two", **{**SMALL, "num_steps": 60}),
-                   submit(c, prompt="three", **SMALL)]  # fmt: skip
+            ids = [
+                submit(c, prompt="one", **SMALL),
+                submit(c, prompt="two", **{**SMALL, "num_steps": 60}),
+                submit(c, prompt="three", **SMALL),
+            ]
             done_before = wait_for(c, ids[0])
             wait_for(c, ids[1], lambda j: j["status"] == "running" and j["progress"]["step"] >= 2)
     finally:

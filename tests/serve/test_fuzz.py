@@ -21,11 +21,49 @@ from vidmoe.serve.requests import FIELDS
 SEED, COUNT = 20240524, 160
 LIMITS = {"max_steps": 2, "max_num_frames": 5, "max_pixels": 32 * 32}
 
-HOSTILE = [None, True, False, 0, -1, 1, 7, 2**31, 2**63, -(2**63) - 1, 10**30, 0.5, -0.0, 1e308,
-           1e-308, float("nan"), float("inf"), float("-inf"), "", "x", "64", "nan", "1e400",
-           "steps:1", "steps:0", "release", "snr", "calibrated", [], [0.5], [1, "a"], [[]], {},
-           {"high_noise": 1}, {"high_noise": [1]}, {"low_noise": None}, {"": 0}, {"x": {"y": []}},
-           "\u0000", "é" * 50, "a" * 2000]  # fmt: skip
+HOSTILE = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    7,
+    2**31,
+    2**63,
+    -(2**63) - 1,
+    10**30,
+    0.5,
+    -0.0,
+    1e308,
+    1e-308,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    "",
+    "x",
+    "64",
+    "nan",
+    "1e400",
+    "steps:1",
+    "steps:0",
+    "release",
+    "snr",
+    "calibrated",
+    [],
+    [0.5],
+    [1, "a"],
+    [[]],
+    {},
+    {"high_noise": 1},
+    {"high_noise": [1]},
+    {"low_noise": None},
+    {"": 0},
+    {"x": {"y": []}},
+    "\u0000",
+    "é" * 50,
+    "a" * 2000,
+]
 
 
 def plausible(rng: random.Random, key: str):
@@ -39,10 +77,14 @@ def plausible(rng: random.Random, key: str):
         "num_steps": lambda: rng.choice([1, 2, 3, 0, -1]),
         "shift": lambda: rng.choice([0.5, 3.0, 5, 0, -1.0, 1e-9]),
         "sampler": lambda: rng.choice(["euler", "unipc", "dpm++", "heun", ""]),
-        "guidance": lambda: {rng.choice(["high_noise", "low_noise", "middle"]):
-                             rng.choice([0, 1.5, 4, -1, 1e6])},  # fmt: skip
+        "guidance": lambda: {
+            rng.choice(["high_noise", "low_noise", "middle"]): rng.choice([0, 1.5, 4, -1, 1e6])
+        },
         "boundary": lambda: rng.choice([0.5, 0.875, 0, 1, 1.5, "release", "snr", "steps:1"]),
-        "steps_per_expert": lambda: {"high_noise": rng.randint(-1, 2), "low_noise": rng.randint(-1, 2)},
+        "steps_per_expert": lambda: {
+            "high_noise": rng.randint(-1, 2),
+            "low_noise": rng.randint(-1, 2),
+        },
         "sigmas": lambda: sorted((rng.random() for _ in range(rng.randint(0, 3))), reverse=True),
         "seed": lambda: rng.choice([0, 1, 2**32, 2**63 - 1, -5]),
         "image": lambda: rng.choice(["", "bm90IGFuIGltYWdl", "data:image/png;base64,xx"]),
@@ -87,7 +129,9 @@ def test_fuzz_the_jobs_schema(fuzz_server):
     with fuzz_server.client() as c:
         for i in range(COUNT):
             sent = body(rng)
-            r = c.post("/v1/jobs", content=json.dumps(sent), headers={"content-type": "application/json"})
+            r = c.post(
+                "/v1/jobs", content=json.dumps(sent), headers={"content-type": "application/json"}
+            )
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
             assert r.status_code in (202, 422), (i, sent, r.status_code, r.text)
             if r.status_code == 202:

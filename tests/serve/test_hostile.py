@@ -111,9 +111,13 @@ def test_default_limits_need_core_validation(token_server):
 
 
 # -- (1) NaN and Infinity ------------------------------------------------------------------------
-NON_FINITE = [b'{"num_steps": 1, "guidance": {"high_noise": NaN}}', b'{"shift": Infinity}',
-              b'{"boundary": -Infinity}', b'{"guidance": {"low_noise": 1e400}}',
-              b'{"sigmas": [0.9, NaN]}']  # fmt: skip
+NON_FINITE = [
+    b'{"num_steps": 1, "guidance": {"high_noise": NaN}}',
+    b'{"shift": Infinity}',
+    b'{"boundary": -Infinity}',
+    b'{"guidance": {"low_noise": 1e400}}',
+    b'{"sigmas": [0.9, NaN]}',
+]
 
 
 @pytest.mark.parametrize("body", NON_FINITE, ids=[b.decode() for b in NON_FINITE])
@@ -135,8 +139,16 @@ def test_nan_in_a_form_is_refused(hostile):
         assert r.status_code == 422 and "guidance must be JSON" in r.json()["detail"]
 
 
-def _insert(db, status: str, *, request: str, settings: str, plan: str, attempts: int = 0,
-            timings: str | None = None) -> str:  # fmt: skip
+def _insert(
+    db,
+    status: str,
+    *,
+    request: str,
+    settings: str,
+    plan: str,
+    attempts: int = 0,
+    timings: str | None = None,
+) -> str:
     job_id = str(uuid.uuid4())
     db.execute(
         "INSERT INTO jobs (id, status, request, settings, plan, created, num_steps, attempts, "
@@ -162,17 +174,26 @@ def test_a_poisoned_database_never_breaks_the_list_nor_blocks_the_queue(tmp_path
     nan["guidance"]["high_noise"] = float("nan")  # as a server before this fix stored it
     nan_request = {**json.loads(request), "guidance": {"high_noise": float("nan")}}
     ids = {
-        "nan_done": _insert(db, "done", request=request, settings=json.dumps(nan), plan=plan,
-                            timings='{"total": Infinity}'),
+        "nan_done": _insert(
+            db,
+            "done",
+            request=request,
+            settings=json.dumps(nan),
+            plan=plan,
+            timings='{"total": Infinity}',
+        ),
         "unreadable": _insert(db, "failed", request="{broken", settings="{broken", plan="]"),
-        "nan_queued": _insert(db, "queued", request=json.dumps(nan_request), settings=settings,
-                              plan=plan),
+        "nan_queued": _insert(
+            db, "queued", request=json.dumps(nan_request), settings=settings, plan=plan
+        ),
         "garbage_queued": _insert(db, "queued", request="[1, 2]", settings=settings, plan=plan),
-        "killed_twice": _insert(db, "running", request=request, settings=settings, plan=plan,
-                                attempts=2),
-        "killed_once": _insert(db, "running", request=request, settings=settings, plan=plan,
-                               attempts=1),
-    }  # fmt: skip
+        "killed_twice": _insert(
+            db, "running", request=request, settings=settings, plan=plan, attempts=2
+        ),
+        "killed_once": _insert(
+            db, "running", request=request, settings=settings, plan=plan, attempts=1
+        ),
+    }
     db.close()
 
     second = Server(outputs).start()
@@ -207,8 +228,10 @@ WRONG_TYPES = [
     ({"boundary": {}}, "boundary must be a number (a sigma) or a mode string; got an object"),
     ({"shift": [1]}, "shift must be a number; got a list"),
     ({"shift": "abc"}, "shift must be a number; got a string ('abc')"),
-    ({"steps_per_expert": {"high_noise": [1]}},
-     "steps_per_expert for high_noise must be an integer; got a list"),
+    (
+        {"steps_per_expert": {"high_noise": [1]}},
+        "steps_per_expert for high_noise must be an integer; got a list",
+    ),
     ({"width": "64"}, "width must be an integer; got a string ('64')"),
     ({"num_frames": True}, "num_frames must be an integer; got a boolean (True)"),
     ({"num_steps": 2.0}, "num_steps must be an integer; got a number (2.0)"),
@@ -223,7 +246,7 @@ WRONG_TYPES = [
     ({"sigmas": [0.5, None]}, "sigmas must be a list of numbers; got a list"),
     ({"prompt": {"a": 1}}, "prompt must be a string; got an object"),
     ({"sampler": 3}, "sampler must be a string; got an integer (3)"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("body, message", WRONG_TYPES, ids=[json.dumps(b) for b, _ in WRONG_TYPES])
@@ -240,8 +263,11 @@ def test_wrong_types_get_422_naming_the_type(hostile, body, message):
 
 def test_query_numbers_too_large_get_422(hostile):
     with hostile.client() as c:
-        for params in ({"offset": "99999999999999999999"}, {"limit": "99999999999999999999"},
-                       {"offset": "-1"}):  # fmt: skip
+        for params in (
+            {"offset": "99999999999999999999"},
+            {"limit": "99999999999999999999"},
+            {"offset": "-1"},
+        ):
             r = c.get("/v1/jobs", params=params)
             assert r.status_code == 422, (params, r.text)
 
@@ -288,8 +314,12 @@ def test_allowed_hosts_and_origins_and_a_model_that_fails_to_load(tmp_path):
     def load():  # as load_pipeline fails for `--device cuda` on a machine without CUDA
         raise RuntimeError("Torch not compiled with CUDA enabled")
 
-    cfg = ServeConfig(model="tiny-t2v", outputs=tmp_path / "outputs",
-                      allowed_origins=("https://ui.example",), allowed_hosts=("api.example",))  # fmt: skip
+    cfg = ServeConfig(
+        model="tiny-t2v",
+        outputs=tmp_path / "outputs",
+        allowed_origins=("https://ui.example",),
+        allowed_hosts=("api.example",),
+    )
     with TestClient(create_app(cfg, load=load), base_url="http://127.0.0.1:7860") as c:
         deadline = time.monotonic() + 30
         while (health := c.get("/v1/health").json())["status"] == "loading":
@@ -323,8 +353,11 @@ def test_token_in_any_case_and_the_docs_behind_it(token_server):
         assert anon.get("/v1/jobs", headers={**other, **auth}).status_code == 200
         assert anon.get("/v1/jobs", headers=other).status_code == 401
         # and a page elsewhere still may not change jobs, even holding the token
-        r = anon.post("/v1/plan", json={"prompt": "x", **SMALL},
-                      headers={**auth, "Origin": "http://evil.example"})  # fmt: skip
+        r = anon.post(
+            "/v1/plan",
+            json={"prompt": "x", **SMALL},
+            headers={**auth, "Origin": "http://evil.example"},
+        )
         assert r.status_code == 403
 
 
@@ -377,8 +410,12 @@ def test_vae_decode_callback_sees_each_chunk_stops_the_decode_and_changes_nothin
 def test_a_running_job_is_cancelled_inside_a_long_decode(hostile):
     with hostile.client() as c:  # 11 latent frames to decode: many seconds of VAE work
         job_id = submit(c, prompt="long decode", width=64, height=64, num_frames=41, num_steps=1)
-        in_decode = wait_for(c, job_id, timeout=120, until=lambda j: j["status"] in FINISHED
-                             or j["progress"]["phase"] == "decode")  # fmt: skip
+        in_decode = wait_for(
+            c,
+            job_id,
+            timeout=120,
+            until=lambda j: j["status"] in FINISHED or j["progress"]["phase"] == "decode",
+        )
         assert in_decode["status"] == "running", in_decode
         t0 = time.monotonic()
         r = c.delete(f"/v1/jobs/{job_id}")
@@ -402,7 +439,16 @@ def test_serve_refuses_a_bad_port_an_outputs_file_and_a_bad_origin(tmp_path):
     a_file.write_text("not a folder")
     r = run(app, ["serve", "tiny-t2v", "--outputs", str(a_file)])
     assert r.exit_code == 2 and "must be a folder" in r.output and "Traceback" not in r.output
-    r = run(app, ["serve", "tiny-t2v", "--outputs", str(tmp_path / "o"),
-                  "--allowed-origin", "https://ui.example/path"])  # fmt: skip
+    r = run(
+        app,
+        [
+            "serve",
+            "tiny-t2v",
+            "--outputs",
+            str(tmp_path / "o"),
+            "--allowed-origin",
+            "https://ui.example/path",
+        ],
+    )
     assert r.exit_code == 2 and "scheme://host[:port]" in r.output
     assert not (tmp_path / "o").exists()  # refused before anything was created

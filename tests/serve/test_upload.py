@@ -40,8 +40,11 @@ def test_uploaded_image_conditions_a_ti2v_job(tmp_path):
     app = create_app(ServeConfig(model="tiny-ti2v", outputs=tmp_path / "out", device="cpu"))
     small = {"width": "32", "height": "32", "num_frames": "5", "num_steps": "2"}
     with TestClient(app, base_url="http://127.0.0.1") as c:  # a loopback Host
-        r = c.post("/v1/jobs", data={"prompt": "up", **small},
-                   files={"image": ("../../evil name.png", _png(), "image/png")})  # fmt: skip
+        r = c.post(
+            "/v1/jobs",
+            data={"prompt": "up", **small},
+            files={"image": ("../../evil name.png", _png(), "image/png")},
+        )
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
         b64 = "data:image/png;base64," + base64.b64encode(_png()).decode()

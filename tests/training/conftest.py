@@ -9,20 +9,39 @@ from torch import nn
 from vidmoe.config import MoEConfig, TransformerConfig
 
 TINY_EXPERT = TransformerConfig(
-    model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=4, dim=32, ffn_dim=64,
-    freq_dim=32, text_dim=16, out_dim=4, num_heads=2, num_layers=1,
-)  # fmt: skip
+    model_type="t2v",
+    patch_size=(1, 2, 2),
+    text_len=8,
+    in_dim=4,
+    dim=32,
+    ffn_dim=64,
+    freq_dim=32,
+    text_dim=16,
+    out_dim=4,
+    num_heads=2,
+    num_layers=1,
+)
 TINY_MOE = MoEConfig(boundaries=(0.875,), guidance=(4.0, 3.0))
 
 
 def tiny_run(cache_dir, out_dir, **overrides) -> dict:
     """A TrainConfig dict of a few-step run of TINY_EXPERT experts (`overrides` replace keys)."""
     d = dict(
-        cache=str(cache_dir), out_dir=str(out_dir), transformer=TINY_EXPERT.to_dict(),
-        moe={"boundaries": [0.875], "guidance": [4.0, 3.0]}, batch_size=4, lr=1e-3,
-        warmup_steps=2, max_steps=8, log_every=2, checkpoint_every=3, ema_decay=0.9,
-        sigma_shift=3.0, num_threads=1, use_progress=False,
-    )  # fmt: skip
+        cache=str(cache_dir),
+        out_dir=str(out_dir),
+        transformer=TINY_EXPERT.to_dict(),
+        moe={"boundaries": [0.875], "guidance": [4.0, 3.0]},
+        batch_size=4,
+        lr=1e-3,
+        warmup_steps=2,
+        max_steps=8,
+        log_every=2,
+        checkpoint_every=3,
+        ema_decay=0.9,
+        sigma_shift=3.0,
+        num_threads=1,
+        use_progress=False,
+    )
     d.update(overrides)
     return d
 
@@ -32,8 +51,8 @@ class PoolVAE(nn.Module):
 
     def __init__(self):
         super().__init__()
+        torch.manual_seed(0)  # before the conv: its bias is drawn too, so caches are reproducible
         self.proj = nn.Conv3d(3, 4, 1)
-        torch.manual_seed(0)
         nn.init.normal_(self.proj.weight)
 
     @torch.no_grad()
@@ -59,7 +78,9 @@ class HashTextEncoder:
 def fake_clips(n: int, num_frames: int = 9, size: int = 16) -> list[dict]:
     g = torch.Generator().manual_seed(1)
     return [
-        {"video": torch.rand(3, num_frames, size, size, generator=g) * 2 - 1,
-         "caption": f"clip {i} moving {'left' if i % 2 else 'right'}"}
+        {
+            "video": torch.rand(3, num_frames, size, size, generator=g) * 2 - 1,
+            "caption": f"clip {i} moving {'left' if i % 2 else 'right'}",
+        }
         for i in range(n)
-    ]  # fmt: skip
+    ]

@@ -18,9 +18,12 @@ OVERRIDES = {"high_noise": {"num_layers": 2}, "low_noise": {"window_size": [1, 1
 
 def _model(**overrides) -> ModelConfig:
     return dataclasses.replace(
-        PRESETS["tiny-t2v"], transformer=TINY_EXPERT, moe=TINY_MOE,
-        vae=VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1), **overrides,
-    )  # fmt: skip
+        PRESETS["tiny-t2v"],
+        transformer=TINY_EXPERT,
+        moe=TINY_MOE,
+        vae=VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1),
+        **overrides,
+    )
 
 
 def test_overrides_round_trip_through_json_with_equality_and_hash():
@@ -65,8 +68,13 @@ def test_bad_overrides_raise_clear_errors(overrides, match):
     with pytest.raises(ValueError, match=match):
         _model(expert_overrides=overrides)
     with pytest.raises(ValueError, match=match):
-        TrainConfig(cache="c", out_dir="o", transformer=TINY_EXPERT, moe=TINY_MOE,
-                    expert_overrides=overrides)  # fmt: skip
+        TrainConfig(
+            cache="c",
+            out_dir="o",
+            transformer=TINY_EXPERT,
+            moe=TINY_MOE,
+            expert_overrides=overrides,
+        )
 
 
 def test_transformer_for_rejects_unknown_expert():
@@ -100,10 +108,17 @@ def test_asymmetric_run_trains_exports_loads_and_generates(tmp_path):
 
     build_latent_cache(fake_clips(4), PoolVAE(), HashTextEncoder(), tmp_path / "c", text_len=8)
     cfg = TrainConfig(
-        cache=str(tmp_path / "c"), out_dir=str(tmp_path / "run"), transformer=TINY_EXPERT,
-        moe=TINY_MOE, expert_overrides=OVERRIDES, batch_size=2, max_steps=2, warmup_steps=1,
-        num_threads=1, use_progress=False,
-    )  # fmt: skip
+        cache=str(tmp_path / "c"),
+        out_dir=str(tmp_path / "run"),
+        transformer=TINY_EXPERT,
+        moe=TINY_MOE,
+        expert_overrides=OVERRIDES,
+        batch_size=2,
+        max_steps=2,
+        warmup_steps=1,
+        num_threads=1,
+        use_progress=False,
+    )
     trainer = train(cfg)
     assert trainer.step == 2
     assert trainer.experts["low_noise"].config.window_size == (1, 1)
@@ -141,9 +156,15 @@ def test_asymmetric_run_trains_exports_loads_and_generates(tmp_path):
 
     embeds = HashTextEncoder().encode(["a red square", ""])
     result = pipe.generate(
-        width=32, height=32, num_frames=5, num_steps=4, sampler="euler", seed=0,
-        prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1],
-    )  # fmt: skip
+        width=32,
+        height=32,
+        num_frames=5,
+        num_steps=4,
+        sampler="euler",
+        seed=0,
+        prompt_embeds=embeds[0],
+        negative_prompt_embeds=embeds[1],
+    )
     assert result.frames.shape == (5, 32, 32, 3)
     assert {n for step in result.trace for n in step["experts"]} == {"high_noise", "low_noise"}
 
@@ -168,10 +189,17 @@ def test_experts_with_different_patches_train_export_load_and_generate(tmp_path)
 
     build_latent_cache(fake_clips(4), PoolVAE(), HashTextEncoder(), tmp_path / "c", text_len=8)
     cfg = TrainConfig(
-        cache=str(tmp_path / "c"), out_dir=str(tmp_path / "run"), transformer=TINY_EXPERT,
-        moe=TINY_MOE, expert_overrides=PATCH_OVERRIDES, batch_size=4, max_steps=2,
-        warmup_steps=1, num_threads=1, use_progress=False,
-    )  # fmt: skip
+        cache=str(tmp_path / "c"),
+        out_dir=str(tmp_path / "run"),
+        transformer=TINY_EXPERT,
+        moe=TINY_MOE,
+        expert_overrides=PATCH_OVERRIDES,
+        batch_size=4,
+        max_steps=2,
+        warmup_steps=1,
+        num_threads=1,
+        use_progress=False,
+    )
     trainer = train(cfg)
     high, low = trainer.experts["high_noise"], trainer.experts["low_noise"]
     assert high.patch_embedding.weight.shape == (64, 4, 1, 4, 4)
@@ -181,19 +209,38 @@ def test_experts_with_different_patches_train_export_load_and_generate(tmp_path)
     config = _model(expert_overrides=PATCH_OVERRIDES)
     stride = config.vae.spatial_stride
     assert (config.size_multiple, _model().size_multiple) == (4 * stride, 2 * stride)
-    out = export_model(tmp_path / "run" / "checkpoint.pt", config, WanVAE(config.vae).state_dict(),
-                       tmp_path / "m", dtype=torch.float32)  # fmt: skip
+    out = export_model(
+        tmp_path / "run" / "checkpoint.pt",
+        config,
+        WanVAE(config.vae).state_dict(),
+        tmp_path / "m",
+        dtype=torch.float32,
+    )
     pipe = load_pipeline(out, device="cpu", dtype="float32")
     assert pipe.experts["high_noise"].config.patch_size == (1, 4, 4)
     assert pipe.experts["low_noise"].config.patch_size == (1, 2, 2)
     embeds = HashTextEncoder().encode(["a red square", ""])
     result = pipe.generate(
-        width=32, height=32, num_frames=5, num_steps=4, sampler="euler", seed=0,
-        prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1],
-    )  # fmt: skip
+        width=32,
+        height=32,
+        num_frames=5,
+        num_steps=4,
+        sampler="euler",
+        seed=0,
+        prompt_embeds=embeds[0],
+        negative_prompt_embeds=embeds[1],
+    )
     assert result.frames.shape == (5, 32, 32, 3) and torch.isfinite(result.latents).all()
     assert {n for step in result.trace for n in step["experts"]} == {"high_noise", "low_noise"}
     # 48 pixels is a whole number of the low-noise expert's patches but not of the high-noise one's
-    with pytest.raises(ValueError, match=rf"width must be a positive multiple of {4 * stride}.*got 48"):
-        pipe.generate(width=48, height=32, num_frames=5, num_steps=2, prompt_embeds=embeds[0],
-                      negative_prompt_embeds=embeds[1])  # fmt: skip
+    with pytest.raises(
+        ValueError, match=rf"width must be a positive multiple of {4 * stride}.*got 48"
+    ):
+        pipe.generate(
+            width=48,
+            height=32,
+            num_frames=5,
+            num_steps=2,
+            prompt_embeds=embeds[0],
+            negative_prompt_embeds=embeds[1],
+        )

@@ -44,10 +44,17 @@ UNKNOWN_KEYS = [
     ("transformer.dimm", 32, r"'dimm' in \[transformer\] \(did you mean 'dim'\?\)"),
     ("moe.boundary", [0.5], r"'boundary' in \[moe\] \(did you mean 'boundaries'\?\)"),
     ("lora.rnk", 4, r"'rnk' in \[lora\] \(did you mean 'rank'\?\)"),
-    ("expert_overrides.low_noise.ffn_dm", 64,
-     r"'ffn_dm' in \[expert_overrides.low_noise\] \(did you mean 'ffn_dim'\?\)"),
-    ("zzz", 1, r"unknown key 'zzz' in the top level; accepted keys there: band_training, batch_size, cache"),
-]  # fmt: skip
+    (
+        "expert_overrides.low_noise.ffn_dm",
+        64,
+        r"'ffn_dm' in \[expert_overrides.low_noise\] \(did you mean 'ffn_dim'\?\)",
+    ),
+    (
+        "zzz",
+        1,
+        r"unknown key 'zzz' in the top level; accepted keys there: band_training, batch_size, cache",
+    ),
+]
 
 
 @pytest.mark.parametrize(("key", "value", "message"), UNKNOWN_KEYS)
@@ -59,7 +66,11 @@ def test_an_unknown_key_is_refused_with_its_table_and_the_accepted_keys(key, val
 
 # (dotted key, value, what the error must say)
 WRONG_TYPES = [
-    ("batch_size", "16", r"batch_size = '16' has the wrong type: expected an integer, got a string"),
+    (
+        "batch_size",
+        "16",
+        r"batch_size = '16' has the wrong type: expected an integer, got a string",
+    ),
     ("batch_size", 16.0, r"batch_size = 16.0 .*expected an integer, got a number"),
     ("use_bf16", 1, r"use_bf16 = 1 .*expected true or false, got an integer"),
     ("lr", True, r"lr = True .*expected a number, got a boolean"),
@@ -67,15 +78,21 @@ WRONG_TYPES = [
     ("oversample", {"star": "2"}, r"oversample = \{'star': '2'\} .*expected a table of integers"),
     ("moe.boundaries", 0.5, r"\[moe\] boundaries = 0.5 .*expected a list of numbers, got a number"),
     ("moe.guidance", [4.0, "x"], r"\[moe\] guidance .*got a list of 2 holding 'x', a string"),
-    ("transformer.patch_size", [1, 2],
-     r"\[transformer\] patch_size = \[1, 2\] .*expected a list of 3 integers, got a list of 2"),
+    (
+        "transformer.patch_size",
+        [1, 2],
+        r"\[transformer\] patch_size = \[1, 2\] .*expected a list of 3 integers, got a list of 2",
+    ),
     ("lora.targets", "ffn.0", r"\[lora\] targets = 'ffn.0' .*expected a list of strings"),
-    ("expert_overrides.low_noise.ffn_dim", "64",
-     r"\[expert_overrides.low_noise\] ffn_dim = '64' .*expected an integer"),
+    (
+        "expert_overrides.low_noise.ffn_dim",
+        "64",
+        r"\[expert_overrides.low_noise\] ffn_dim = '64' .*expected an integer",
+    ),
     ("moe", 3, r"\[moe\] must be a table of MoEConfig fields; got 3"),
     ("lora", [], r"\[lora\] must be a table of LoraTrainConfig fields"),
     ("expert_overrides", {"low_noise": 1}, r"\[expert_overrides.low_noise\] must be a table"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("key", "value", "message"), WRONG_TYPES)
@@ -86,13 +103,17 @@ def test_a_value_of_the_wrong_type_is_refused_with_the_field_value_and_type(key,
 
 # (changes to a valid dict, what the error must say)
 OTHER_ERRORS = [
-    ({"lora_rank": 16, "lora_alpha": 8.0},
-     r"lora_rank, lora_alpha: the LoRA settings moved to the \[lora\] table; write \[lora\] with "
-     r"rank = 16, alpha = 8.0"),
+    (
+        {"lora_rank": 16, "lora_alpha": 8.0},
+        r"lora_rank, lora_alpha: the LoRA settings moved to the \[lora\] table; write \[lora\] with "
+        r"rank = 16, alpha = 8.0",
+    ),
     ({"lora": {"rank": -1}}, r"\[lora\]: rank must be >= 0"),
     ({"lora": {"rank": 4, "targets": []}}, r"\[lora\]: targets is empty"),
-    ({"transformer": {"dim": 30, "num_heads": 4}},
-     r"\[transformer\]: dim \(30\) must be divisible by num_heads \(4\)"),
+    (
+        {"transformer": {"dim": 30, "num_heads": 4}},
+        r"\[transformer\]: dim \(30\) must be divisible by num_heads \(4\)",
+    ),
     ({"moe": {"boundaries": [0.5, 0.2]}}, r"\[moe\]: 2 experts need 1 boundaries"),
     ({"expert_overrides": {"low": {"ffn_dim": 64}}}, r"unknown experts \['low'\]"),
     ({"lr_schedule": "linear"}, r"lr_schedule must be one of \('constant', 'cosine'\)"),
@@ -100,7 +121,7 @@ OTHER_ERRORS = [
     ({"num_threads": -1}, r"num_threads must be >= 0 \(0: torch's default\); got -1"),
     ({"lr": 0.0}, r"lr must be > 0; got 0.0"),
     ({"ema_decay": 1.5}, r"ema_decay must be in \[0, 1\]; got 1.5"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("changes", "message"), OTHER_ERRORS)
@@ -113,16 +134,22 @@ def test_values_are_checked_in_their_table(changes, message):
 def test_a_missing_required_key_is_named(key):
     d = _run()
     del d[key]
-    want = "the top level lacks the required " + ("[transformer] table" if key == "transformer"
-                                                 else repr(key))  # fmt: skip
+    want = "the top level lacks the required " + (
+        "[transformer] table" if key == "transformer" else repr(key)
+    )
     with pytest.raises(ValueError, match=want.replace("[", r"\[").replace("]", r"\]")):
         TrainConfig.from_dict(d)
 
 
 def test_values_are_stored_in_their_fields_types_and_survive_a_json_round_trip():
-    d = _run(lr=1, moe={"boundaries": [0.5], "guidance": [4, 3]}, experts=["low_noise"],
-             lora={"rank": 4, "alpha": 8, "targets": ["ffn.0"]}, oversample={"star": 2},
-             expert_overrides={"low_noise": {"ffn_dim": 96, "window_size": [-1, 4]}})  # fmt: skip
+    d = _run(
+        lr=1,
+        moe={"boundaries": [0.5], "guidance": [4, 3]},
+        experts=["low_noise"],
+        lora={"rank": 4, "alpha": 8, "targets": ["ffn.0"]},
+        oversample={"star": 2},
+        expert_overrides={"low_noise": {"ffn_dim": 96, "window_size": [-1, 4]}},
+    )
     cfg = TrainConfig.from_dict(d)
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
     assert cfg.moe.guidance == (4.0, 3.0) and all(isinstance(g, float) for g in cfg.moe.guidance)
@@ -135,16 +162,21 @@ def test_values_are_stored_in_their_fields_types_and_survive_a_json_round_trip()
 
 def test_a_toml_error_names_the_file(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('cache = "c"\nout_dir = "o"\n[transformer]\ndim = 32\nnum_heads = 2\n'
-                    "[moe]\nguidance = [4.0, 3.0]\nbandd = 0.1\n")  # fmt: skip
+    path.write_text(
+        'cache = "c"\nout_dir = "o"\n[transformer]\ndim = 32\nnum_heads = 2\n'
+        "[moe]\nguidance = [4.0, 3.0]\nbandd = 0.1\n"
+    )
     with pytest.raises(ValueError, match=rf"train config {path}: unknown key 'bandd' in \[moe\]"):
         load_train_config(path)
 
 
 def test_every_shipped_training_config_loads():
     """The demo's and the recipes' configs (wherever they live) pass the strict reading."""
-    paths = [p for folder in ("src/vidmoe/assets/demo", "recipes") for p in
-             sorted((REPO / folder).glob("**/*.toml"))]  # fmt: skip
+    paths = [
+        p
+        for folder in ("src/vidmoe/assets/demo", "recipes")
+        for p in sorted((REPO / folder).glob("**/*.toml"))
+    ]
     assert any("vae" not in p.name for p in paths) and any("vae" in p.name for p in paths)
     for path in paths:
         loaded = load_vae_train_config(path) if "vae" in path.name else load_train_config(path)
@@ -152,11 +184,18 @@ def test_every_shipped_training_config_loads():
 
 
 # -- VAE training configs ------------------------------------------------------------------------
-VAE_RUN = {"out_dir": "o", "crop": 0, "vae": {"dim": 8, "dim_mult": [1, 2], "z_dim": 4,
-                                              "temperal_downsample": [True]}}  # fmt: skip
+VAE_RUN = {
+    "out_dir": "o",
+    "crop": 0,
+    "vae": {"dim": 8, "dim_mult": [1, 2], "z_dim": 4, "temperal_downsample": [True]},
+}
 VAE_ERRORS = [
-    ("crops", 0, r"unknown key 'crops' in the top level \(did you mean 'crop'\?\); accepted keys "
-                 r"there: batch_size, checkpoint_every, .*init.*out_dir"),
+    (
+        "crops",
+        0,
+        r"unknown key 'crops' in the top level \(did you mean 'crop'\?\); accepted keys "
+        r"there: batch_size, checkpoint_every, .*init.*out_dir",
+    ),
     ("vae.z_dimm", 4, r"unknown key 'z_dimm' in \[vae\] \(did you mean 'z_dim'\?\)"),
     ("crop", "32", r"crop = '32' has the wrong type: expected an integer, got a string"),
     ("vae.generation", 2.1, r"\[vae\] generation = 2.1 .*expected a string, got a number"),
@@ -164,7 +203,7 @@ VAE_ERRORS = [
     ("shapes", ["star", 3], r"shapes = .*got a list of 2 holding 3, an integer"),
     ("init", 3, r"init = 3 has the wrong type: expected a string"),
     ("vae.generation", "3", r"\[vae\]: VAE generation must be '2.1' or '2.2'"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("key", "value", "message"), VAE_ERRORS)
@@ -179,7 +218,12 @@ def test_a_vae_train_config_reads_its_run_keys(tmp_path):
     path = tmp_path / "vae.json"
     path.write_text(json.dumps({**VAE_RUN, "init": "a/vae.safetensors", "lr": 1}))
     cfg, out_dir, init = load_vae_train_config(path)
-    assert (out_dir, init, cfg.lr, cfg.vae.dim_mult) == (Path("o"), Path("a/vae.safetensors"), 1.0, (1, 2))
+    assert (out_dir, init, cfg.lr, cfg.vae.dim_mult) == (
+        Path("o"),
+        Path("a/vae.safetensors"),
+        1.0,
+        (1, 2),
+    )
     assert isinstance(cfg, VAETrainConfig) and cfg.vae.temperal_downsample == (True,)
     path.write_text(json.dumps({"crop": 0}))
     with pytest.raises(ValueError, match="needs out_dir"):
@@ -187,15 +231,24 @@ def test_a_vae_train_config_reads_its_run_keys(tmp_path):
 
 
 # -- the CLI -------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("verb", "text", "message"), [
-    ("train", '[transformer]\ndim = 32\n', "the top level lacks the required 'cache'"),
-    ("train", 'cache = "c"\nout_dir = "o"\n[transformer]\nnum_layer = 1\n',
-     "unknown key 'num_layer' in [transformer] (did you mean 'num_layers'?)"),
-    ("train", 'cache = "c"\nout_dir = "o"\n[transformer]\n[moe]\nband = "wide"\n',
-     "[moe] band = 'wide' has the wrong type: expected a number, got a string"),
-    ("train", "cache = \n", "is not valid toml"),
-    ("train-vae", 'out_dir = "o"\nlr = "fast"\n', "lr = 'fast' has the wrong type"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("verb", "text", "message"),
+    [
+        ("train", "[transformer]\ndim = 32\n", "the top level lacks the required 'cache'"),
+        (
+            "train",
+            'cache = "c"\nout_dir = "o"\n[transformer]\nnum_layer = 1\n',
+            "unknown key 'num_layer' in [transformer] (did you mean 'num_layers'?)",
+        ),
+        (
+            "train",
+            'cache = "c"\nout_dir = "o"\n[transformer]\n[moe]\nband = "wide"\n',
+            "[moe] band = 'wide' has the wrong type: expected a number, got a string",
+        ),
+        ("train", "cache = \n", "is not valid toml"),
+        ("train-vae", 'out_dir = "o"\nlr = "fast"\n', "lr = 'fast' has the wrong type"),
+    ],
+)
 def test_the_cli_says_what_is_wrong_in_one_line(tmp_path, verb, text, message):
     path = tmp_path / "run.toml"
     path.write_text(text)
@@ -216,8 +269,11 @@ def _imports(path: Path) -> set[str]:
             names = [a.name for a in node.names]
         else:
             continue
-        out |= {n.removeprefix("vidmoe.training.") for n in names
-                if n.startswith("vidmoe.training.") and (TRAINING / f"{n[16:]}.py").is_file()}  # fmt: skip
+        out |= {
+            n.removeprefix("vidmoe.training.")
+            for n in names
+            if n.startswith("vidmoe.training.") and (TRAINING / f"{n[16:]}.py").is_file()
+        }
     return out
 
 
@@ -234,8 +290,15 @@ def test_the_training_modules_import_each_other_without_a_cycle():
 def test_each_config_module_imports_alone_in_a_fresh_interpreter():
     modules = ["config", "finetune", "loop", "vae_train"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    procs = [subprocess.Popen([sys.executable, "-c", f"import vidmoe.training.{m}"],
-                              stderr=subprocess.PIPE, text=True, env=env) for m in modules]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", f"import vidmoe.training.{m}"],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for m in modules
+    ]
     for m, p in zip(modules, procs):
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, (m, err)

@@ -99,9 +99,12 @@ def test_recaption_equals_building_with_those_captions(tmp_path):
         recaption_cache(tmp_path / "a", tmp_path / "d", variants[:4], text)
     with pytest.raises(ValueError, match="same number of captions"):
         build_latent_cache(
-            [{"video": clips[0]["video"], "captions": ["x", "y"]}, clips[1]], vae, text,
-            tmp_path / "e", text_len=8,
-        )  # fmt: skip
+            [{"video": clips[0]["video"], "captions": ["x", "y"]}, clips[1]],
+            vae,
+            text,
+            tmp_path / "e",
+            text_len=8,
+        )
 
 
 def _write_folder(tmp_path, n=3):

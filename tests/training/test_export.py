@@ -22,10 +22,18 @@ def test_exported_run_loads_as_a_pipeline(tmp_path):
     tiny = dataclasses.replace(model.transformer, in_dim=4, out_dim=4, text_dim=16, text_len=8)
     build_latent_cache(fake_clips(4), PoolVAE(), HashTextEncoder(), tmp_path / "c", text_len=8)
     cfg = TrainConfig(
-        cache=str(tmp_path / "c"), out_dir=str(tmp_path / "run"), transformer=tiny,
-        batch_size=2, max_steps=3, warmup_steps=1, ema_decay=0.5, num_threads=1,
-        use_progress=False, use_bf16=True, use_checkpointing=True,
-    )  # fmt: skip
+        cache=str(tmp_path / "c"),
+        out_dir=str(tmp_path / "run"),
+        transformer=tiny,
+        batch_size=2,
+        max_steps=3,
+        warmup_steps=1,
+        ema_decay=0.5,
+        num_threads=1,
+        use_progress=False,
+        use_bf16=True,
+        use_checkpointing=True,
+    )
     trainer = train(cfg)
     assert trainer.step == 3
     vae_cfg = VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1)
@@ -49,9 +57,16 @@ def test_exported_run_loads_as_a_pipeline(tmp_path):
 
 def test_vae_trainer_writes_normalised_vae(tmp_path):
     cfg = VAETrainConfig(
-        vae=VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1), width=32, height=32,
-        clip_frames=9, window_frames=5, crop=16, batch_size=2, max_steps=2, num_stat_clips=3,
-    )  # fmt: skip
+        vae=VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1),
+        width=32,
+        height=32,
+        clip_frames=9,
+        window_frames=5,
+        crop=16,
+        batch_size=2,
+        max_steps=2,
+        num_stat_clips=3,
+    )
     vae, config = train_vae(cfg, tmp_path, log=lambda s: None)
     saved = json.loads((tmp_path / "vae_config.json").read_text())
     assert tuple(saved["latents_std"]) == config.latents_std and len(config.latents_mean) == 4
@@ -74,10 +89,18 @@ def test_a_killed_vae_run_resumes_bit_exactly(tmp_path):
     from safetensors.torch import load_file
 
     cfg = VAETrainConfig(
-        vae=VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1), width=32, height=32,
-        clip_frames=9, window_frames=5, crop=16, batch_size=1, max_steps=20, num_stat_clips=2,
-        checkpoint_every=4, latent_noise=0.2,
-    )  # fmt: skip
+        vae=VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1),
+        width=32,
+        height=32,
+        clip_frames=9,
+        window_frames=5,
+        crop=16,
+        batch_size=1,
+        max_steps=20,
+        num_stat_clips=2,
+        checkpoint_every=4,
+        latent_noise=0.2,
+    )
     train_vae(cfg, tmp_path / "once", log=lambda s: None)
 
     def killed_at_step_10(line: str) -> None:
@@ -90,14 +113,20 @@ def test_a_killed_vae_run_resumes_bit_exactly(tmp_path):
     lines = []
     train_vae(cfg, tmp_path / "twice", log=lines.append)
     assert json.loads(lines[0]) == {
-        "resumed": str(tmp_path / "twice" / "vae_checkpoint.pt"), "step": 8
+        "resumed": str(tmp_path / "twice" / "vae_checkpoint.pt"),
+        "step": 8,
     }
     once, twice = (load_file(str(tmp_path / d / "vae.safetensors")) for d in ("once", "twice"))
     assert once.keys() == twice.keys() and all(torch.equal(once[k], twice[k]) for k in once)
     stats = [(tmp_path / d / "vae_config.json").read_text() for d in ("once", "twice")]
     assert stats[0] == stats[1]
-    logs = [[{k: v for k, v in json.loads(ln).items() if k != "seconds"}
-             for ln in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("once", "twice")]  # fmt: skip
+    logs = [
+        [
+            {k: v for k, v in json.loads(ln).items() if k != "seconds"}
+            for ln in (tmp_path / d / "log.jsonl").read_text().splitlines()
+        ]
+        for d in ("once", "twice")
+    ]
     assert logs[0] == logs[1] and [r["step"] for r in logs[0]] == [10, 20]
     with pytest.raises(ValueError, match=r"another VAE config \(differs in \['lr'\]"):
         train_vae(dataclasses.replace(cfg, lr=1e-3), tmp_path / "twice", log=lambda s: None)
@@ -114,15 +143,29 @@ def test_vae_decoder_only_keeps_the_latent_space(tmp_path):
     from safetensors.torch import load_file
 
     base = VAETrainConfig(
-        vae=VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1), width=32, height=32,
-        clip_frames=9, window_frames=9, crop=0, batch_size=1, max_steps=1, num_stat_clips=2,
-    )  # fmt: skip
+        vae=VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1),
+        width=32,
+        height=32,
+        clip_frames=9,
+        window_frames=9,
+        crop=0,
+        batch_size=1,
+        max_steps=1,
+        num_stat_clips=2,
+    )
     _, first = train_vae(base, tmp_path / "a", log=lambda s: None)
     # stars drawn half the time and outlines weighted: the statistics stay those of even shapes
-    frozen = dataclasses.replace(base, freeze_encoder=True, max_steps=2, lr=1e-2, edge_weight=5.0,
-                                 shapes=("circle", "square", "triangle", "star", "star", "star"))  # fmt: skip
-    _, second = train_vae(frozen, tmp_path / "b", init=tmp_path / "a" / "vae.safetensors",
-                          log=lambda s: None)  # fmt: skip
+    frozen = dataclasses.replace(
+        base,
+        freeze_encoder=True,
+        max_steps=2,
+        lr=1e-2,
+        edge_weight=5.0,
+        shapes=("circle", "square", "triangle", "star", "star", "star"),
+    )
+    _, second = train_vae(
+        frozen, tmp_path / "b", init=tmp_path / "a" / "vae.safetensors", log=lambda s: None
+    )
     a = load_file(str(tmp_path / "a" / "vae.safetensors"))
     b = load_file(str(tmp_path / "b" / "vae.safetensors"))
     enc = [k for k in a if k.startswith(("encoder.", "conv1."))]
@@ -161,10 +204,16 @@ def test_experts_trained_in_separate_runs_export_as_one_model(tmp_path):
     runs = {}
     for name in ("high_noise", "low_noise"):
         cfg = TrainConfig(
-            cache=str(tmp_path / "c"), out_dir=str(tmp_path / name), transformer=tiny,
-            experts=(name,), batch_size=2, max_steps=2, warmup_steps=1, num_threads=1,
+            cache=str(tmp_path / "c"),
+            out_dir=str(tmp_path / name),
+            transformer=tiny,
+            experts=(name,),
+            batch_size=2,
+            max_steps=2,
+            warmup_steps=1,
+            num_threads=1,
             use_progress=False,
-        )  # fmt: skip
+        )
         runs[name] = train(cfg)
         assert list(runs[name].experts) == [name]
         log = [json.loads(x) for x in (tmp_path / name / "log.jsonl").read_text().splitlines()]
@@ -196,10 +245,26 @@ def test_experts_trained_in_separate_runs_export_as_one_model(tmp_path):
 
 
 def test_vae_trainer_crop_follows_the_spatial_stride(tmp_path):
-    vae = VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1, dim_mult=(1, 2, 4),
-                    temperal_downsample=(True, True))  # fmt: skip
-    base = dict(vae=vae, width=32, height=32, clip_frames=5, window_frames=5, batch_size=1,
-                max_steps=1, num_stat_clips=1, sizes=("large",), motions=("left",))  # fmt: skip
+    vae = VAEConfig(
+        generation="2.1",
+        dim=4,
+        z_dim=4,
+        num_res_blocks=1,
+        dim_mult=(1, 2, 4),
+        temperal_downsample=(True, True),
+    )
+    base = dict(
+        vae=vae,
+        width=32,
+        height=32,
+        clip_frames=5,
+        window_frames=5,
+        batch_size=1,
+        max_steps=1,
+        num_stat_clips=1,
+        sizes=("large",),
+        motions=("left",),
+    )
     with pytest.raises(ValueError, match="multiple of 4"):
         train_vae(VAETrainConfig(crop=6, **base), tmp_path, log=lambda s: None)
     trained, config = train_vae(VAETrainConfig(crop=12, **base), tmp_path, log=lambda s: None)
@@ -225,22 +290,24 @@ def test_train_vae_command_trains_then_fine_tunes_the_decoder(tmp_path):
         r = run(name, text)
         assert r.exit_code == 0, r.output
 
-    trained("stage1.toml",
+    trained(
+        "stage1.toml",
         f'out_dir = "{tmp_path / "s1"}"\nwidth = 32\nheight = 32\nclip_frames = 9\n'
         "window_frames = 5\ncrop = 16\nbatch_size = 1\nmax_steps = 10\nnum_stat_clips = 2\n"
-        '[vae]\ngeneration = "2.1"\ndim = 4\nz_dim = 4\nnum_res_blocks = 1\n'
-    )  # fmt: skip
+        '[vae]\ngeneration = "2.1"\ndim = 4\nz_dim = 4\nnum_res_blocks = 1\n',
+    )
     first = tmp_path / "s1"
     assert {"vae.safetensors", "vae_config.json", "log.jsonl", "loss.png"} <= {
         p.name for p in first.iterdir()
     }
     assert [json.loads(ln)["step"] for ln in (first / "log.jsonl").read_text().splitlines()] == [10]
     assert (first / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    trained("stage2.toml",
+    trained(
+        "stage2.toml",
         f'base = "stage1.toml"\nout_dir = "{tmp_path / "s2"}"\ninit = "{first}"\n'
         'freeze_encoder = true\nedge_weight = 5.0\nshapes = ["square", "star", "star"]\n'
-        "max_steps = 2\n"
-    )  # fmt: skip
+        "max_steps = 2\n",
+    )
     a, b = (
         load_file(str(first / "vae.safetensors")),
         load_file(str(tmp_path / "s2" / "vae.safetensors")),

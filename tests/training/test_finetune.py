@@ -94,8 +94,11 @@ def test_lora_run_trains_only_the_adapters(lora_run, init_dir, tmp_path):
         export_model(lora_run.out_dir / "checkpoint.pt", PRESETS["tiny-t2v"], {}, tmp_path)
     for name in NAMES:
         expert, init = lora_run.experts[name], _init_state(init_dir, name)
-        base = {k.replace(".base_layer", ""): v for k, v in expert.state_dict().items()
-                if ".lora_" not in k}  # fmt: skip
+        base = {
+            k.replace(".base_layer", ""): v
+            for k, v in expert.state_dict().items()
+            if ".lora_" not in k
+        }
         assert base.keys() == init.keys()
         for k, v in init.items():
             assert torch.equal(base[k], v), (name, k)  # bit-identical frozen weights
@@ -106,8 +109,11 @@ def test_lora_run_trains_only_the_adapters(lora_run, init_dir, tmp_path):
         # the checkpoint and the EMA hold the adapters only
         assert set(ckpt["experts"][name]) == set(lora) == set(ckpt["ema"]["shadow"][name])
     trained = {id(p) for g in lora_run.opt.param_groups for p in g["params"]}
-    assert all((id(p) in trained) == p.requires_grad for e in lora_run.experts.values()
-               for p in e.parameters())  # fmt: skip
+    assert all(
+        (id(p) in trained) == p.requires_grad
+        for e in lora_run.experts.values()
+        for p in e.parameters()
+    )
 
 
 def _pipe(init_dir) -> Pipeline:
@@ -163,9 +169,15 @@ def test_diffusers_loads_the_combined_file(lora_run, init_dir):
         init = _init_state(init_dir, name)
         m.load_state_dict({keymaps.transformer_to_diffusers(k): v for k, v in init.items()})
         models.append(m.eval())
-    dp = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=models[0],
-                               transformer_2=models[1], boundary_ratio=0.875,
-                               scheduler=diffusers.FlowMatchEulerDiscreteScheduler())  # fmt: skip
+    dp = diffusers.WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        transformer=models[0],
+        transformer_2=models[1],
+        boundary_ratio=0.875,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+    )
     path = lora_run.out_dir / "lora" / "diffusers_lora.safetensors"
     dp.load_lora_weights(str(path), adapter_name="ft")  # `transformer.`: the high-noise expert
     # diffusers' Wan loader reads `transformer.` keys only; the second expert's keys load with
@@ -177,8 +189,9 @@ def test_diffusers_loads_the_combined_file(lora_run, init_dir):
     for name, model in zip(NAMES, (dp.transformer, dp.transformer_2)):
         with torch.no_grad():
             got = model(x, timestep=sigma * 1000, encoder_hidden_states=context).sample
-        torch.testing.assert_close(got, _out(lora_run.experts[name], (x, sigma, context)),
-                                   atol=1e-4, rtol=1e-4)  # fmt: skip
+        torch.testing.assert_close(
+            got, _out(lora_run.experts[name], (x, sigma, context)), atol=1e-4, rtol=1e-4
+        )
 
 
 def test_lora_resume_is_bit_exact(cache_dir, init_dir, tmp_path):

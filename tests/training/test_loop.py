@@ -180,8 +180,9 @@ def test_schedule_start_restarts_the_learning_rate_cycle(cache_dir, tmp_path):
     first = train(TrainConfig.from_dict(_config(cache_dir, tmp_path, max_steps=4, **common)))
     lr = first.cfg.lr
     assert first.sched.get_last_lr()[0] == pytest.approx(0.1 * lr)  # the first cosine's end
-    cfg = TrainConfig.from_dict(_config(cache_dir, tmp_path, max_steps=10, schedule_start=4,
-                                        lr=lr / 2, **common))  # fmt: skip
+    cfg = TrainConfig.from_dict(
+        _config(cache_dir, tmp_path, max_steps=10, schedule_start=4, lr=lr / 2, **common)
+    )
     factors = [lr_factor(cfg, s) for s in range(4, 11)]
     assert factors[:2] == [0.5, 1.0] and factors[-1] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(factors[1:], factors[2:]))  # cosine decay after warm-up
@@ -191,8 +192,9 @@ def test_schedule_start_restarts_the_learning_rate_cycle(cache_dir, tmp_path):
     second = train(cfg)
     lrs = [json.loads(ln)["lr"] for ln in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert second.step == 10 and lrs[4:] == pytest.approx([lr / 2 * f for f in factors[1:]])
-    fresh = TrainConfig.from_dict(_config(cache_dir, tmp_path / "fresh", max_steps=10,
-                                          schedule_start=4, **common))  # fmt: skip
+    fresh = TrainConfig.from_dict(
+        _config(cache_dir, tmp_path / "fresh", max_steps=10, schedule_start=4, **common)
+    )
     with pytest.raises(ValueError, match="schedule_start=4 .* is at step 0"):
         train(fresh)
     with pytest.raises(ValueError, match=r"schedule_start must be in \[0, max_steps=10\); got 10"):
@@ -206,12 +208,18 @@ def test_caption_variants_train_and_resume_exactly(tmp_path):
     clips = fake_clips(12)
     build_latent_cache(
         [{"video": c["video"], "captions": [c["caption"], "an echo", "x"]} for c in clips],
-        PoolVAE(), HashTextEncoder(), tmp_path / "cache3", text_len=8,
-    )  # fmt: skip
+        PoolVAE(),
+        HashTextEncoder(),
+        tmp_path / "cache3",
+        text_len=8,
+    )
     build_latent_cache(  # the same draws, but every variant is the first caption
         [{"video": c["video"], "captions": [c["caption"]] * 3} for c in clips],
-        PoolVAE(), HashTextEncoder(), tmp_path / "cache1", text_len=8,
-    )  # fmt: skip
+        PoolVAE(),
+        HashTextEncoder(),
+        tmp_path / "cache1",
+        text_len=8,
+    )
     common = dict(max_steps=4, warmup_steps=1, checkpoint_every=100, log_every=1)
     runs = {}
     for name, cache, stop in (
@@ -362,8 +370,9 @@ def test_device_is_checked_and_auto_trains_where_cuda_is(cache_dir, tmp_path):
             Trainer(TrainConfig.from_dict(_config(cache_dir, tmp_path / "c", device="cuda")))
     common = dict(max_steps=3, checkpoint_every=100, log_every=1)
     cpu = train(TrainConfig.from_dict(_config(cache_dir, tmp_path / "cpu", **common)))
-    auto = train(TrainConfig.from_dict(_config(cache_dir, tmp_path / "auto", device="auto",
-                                               **common)))  # fmt: skip
+    auto = train(
+        TrainConfig.from_dict(_config(cache_dir, tmp_path / "auto", device="auto", **common))
+    )
     assert auto.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     logs = [
         [json.loads(ln)["loss"] for ln in (tmp_path / run / "log.jsonl").read_text().splitlines()]
@@ -374,7 +383,9 @@ def test_device_is_checked_and_auto_trains_where_cuda_is(cache_dir, tmp_path):
             assert abs(a[name] - b[name]) <= 1e-3 * max(1.0, abs(a[name])), (name, a, b)
     if auto.device.type == "cpu":  # the very same run: bit-exact
         for name, expert in cpu.experts.items():
-            for (k, x), y in zip(expert.state_dict().items(), auto.experts[name].state_dict().values()):
+            for (k, x), y in zip(
+                expert.state_dict().items(), auto.experts[name].state_dict().values()
+            ):
                 assert torch.equal(x, y), (name, k)
 
 
@@ -385,16 +396,26 @@ def test_a_cuda_run_resumes_on_the_cpu(cache_dir, tmp_path):
     common = dict(max_steps=2, checkpoint_every=100, log_every=1)
     gpu = train(TrainConfig.from_dict(_config(cache_dir, tmp_path, device="cuda", **common)))
     assert all(p.is_cuda for e in gpu.experts.values() for p in e.parameters())
-    cpu = train(TrainConfig.from_dict(_config(cache_dir, tmp_path, device="cpu", max_steps=4,
-                                              checkpoint_every=100, log_every=1)))  # fmt: skip
-    assert cpu.step == 4 and not any(p.is_cuda for e in cpu.experts.values() for p in e.parameters())
+    cpu = train(
+        TrainConfig.from_dict(
+            _config(
+                cache_dir, tmp_path, device="cpu", max_steps=4, checkpoint_every=100, log_every=1
+            )
+        )
+    )
+    assert cpu.step == 4 and not any(
+        p.is_cuda for e in cpu.experts.values() for p in e.parameters()
+    )
     state = cpu.opt.state_dict()["state"]
     assert state and all(not v.is_cuda for s in state.values() for v in s.values())
-    again = train(TrainConfig.from_dict(_config(cache_dir, tmp_path, device="cuda", max_steps=5,
-                                                checkpoint_every=100, log_every=1)))  # fmt: skip
-    assert again.step == 5 and all(
-        v.is_cuda for s in again.ema.shadow.values() for v in s.values()
+    again = train(
+        TrainConfig.from_dict(
+            _config(
+                cache_dir, tmp_path, device="cuda", max_steps=5, checkpoint_every=100, log_every=1
+            )
+        )
     )
+    assert again.step == 5 and all(v.is_cuda for s in again.ema.shadow.values() for v in s.values())
 
 
 def test_trainer_holds_an_experts_of_the_trained_experts(cache_dir, tmp_path):
@@ -403,7 +424,9 @@ def test_trainer_holds_an_experts_of_the_trained_experts(cache_dir, tmp_path):
     from vidmoe.models.moe import Experts, count_params
 
     both = Trainer(TrainConfig.from_dict(_config(cache_dir, tmp_path / "both")))
-    low = Trainer(TrainConfig.from_dict(_config(cache_dir, tmp_path / "low", experts=["low_noise"])))
+    low = Trainer(
+        TrainConfig.from_dict(_config(cache_dir, tmp_path / "low", experts=["low_noise"]))
+    )
     assert isinstance(both.experts, Experts) and isinstance(low.experts, Experts)
     assert list(both.experts) == ["high_noise", "low_noise"] and list(low.experts) == ["low_noise"]
     assert "high_noise" not in low.experts and len(low.experts) == 1

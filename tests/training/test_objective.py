@@ -34,8 +34,9 @@ def test_oracle_velocity_has_zero_loss():
             rows = [int(((x_sigma - xi).flatten(1).abs().sum(1)).argmin()) for xi in x]
             return target[rows]
 
-    out = flow_matching_loss({"high_noise": Exact(), "low_noise": Exact()}, TINY_MOE, x0,
-                             context, sigma, noise)  # fmt: skip
+    out = flow_matching_loss(
+        {"high_noise": Exact(), "low_noise": Exact()}, TINY_MOE, x0, context, sigma, noise
+    )
     assert float(out.loss) == 0.0
     assert out.counts == {"high_noise": 2, "low_noise": 4}
     assert torch.all(out.sample_loss == 0)

@@ -210,8 +210,15 @@ def test_clear_errors(tmp_path):
         TrainConfig.from_dict(_config("c", "o", band_training=True))
     x0, noise, context = _batch(2)
     with pytest.raises(ValueError, match="moe.band = 0"):
-        flow_matching_loss(_experts(), TINY_MOE, x0, context, torch.tensor([0.5, 0.9]), noise,
-                           options=ObjectiveOptions(band_training=True))  # fmt: skip
+        flow_matching_loss(
+            _experts(),
+            TINY_MOE,
+            x0,
+            context,
+            torch.tensor([0.5, 0.9]),
+            noise,
+            options=ObjectiveOptions(band_training=True),
+        )
     band_moe = {"boundaries": [0.875], "guidance": [4, 3], "band": 0.05}
     for opt in ({"band_training": True, "moe": band_moe}, {"specialisation_weight": 0.1}):
         with pytest.raises(ValueError, match="needs every expert in one run"):
@@ -220,8 +227,15 @@ def test_clear_errors(tmp_path):
         TrainConfig.from_dict(_config("c", "o", temporal_weight=-1.0))
     only_low = {"low_noise": _experts()["low_noise"]}
     with pytest.raises(ValueError, match="cannot train a subset"):
-        flow_matching_loss(only_low, TINY_MOE, x0, context, torch.tensor([0.1, 0.2]), noise,
-                           options=ObjectiveOptions(specialisation_weight=1.0))  # fmt: skip
+        flow_matching_loss(
+            only_low,
+            TINY_MOE,
+            x0,
+            context,
+            torch.tensor([0.1, 0.2]),
+            noise,
+            options=ObjectiveOptions(specialisation_weight=1.0),
+        )
 
 
 def test_terms_ablation_runs_differ_from_moe2_by_their_option_only(monkeypatch):

@@ -130,8 +130,10 @@ def test_caption_variants_start_with_the_sampled_caption_and_name_the_label():
         for text in variants:
             parsed = parse_prompt(text)
             assert (parsed.colour, parsed.shape, parsed.motion) == (
-                clip.label.colour, clip.label.shape, clip.label.motion,
-            )  # fmt: skip
+                clip.label.colour,
+                clip.label.shape,
+                clip.label.motion,
+            )
     with pytest.raises(ValueError, match="count must be >= 1"):
         world.captions(0, 0)
 

@@ -133,20 +133,41 @@ class LoadedComponents:
 QUANTIZE = (None, "fp8")
 
 
-def load_expert(layout: Layout, name: str, *, device="cpu", dtype=torch.bfloat16, strict=True,
-                quantize: str | None = None):  # fmt: skip
+def load_expert(
+    layout: Layout,
+    name: str,
+    *,
+    device="cpu",
+    dtype=torch.bfloat16,
+    strict=True,
+    quantize: str | None = None,
+):
     """One expert transformer of `layout`, built on meta and filled tensor by tensor.
 
     Files in fp8 (plain e4m3, or ComfyUI `fp8_scaled` with a scale per weight) load dequantised
     to `dtype`; `quantize="fp8"` keeps the block linear layers in fp8 instead (`FP8Linear`),
     from fp8 files as they are and from float files quantised per output channel as they load.
     """
-    return build_expert(layout.config.transformer_for(name), layout.expert_tensors(name),
-                        device=device, dtype=dtype, strict=strict, quantize=quantize)  # fmt: skip
+    return build_expert(
+        layout.config.transformer_for(name),
+        layout.expert_tensors(name),
+        device=device,
+        dtype=dtype,
+        strict=strict,
+        quantize=quantize,
+    )
 
 
-def build_expert(config, tensors: TensorSource, *, device="cpu", dtype=torch.bfloat16,
-                 strict=True, quantize: str | None = None, what: str = ""):  # fmt: skip
+def build_expert(
+    config,
+    tensors: TensorSource,
+    *,
+    device="cpu",
+    dtype=torch.bfloat16,
+    strict=True,
+    quantize: str | None = None,
+    what: str = "",
+):
     """An expert of architecture `config` (a `TransformerConfig`) from release-named `tensors`
     (see `load_expert`); `what` (a file name) starts any error message."""
     from vidmoe.io.tensors import FP8Source
@@ -182,7 +203,11 @@ def load_vae(layout: Layout, *, device="cpu", dtype=torch.float32, strict=True):
 
 
 def load_components(
-    path: str | Path, *, device="cpu", dtype: torch.dtype = torch.bfloat16, strict: bool = True,
+    path: str | Path,
+    *,
+    device="cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    strict: bool = True,
     quantize: str | None = None,
 ) -> LoadedComponents:
     """Detect the layout at `path` and load every expert, the VAE (fp32) and the text encoder."""
@@ -195,14 +220,18 @@ def load_components(
             "with `load_expert(detect_layout(path), name)`, or use a full checkpoint folder"
         )
     experts = {
-        name: load_expert(layout, name, device=device, dtype=dtype, strict=strict, quantize=quantize)
+        name: load_expert(
+            layout, name, device=device, dtype=dtype, strict=strict, quantize=quantize
+        )
         for name in layout.experts
     }
     vae = load_vae(layout, device=device, dtype=torch.float32, strict=strict)
     kind = layout.config.text_encoder
     text_path = layout.root if kind == "umt5-xxl" else layout.text_encoder
     # the encoder truncates to the transformer's text length, as the release does
-    text = build_text_encoder(kind, text_path, device=device, max_length=layout.config.transformer.text_len)
+    text = build_text_encoder(
+        kind, text_path, device=device, max_length=layout.config.transformer.text_len
+    )
     return LoadedComponents(
         config=layout.config,
         experts=experts,

@@ -28,11 +28,25 @@ from vidmoe.io.layouts import (
 )
 from vidmoe.io.tensors import FP8Source, RenamedSource, TensorSource, open_tensors
 
-EXPERT_FILES = "an official or diffusers expert folder (config.json + safetensors), a .safetensors " \
-    "file with release, diffusers or ComfyUI ('model.diffusion_model.') names, or a .gguf file"  # fmt: skip
+EXPERT_FILES = (
+    "an official or diffusers expert folder (config.json + safetensors), a .safetensors "
+    "file with release, diffusers or ComfyUI ('model.diffusion_model.') names, or a .gguf file"
+)
 # Fields a file's shapes determine; the rest (text_len, eps, window) come from the model's config.
-SHAPE_FIELDS = ("model_type", "patch_size", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim",
-                "out_dim", "num_layers", "qk_norm", "cross_attn_norm", "pooled_text")  # fmt: skip
+SHAPE_FIELDS = (
+    "model_type",
+    "patch_size",
+    "in_dim",
+    "dim",
+    "ffn_dim",
+    "freq_dim",
+    "text_dim",
+    "out_dim",
+    "num_layers",
+    "qk_norm",
+    "cross_attn_norm",
+    "pooled_text",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,8 +97,12 @@ def open_expert_file(path: str | Path) -> ComponentFile:
         source = open_tensors(path)
         if "num_attention_heads" in d:
             cfg = keymaps.transformer_config_from_diffusers(d)
-            return ComponentFile(path=path, naming="diffusers", config=cfg,
-                                 tensors=RenamedSource(source, keymaps.transformer_to_release))  # fmt: skip
+            return ComponentFile(
+                path=path,
+                naming="diffusers",
+                config=cfg,
+                tensors=RenamedSource(source, keymaps.transformer_to_release),
+            )
         cfg = keymaps.transformer_config_from_release(d)
         return ComponentFile(path=path, naming="release", config=cfg, tensors=source)
     if path.suffix == ".gguf":
@@ -99,8 +117,9 @@ def open_expert_file(path: str | Path) -> ComponentFile:
     try:
         cfg, notes = transformer_config_from_shapes(source)
     except ValueError as e:
-        return ComponentFile(path=path, tensors=source, naming=naming, config=None,
-                             config_error=f"{path}: {e}")  # fmt: skip
+        return ComponentFile(
+            path=path, tensors=source, naming=naming, config=None, config_error=f"{path}: {e}"
+        )
     return ComponentFile(path=path, tensors=source, naming=naming, config=cfg, notes=notes)
 
 
@@ -124,8 +143,11 @@ def open_vae_file(path: str | Path) -> ComponentFile:
 
 
 def _differing(a: TransformerConfig, b: TransformerConfig) -> list[str]:
-    return [f"{f} {getattr(a, f)} vs {getattr(b, f)}" for f in SHAPE_FIELDS
-            if getattr(a, f) != getattr(b, f)]  # fmt: skip
+    return [
+        f"{f} {getattr(a, f)} vs {getattr(b, f)}"
+        for f in SHAPE_FIELDS
+        if getattr(a, f) != getattr(b, f)
+    ]
 
 
 def _check_experts(files: Mapping[str, ComponentFile]) -> TransformerConfig:
@@ -154,26 +176,34 @@ def _base(model: str | Path | None) -> tuple[ModelConfig | None, Layout | None]:
     return (layout := detect_layout(model)).config, layout
 
 
-def assemble_config(model: str | Path | None, experts: Mapping[str, ComponentFile],
-                    vae: ComponentFile | None) -> tuple[ModelConfig, tuple[str, ...]]:  # fmt: skip
+def assemble_config(
+    model: str | Path | None, experts: Mapping[str, ComponentFile], vae: ComponentFile | None
+) -> tuple[ModelConfig, tuple[str, ...]]:
     """The model config of a folder or preset with files on top, or of the files alone."""
     config, _ = _base(model)
     if config is not None:
         for name, f in experts.items():
             if name not in config.moe.expert_names:
-                raise ValueError(f"--expert {name}={f.path}: {model} has experts "
-                                 f"{list(config.moe.expert_names)}")  # fmt: skip
+                raise ValueError(
+                    f"--expert {name}={f.path}: {model} has experts {list(config.moe.expert_names)}"
+                )
             diff = _differing(config.transformer_for(name), f.config) if f.config else []
             if diff:
-                raise ValueError(f"expert file {f.path} does not fit {name} of {model}: "
-                                 f"model vs file: {'; '.join(diff)}")  # fmt: skip
+                raise ValueError(
+                    f"expert file {f.path} does not fit {name} of {model}: "
+                    f"model vs file: {'; '.join(diff)}"
+                )
         return config, ()
     names = list(experts)
     if not names:
-        raise ValueError("without --model, give the experts: --expert high_noise=FILE --expert low_noise=FILE")
+        raise ValueError(
+            "without --model, give the experts: --expert high_noise=FILE --expert low_noise=FILE"
+        )
     if vae is None:
-        raise ValueError(f"expert files without a model folder need the VAE: give --vae FILE "
-                         f"(e.g. Wan2.1_VAE.pth or wan_2.1_vae.safetensors) for {names}")  # fmt: skip
+        raise ValueError(
+            f"expert files without a model folder need the VAE: give --vae FILE "
+            f"(e.g. Wan2.1_VAE.pth or wan_2.1_vae.safetensors) for {names}"
+        )
     transformer = _check_experts(experts)
     notes = tuple(n for f in experts.values() for n in f.notes) + vae.notes
     stem = Path(experts[names[0]].path).stem
@@ -181,8 +211,14 @@ def assemble_config(model: str | Path | None, experts: Mapping[str, ComponentFil
     return config, notes + more
 
 
-def load_text_encoder_file(path: str | Path, *, tokenizer: str | Path | None = None,
-                           device="cpu", dtype=torch.bfloat16, max_length: int = 512):  # fmt: skip
+def load_text_encoder_file(
+    path: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    device="cpu",
+    dtype=torch.bfloat16,
+    max_length: int = 512,
+):
     """umT5 from its own file: the release `.pth`, a diffusers `text_encoder/` folder, or a ComfyUI
     `umt5_xxl_fp16.safetensors` / `umt5_xxl_fp8_e4m3fn_scaled.safetensors` (scales applied).
 
@@ -214,12 +250,17 @@ def load_text_encoder_file(path: str | Path, *, tokenizer: str | Path | None = N
         raise ValueError(f"{path}: {e}") from None
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     folder = path if path.is_dir() else path.parent
-    candidates = [Path(tokenizer)] if tokenizer else [folder / "google" / "umt5-xxl",
-                                                     folder / "tokenizer", folder.parent / "tokenizer"]  # fmt: skip
+    candidates = (
+        [Path(tokenizer)]
+        if tokenizer
+        else [folder / "google" / "umt5-xxl", folder / "tokenizer", folder.parent / "tokenizer"]
+    )
     found = next((c for c in candidates if c.is_dir()), None)
     if found is None:
-        raise ValueError(f"no umT5 tokenizer for {path}: looked in {[str(c) for c in candidates]}; "
-                         "put the google/umt5-xxl tokenizer folder beside the file")  # fmt: skip
+        raise ValueError(
+            f"no umT5 tokenizer for {path}: looked in {[str(c) for c in candidates]}; "
+            "put the google/umt5-xxl tokenizer folder beside the file"
+        )
     return HFTextEncoder(model, HFTokenizer(found, max_length, clean_prompt))
 
 
@@ -262,14 +303,23 @@ def load_components_from(
     for name in config.moe.expert_names:
         if name in files:
             f = files[name]
-            modules[name] = build_expert(config.transformer_for(name), f.tensors, device=device,
-                                         dtype=dtype, strict=strict, quantize=quantize,
-                                         what=f"expert file {f.path}")  # fmt: skip
+            modules[name] = build_expert(
+                config.transformer_for(name),
+                f.tensors,
+                device=device,
+                dtype=dtype,
+                strict=strict,
+                quantize=quantize,
+                what=f"expert file {f.path}",
+            )
         elif layout is not None:
-            modules[name] = load_expert(layout, name, device=device, dtype=dtype, strict=strict,
-                                        quantize=quantize)  # fmt: skip
+            modules[name] = load_expert(
+                layout, name, device=device, dtype=dtype, strict=strict, quantize=quantize
+            )
         else:
-            raise ValueError(f"{model} gives no weights for expert {name}: add --expert {name}=FILE")
+            raise ValueError(
+                f"{model} gives no weights for expert {name}: add --expert {name}=FILE"
+            )
     if vae_file is not None:
         with torch.device("meta"):
             vae_module = WanVAE(config.vae)
@@ -284,15 +334,27 @@ def load_components_from(
         raise ValueError(f"{model or 'the expert files'} holds no VAE weights: give --vae FILE")
     text_len = config.transformer.text_len
     if text_encoder is not None:
-        text = load_text_encoder_file(text_encoder, device=device, max_length=text_len,
-                                      tokenizer=layout.tokenizer if layout else None)  # fmt: skip
+        text = load_text_encoder_file(
+            text_encoder,
+            device=device,
+            max_length=text_len,
+            tokenizer=layout.tokenizer if layout else None,
+        )
     elif layout is not None or config.text_encoder != "umt5-xxl":
         kind = config.text_encoder
         where = (layout.root if kind == "umt5-xxl" else layout.text_encoder) if layout else None
         text = build_text_encoder(kind, where, device=device, max_length=text_len)
     else:
-        raise ValueError("the expert files need umT5: give --text-encoder FILE "
-                         "(models_t5_umt5-xxl-enc-bf16.pth or umt5_xxl_fp16.safetensors)")  # fmt: skip
+        raise ValueError(
+            "the expert files need umT5: give --text-encoder FILE "
+            "(models_t5_umt5-xxl-enc-bf16.pth or umt5_xxl_fp16.safetensors)"
+        )
     kind = f"{layout.kind}+files" if layout else "files"
-    return LoadedComponents(config=config, experts=modules, vae=vae_module, text_encoder=text,
-                            layout=kind, notes=notes + (layout.notes if layout else ()))  # fmt: skip
+    return LoadedComponents(
+        config=config,
+        experts=modules,
+        vae=vae_module,
+        text_encoder=text,
+        layout=kind,
+        notes=notes + (layout.notes if layout else ()),
+    )

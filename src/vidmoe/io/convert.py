@@ -48,7 +48,9 @@ def convert(src: str | Path, dst: str | Path, *, layout: str, quantize: str | No
         if len(out) == 1 and dst.suffix == ".safetensors":
             return writers.write_comfyui_file(next(iter(out.values())), dst)
         if dst.suffix:
-            raise ValueError(f"{src} holds {len(out)} experts: DST must be a folder, not {dst.name}")
+            raise ValueError(
+                f"{src} holds {len(out)} experts: DST must be a folder, not {dst.name}"
+            )
         for name, tensors in out.items():
             writers.write_comfyui_file(tensors, dst / f"{name}.safetensors")
         if vae is not None:
@@ -62,8 +64,19 @@ def convert(src: str | Path, dst: str | Path, *, layout: str, quantize: str | No
     if layout == "vidmoe":
         return writers.write_vidmoe_layout(dst, config=config, experts=out, vae=vae)
     if layout == "official":
-        return writers.write_official_layout(dst, experts=out, transformer=config.transformer,
-                                             vae=vae, vae_generation=config.vae.generation)  # fmt: skip
+        return writers.write_official_layout(
+            dst,
+            experts=out,
+            transformer=config.transformer,
+            vae=vae,
+            vae_generation=config.vae.generation,
+        )
     boundary = config.moe.boundaries[0] if config.moe.boundaries else None
-    return writers.write_diffusers_layout(dst, experts=out, transformer=config.transformer,
-                                          vae=vae, vae_config=config.vae, boundary_ratio=boundary)  # fmt: skip
+    return writers.write_diffusers_layout(
+        dst,
+        experts=out,
+        transformer=config.transformer,
+        vae=vae,
+        vae_config=config.vae,
+        boundary_ratio=boundary,
+    )

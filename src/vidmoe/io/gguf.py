@@ -45,7 +45,9 @@ class GGUFSource(TensorSource):
         self._shapes: dict[str, tuple[int, ...]] = {}
         for name, t in self._tensors.items():
             field = reader.fields.get(ORIG_SHAPE_KEY + name)
-            stored = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists ne, fastest first
+            stored = tuple(
+                int(n) for n in reversed(t.shape.tolist())
+            )  # GGUF lists ne, fastest first
             self._shapes[name] = tuple(int(n) for n in field.contents()) if field else stored
         self.types = {name: t.tensor_type.name for name, t in self._tensors.items()}
         """Tensor name -> GGML type name ('Q8_0', 'Q4_K', 'F32', ...)."""

@@ -192,9 +192,13 @@ def vae_to_diffusers(name: str, cfg: VAEConfig) -> str:
 # which `TransformerConfig`'s defaults equal (patch_size, text_len, freq_dim, text_dim, ...).
 _RELEASE_REQUIRED = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim")
 _DIFFUSERS_REQUIRED = (
-    "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "ffn_dim",
+    "num_attention_heads",
+    "attention_head_dim",
+    "in_channels",
+    "out_channels",
+    "ffn_dim",
     "num_layers",
-)  # fmt: skip
+)
 
 
 def _require(d: Mapping[str, Any], keys: tuple[str, ...], what: str) -> None:

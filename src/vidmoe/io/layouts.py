@@ -180,9 +180,18 @@ def _official(root: Path) -> Layout:
 def _same_config(configs: dict[str, TransformerConfig], root: Path) -> TransformerConfig:
     first = next(iter(configs.values()))
     if any(c != first for c in configs.values()):
-        fields = [f for f, v in first.to_dict().items() if any(c.to_dict()[f] != v for c in configs.values())]
-        detail = "; ".join(f"{f}: " + ", ".join(f"{n}={c.to_dict()[f]}" for n, c in configs.items()) for f in fields)
-        raise ValueError(f"the experts in {root} must share one architecture; they differ in {detail}")
+        fields = [
+            f
+            for f, v in first.to_dict().items()
+            if any(c.to_dict()[f] != v for c in configs.values())
+        ]
+        detail = "; ".join(
+            f"{f}: " + ", ".join(f"{n}={c.to_dict()[f]}" for n, c in configs.items())
+            for f in fields
+        )
+        raise ValueError(
+            f"the experts in {root} must share one architecture; they differ in {detail}"
+        )
     return first
 
 
@@ -331,8 +340,13 @@ def implied_config(
 
 def transformer_config_from_shapes(src: TensorSource) -> tuple[TransformerConfig, tuple[str, ...]]:
     """Infer a transformer config from release-named tensor shapes (for files without config)."""
-    needed = ("patch_embedding.weight", "head.head.weight", "blocks.0.ffn.0.weight",
-              "text_embedding.0.weight", "time_embedding.0.weight")  # fmt: skip
+    needed = (
+        "patch_embedding.weight",
+        "head.head.weight",
+        "blocks.0.ffn.0.weight",
+        "text_embedding.0.weight",
+        "time_embedding.0.weight",
+    )
     missing = [n for n in needed if n not in src]
     if missing:
         raise ValueError(f"cannot infer the transformer config: tensors {missing} are missing")
@@ -392,8 +406,10 @@ def vae_config_from_shapes(src: TensorSource) -> tuple[VAEConfig, tuple[str, ...
     temporal = tuple(lv[-1] + "time_conv.weight" in src for lv in levels[:-1])
     dec_dim = src.shape("decoder.conv1.weight")[0] // dim_mult[-1]
     generation = "2.2" if nested else "2.1"
-    release = {("2.1", 96, 16): (WAN21_LATENTS_MEAN, WAN21_LATENTS_STD),
-               ("2.2", 160, 48): (WAN22_LATENTS_MEAN, WAN22_LATENTS_STD)}  # fmt: skip
+    release = {
+        ("2.1", 96, 16): (WAN21_LATENTS_MEAN, WAN21_LATENTS_STD),
+        ("2.2", 160, 48): (WAN22_LATENTS_MEAN, WAN22_LATENTS_STD),
+    }
     mean, std = release.get((generation, dim, z_dim), ((), ()))
     cfg = VAEConfig(
         generation=generation,

@@ -37,11 +37,17 @@ FORMATS = ("diffusers", "release", "kohya", "vidmoe")
 VIDMOE_FORMAT = "lora/1"
 # (suffix, part); checked in order, longest first where they overlap.
 _SUFFIXES = (
-    (".lora_A.weight", "A"), (".lora_down.weight", "A"),
-    (".lora_B.weight", "B"), (".lora_up.weight", "B"),
-    (".lora_B.bias", "B_bias"), (".lora_up.bias", "B_bias"),
-    (".alpha", "alpha"), (".diff_b", "diff_b"), (".diff", "diff"), (".diff_m", "diff_m"),
-)  # fmt: skip
+    (".lora_A.weight", "A"),
+    (".lora_down.weight", "A"),
+    (".lora_B.weight", "B"),
+    (".lora_up.weight", "B"),
+    (".lora_B.bias", "B_bias"),
+    (".lora_up.bias", "B_bias"),
+    (".alpha", "alpha"),
+    (".diff_b", "diff_b"),
+    (".diff", "diff"),
+    (".diff_m", "diff_m"),
+)
 _RELEASE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _DIFFUSERS_EXPERTS = {"transformer.": 0, "transformer_2.": 1}
 
@@ -72,8 +78,9 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def detect_format(names: Sequence[str], metadata: Mapping[str, str],
-                  expert_names: Sequence[str]) -> str:  # fmt: skip
+def detect_format(
+    names: Sequence[str], metadata: Mapping[str, str], expert_names: Sequence[str]
+) -> str:
     """The format of a LoRA file from its tensor names and metadata (one of FORMATS)."""
     if metadata.get("vidmoe_format") or any(n.split(".", 1)[0] in expert_names for n in names):
         return "vidmoe"
@@ -84,9 +91,13 @@ def detect_format(names: Sequence[str], metadata: Mapping[str, str],
     bare = [_strip_prefix(n)[0] for n in names]
     if any(p in n for n in bare for p in (".self_attn.", ".cross_attn.", ".ffn.0.", ".ffn.2.")):
         return "release"
-    if any(n.startswith(("transformer.", "transformer_2.", "base_model.model.")) for n in names) or any(
-        p in n for n in bare for p in (".attn1.", ".attn2.", ".ffn.net.", "condition_embedder.", "proj_out.")
-    ):  # fmt: skip
+    if any(
+        n.startswith(("transformer.", "transformer_2.", "base_model.model.")) for n in names
+    ) or any(
+        p in n
+        for n in bare
+        for p in (".attn1.", ".attn2.", ".ffn.net.", "condition_embedder.", "proj_out.")
+    ):
         return "diffusers"
     raise ValueError(
         f"cannot tell the LoRA format from tensor names such as {list(names)[:3]}; known formats: "
@@ -142,9 +153,15 @@ def _peft_alphas(metadata: Mapping[str, str]) -> tuple[float | None, dict[str, f
     return (None if alpha is None else float(alpha)), pattern, bool(cfg.get("use_rslora", False))
 
 
-def parse_lora(tensors: Mapping[str, torch.Tensor], *, modules: Mapping[str, tuple],
-               expert_names: Sequence[str], metadata: Mapping[str, str] | None = None,
-               path: Path | str = "<memory>", sha256: str = "") -> LoRAFile:  # fmt: skip
+def parse_lora(
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    modules: Mapping[str, tuple],
+    expert_names: Sequence[str],
+    metadata: Mapping[str, str] | None = None,
+    path: Path | str = "<memory>",
+    sha256: str = "",
+) -> LoRAFile:
     """Map a LoRA state dict onto release module names, per expert.
 
     Args:
@@ -189,8 +206,14 @@ def parse_lora(tensors: Mapping[str, torch.Tensor], *, modules: Mapping[str, tup
         experts.setdefault(expert, {})[module] = _weights(
             module, p, modules[module], alpha, pattern, rslora
         )
-    return LoRAFile(path=Path(path), format=fmt, sha256=sha256, experts=experts,
-                    unmatched=unmatched, metadata=metadata)  # fmt: skip
+    return LoRAFile(
+        path=Path(path),
+        format=fmt,
+        sha256=sha256,
+        experts=experts,
+        unmatched=unmatched,
+        metadata=metadata,
+    )
 
 
 def _weights(module: str, p: dict, shape: tuple, alpha, pattern, rslora) -> AdapterWeights:
@@ -238,8 +261,13 @@ def _weights(module: str, p: dict, shape: tuple, alpha, pattern, rslora) -> Adap
     return w
 
 
-def read_lora(path: str | Path, *, modules: Mapping[str, tuple], expert_names: Sequence[str],
-              strict: bool = True) -> LoRAFile:  # fmt: skip
+def read_lora(
+    path: str | Path,
+    *,
+    modules: Mapping[str, tuple],
+    expert_names: Sequence[str],
+    strict: bool = True,
+) -> LoRAFile:
     """Read a LoRA safetensors file (any of FORMATS) and check it against the model.
 
     Strict (default): a tensor that maps to no module raises ValueError listing the first ten
@@ -252,8 +280,14 @@ def read_lora(path: str | Path, *, modules: Mapping[str, tuple], expert_names: S
         raise ValueError(f"LoRA files must be .safetensors; got {path.name}")
     src = SafetensorsFile(path)  # checks the header and the length (truncated files)
     tensors = {n: src[n] for n in src}
-    lora = parse_lora(tensors, modules=modules, expert_names=expert_names, metadata=src.metadata,
-                      path=path, sha256=file_sha256(path))  # fmt: skip
+    lora = parse_lora(
+        tensors,
+        modules=modules,
+        expert_names=expert_names,
+        metadata=src.metadata,
+        path=path,
+        sha256=file_sha256(path),
+    )
     check_unmatched(lora, strict=strict)
     if not lora.num_modules:
         raise ValueError(f"{path.name}: no tensor of this {lora.format} LoRA matches the model")
@@ -265,8 +299,10 @@ def check_unmatched(lora: LoRAFile, *, strict: bool) -> None:
         return
     shown = ", ".join(lora.unmatched[:10])
     more = f" (and {len(lora.unmatched) - 10} more)" if len(lora.unmatched) > 10 else ""
-    msg = (f"{lora.path.name} ({lora.format} format): {len(lora.unmatched)} tensor(s) match no "
-           f"module of the model: {shown}{more}")  # fmt: skip
+    msg = (
+        f"{lora.path.name} ({lora.format} format): {len(lora.unmatched)} tensor(s) match no "
+        f"module of the model: {shown}{more}"
+    )
     if strict:
         raise ValueError(msg + "; load with strict=False (--lora-strict off) to skip them")
     warnings.warn(msg + "; skipped", stacklevel=3)

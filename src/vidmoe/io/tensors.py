@@ -17,11 +17,19 @@ from pathlib import Path
 import torch
 
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 
@@ -327,8 +335,11 @@ class FP8Source(TensorSource):
             raise ValueError(f"scale_weight tensors without their weight: {orphans[:10]}")
         self._scaled = scales
         if SCALED_FP8_MARKER in source:  # a scaled file: every fp8 weight must carry its scale
-            bare = sorted(n for n in names if n.endswith(".weight") and n not in scales
-                          and source.dtype(n) in FP8_DTYPES)  # fmt: skip
+            bare = sorted(
+                n
+                for n in names
+                if n.endswith(".weight") and n not in scales and source.dtype(n) in FP8_DTYPES
+            )
             if bare:
                 raise ValueError(
                     f"this fp8_scaled file (it has the '{SCALED_FP8_MARKER}' marker) lacks the "

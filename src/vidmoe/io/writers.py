@@ -248,7 +248,9 @@ class FP8ScaledView(TensorSource):
         from vidmoe.models.fp8 import BLOCK_LINEARS
 
         self.source = source
-        pattern = re.compile(r"blocks\.\d+\.(" + "|".join(map(re.escape, BLOCK_LINEARS)) + r")\.weight")
+        pattern = re.compile(
+            r"blocks\.\d+\.(" + "|".join(map(re.escape, BLOCK_LINEARS)) + r")\.weight"
+        )
         self._fp8 = {n for n in source if pattern.fullmatch(n) and len(source.shape(n)) == 2}
         self._names = [SCALED_FP8_MARKER]
         for n in source:

@@ -55,9 +55,13 @@ def window_mask(
 
 
 def sdpa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Window | None = None,
-    *, chunk: int = 2048,
-) -> torch.Tensor:  # fmt: skip
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: Window | None = None,
+    *,
+    chunk: int = 2048,
+) -> torch.Tensor:
     """Exact softmax attention by `F.scaled_dot_product_attention` (any device and dtype).
 
     Args:
@@ -81,9 +85,14 @@ def sdpa_attention(
         k0 = 0 if left < 0 else max(0, queries.start - left)
         k1 = n if right < 0 else min(n, queries.stop - 1 + right + 1)
         mask = band_mask(queries, range(k0, k1), window, q.device)  # (Lc, Kc)
-        outs.append(F.scaled_dot_product_attention(
-            q[:, :, queries.start:queries.stop], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=mask
-        ))  # (B, N, Lc, Dh)  # fmt: skip
+        outs.append(
+            F.scaled_dot_product_attention(
+                q[:, :, queries.start : queries.stop],
+                k[:, :, k0:k1],
+                v[:, :, k0:k1],
+                attn_mask=mask,
+            )
+        )  # (B, N, Lc, Dh)
     return rearrange(torch.cat(outs, dim=2), "b n l d -> b l n d")
 
 
@@ -124,8 +133,15 @@ class AttentionBackend:
     supports_window: bool = True
     """Honours a local window (else a windowed expert is refused)."""
 
-    def problems(self, *, device: torch.device, dtype: torch.dtype, head_dim: int | None = None,
-                 window: Window | None = None, check_package: bool = True) -> list[str]:  # fmt: skip
+    def problems(
+        self,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        head_dim: int | None = None,
+        window: Window | None = None,
+        check_package: bool = True,
+    ) -> list[str]:
         """What stops this backend from running these inputs ([] when it can)."""
         found = []
         if check_package and self.package and importlib.util.find_spec(self.package) is None:
@@ -134,7 +150,9 @@ class AttentionBackend:
             found.append(f"it runs on CUDA only, and the device is {torch.device(device)}")
         if self.dtypes is not None and dtype not in self.dtypes:
             names = " or ".join(str(d).removeprefix("torch.") for d in self.dtypes)
-            found.append(f"it needs {names} inputs, and they are {str(dtype).removeprefix('torch.')}")
+            found.append(
+                f"it needs {names} inputs, and they are {str(dtype).removeprefix('torch.')}"
+            )
         if head_dim is not None and self.head_dims is not None and not self.head_dims(head_dim):
             found.append(f"it takes head widths {self.head_dims_text}, and this one is {head_dim}")
         if window is not None and not self.supports_window:
@@ -147,17 +165,28 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
     for b in (
         AttentionBackend(name="sdpa", fn=sdpa_attention),
         AttentionBackend(
-            name="flash", fn=flash_attention, package="flash_attn", cuda_only=True, dtypes=HALF,
-            install="pip install 'vidmoe[flash]', CUDA only", head_dims=lambda d: d <= 256,
+            name="flash",
+            fn=flash_attention,
+            package="flash_attn",
+            cuda_only=True,
+            dtypes=HALF,
+            install="pip install 'vidmoe[flash]', CUDA only",
+            head_dims=lambda d: d <= 256,
             head_dims_text="up to 256",
         ),
         AttentionBackend(
-            name="sage", fn=sage_attention, package="sageattention", cuda_only=True, dtypes=HALF,
-            install="pip install 'vidmoe[sage]', CUDA only", head_dims=lambda d: d in (64, 96, 128),
-            head_dims_text="64, 96 or 128", supports_window=False,
+            name="sage",
+            fn=sage_attention,
+            package="sageattention",
+            cuda_only=True,
+            dtypes=HALF,
+            install="pip install 'vidmoe[sage]', CUDA only",
+            head_dims=lambda d: d in (64, 96, 128),
+            head_dims_text="64, 96 or 128",
+            supports_window=False,
         ),
     )
-}  # fmt: skip
+}
 """Attention backends by name; `register_backend` adds one."""
 ATTENTION_CHOICES = ("auto", *ATTENTION_BACKENDS)
 """What `--attention` accepts (the built-in backends and auto)."""
@@ -170,8 +199,14 @@ def register_backend(backend: AttentionBackend) -> None:
     ATTENTION_BACKENDS[backend.name] = backend
 
 
-def resolve_backend(name: str, *, device: torch.device | str, dtype: torch.dtype,
-                    head_dim: int | None = None, window: Window | None = None) -> str:  # fmt: skip
+def resolve_backend(
+    name: str,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    head_dim: int | None = None,
+    window: Window | None = None,
+) -> str:
     """The backend that runs these inputs: `name` if it can, a ValueError saying why not if not.
 
     'auto' is flash on CUDA in float16/bfloat16 when flash-attn is installed and can honour the
@@ -179,8 +214,9 @@ def resolve_backend(name: str, *, device: torch.device | str, dtype: torch.dtype
     """
     if name == "auto":
         flash = ATTENTION_BACKENDS.get("flash")
-        if flash and not flash.problems(device=torch.device(device), dtype=dtype,
-                                        head_dim=head_dim, window=window):  # fmt: skip
+        if flash and not flash.problems(
+            device=torch.device(device), dtype=dtype, head_dim=head_dim, window=window
+        ):
             return "flash"
         return "sdpa"
     if name not in ATTENTION_BACKENDS:
@@ -192,9 +228,10 @@ def resolve_backend(name: str, *, device: torch.device | str, dtype: torch.dtype
     )
     if found:
         raise ValueError(
-            f"attention backend {name!r} cannot run here: " + "; ".join(found)
+            f"attention backend {name!r} cannot run here: "
+            + "; ".join(found)
             + ". Use attention 'sdpa' (runs everywhere) or 'auto'"
-        )  # fmt: skip
+        )
     return name
 
 
@@ -224,8 +261,11 @@ def attention(
     if backend == "sdpa":
         return sdpa_attention(q, k, v, window, chunk=chunk)
     impl = ATTENTION_BACKENDS[backend]
-    found = impl.problems(device=v.device, dtype=v.dtype, head_dim=v.shape[-1], window=window,
-                          check_package=False)  # fmt: skip
+    found = impl.problems(
+        device=v.device, dtype=v.dtype, head_dim=v.shape[-1], window=window, check_package=False
+    )
     if found:
-        raise ValueError(f"attention backend {backend!r} cannot run these inputs: " + "; ".join(found))
+        raise ValueError(
+            f"attention backend {backend!r} cannot run these inputs: " + "; ".join(found)
+        )
     return impl.fn(q, k, v, window)  # (B, Lq, N, Dh)

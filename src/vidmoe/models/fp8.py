@@ -20,9 +20,20 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 MATMULS = ("dequant", "scaled")
 # The linear layers of a Wan block that hold most of its weights. Embeddings, modulation and the
 # head stay in the compute dtype, as ComfyUI's fp8 files keep them.
-BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
-                 "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
-                 "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2")  # fmt: skip
+BLOCK_LINEARS = (
+    "self_attn.q",
+    "self_attn.k",
+    "self_attn.v",
+    "self_attn.o",
+    "cross_attn.q",
+    "cross_attn.k",
+    "cross_attn.v",
+    "cross_attn.o",
+    "cross_attn.k_img",
+    "cross_attn.v_img",
+    "ffn.0",
+    "ffn.2",
+)
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,8 +62,16 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 class FP8Linear(nn.Module):
     """A linear layer whose weight is stored in fp8 (e4m3) with one float32 scale per row."""
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
-                 dtype: torch.dtype = torch.bfloat16, matmul: str = "dequant", device=None):  # fmt: skip
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        dtype: torch.dtype = torch.bfloat16,
+        matmul: str = "dequant",
+        device=None,
+    ):
         super().__init__()
         if matmul not in MATMULS:
             raise ValueError(f"matmul must be one of {', '.join(MATMULS)}; got {matmul!r}")
@@ -72,8 +91,14 @@ class FP8Linear(nn.Module):
         """Quantise a float `nn.Linear` (per output channel); the bias keeps its dtype."""
         q, scale = quantize_weight(linear.weight)
         dtype = linear.weight.dtype
-        out = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                  dtype=dtype, matmul=matmul, device=linear.weight.device)  # fmt: skip
+        out = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            dtype=dtype,
+            matmul=matmul,
+            device=linear.weight.device,
+        )
         out.weight.data, out.scale_weight = q, scale
         if linear.bias is not None:
             out.bias.data = linear.bias.detach().clone()
@@ -107,9 +132,13 @@ class FP8Linear(nn.Module):
         sx = (rows.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)  # (M, 1)
         xq = (rows / sx).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)  # (M, I)
         out = torch._scaled_mm(
-            xq, self.weight.t(), scale_a=sx, scale_b=self.scale_weight.float()[None, :],
-            bias=None if self.bias is None else self.bias.to(x.dtype), out_dtype=x.dtype,
-        )  # (M, O)  # fmt: skip
+            xq,
+            self.weight.t(),
+            scale_a=sx,
+            scale_b=self.scale_weight.float()[None, :],
+            bias=None if self.bias is None else self.bias.to(x.dtype),
+            out_dtype=x.dtype,
+        )  # (M, O)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -146,8 +175,14 @@ def quantize_fp8_(module: nn.Module, *, matmul: str = "dequant") -> nn.Module:
         if isinstance(linear, FP8Linear):
             continue
         if linear.weight.is_meta:
-            new = FP8Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                            dtype=linear.weight.dtype, matmul=matmul, device="meta")  # fmt: skip
+            new = FP8Linear(
+                linear.in_features,
+                linear.out_features,
+                bias=linear.bias is not None,
+                dtype=linear.weight.dtype,
+                matmul=matmul,
+                device="meta",
+            )
         else:
             new = FP8Linear.from_linear(linear, matmul=matmul)
         setattr(owner, leaf, new)

@@ -145,8 +145,11 @@ def _param_post_hook(module: nn.Module, args, output):
 
 
 def _owned_stacks(module: nn.Module, *, params: bool) -> list[AdapterStack]:
-    return [m for m in module._modules.values()
-            if isinstance(m, AdapterStack) and (m.param is not None) == params]  # fmt: skip
+    return [
+        m
+        for m in module._modules.values()
+        if isinstance(m, AdapterStack) and (m.param is not None) == params
+    ]
 
 
 def _registry(model: nn.Module) -> dict[str, float]:
@@ -210,8 +213,9 @@ def _check_shapes(module_name: str, module: nn.Module, adapter: str, w: AdapterW
             )
 
 
-def add_adapter(model: nn.Module, name: str, weights: Mapping[str, AdapterWeights], *,
-                strength: float = 1.0) -> None:  # fmt: skip
+def add_adapter(
+    model: nn.Module, name: str, weights: Mapping[str, AdapterWeights], *, strength: float = 1.0
+) -> None:
     """Attach adapter `name` to the modules of `model` named in `weights` (unfused).
 
     Args:
@@ -245,8 +249,10 @@ def add_adapter(model: nn.Module, name: str, weights: Mapping[str, AdapterWeight
             if attr is None:
                 stack.handles = [module.register_forward_hook(_hook)]
             else:
-                stack.handles = [module.register_forward_pre_hook(_param_pre_hook),
-                                 module.register_forward_hook(_param_post_hook, always_call=True)]  # fmt: skip
+                stack.handles = [
+                    module.register_forward_pre_hook(_param_pre_hook),
+                    module.register_forward_hook(_param_post_hook, always_call=True),
+                ]
         ref = module.weight if attr is None else getattr(module, attr)
         stack.adapters[name] = Adapter(w, dtype=ref.dtype, device=ref.device)
 

@@ -158,7 +158,6 @@ class Router:
         return ((self.owner(sigma), 1.0),)
 
 
-
 @dataclass(frozen=True)
 class ParamCounts:
     """Parameter counts of a MoE: all experts, and what one denoising step runs."""
@@ -221,8 +220,8 @@ class Experts(nn.Module):
         sources: Mapping[str, ExpertSource] | None = None,
     ):
         """Args:
-            sources: per expert, a function that reads it anew from its file (the loader gives
-                them; residency 'disk' needs one per expert).
+        sources: per expert, a function that reads it anew from its file (the loader gives
+            them; residency 'disk' needs one per expert).
         """
         super().__init__()
         names = moe.expert_names

@@ -24,13 +24,25 @@ DEFAULT_NEGATIVE_PROMPT = (
     "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 UMT5_XXL_HPARAMS = dict(
-    vocab=256384, dim=4096, dim_attn=4096, dim_ffn=10240, num_heads=64, num_layers=24,
-    num_buckets=32, shared_pos=False,
-)  # fmt: skip
-UMT5_TINY_HPARAMS = dict(
-    vocab=384, dim=48, dim_attn=48, dim_ffn=96, num_heads=4, num_layers=2, num_buckets=32,
+    vocab=256384,
+    dim=4096,
+    dim_attn=4096,
+    dim_ffn=10240,
+    num_heads=64,
+    num_layers=24,
+    num_buckets=32,
     shared_pos=False,
-)  # fmt: skip
+)
+UMT5_TINY_HPARAMS = dict(
+    vocab=384,
+    dim=48,
+    dim_attn=48,
+    dim_ffn=96,
+    num_heads=4,
+    num_layers=2,
+    num_buckets=32,
+    shared_pos=False,
+)
 RELEASE_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 RELEASE_TOKENIZER_DIR = "google/umt5-xxl"
 
@@ -99,7 +111,11 @@ def release_umt5_to_hf(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # Prefixes before the HF names in ComfyUI files and in checkpoints that bundle the encoder.
-COMFYUI_UMT5_PREFIXES = ("text_encoders.umt5xxl.transformer.", "umt5xxl.transformer.", "transformer.")
+COMFYUI_UMT5_PREFIXES = (
+    "text_encoders.umt5xxl.transformer.",
+    "umt5xxl.transformer.",
+    "transformer.",
+)
 # Not weights: ComfyUI may carry the sentencepiece model as a uint8 tensor.
 COMFYUI_UMT5_EXTRAS = ("spiece_model",)
 
@@ -151,11 +167,19 @@ def umt5_config(
     if dim_attn % num_heads:
         raise ValueError(f"dim_attn ({dim_attn}) must be divisible by num_heads ({num_heads})")
     return UMT5Config(
-        vocab_size=vocab, d_model=dim, d_kv=dim_attn // num_heads, d_ff=dim_ffn,
-        num_heads=num_heads, num_layers=num_layers, relative_attention_num_buckets=num_buckets,
-        relative_attention_max_distance=128, feed_forward_proj="gated-gelu",  # gelu_new: tanh
-        layer_norm_epsilon=1e-6, dropout_rate=0.0, attn_implementation="sdpa",
-    )  # fmt: skip
+        vocab_size=vocab,
+        d_model=dim,
+        d_kv=dim_attn // num_heads,
+        d_ff=dim_ffn,
+        num_heads=num_heads,
+        num_layers=num_layers,
+        relative_attention_num_buckets=num_buckets,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",  # gelu_new: tanh
+        layer_norm_epsilon=1e-6,
+        dropout_rate=0.0,
+        attn_implementation="sdpa",
+    )
 
 
 def umt5_config_from_state_dict(hf_state_dict: Mapping[str, Any]):
@@ -174,10 +198,14 @@ def umt5_config_from_state_dict(hf_state_dict: Mapping[str, Any]):
     q = re.compile(r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.q\.weight")
     num_layers = sum(1 for k in hf_state_dict if q.fullmatch(k))
     return umt5_config(
-        vocab=vocab, dim=dim, dim_attn=shape(prefix + "0.SelfAttention.q.weight")[0],
-        dim_ffn=shape(prefix + "1.DenseReluDense.wi_0.weight")[0], num_heads=num_heads,
-        num_layers=num_layers, num_buckets=num_buckets,
-    )  # fmt: skip
+        vocab=vocab,
+        dim=dim,
+        dim_attn=shape(prefix + "0.SelfAttention.q.weight")[0],
+        dim_ffn=shape(prefix + "1.DenseReluDense.wi_0.weight")[0],
+        num_heads=num_heads,
+        num_layers=num_layers,
+        num_buckets=num_buckets,
+    )
 
 
 def load_umt5_state_dict(model, hf_state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -279,9 +307,13 @@ class HFTokenizer:
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         texts = [self.clean(p) for p in prompts] if self.clean else list(prompts)
         enc = self.tokenizer(
-            texts, padding="max_length", truncation=True, max_length=self.max_length,
-            add_special_tokens=True, return_tensors="pt",
-        )  # fmt: skip
+            texts,
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
         return enc.input_ids, enc.attention_mask  # B S, B S
 
 
@@ -342,9 +374,12 @@ class MiniLMTextEncoder(HFTextEncoder):
 
         def tokenize(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
             enc = tokenizer(
-                prompts, padding="longest", truncation=True, max_length=max_length,
+                prompts,
+                padding="longest",
+                truncation=True,
+                max_length=max_length,
                 return_tensors="pt",
-            )  # fmt: skip
+            )
             return enc.input_ids, enc.attention_mask  # B S, B S
 
         super().__init__(model, tokenize)

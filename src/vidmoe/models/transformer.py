@@ -203,9 +203,14 @@ class WanTransformer(nn.Module):
         return out
 
     def forward(
-        self, x: torch.Tensor, sigma: torch.Tensor, context, y: torch.Tensor | None = None,
-        *, cache=None,
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        context,
+        y: torch.Tensor | None = None,
+        *,
+        cache=None,
+    ) -> torch.Tensor:
         """Predict the flow velocity.
 
         Args:
@@ -267,10 +272,13 @@ class WanTransformer(nn.Module):
         `device` (a ValueError says what the backend cannot honour). Returns the backend chosen.
         """
         v = self.blocks[0].self_attn.v if len(self.blocks) else None
-        dtype = getattr(v, "compute_dtype", None) or self.patch_embedding.weight.dtype  # fp8: its own
+        dtype = (
+            getattr(v, "compute_dtype", None) or self.patch_embedding.weight.dtype
+        )  # fp8: its own
         window = None if self.config.window_size == (-1, -1) else self.config.window_size
-        name = resolve_backend(backend, device=device, dtype=dtype, head_dim=self.config.head_dim,
-                               window=window)  # fmt: skip
+        name = resolve_backend(
+            backend, device=device, dtype=dtype, head_dim=self.config.head_dim, window=window
+        )
         for m in self.modules():
             if isinstance(m, SelfAttention):  # CrossAttention too
                 m.attention_backend = name

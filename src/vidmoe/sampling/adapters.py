@@ -54,9 +54,15 @@ class AdapterSet:
         if expert not in self.experts:
             raise ValueError(f"unknown expert {expert!r}; valid experts: {', '.join(self.experts)}")
 
-    def load(self, path: str | Path, *, expert: str | None = None,
-             strength: float | Mapping[str, float] = 1.0, name: str | None = None,
-             strict: bool = True) -> AdapterRecord:  # fmt: skip
+    def load(
+        self,
+        path: str | Path,
+        *,
+        expert: str | None = None,
+        strength: float | Mapping[str, float] = 1.0,
+        name: str | None = None,
+        strict: bool = True,
+    ) -> AdapterRecord:
         """Read a LoRA file (any supported format) and attach it, unfused.
 
         Args:
@@ -78,14 +84,20 @@ class AdapterSet:
         path = Path(path)
         name = name or path.stem
         first = next(iter(self.experts.values()))
-        lf = read_lora(path, modules=lora.adaptable_modules(first), expert_names=list(self.experts),
-                       strict=strict)  # fmt: skip
+        lf = read_lora(
+            path,
+            modules=lora.adaptable_modules(first),
+            expert_names=list(self.experts),
+            strict=strict,
+        )
         targets = self._targets(lf.experts, expert, path)
         rec = self.records.get(name)
         # the same file may be added to another expert under its name (own strength there)
         if rec is not None and (rec.sha256 != lf.sha256 or set(targets) & set(rec.strengths)):
-            raise ValueError(f"an adapter named {name!r} is already loaded on {', '.join(rec.strengths)}; "
-                             "pass another name")  # fmt: skip
+            raise ValueError(
+                f"an adapter named {name!r} is already loaded on {', '.join(rec.strengths)}; "
+                "pass another name"
+            )
         strengths = {e: float(per_expert.get(e, 1.0) if per_expert else strength) for e in targets}
         attached = []
         try:
@@ -97,8 +109,14 @@ class AdapterSet:
                 lora.remove_adapter(self.experts[e], name)
             raise
         if rec is None:
-            rec = AdapterRecord(name=name, file=str(path), sha256=lf.sha256, format=lf.format,
-                                strengths={}, num_modules=lf.num_modules)  # fmt: skip
+            rec = AdapterRecord(
+                name=name,
+                file=str(path),
+                sha256=lf.sha256,
+                format=lf.format,
+                strengths={},
+                num_modules=lf.num_modules,
+            )
             self.records[name] = rec
         rec.strengths.update(strengths)
         return rec

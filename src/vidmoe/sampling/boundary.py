@@ -360,7 +360,11 @@ def boundaries_from_budgets(
 
 
 def boundaries_for(
-    boundary: Boundary, moe: MoEConfig, grid: Sequence[float], *, shift: float,
+    boundary: Boundary,
+    moe: MoEConfig,
+    grid: Sequence[float],
+    *,
+    shift: float,
     num_train_timesteps: int = 1000,
 ) -> tuple[float, ...]:
     """Every boundary of `moe` for this typed boundary on this grid, noisiest first."""
@@ -375,10 +379,17 @@ def boundaries_for(
             f"boundary {boundary.spec!r} places one boundary; this model has "
             f"{len(moe.expert_names)} experts: use 'release', 'calibrated' or step budgets"
         )
-    return (resolve_boundary(
-        boundary, release=moe.boundaries[0], shift=shift, num_steps=len(grid) - 1, sigmas=grid,
-        expert_names=moe.expert_names, num_train_timesteps=num_train_timesteps,
-    ),)
+    return (
+        resolve_boundary(
+            boundary,
+            release=moe.boundaries[0],
+            shift=shift,
+            num_steps=len(grid) - 1,
+            sigmas=grid,
+            expert_names=moe.expert_names,
+            num_train_timesteps=num_train_timesteps,
+        ),
+    )
 
 
 def check_expert_names(d: Mapping[str, Any], names: Sequence[str], what: str) -> None:

@@ -84,7 +84,10 @@ def guided_velocity(
     if not uses_uncond(scale):  # guidance 1 is the conditional prediction: skip the uncond pass
         return model(x, sigma, cond, y=y, **model_kwargs)
     both = model(
-        cfg_batch(x, x), cfg_batch(sigma, sigma), cond + uncond,
-        y=None if y is None else cfg_batch(y, y), **model_kwargs,
+        cfg_batch(x, x),
+        cfg_batch(sigma, sigma),
+        cond + uncond,
+        y=None if y is None else cfg_batch(y, y),
+        **model_kwargs,
     )  # (2B, C, F, H, W)
     return apply_guidance(*split_cfg_batch(both), scale)

@@ -48,13 +48,21 @@ class GenerationResult:
 class Pipeline:
     """A Mixture-of-Experts video diffusion model ready to sample."""
 
-    def __init__(self, config: ModelConfig, experts: Experts | Mapping[str, nn.Module], vae,
-                 text_encoder, *, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None, residency: str | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        experts: Experts | Mapping[str, nn.Module],
+        vae,
+        text_encoder,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        residency: str | None = None,
+    ):
         """Args:
-            experts: an `Experts` (its placement rules), or modules by name, placed on
-                `device` (default CPU) under `residency` (default 'resident'), run in `dtype`
-                (default float32). Only a mapping takes device, dtype and residency.
+        experts: an `Experts` (its placement rules), or modules by name, placed on
+            `device` (default CPU) under `residency` (default 'resident'), run in `dtype`
+            (default float32). Only a mapping takes device, dtype and residency.
         """
         if not isinstance(experts, Experts):
             missing = [n for n in config.moe.expert_names if n not in experts]
@@ -63,10 +71,14 @@ class Pipeline:
                     f"model {config.name} needs experts {list(config.moe.expert_names)}; "
                     f"missing {missing}"
                 )
-            placement = Placement(device=device or "cpu", dtype=dtype or torch.float32,
-                                  residency=residency or "resident")
-            experts = Experts({n: experts[n] for n in config.moe.expert_names}, config.moe,
-                              placement=placement)
+            placement = Placement(
+                device=device or "cpu",
+                dtype=dtype or torch.float32,
+                residency=residency or "resident",
+            )
+            experts = Experts(
+                {n: experts[n] for n in config.moe.expert_names}, config.moe, placement=placement
+            )
         elif (device, dtype, residency) != (None, None, None):
             raise ValueError("device, dtype and residency come from the Experts' placement")
         self.config, self.experts = config, experts
@@ -98,7 +110,10 @@ class Pipeline:
         if self.text_encoder is None:
             raise ValueError("this pipeline has no text encoder: pass prompt_embeds")
         network = getattr(self.text_encoder, "model", None)  # residency: on the device to encode
-        with torch.no_grad(), self.experts.lend(network, self.experts.placement.text_encoder_device):
+        with (
+            torch.no_grad(),
+            self.experts.lend(network, self.experts.placement.text_encoder_device),
+        ):
             return [e.to(self.device, self.dtype) for e in self.text_encoder.encode(prompts)]
 
     def plan(self, settings: GenerateSettings | ResolvedSettings) -> Plan:
@@ -116,8 +131,14 @@ class Pipeline:
         return with_adapter_scales(plan, self.adapters.strengths())
 
     # -- adapters (LoRA) ---------------------------------------------------------------------
-    def load_lora(self, path, expert: str | None = None, strength: float | dict[str, float] = 1.0,
-                  name: str | None = None, strict: bool = True) -> AdapterRecord:  # fmt: skip
+    def load_lora(
+        self,
+        path,
+        expert: str | None = None,
+        strength: float | dict[str, float] = 1.0,
+        name: str | None = None,
+        strict: bool = True,
+    ) -> AdapterRecord:
         """Load a LoRA file (diffusers/peft, ComfyUI/Lightning release names, musubi/Kohya or
         vidmoe) into one expert, the experts the file names, or (expert=None) every expert.
 
@@ -145,8 +166,9 @@ class Pipeline:
         """Restore the exact original weights; adapters stay loaded and run unfused."""
         self.adapters.unfuse()
 
-    def _velocity(self, name, x, sigma, cond, uncond, scale, c: Conditioning,
-                  cache: StepCache | None = None) -> torch.Tensor:
+    def _velocity(
+        self, name, x, sigma, cond, uncond, scale, c: Conditioning, cache: StepCache | None = None
+    ) -> torch.Tensor:
         """Guided velocity of one expert; cond and uncond run as one batch."""
         expert = self.experts.activate(name)
         sig = c.sigma_for(sigma, tuple(x.shape[2:]), expert.config.patch_size).to(self.device)
@@ -156,10 +178,19 @@ class Pipeline:
 
     # -- generation --------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompt: str | GenerateSettings = "", *, latents: torch.Tensor | None = None,
-                 prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
-                 output: str = "frames", progress: bool = False, callback=None,
-                 decode_callback=None, **settings) -> GenerationResult:  # fmt: skip
+    def generate(
+        self,
+        prompt: str | GenerateSettings = "",
+        *,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output: str = "frames",
+        progress: bool = False,
+        callback=None,
+        decode_callback=None,
+        **settings,
+    ) -> GenerationResult:
         """Generate one video.
 
         Args:
@@ -178,7 +209,11 @@ class Pipeline:
         """
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
-        s = prompt if isinstance(prompt, GenerateSettings) else GenerateSettings(prompt=prompt, **settings)
+        s = (
+            prompt
+            if isinstance(prompt, GenerateSettings)
+            else GenerateSettings(prompt=prompt, **settings)
+        )
         rs = self.resolve(s)
         timings: dict[str, float] = {}
         with _timed(timings, "text"):
@@ -189,7 +224,9 @@ class Pipeline:
         plan = self._with_adapters(plan_for(rs, self.config))
         with _timed(timings, "denoise"):
             caches = {n: StepCache(threshold=t) for n, t in rs.step_cache.items() if t > 0}
-            x, trace = self._denoise(x, plan, rs.sampler, cond, uncond, c, progress, callback, caches)
+            x, trace = self._denoise(
+                x, plan, rs.sampler, cond, uncond, c, progress, callback, caches
+            )
         self.experts.idle()  # residency: non-resident policies free the experts for the decode
         frames = None
         if output == "frames":
@@ -199,19 +236,32 @@ class Pipeline:
             frames=frames, latents=x.cpu(), plan=plan, settings=rs, trace=trace, timings=timings
         )
 
-    def _denoise(self, x, plan: Plan, sampler: str, cond, uncond, c: Conditioning, progress: bool,
-                 callback, caches: dict[str, StepCache]) -> tuple[torch.Tensor, list[dict]]:
+    def _denoise(
+        self,
+        x,
+        plan: Plan,
+        sampler: str,
+        cond,
+        uncond,
+        c: Conditioning,
+        progress: bool,
+        callback,
+        caches: dict[str, StepCache],
+    ) -> tuple[torch.Tensor, list[dict]]:
         """The sampling loop: per step, each planned expert's guided velocity, blended, then one
         solver step. x: (1, C, F, H, W) float32. An expert's step cache starts afresh whenever
         the expert starts a phase, so nothing is reused across an expert switch."""
-        sigmas = torch.tensor([st.sigma for st in plan.steps] + [plan.steps[-1].sigma_next],
-                              dtype=torch.float64)
+        sigmas = torch.tensor(
+            [st.sigma for st in plan.steps] + [plan.steps[-1].sigma_next], dtype=torch.float64
+        )
         solver = make_solver(sampler, sigmas)
         trace, bar = [], _progress(len(plan.steps), "denoise", progress)
         previous: tuple[str, ...] = ()
         for st in plan.steps:
             t0 = time.perf_counter()
-            self._prefetch_next(plan, st)  # residency: copy the next step's new expert during this one
+            self._prefetch_next(
+                plan, st
+            )  # residency: copy the next step's new expert during this one
             v = torch.zeros_like(x)  # (1, C, F, H, W)
             sigma_in = model_sigma(st.sigma, sampler)
             cached, changes = [], {}
@@ -221,7 +271,9 @@ class Pipeline:
                 if cache is not None and name not in previous:
                     cache.reset()
                 skipped = cache.skipped if cache is not None else 0
-                vel = self._velocity(name, x.to(self.dtype), sigma_in, cond, uncond, scale, c, cache)
+                vel = self._velocity(
+                    name, x.to(self.dtype), sigma_in, cond, uncond, scale, c, cache
+                )
                 v = v + weight * vel.float()
                 if cache is not None:
                     if cache.changes[-1] == cache.changes[-1]:  # NaN: a phase's first step
@@ -308,8 +360,14 @@ class Pipeline:
 
 
 def _trace_row(st: StepPlan, seconds: float, cached: list[str], changes: dict) -> dict:
-    row = dict(index=st.index, sigma=st.sigma, experts=list(st.experts), weights=list(st.weights),
-               guidance=list(st.guidance), seconds=round(seconds, 4))
+    row = dict(
+        index=st.index,
+        sigma=st.sigma,
+        experts=list(st.experts),
+        weights=list(st.weights),
+        guidance=list(st.guidance),
+        seconds=round(seconds, 4),
+    )
     if st.adapter_scales:
         row["adapters"] = dict(st.adapter_scales)
     if changes:  # the step cache's measure per expert, for calibrating its threshold

@@ -85,14 +85,16 @@ class Plan:
         for i, ph in enumerate(self.phases()):
             first, last = ph[0], ph[-1]
             blend = " (blend)" if len(first.experts) > 1 else ""
-            rows.append((
-                str(i + 1),
-                f"{first.index}-{last.index} ({len(ph)})",
-                f"{first.sigma:.4f} -> {last.sigma_next:.4f}",
-                "+".join(first.experts) + blend,
-                "/".join(f"{g:g}" for g in first.guidance),
-                " ".join(f"{n}={v:g}" for n, v in first.adapter_scales.items()),
-            ))  # fmt: skip
+            rows.append(
+                (
+                    str(i + 1),
+                    f"{first.index}-{last.index} ({len(ph)})",
+                    f"{first.sigma:.4f} -> {last.sigma_next:.4f}",
+                    "+".join(first.experts) + blend,
+                    "/".join(f"{g:g}" for g in first.guidance),
+                    " ".join(f"{n}={v:g}" for n, v in first.adapter_scales.items()),
+                )
+            )
         if not any(s.adapter_scales for s in self.steps):
             rows = [r[:-1] for r in rows]
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
@@ -180,10 +182,17 @@ def build_plan(
     steps = []
     for i, (sigma, sigma_next) in enumerate(zip(values, values[1:])):
         names, weights = zip(*router.route(sigma))
-        steps.append(StepPlan(
-            index=i, sigma=sigma, sigma_next=sigma_next, timestep=num_train_timesteps * sigma,
-            experts=names, weights=weights, guidance=tuple(scale[n] for n in names),
-        ))  # fmt: skip
+        steps.append(
+            StepPlan(
+                index=i,
+                sigma=sigma,
+                sigma_next=sigma_next,
+                timestep=num_train_timesteps * sigma,
+                experts=names,
+                weights=weights,
+                guidance=tuple(scale[n] for n in names),
+            )
+        )
     return Plan(steps=tuple(steps), expert_names=moe.expert_names)
 
 
@@ -219,7 +228,9 @@ def make_plan(
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1; got {num_steps}")
     grid = grid_for(num_steps, shift, sigmas, num_train_timesteps)
-    bounds = boundaries_for(boundary, moe, grid, shift=shift, num_train_timesteps=num_train_timesteps)
+    bounds = boundaries_for(
+        boundary, moe, grid, shift=shift, num_train_timesteps=num_train_timesteps
+    )
     moe = dataclasses.replace(moe, boundaries=tuple(bounds))
     return build_plan(grid, moe, guidance=guidance, num_train_timesteps=num_train_timesteps)
 

@@ -38,7 +38,7 @@ RECIPES: dict[str, Recipe] = {
                 shift=5.0,
                 steps_per_expert={"high_noise": 2, "low_noise": 2},
                 guidance={"high_noise": 1.0, "low_noise": 1.0},
-            ),  # fmt: skip
+            ),
             # Their configs (wan/configs/wan_t2v_A14B.py, wan_i2v_A14B.py): sample_steps=4,
             # sample_shift=5.0, sample_guide_scale=(1.0, 1.0), boundary 0.875 / 0.900, which on
             # this grid gives 2 + 2 steps; the solver (wan/utils/fm_solvers_euler.py) is Euler on

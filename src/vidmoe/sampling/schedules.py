@@ -165,7 +165,9 @@ def check_sigmas(sigmas: torch.Tensor | Sequence[float]) -> list[float]:
     return values
 
 
-def grid_for(num_steps: int, shift: float, sigmas=None, num_train_timesteps: int = 1000) -> list[float]:
+def grid_for(
+    num_steps: int, shift: float, sigmas=None, num_train_timesteps: int = 1000
+) -> list[float]:
     """The given grid (checked against num_steps), or the default one for shift and num_steps."""
     if sigmas is None:
         sigmas = make_sigmas(num_steps, shift, num_train_timesteps=num_train_timesteps)

@@ -244,8 +244,13 @@ def _budgets(value, model: ModelConfig, limits: Limits) -> dict[str, int]:
             f"got {dict(value)}"
         )
     budgets = {n: _integer(f"steps_per_expert[{n!r}]", value[n], 1) for n in names}
-    _integer("the sum of steps_per_expert", sum(budgets.values()), 1, limits.max_steps,
-             " (Limits.max_steps)")
+    _integer(
+        "the sum of steps_per_expert",
+        sum(budgets.values()),
+        1,
+        limits.max_steps,
+        " (Limits.max_steps)",
+    )
     return budgets
 
 
@@ -254,8 +259,13 @@ def _sigmas(value, limits: Limits) -> tuple[float, ...]:
         raise ValueError(f"sigmas must be a list of numbers; got {value!r} ({kind_of(value)})")
     values = tuple(_number(f"sigmas[{i}]", x) for i, x in enumerate(value))
     sigmas_from_list(values)  # descending, in (0, 1]: ValueError otherwise
-    _integer("the number of sigmas", len([x for x in values if x > 0]), 1, limits.max_steps,
-             " (Limits.max_steps)")
+    _integer(
+        "the number of sigmas",
+        len([x for x in values if x > 0]),
+        1,
+        limits.max_steps,
+        " (Limits.max_steps)",
+    )
     return values
 
 
@@ -295,8 +305,10 @@ def _area(s: GenerateSettings, model: ModelConfig) -> int | None:
         )
     areas = sorted({w * h for w, h in model.sizes}, reverse=True)
     if areas and area not in areas:
-        raise ValueError(f"area {area} is not supported by {model.name}; supported: "
-                         + ", ".join(f"{a} ({_area_name(a, model)})" for a in areas))  # fmt: skip
+        raise ValueError(
+            f"area {area} is not supported by {model.name}; supported: "
+            + ", ".join(f"{a} ({_area_name(a, model)})" for a in areas)
+        )
     return area
 
 
@@ -304,8 +316,9 @@ def _area_name(area: int, model: ModelConfig) -> str:
     return next(f"{w}*{h}" for w, h in model.sizes if w * h == area)
 
 
-def _image_sized(s: GenerateSettings, model: ModelConfig, area: int,
-                 image_size: tuple[int, int] | None) -> tuple[int, int]:
+def _image_sized(
+    s: GenerateSettings, model: ModelConfig, area: int, image_size: tuple[int, int] | None
+) -> tuple[int, int]:
     """(width, height) of the release's i2v size rule for the image (its header is read)."""
     from vidmoe.sampling.conditioning import image_header_size, release_i2v_size
 
@@ -321,8 +334,9 @@ def _image_sized(s: GenerateSettings, model: ModelConfig, area: int,
     return width, height
 
 
-def _size(s: GenerateSettings, model: ModelConfig, limits: Limits,
-          image_size: tuple[int, int] | None) -> tuple[int, int, int, int | None]:
+def _size(
+    s: GenerateSettings, model: ModelConfig, limits: Limits, image_size: tuple[int, int] | None
+) -> tuple[int, int, int, int | None]:
     """(width, height, num_frames, area), checked against the model and the limits; an i2v
     model without an explicit size takes it from the image (`area` is then not None)."""
     area = _area(s, model)
@@ -342,13 +356,24 @@ def _size(s: GenerateSettings, model: ModelConfig, limits: Limits,
     if isinstance(frames, bool) or not isinstance(frames, int):
         raise ValueError(f"num_frames must be an integer; got {frames!r} ({kind_of(frames)})")
     check_num_frames(frames, model.vae.temporal_stride)
-    _integer("num_frames", frames, 1, limits.max_num_frames,
-             " (Limits.max_num_frames, until a memory planner decides what fits)")
+    _integer(
+        "num_frames",
+        frames,
+        1,
+        limits.max_num_frames,
+        " (Limits.max_num_frames, until a memory planner decides what fits)",
+    )
     return width, height, frames, area
 
 
-def _boundary(s: GenerateSettings, model: ModelConfig, band: float, num_steps: int,
-              budgets: dict[str, int], limits: Limits) -> Boundary:
+def _boundary(
+    s: GenerateSettings,
+    model: ModelConfig,
+    band: float,
+    num_steps: int,
+    budgets: dict[str, int],
+    limits: Limits,
+) -> Boundary:
     """The typed boundary; checked against the model wherever the grid does not matter."""
     moe = model.moe
     if budgets:
@@ -379,8 +404,11 @@ def _boundary(s: GenerateSettings, model: ModelConfig, band: float, num_steps: i
 
 
 def resolve_settings(
-    s: GenerateSettings, model: ModelConfig, limits: Limits | None = None,
-    *, image_size: tuple[int, int] | None = None,
+    s: GenerateSettings,
+    model: ModelConfig,
+    limits: Limits | None = None,
+    *,
+    image_size: tuple[int, int] | None = None,
 ) -> ResolvedSettings:
     """Validate `s` against `model` and `limits` (default `Limits.for_model(model)`) and fill in
     defaults; raise ValueError naming the field, the value and what is accepted.
@@ -406,19 +434,38 @@ def resolve_settings(
     sampler = model.scheduler.sampler if s.sampler is None else s.sampler
     if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    guidance = _per_expert("guidance", s.guidance, dict(zip(model.moe.expert_names, model.moe.guidance)), "scale")
-    step_cache = _per_expert("step_cache", s.step_cache or {}, dict.fromkeys(model.moe.expert_names, 0.0), "threshold")
+    guidance = _per_expert(
+        "guidance", s.guidance, dict(zip(model.moe.expert_names, model.moe.guidance)), "scale"
+    )
+    step_cache = _per_expert(
+        "step_cache", s.step_cache or {}, dict.fromkeys(model.moe.expert_names, 0.0), "threshold"
+    )
     band = model.moe.band if s.band is None else _number("band", s.band)
     if not 0.0 <= band < 0.5:
-        raise ValueError(f"band must lie in [0, 0.5) (a sigma half-width; 0 switches hard); got {band}")
+        raise ValueError(
+            f"band must lie in [0, 0.5) (a sigma half-width; 0 switches hard); got {band}"
+        )
     boundary = _boundary(s, model, band, num_steps, budgets, limits)
     seed = _integer("seed", s.seed, 0, MAX_SEED, " (2**63 - 1)")
     return ResolvedSettings(
-        prompt=prompt, negative_prompt=negative, width=width, height=height,
-        num_frames=num_frames, num_steps=num_steps, shift=float(shift), sampler=sampler,
-        guidance=guidance, boundary=boundary, band=float(band), steps_per_expert=budgets,
-        sigmas=sigmas, seed=seed, image=image, step_cache=step_cache, area=area,
-    )  # fmt: skip
+        prompt=prompt,
+        negative_prompt=negative,
+        width=width,
+        height=height,
+        num_frames=num_frames,
+        num_steps=num_steps,
+        shift=float(shift),
+        sampler=sampler,
+        guidance=guidance,
+        boundary=boundary,
+        band=float(band),
+        steps_per_expert=budgets,
+        sigmas=sigmas,
+        seed=seed,
+        image=image,
+        step_cache=step_cache,
+        area=area,
+    )
 
 
 def default_negative_prompt(model: ModelConfig) -> str:

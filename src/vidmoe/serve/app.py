@@ -36,16 +36,34 @@ def create_app(cfg: ServeConfig, *, load=None) -> FastAPI:
     config = model_config_for(cfg.model)
     store = JobStore(outputs / DB_NAME, max_queue=cfg.max_queue, max_attempts=cfg.max_attempts)
     if load is None:
-        load = functools.partial(load_pipeline, cfg.model, device=cfg.device, dtype=cfg.dtype,
-                                 residency=cfg.residency, attention=cfg.attention,
-                                 compile=cfg.compile)  # fmt: skip
+        load = functools.partial(
+            load_pipeline,
+            cfg.model,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            residency=cfg.residency,
+            attention=cfg.attention,
+            compile=cfg.compile,
+        )
     videos = outputs / "videos"
     limits = Limits.for_model(config, read_files=False, **cfg.limit_overrides())
-    state = ServeState(cfg=cfg, config=config, limits=limits, store=store,
-                       worker=Worker(store, _with_limits(load, limits), videos), videos=videos,
-                       uploads=outputs / "uploads")  # fmt: skip
-    app = FastAPI(title="vidmoe", version="1", lifespan=lifespan, docs_url=None,
-                  openapi_url=None, redoc_url=None)  # fmt: skip
+    state = ServeState(
+        cfg=cfg,
+        config=config,
+        limits=limits,
+        store=store,
+        worker=Worker(store, _with_limits(load, limits), videos),
+        videos=videos,
+        uploads=outputs / "uploads",
+    )
+    app = FastAPI(
+        title="vidmoe",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,
+        openapi_url=None,
+        redoc_url=None,
+    )
     app.state.serve, app.state.config = state, config
     app.include_router(api)
     app.include_router(pages)

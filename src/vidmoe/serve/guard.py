@@ -60,8 +60,11 @@ def check_token(request: Request, s: ServeState) -> None:
     scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
     right = hmac.compare_digest(given.strip().encode(), s.cfg.token.encode())
     if scheme.lower() != "bearer" or not right:
-        raise HTTPException(401, "missing or wrong token: send Authorization: Bearer <token>",
-                            headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        raise HTTPException(
+            401,
+            "missing or wrong token: send Authorization: Bearer <token>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 def check_origin(request: Request, s: ServeState) -> None:

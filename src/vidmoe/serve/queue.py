@@ -91,8 +91,10 @@ class JobStore:
             "WHERE status='running' AND cancel_requested=1",
             (time.time(),),
         )
-        error = (f"the server stopped during each of this job's {self.max_attempts} runs; "
-                 "it is not run again (resubmit it, perhaps smaller)")  # fmt: skip
+        error = (
+            f"the server stopped during each of this job's {self.max_attempts} runs; "
+            "it is not run again (resubmit it, perhaps smaller)"
+        )
         failed = self._write(
             "UPDATE jobs SET status='failed', finished=?, phase=NULL, error=? "
             "WHERE status='running' AND attempts>=?",
@@ -121,9 +123,15 @@ class JobStore:
                 db.execute(
                     "INSERT INTO jobs (id, status, request, settings, plan, created, num_steps) "
                     "VALUES (?, 'queued', ?, ?, ?, ?, ?)",
-                    (job_id, _dumps(request), _dumps(settings), _dumps(plan),
-                     time.time(), len(plan["steps"])),
-                )  # fmt: skip
+                    (
+                        job_id,
+                        _dumps(request),
+                        _dumps(settings),
+                        _dumps(plan),
+                        time.time(),
+                        len(plan["steps"]),
+                    ),
+                )
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -159,8 +167,9 @@ class JobStore:
             (step, _dumps(experts) if experts is not None else None, phase, job_id),
         )
 
-    def finish(self, job_id: str, status: str, *, timings: dict | None = None,
-               error: str | None = None) -> bool:  # fmt: skip
+    def finish(
+        self, job_id: str, status: str, *, timings: dict | None = None, error: str | None = None
+    ) -> bool:
         """Move a running job to done/failed/cancelled; False if it was not running."""
         assert status in FINISHED, status
         return bool(

@@ -21,9 +21,23 @@ from starlette.requests import Request
 
 from vidmoe.sampling.settings import GenerateSettings
 
-FIELDS = ("prompt", "negative_prompt", "width", "height", "num_frames", "num_steps", "shift",
-          "sampler", "guidance", "boundary", "steps_per_expert", "sigmas", "seed", "image",
-          "area")  # fmt: skip
+FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "width",
+    "height",
+    "num_frames",
+    "num_steps",
+    "shift",
+    "sampler",
+    "guidance",
+    "boundary",
+    "steps_per_expert",
+    "sigmas",
+    "seed",
+    "image",
+    "area",
+)
 _INTS = ("width", "height", "num_frames", "num_steps", "seed", "area")
 _STRINGS = ("prompt", "negative_prompt", "sampler")
 _JSON_KINDS = ("", "application/json")
@@ -72,9 +86,7 @@ def strict_json(text: str | bytes):
     """`json.loads` that refuses NaN, Infinity and numbers too large for a float (1e400)."""
 
     def constant(name: str):
-        raise ValueError(
-            f"{name} is not a number JSON allows (RFC 8259); send a finite number"
-        )
+        raise ValueError(f"{name} is not a number JSON allows (RFC 8259); send a finite number")
 
     def finite(text: str) -> float:
         value = float(text)
@@ -150,8 +162,14 @@ def _form_number(value: str, kind):
 
 def _describe(value) -> str:
     """A JSON value's type and a short rendering: "a string ('64')"."""
-    kinds = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
-             (list, "a list"), (dict, "an object"))  # fmt: skip
+    kinds = (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a number"),
+        (str, "a string"),
+        (list, "a list"),
+        (dict, "an object"),
+    )
     kind = next((name for t, name in kinds if isinstance(value, t)), type(value).__name__)
     shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
     return f"{kind} ({shown})"

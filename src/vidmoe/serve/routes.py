@@ -64,11 +64,15 @@ def check_request(s: ServeState, fields: dict, image_bytes: bytes | None) -> Che
     size = None if image is None else image.size
     resolved = resolve_settings(settings, s.config, s.limits, image_size=size)
     plan = plan_for(resolved, s.config)
-    memory = predict(s.config, s.memory_request(resolved.width, resolved.height, resolved.num_frames))
+    memory = predict(
+        s.config, s.memory_request(resolved.width, resolved.height, resolved.num_frames)
+    )
     if not s.memory_budget.fits(memory):  # refuse what would kill the server, before queueing
-        raise ValueError(f"this job needs about host {gb(memory.host_peak_bytes)}, device "
-                         f"{gb(memory.device_peak_bytes)} (predicted); this server has "
-                         f"{s.memory_budget.describe()}: use a smaller size or fewer frames")  # fmt: skip
+        raise ValueError(
+            f"this job needs about host {gb(memory.host_peak_bytes)}, device "
+            f"{gb(memory.device_peak_bytes)} (predicted); this server has "
+            f"{s.memory_budget.describe()}: use a smaller size or fewer frames"
+        )
     return Checked(fields=fields, resolved=resolved, plan=plan, image=image)
 
 
@@ -77,8 +81,9 @@ async def validated(request: Request, s: ServeState) -> Checked:
     try:
         fields, image_bytes = await read_body(request, s.cfg.max_upload_bytes)
         limiter = request.app.state.check_limiter  # one request checked at a time
-        return await anyio.to_thread.run_sync(check_request, s, fields, image_bytes,
-                                              limiter=limiter)  # fmt: skip
+        return await anyio.to_thread.run_sync(
+            check_request, s, fields, image_bytes, limiter=limiter
+        )
     except PayloadTooLarge as e:
         raise HTTPException(413, str(e)) from None
     except UnsupportedMediaType as e:
@@ -104,16 +109,23 @@ def finished_file(s: ServeState, job_id: str, suffix: str) -> Path:
 @api.post("/plan")
 async def plan_route(request: Request, s: State):
     c = await validated(request, s)
-    return {"plan": c.plan.to_dict()["steps"], "counts": c.plan.counts(),
-            "expert_names": list(c.plan.expert_names), "settings": c.resolved.to_dict(),
-            "summary": c.plan.summary()}  # fmt: skip
+    return {
+        "plan": c.plan.to_dict()["steps"],
+        "counts": c.plan.counts(),
+        "expert_names": list(c.plan.expert_names),
+        "settings": c.resolved.to_dict(),
+        "summary": c.plan.summary(),
+    }
 
 
 @api.post("/jobs", status_code=202)
 async def submit(request: Request, s: State):
     if s.worker.state == "error":
-        raise HTTPException(503, f"the model failed to load ({s.worker.load_error}); this "
-                                 "server cannot run jobs: restart it with a model that loads")  # fmt: skip
+        raise HTTPException(
+            503,
+            f"the model failed to load ({s.worker.load_error}); this "
+            "server cannot run jobs: restart it with a model that loads",
+        )
     c = await validated(request, s)
     job_id, fields, settings = new_job_id(), c.fields, c.resolved.to_dict()
     upload = s.uploads / f"{job_id}.png"
@@ -122,16 +134,22 @@ async def submit(request: Request, s: State):
         fields, settings = {**fields, "image": str(upload)}, {**settings, "image": str(upload)}
     request_fields = dataclasses.asdict(to_settings(fields, fields.get("image")))
     try:
-        await run_in_threadpool(s.store.submit, request_fields, settings, c.plan.to_dict(),
-                                job_id=job_id)  # fmt: skip
+        await run_in_threadpool(
+            s.store.submit, request_fields, settings, c.plan.to_dict(), job_id=job_id
+        )
     except (QueueFull, ValueError) as e:
         upload.unlink(missing_ok=True)
         if isinstance(e, ValueError):  # a value JSON cannot store strictly
             raise HTTPException(422, str(e)) from None
         return JSONResponse({"detail": str(e)}, 429, headers={"Retry-After": str(e.retry_after)})
     s.worker.notify()
-    return {"id": job_id, "status": "queued", "plan": c.plan.to_dict()["steps"],
-            "counts": c.plan.counts(), "settings": settings}  # fmt: skip
+    return {
+        "id": job_id,
+        "status": "queued",
+        "plan": c.plan.to_dict()["steps"],
+        "counts": c.plan.counts(),
+        "settings": settings,
+    }
 
 
 @api.get("/jobs")
@@ -144,8 +162,11 @@ def list_jobs(s: State, limit: int = 20, offset: int = 0, status: str | None = N
         raise HTTPException(422, f"status must be one of {', '.join(STATUSES)}; got {status!r}")
     jobs, total = s.store.list_jobs(limit=limit, offset=offset, status=status)
     nxt = offset + len(jobs) if offset + len(jobs) < total else None
-    return {"jobs": [safe_public(j, with_plan=False) for j in jobs], "total": total,
-            "next_offset": nxt}  # fmt: skip
+    return {
+        "jobs": [safe_public(j, with_plan=False) for j in jobs],
+        "total": total,
+        "next_offset": nxt,
+    }
 
 
 @api.get("/jobs/{job_id}")
@@ -168,9 +189,11 @@ def cancel_job(job_id: str, s: State):
 @api.get("/jobs/{job_id}/events")
 async def job_events(job_id: str, s: State):
     job_or_404(s, job_id)
-    return StreamingResponse(event_stream(s.store, job_id, s.cfg.event_interval),
-                             media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+    return StreamingResponse(
+        event_stream(s.store, job_id, s.cfg.event_interval),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @api.get("/jobs/{job_id}/video")
@@ -187,9 +210,15 @@ def job_settings(job_id: str, s: State):
 async def health(s: State):  # on the event loop: one small read, no wait for a thread
     counts = s.store.counts()
     status = {"error": "error", "loading": "loading"}.get(s.worker.state, "ok")
-    return {"status": status, "worker": s.worker.state, "load_error": s.worker.load_error,
-            "model": s.config.name, "queued": counts["queued"], "running": counts["running"],
-            "max_queue": s.cfg.max_queue}  # fmt: skip
+    return {
+        "status": status,
+        "worker": s.worker.state,
+        "load_error": s.worker.load_error,
+        "model": s.config.name,
+        "queued": counts["queued"],
+        "running": counts["running"],
+        "max_queue": s.cfg.max_queue,
+    }
 
 
 @api.get("/model")
@@ -197,8 +226,12 @@ def model(s: State):
     if not s.model_info:
         s.model_info.update(describe(s.config))
     source = s.worker.pipe.source if s.worker.pipe is not None else None
-    limits = {"max_steps": s.limits.max_steps, "max_num_frames": s.limits.max_num_frames,
-              "max_pixels": s.limits.max_pixels, "max_upload_bytes": s.cfg.max_upload_bytes}
+    limits = {
+        "max_steps": s.limits.max_steps,
+        "max_num_frames": s.limits.max_num_frames,
+        "max_pixels": s.limits.max_pixels,
+        "max_upload_bytes": s.cfg.max_upload_bytes,
+    }
     return {**s.model_info, "source": source, "limits": limits}
 
 

@@ -117,8 +117,14 @@ class ServeState:
 
         device = resolve_device(self.cfg.device)
         dtype = str(resolve_dtype(self.cfg.dtype, device)).removeprefix("torch.")
-        return MemoryRequest(width=width, height=height, num_frames=num_frames, dtype=dtype,
-                             residency=self.cfg.residency, device=device.type)  # fmt: skip
+        return MemoryRequest(
+            width=width,
+            height=height,
+            num_frames=num_frames,
+            dtype=dtype,
+            residency=self.cfg.residency,
+            device=device.type,
+        )
 
 
 def serve_state(request: Request) -> ServeState:

@@ -34,21 +34,31 @@ def safe_public(job: dict, *, with_plan: bool = True) -> dict:
         json.dumps(view, allow_nan=False)
         return view
     except (TypeError, KeyError, ValueError, AttributeError):
-        return {"id": job.get("id"), "status": job.get("status"),
-                "error": job.get("error") or "the stored job cannot be read"}  # fmt: skip
+        return {
+            "id": job.get("id"),
+            "status": job.get("status"),
+            "error": job.get("error") or "the stored job cannot be read",
+        }
 
 
 def public(job: dict, *, with_plan: bool = True) -> dict:
     """The API's view of a job row."""
     plan = job["plan"] or {"steps": [], "expert_names": []}
     out = {
-        "id": job["id"], "status": job["status"], "queue_position": job["queue_position"],
-        "progress": progress_of(job), "settings": job["settings"],
+        "id": job["id"],
+        "status": job["status"],
+        "queue_position": job["queue_position"],
+        "progress": progress_of(job),
+        "settings": job["settings"],
         "counts": {n: sum(n in s["experts"] for s in plan["steps"]) for n in plan["expert_names"]},
-        "created": job["created"], "started": job["started"], "finished": job["finished"],
-        "timings": job["timings"], "error": job["error"], "attempts": job["attempts"],
+        "created": job["created"],
+        "started": job["started"],
+        "finished": job["finished"],
+        "timings": job["timings"],
+        "error": job["error"],
+        "attempts": job["attempts"],
         "cancel_requested": job["cancel_requested"],
-    }  # fmt: skip
+    }
     if job["status"] == "done":
         out["video_url"] = f"/v1/jobs/{job['id']}/video"
         out["settings_url"] = f"/v1/jobs/{job['id']}/settings"
@@ -59,8 +69,12 @@ def public(job: dict, *, with_plan: bool = True) -> dict:
 
 def progress_of(job: dict) -> dict:
     """Steps done of all, the expert(s) at work now, and the phase (denoise, decode, write)."""
-    return {"step": job["step"], "num_steps": job["num_steps"], "experts": job["experts"],
-            "phase": job["phase"] if job["status"] == "running" else None}  # fmt: skip
+    return {
+        "step": job["step"],
+        "num_steps": job["num_steps"],
+        "experts": job["experts"],
+        "phase": job["phase"] if job["status"] == "running" else None,
+    }
 
 
 async def event_stream(store: JobStore, job_id: str, interval: float):
@@ -73,8 +87,15 @@ async def event_stream(store: JobStore, job_id: str, interval: float):
     last, quiet = None, 0.0
     while True:
         job = store.get(job_id)
-        view = finite({"id": job_id, "status": job["status"], "queue_position": job["queue_position"],
-                       "progress": progress_of(job), "error": job["error"]})  # fmt: skip
+        view = finite(
+            {
+                "id": job_id,
+                "status": job["status"],
+                "queue_position": job["queue_position"],
+                "progress": progress_of(job),
+                "error": job["error"],
+            }
+        )
         if view != last:
             if last is not None:
                 for step in missed_steps(job, view, last):
@@ -102,10 +123,21 @@ def missed_steps(job: dict, view: dict, last: dict) -> list[dict]:
     else:  # queued: none yet; decode/write: all of them
         sent = -1 if last["status"] == "queued" else p["step"] - 1
     steps = job["plan"].get("steps", []) if isinstance(job["plan"], dict) else []
-    return [{**view, "status": "running", "queue_position": None, "error": None,
-             "progress": {"step": k, "num_steps": job["num_steps"],
-                          "experts": steps[k]["experts"], "phase": "denoise"}}
-            for k in range(sent + 1, min(job["step"], len(steps)))]  # fmt: skip
+    return [
+        {
+            **view,
+            "status": "running",
+            "queue_position": None,
+            "error": None,
+            "progress": {
+                "step": k,
+                "num_steps": job["num_steps"],
+                "experts": steps[k]["experts"],
+                "phase": "denoise",
+            },
+        }
+        for k in range(sent + 1, min(job["step"], len(steps)))
+    ]
 
 
 def describe(config) -> dict:
@@ -115,18 +147,30 @@ def describe(config) -> dict:
     per_expert = expert_param_counts(config)
     moe, t, vae = config.moe, config.transformer, config.vae
     return {
-        "name": config.name, "model_type": t.model_type, "text_encoder": config.text_encoder,
+        "name": config.name,
+        "model_type": t.model_type,
+        "text_encoder": config.text_encoder,
         "experts": [{"name": n, "guidance": g} for n, g in zip(moe.expert_names, moe.guidance)],
         "boundaries": list(moe.boundaries),
-        "params": {"total": sum(per_expert.values()), "active": max(per_expert.values()),
-                   "per_expert": per_expert},
+        "params": {
+            "total": sum(per_expert.values()),
+            "active": max(per_expert.values()),
+            "per_expert": per_expert,
+        },
         "sizes": [list(s) for s in config.sizes] or None,
         "size_multiple": config.size_multiple,
         "default_size": list(config.default_size),
-        "frames": {"rule": f"{vae.temporal_stride}k+1", "temporal_stride": vae.temporal_stride,
-                   "default": config.default_num_frames},
-        "fps": config.fps, "samplers": list(SAMPLERS), "default_sampler": config.scheduler.sampler,
-        "default_steps": config.scheduler.num_steps, "default_shift": config.scheduler.shift,
+        "frames": {
+            "rule": f"{vae.temporal_stride}k+1",
+            "temporal_stride": vae.temporal_stride,
+            "default": config.default_num_frames,
+        },
+        "fps": config.fps,
+        "samplers": list(SAMPLERS),
+        "default_sampler": config.scheduler.sampler,
+        "default_steps": config.scheduler.num_steps,
+        "default_shift": config.scheduler.shift,
         "boundary_modes": ["release", "snr", "steps:N", "a sigma in (0, 1)"],
-        "needs_image": t.model_type == "i2v", "accepts_image": t.model_type != "t2v",
-    }  # fmt: skip
+        "needs_image": t.model_type == "i2v",
+        "accepts_image": t.model_type != "t2v",
+    }

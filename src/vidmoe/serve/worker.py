@@ -112,8 +112,12 @@ class Worker(threading.Thread):
                 raise JobCancelled(job_id)
             done = index + 1
             upcoming = steps[done]["experts"] if done < num_steps else None
-            self.store.progress(job_id, step=done, experts=upcoming,
-                                phase="denoise" if done < num_steps else "decode")  # fmt: skip
+            self.store.progress(
+                job_id,
+                step=done,
+                experts=upcoming,
+                phase="denoise" if done < num_steps else "decode",
+            )
 
         started = time.perf_counter()
         try:
@@ -140,7 +144,19 @@ class Worker(threading.Thread):
 
         t0 = time.perf_counter()
         timings = {**result.timings, "total": t0 - started}
-        record = {"id": job_id, "settings": result.settings.to_dict(), "model": self.pipe.source,
-                  "plan": result.plan.to_dict(), "trace": result.trace, "timings": timings}  # fmt: skip
-        publish_video(result.frames, record, self.videos_dir / f"{job_id}.mp4", fps=self.pipe.config.fps)
-        return {**timings, "write": time.perf_counter() - t0, "total": time.perf_counter() - started}
+        record = {
+            "id": job_id,
+            "settings": result.settings.to_dict(),
+            "model": self.pipe.source,
+            "plan": result.plan.to_dict(),
+            "trace": result.trace,
+            "timings": timings,
+        }
+        publish_video(
+            result.frames, record, self.videos_dir / f"{job_id}.mp4", fps=self.pipe.config.fps
+        )
+        return {
+            **timings,
+            "write": time.perf_counter() - t0,
+            "total": time.perf_counter() - started,
+        }

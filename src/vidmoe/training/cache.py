@@ -96,7 +96,10 @@ class _Clips:
             if self.source.captions == 1:
                 yield {"video": clip.video, "caption": clip.caption}  # (3, T, H, W)
             else:
-                yield {"video": clip.video, "captions": self.world.captions(i, self.source.captions)}
+                yield {
+                    "video": clip.video,
+                    "captions": self.world.captions(i, self.source.captions),
+                }
 
 
 def read_vae_folder(path: str | Path):
@@ -140,9 +143,11 @@ def load_cache_encoders(model: str | Path | None, vae: str | Path | None, device
         encoder.load_state_dict(state)
         encoder = encoder.to(device).eval().requires_grad_(False)
     text = build_text_encoder(
-        config.text_encoder, layout.text_encoder, device=device,
+        config.text_encoder,
+        layout.text_encoder,
+        device=device,
         max_length=config.transformer.text_len,
-    )  # fmt: skip
+    )
     return config, encoder, text
 
 
@@ -174,6 +179,12 @@ def build_cache(
     clips = _Clips(source, config)
     with torch.no_grad():
         return build_latent_cache(
-            clips, encoder, text, out_dir, text_len=config.transformer.text_len,
-            shard_size=shard_size, batch_size=batch_size, progress=progress,
-        )  # fmt: skip
+            clips,
+            encoder,
+            text,
+            out_dir,
+            text_len=config.transformer.text_len,
+            shard_size=shard_size,
+            batch_size=batch_size,
+            progress=progress,
+        )

@@ -119,7 +119,8 @@ class EMA:
         """Take the averages of `state` (onto `device`, the experts' device, when given)."""
         self.decay = state["decay"]
         self.shadow = {
-            n: {k: v.to(device, copy=True) for k, v in s.items()} for n, s in state["shadow"].items()
+            n: {k: v.to(device, copy=True) for k, v in s.items()}
+            for n, s in state["shadow"].items()
         }
 
     def expert_state(self, name: str, like: nn.Module) -> dict[str, torch.Tensor]:

@@ -32,13 +32,24 @@ LR_SCHEDULES = ("constant", "cosine")
 # Release module names: the attention q/k/v/o and FFN linears of every block (peft matches a
 # target against the end of a module name).
 DEFAULT_LORA_TARGETS = (
-    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
-    "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
-    "ffn.0", "ffn.2",
-)  # fmt: skip
+    "self_attn.q",
+    "self_attn.k",
+    "self_attn.v",
+    "self_attn.o",
+    "cross_attn.q",
+    "cross_attn.k",
+    "cross_attn.v",
+    "cross_attn.o",
+    "ffn.0",
+    "ffn.2",
+)
 # The LoRA keys of configs written before the [lora] table: top-level key -> key in [lora]
-OLD_LORA_KEYS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_targets": "targets",
-                 "lora_dropout": "dropout"}  # fmt: skip
+OLD_LORA_KEYS = {
+    "lora_rank": "rank",
+    "lora_alpha": "alpha",
+    "lora_targets": "targets",
+    "lora_dropout": "dropout",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,7 +236,7 @@ class TrainConfig:
             ("logit_std", self.logit_std > 0, "> 0"),
             ("caption_dropout", 0 <= self.caption_dropout <= 1, "in [0, 1]"),
             ("num_threads", self.num_threads >= 0, ">= 0 (0: torch's default)"),
-        )  # fmt: skip
+        )
         for name, ok, accepted in ranges:
             if not ok:
                 raise ValueError(f"{name} must be {accepted}; got {getattr(self, name)}")
@@ -270,10 +281,11 @@ class TrainConfig:
     def objective_options(self) -> ObjectiveOptions:
         """The optional objective terms of this run (`vidmoe.training.objective_terms`)."""
         return ObjectiveOptions(
-            band_training=self.band_training, temporal_weight=self.temporal_weight,
+            band_training=self.band_training,
+            temporal_weight=self.temporal_weight,
             specialisation_weight=self.specialisation_weight,
             specialisation_margin=self.specialisation_margin,
-        )  # fmt: skip
+        )
 
 
 def load_train_config(path: str | Path) -> TrainConfig:

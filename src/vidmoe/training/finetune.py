@@ -25,10 +25,17 @@ from vidmoe.models.transformer import WanTransformer
 from vidmoe.training.config import DEFAULT_LORA_TARGETS, LoraTrainConfig
 
 __all__ = [
-    "DEFAULT_LORA_TARGETS", "adapter_tensors", "add_lora", "check_same_architecture", "is_lora",
-    "load_init_experts", "load_trainable_state", "lora_config", "save_lora_adapters",
+    "DEFAULT_LORA_TARGETS",
+    "adapter_tensors",
+    "add_lora",
+    "check_same_architecture",
+    "is_lora",
+    "load_init_experts",
+    "load_trainable_state",
+    "lora_config",
+    "save_lora_adapters",
     "trainable_state",
-]  # fmt: skip
+]
 
 LORA_DIR, LORA_EMA_DIR = "lora", "lora_ema"
 ADAPTER_FILE, ADAPTER_CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
@@ -99,8 +106,13 @@ def add_lora(expert: nn.Module, lora: LoraTrainConfig) -> None:
     names = [n for n, _ in expert.named_modules()]
     unmatched = [t for t in lora.targets if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:
-        linears = sorted({n.split(".", 2)[-1] for n, m in expert.named_modules()
-                          if isinstance(m, nn.Linear) and n.startswith("blocks.0.")})  # fmt: skip
+        linears = sorted(
+            {
+                n.split(".", 2)[-1]
+                for n, m in expert.named_modules()
+                if isinstance(m, nn.Linear) and n.startswith("blocks.0.")
+            }
+        )
         raise ValueError(
             f"[lora] targets {unmatched} match no module of the expert; block modules: {linears}"
         )
@@ -152,9 +164,16 @@ def adapter_tensors(expert: nn.Module, shadow: Mapping[str, torch.Tensor] | None
 
 def _peft_metadata(lora: LoraTrainConfig, modules: list[str]) -> dict[str, Any]:
     """The LoraConfig fields diffusers and vidmoe read from `lora_adapter_metadata`."""
-    return {"r": lora.rank, "lora_alpha": lora.scale_alpha, "target_modules": sorted(modules),
-            "lora_dropout": lora.dropout, "bias": "none", "use_rslora": False, "use_dora": False,
-            "lora_bias": False}  # fmt: skip
+    return {
+        "r": lora.rank,
+        "lora_alpha": lora.scale_alpha,
+        "target_modules": sorted(modules),
+        "lora_dropout": lora.dropout,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+    }
 
 
 def save_lora_adapters(
@@ -196,8 +215,11 @@ def save_lora_adapters(
             tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b
         # vidmoe reads the alpha from this metadata; peft reads it from adapter_config.json
         peft_meta = json.dumps(_peft_metadata(lora, list(pairs)))
-        save_safetensors_atomic(tensors, folder / name / ADAPTER_FILE,
-                                metadata={"format": "pt", "lora_adapter_metadata": peft_meta})  # fmt: skip
+        save_safetensors_atomic(
+            tensors,
+            folder / name / ADAPTER_FILE,
+            metadata={"format": "pt", "lora_adapter_metadata": peft_meta},
+        )
         write_text_atomic(_adapter_config_json(lora, init), folder / name / ADAPTER_CONFIG_FILE)
 
         prefix = DIFFUSERS_PREFIXES[names.index(name)]
@@ -210,10 +232,16 @@ def save_lora_adapters(
     # diffusers reads each prefix's LoraConfig; all experts of a run share r and alpha, so the
     # experts not trained here get one too (vidmoe reads the `transformer.` one)
     trained = sorted({m for mods in targets.values() for m in mods})
-    meta = {f"{prefix}{k}": v for prefix in DIFFUSERS_PREFIXES[: len(names)]
-            for k, v in _peft_metadata(lora, targets.get(prefix, trained)).items()}  # fmt: skip
-    save_safetensors_atomic(combined, folder / DIFFUSERS_FILE,
-                            metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})  # fmt: skip
+    meta = {
+        f"{prefix}{k}": v
+        for prefix in DIFFUSERS_PREFIXES[: len(names)]
+        for k, v in _peft_metadata(lora, targets.get(prefix, trained)).items()
+    }
+    save_safetensors_atomic(
+        combined,
+        folder / DIFFUSERS_FILE,
+        metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)},
+    )
     return folder
 
 

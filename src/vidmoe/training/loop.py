@@ -76,8 +76,10 @@ class Trainer:
             for expert in self.experts.values():
                 expert.compile()  # in place: state_dict keys and the optimiser's params unchanged
         self.sigma_ranges = expert_ranges(cfg.moe, cfg.experts) if cfg.experts else None
-        groups = [{"params": [p for p in e.parameters() if p.requires_grad], "name": n}
-                  for n, e in self.experts.items()]  # fmt: skip
+        groups = [
+            {"params": [p for p in e.parameters() if p.requires_grad], "name": n}
+            for n, e in self.experts.items()
+        ]
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(cfg, s))
         self.ema = EMA(self.experts, cfg.ema_decay)
@@ -129,8 +131,9 @@ class Trainer:
     def save(self) -> Path:
         path = save_checkpoint(self.state_dict(), self.out_dir / CHECKPOINT_FILE)
         if self.cfg.lora.rank:  # the adapter files, raw and (when it is on) EMA
-            files = dict(lora=self.cfg.lora, expert_names=self.cfg.moe.expert_names,
-                         init=self.cfg.init)  # fmt: skip
+            files = dict(
+                lora=self.cfg.lora, expert_names=self.cfg.moe.expert_names, init=self.cfg.init
+            )
             finetune.save_lora_adapters(self.experts, self.out_dir / finetune.LORA_DIR, **files)
             if self.cfg.ema_decay > 0:
                 folder = self.out_dir / finetune.LORA_EMA_DIR
@@ -159,9 +162,14 @@ class Trainer:
         drop = torch.rand(b, generator=g) < cfg.caption_dropout  # (B,)
         text = torch.where(drop[:, None, None], self.data.empty_text, text)  # (B, S, D)
         sigma = sample_sigma(
-            b, kind=cfg.sigma_sampling, shift=cfg.sigma_shift, logit_mean=cfg.logit_mean,
-            logit_std=cfg.logit_std, generator=g, ranges=self.sigma_ranges,
-        )  # fmt: skip
+            b,
+            kind=cfg.sigma_sampling,
+            shift=cfg.sigma_shift,
+            logit_mean=cfg.logit_mean,
+            logit_std=cfg.logit_std,
+            generator=g,
+            ranges=self.sigma_ranges,
+        )
         noise = torch.randn(x0.shape, generator=g)  # (B, Z, F, H, W)
         # every draw above is made on the CPU, so any device sees the same numbers
         dev = self.device
@@ -258,8 +266,14 @@ def _summarise(window: list[dict], seconds: float) -> dict[str, Any]:
         if c
     }
     last = window[-1]
-    summary = {"step": last["step"], "loss": loss, "count": counts,
-               "grad_norm": last["grad_norm"], "lr": last["lr"], "seconds": round(seconds, 1)}  # fmt: skip
+    summary = {
+        "step": last["step"],
+        "loss": loss,
+        "count": counts,
+        "grad_norm": last["grad_norm"],
+        "lr": last["lr"],
+        "seconds": round(seconds, 1),
+    }
     terms = [r["terms"] for r in window if "terms" in r]  # optional objective terms: step mean
     if terms:
         summary["terms"] = {n: round(sum(t[n] for t in terms) / len(terms), 6) for n in terms[0]}

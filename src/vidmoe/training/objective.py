@@ -201,11 +201,15 @@ def flow_matching_loss(
             per_expert[name] = mse[idx].mean()
             objective.append(total[idx].mean())
     return ObjectiveOutput(
-        loss=torch.stack(objective).sum(), per_expert=per_expert, counts=counts,
-        sigma=sigma.detach(), sample_loss=mse.detach(), terms=terms,
+        loss=torch.stack(objective).sum(),
+        per_expert=per_expert,
+        counts=counts,
+        sigma=sigma.detach(),
+        sample_loss=mse.detach(),
+        terms=terms,
         band_count=int(in_band.sum()) if opts.band_training else 0,
         ran=tuple(moe.expert_names[k] for k in full),
-    )  # fmt: skip
+    )
 
 
 def _check_given(

@@ -48,8 +48,10 @@ class ObjectiveOptions:
                 "(e.g. 0.05) or band_training = false"
             )
         subset = experts and set(experts) != set(moe.expert_names)
-        for name, on in (("band_training", self.band_training),
-                         ("specialisation_weight", self.specialisation_weight)):  # fmt: skip
+        for name, on in (
+            ("band_training", self.band_training),
+            ("specialisation_weight", self.specialisation_weight),
+        ):
             if on and subset:
                 raise ValueError(
                     f"{name} runs experts on samples they do not own, so it needs every expert "

@@ -88,14 +88,17 @@ def parse_fields(
     check_keys(table, fields, path)
     hints = typing.get_type_hints(cls)
     missing = [
-        n for n, f in fields.items()
-        if n not in table and f.default is dataclasses.MISSING
+        n
+        for n, f in fields.items()
+        if n not in table
+        and f.default is dataclasses.MISSING
         and f.default_factory is dataclasses.MISSING
-    ]  # fmt: skip
+    ]
     if missing:
         named = [f"[{path}.{n}]" if path else f"[{n}]" for n in missing]
-        named = [f"{t} table" if _is_dataclass(hints[n]) else repr(n)
-                 for t, n in zip(named, missing)]  # fmt: skip
+        named = [
+            f"{t} table" if _is_dataclass(hints[n]) else repr(n) for t, n in zip(named, missing)
+        ]
         raise ValueError(f"{table_label(path)} lacks the required {', '.join(named)}")
     out = {}
     for key, value in table.items():
@@ -199,8 +202,14 @@ def describe(hint: Any) -> str:
 def _kind(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return f"a list of {len(value)}"
-    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-             dict: "a table", type(None): "null"}  # fmt: skip
+    kinds = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        dict: "a table",
+        type(None): "null",
+    }
     return kinds.get(type(value), type(value).__name__)
 
 

@@ -108,7 +108,9 @@ class VAETrainConfig:
                 f"got {self.crop}"
             )
         if self.num_threads < 0:
-            raise ValueError(f"num_threads must be >= 0 (0: torch's default); got {self.num_threads}")
+            raise ValueError(
+                f"num_threads must be >= 0 (0: torch's default); got {self.num_threads}"
+            )
         if not 0 <= self.stop_step <= self.max_steps:
             raise ValueError(
                 f"stop_step must be in [0, max_steps={self.max_steps}] (0: run to max_steps); "
@@ -217,9 +219,14 @@ def _world(cfg: VAETrainConfig, shapes: tuple[str, ...]):
     from vidmoe.world.shapes import ShapesWorld
 
     return ShapesWorld(
-        cfg.width, cfg.height, cfg.clip_frames, sizes=cfg.sizes, motions=cfg.motions,
-        shapes=shapes, seed=cfg.seed,
-    )  # fmt: skip
+        cfg.width,
+        cfg.height,
+        cfg.clip_frames,
+        sizes=cfg.sizes,
+        motions=cfg.motions,
+        shapes=shapes,
+        seed=cfg.seed,
+    )
 
 
 def _unit_scale(z_dim: int) -> tuple[Tensor, Tensor]:
@@ -283,10 +290,16 @@ def train_vae(
             records.append({"step": step, "seconds": round(time.time() - start, 1), **parts})
             log(json.dumps(records[-1]))
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == last):
-            state = {"config": identity, "step": step, "records": records,
-                     "vae": vae.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "world_rng": rng.bit_generator.state,
-                     "rng": rng_state()}  # fmt: skip
+            state = {
+                "config": identity,
+                "step": step,
+                "records": records,
+                "vae": vae.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "world_rng": rng.bit_generator.state,
+                "rng": rng_state(),
+            }
             save_checkpoint(state, ckpt_path)
     vae.eval()
     # the statistics are of the world's shapes drawn evenly, however the training drew them, so a

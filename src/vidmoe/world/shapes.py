@@ -349,9 +349,14 @@ def demo_world(vocabulary: str = "base") -> ShapesWorld:
     large object moving left, right, up or down, seed 1. Clip i of it is the i-th clip of every
     demo training cache; `vocabulary` picks the captions' motion phrasings."""
     return ShapesWorld(
-        64, 64, 17, motions=("left", "right", "up", "down"), sizes=("large",), seed=1,
+        64,
+        64,
+        17,
+        motions=("left", "right", "up", "down"),
+        sizes=("large",),
+        seed=1,
         vocabulary=vocabulary,
-    )  # fmt: skip
+    )
 
 
 class ShapesDataset(torch.utils.data.Dataset):
