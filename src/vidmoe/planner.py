@@ -40,15 +40,6 @@ ATTENTION_FACTOR = 6
 # every decoder level), plus a fixed part; fitted on the demo and tiny VAEs (docs/planner.md).
 VAE_DECODE_PER_PIXEL_DIM = 380
 VAE_DECODE_FIXED = 48 * MiB
-UMT5_XXL = dict(
-    vocab=256384,
-    dim=4096,
-    dim_attn=4096,
-    dim_ffn=10240,
-    num_heads=64,
-    num_layers=24,
-    num_buckets=32,
-)
 MINILM_PARAMS = 22_713_216  # all-MiniLM-L6-v2
 UNITS = {
     "b": 1,
@@ -217,7 +208,8 @@ def vae_bytes(config: ModelConfig) -> int:
 def text_encoder_bytes(kind: str) -> tuple[int, int]:
     """(weight bytes, activation bytes of encoding 2 prompts) of a text encoder by name."""
     if kind == "umt5-xxl":
-        h = UMT5_XXL
+        from vidmoe.models.text_encoder import UMT5_XXL_HPARAMS as h
+
         per_layer = 4 * h["dim"] * h["dim_attn"] + 3 * h["dim"] * h["dim_ffn"] + 2 * h["dim"]
         params = h["vocab"] * h["dim"] + h["num_layers"] * (
             per_layer + h["num_buckets"] * h["num_heads"]

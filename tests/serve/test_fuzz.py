@@ -88,6 +88,7 @@ def plausible(rng: random.Random, key: str):
         "sigmas": lambda: sorted((rng.random() for _ in range(rng.randint(0, 3))), reverse=True),
         "seed": lambda: rng.choice([0, 1, 2**32, 2**63 - 1, -5]),
         "image": lambda: rng.choice(["", "bm90IGFuIGltYWdl", "data:image/png;base64,xx"]),
+        "area": lambda: rng.choice([1024, 32 * 32, 0, -1, 921600]),
     }
     return choices[key]()
 

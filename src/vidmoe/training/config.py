@@ -23,6 +23,7 @@ from vidmoe.config import (
     normalize_expert_overrides,
 )
 from vidmoe.devices import check_device, resolve_device  # noqa: F401 (loop.py imports it here)
+from vidmoe.models.fp8 import BLOCK_LINEARS
 from vidmoe.models.transformer import warn_if_head_too_narrow
 from vidmoe.training.objective import SIGMA_SAMPLINGS, expert_ranges
 from vidmoe.training.objective_terms import ObjectiveOptions
@@ -31,18 +32,7 @@ from vidmoe.training.tables import parse_named_tables, parse_table
 LR_SCHEDULES = ("constant", "cosine")
 # Release module names: the attention q/k/v/o and FFN linears of every block (peft matches a
 # target against the end of a module name).
-DEFAULT_LORA_TARGETS = (
-    "self_attn.q",
-    "self_attn.k",
-    "self_attn.v",
-    "self_attn.o",
-    "cross_attn.q",
-    "cross_attn.k",
-    "cross_attn.v",
-    "cross_attn.o",
-    "ffn.0",
-    "ffn.2",
-)
+DEFAULT_LORA_TARGETS = tuple(n for n in BLOCK_LINEARS if not n.endswith("_img"))
 # The LoRA keys of configs written before the [lora] table: top-level key -> key in [lora]
 OLD_LORA_KEYS = {
     "lora_rank": "rank",
