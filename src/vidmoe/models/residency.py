@@ -194,13 +194,7 @@ class Swap(Residency):
     def activate(
         self, experts: Mapping[str, nn.Module], name: str, device: torch.device
     ) -> nn.Module:
-        if name != self.active:
-            if self.active is not None:
-                self.log.append((self.active, "evict"))
-                self.copies[self.active].evict()
-            self.log.append((name, "upload"))
-            self.copies[name].install(self.stream)
-            self.active = name
+        _switch(self, self.copies, name)
         return experts[name]
 
     def idle(self, experts: Mapping[str, nn.Module]) -> None:
@@ -335,13 +329,7 @@ class Blocks(Residency):
     def activate(
         self, experts: Mapping[str, nn.Module], name: str, device: torch.device
     ) -> nn.Module:
-        if name != self.active:
-            if self.active is not None:
-                self.log.append((self.active, "evict"))
-                self.rest[self.active].evict()
-            self.log.append((name, "upload"))
-            self.rest[name].install(self.stream)
-            self.active = name
+        _switch(self, self.rest, name)
         self.blocks[name][0].start(self.stream)
         return experts[name]
 
@@ -356,3 +344,16 @@ class Blocks(Residency):
 
 
 RESIDENCY: dict[str, type[Residency]] = {p.name: p for p in (Resident, Swap, Disk, Blocks)}
+
+
+def _switch(policy, held: Mapping, name: str) -> None:
+    """Make `name` the active expert of a policy that holds device copies in `held`: the active
+    one's copy leaves the device first, then `name`'s is installed (both logged)."""
+    if name == policy.active:
+        return
+    if policy.active is not None:
+        policy.log.append((policy.active, "evict"))
+        held[policy.active].evict()
+    policy.log.append((name, "upload"))
+    held[name].install(policy.stream)
+    policy.active = name
