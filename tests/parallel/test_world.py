@@ -1,0 +1,57 @@
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.parallel.spawn import run_ranks
+from vidmoe.parallel.world import Groups, Layout, World, world_from_env
+
+
+def test_world_from_env_reads_torchrun_variables():
+    assert world_from_env({}) == World()
+    w = world_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (w.rank, w.size, w.local_rank, w.is_main, w.distributed) == (3, 4, 1, False, True)
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"RANK": "0"}, "WORLD_SIZE, LOCAL_RANK missing"),
+        ({"RANK": "x", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK must be an integer"),
+        ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "rank 2 of world size 2"),
+    ],
+)
+def test_world_from_env_refuses_broken_sets(env, message):
+    with pytest.raises(ValueError, match=message):
+        world_from_env(env)
+
+
+def test_layout_checks_the_world_size_and_orders_ranks():
+    layout = Layout(ulysses=2, cfg=2, expert_groups=2)
+    with pytest.raises(ValueError, match="needs 8 processes .* world has 4"):
+        layout.check(World(rank=0, size=4))
+    assert [layout.coords(r) for r in range(8)] == [
+        (g, c, u) for g in range(2) for c in range(2) for u in range(2)
+    ]
+    assert all(layout.rank_of(*layout.coords(r)) == r for r in range(8))
+    with pytest.raises(ValueError, match="cfg is 1 or 2"):
+        Layout(cfg=3)
+    with pytest.raises(ValueError, match="ulysses must be a positive integer"):
+        Layout(ulysses=0)
+
+
+def _group_members(rank, size):
+    groups = Groups(Layout(ulysses=2, cfg=2), World(rank=rank, size=size, local_rank=rank))
+    # each group's members, found by summing one-hot rank vectors inside it
+    members = {}
+    for name in ("ulysses", "cfg"):
+        t = torch.zeros(size)
+        t[rank] = 1
+        dist.all_reduce(t, group=getattr(groups, name))
+        members[name] = t.nonzero().flatten().tolist()
+    return members
+
+
+def test_groups_on_four_gloo_processes(tmp_path):
+    got = run_ranks(_group_members, 4, tmp_path)
+    assert [m["ulysses"] for m in got] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [m["cfg"] for m in got] == [[0, 2], [1, 3], [0, 2], [1, 3]]
