@@ -12,6 +12,7 @@ Shape legend: B batch (cond + uncond), L video tokens, D width.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,10 @@ class StepCache:
     """Steps served from the cache since creation (for the trace and the benchmark)."""
     changes: list[float] = field(default_factory=list)
     """Relative change measured at each step (NaN where nothing could be compared)."""
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Under torchrun: sums a tensor over every rank that runs this expert's forwards (its
+    sequence and CFG ranks), so that all measure one change and skip the same steps (ranks that
+    skipped differently would wait on each other's all-to-all forever). None: one process."""
     _first: torch.Tensor | None = None
     _rest: torch.Tensor | None = None
     _steps: int = 0
@@ -50,15 +55,24 @@ class StepCache:
         self._first = self._rest = None
         self._steps = self._run = 0
 
-    def run(self, blocks, x: torch.Tensor, *args) -> torch.Tensor:
-        """The block stack on x (B, L, D), skipping all but the first block when allowed."""
+    def run(self, blocks, x: torch.Tensor, *args, tokens: int | None = None) -> torch.Tensor:
+        """The block stack on x (B, L, D), skipping all but the first block when allowed.
+
+        `tokens`: under sequence parallelism, how many of this rank's L tokens are real (the
+        rest is padding, left out of the change); needs `reduce`."""
+        if tokens is not None and self.reduce is None:
+            raise ValueError(
+                "a step cache on a sequence-parallel expert needs `reduce` (a sum over the ranks "
+                "that run it) so that every rank skips the same steps: let Pipeline.set_parallel "
+                "make the caches, or pass reduce="
+            )
         first = blocks[0](x, *args)  # (B, L, D)
         residual = first - x  # (B, L, D)
         if self._first is not None and self._first.shape != residual.shape:
             self.reset()
         change = float("nan")
         if self._first is not None:
-            change = ((residual - self._first).abs().mean() / self._first.abs().mean()).item()
+            change = self._change(residual, tokens)
         self.changes.append(change)
         self._steps += 1
         reuse = (
@@ -76,3 +90,12 @@ class StepCache:
             out = block(out, *args)  # (B, L, D)
         self._first, self._rest, self._run = residual, out - first, 0
         return out
+
+    def _change(self, residual: torch.Tensor, tokens: int | None) -> float:
+        """Relative L1 change of the first block's residual since the last full step."""
+        if self.reduce is None:
+            return ((residual - self._first).abs().mean() / self._first.abs().mean()).item()
+        now, then = residual[:, :tokens], self._first[:, :tokens]  # (B, L_real, D)
+        sums = torch.stack([(now - then).abs().sum(), then.abs().sum()]).double()  # (2,)
+        moved, size = self.reduce(sums).tolist()  # over every rank: the whole sequence and batch
+        return moved / size

@@ -30,6 +30,7 @@ from vidmoe.models.layers import (
     rope_angles,
     sinusoidal_embedding,
 )
+from vidmoe.parallel.ulysses import SequenceParallel, TokenShard, check_heads
 
 
 class SelfAttention(nn.Module):
@@ -37,6 +38,8 @@ class SelfAttention(nn.Module):
 
     attention_backend: str = "sdpa"
     """A key of ATTENTION_BACKENDS (models/attention.py); set by `WanTransformer.set_attention`."""
+    sequence_shard: TokenShard | None = None
+    """Ulysses: this rank's share of the sequence, set by `WanTransformer.forward` (None: all)."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -52,7 +55,12 @@ class SelfAttention(nn.Module):
         k = rearrange(self.norm_k(self.k(x)), "b l (n d) -> b l n d", **heads)  # (B, L, N, Dh)
         v = rearrange(self.v(x), "b l (n d) -> b l n d", **heads)  # (B, L, N, Dh)
         q, k = apply_rope(q, rope), apply_rope(k, rope)  # (B, L, N, Dh) fp32
+        shard = self.sequence_shard
+        if shard is not None:  # Ulysses: all heads of L/P tokens -> N/P heads of all L tokens
+            q, k, v = shard.heads_to_sequence(q.to(v.dtype), k.to(v.dtype), v)  # (B, L, N/P, Dh)
         out = attention(q, k, v, window, backend=self.attention_backend)  # (B, L, N, Dh)
+        if shard is not None:
+            out = shard.sequence_to_heads(out)  # (B, L/P, N, Dh)
         return self.o(rearrange(out, "b l n d -> b l (n d)"))  # (B, L, D)
 
 
@@ -152,6 +160,7 @@ class WanTransformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.use_checkpointing = False
+        self.sequence_parallel: SequenceParallel | None = None
         d = cfg.dim
         self.patch_embedding = PatchEmbedding(
             cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size
@@ -233,11 +242,17 @@ class WanTransformer(nn.Module):
         x = self.patch_embedding(x.to(dtype))  # (B, D, f, h, w)
         grid = tuple(x.shape[2:])
         x = rearrange(x, "b d f h w -> b (f h w) d").float()  # (B, L, D)
+        sp = self.sequence_parallel
+        shard = None if sp is None else sp.shard(x.shape[1])
+        if shard is not None:  # Ulysses: this rank keeps its L/P tokens until after the head
+            x = shard.split(x)  # (B, L/P, D)
 
         # parity: the release embeds timestep = 1000 * sigma
         timestep = sigma.to(x.device, torch.float64) * 1000
         if timestep.dim() == 1:
             timestep = timestep[:, None]  # (B, 1): one timestep shared by all tokens
+        elif shard is not None:
+            timestep = shard.split(timestep)  # (B, L/P): per-token sigma, sharded with the tokens
         t_emb = sinusoidal_embedding(timestep, cfg.freq_dim)  # (B, L|1, freq_dim)
         e = self.time_embedding(t_emb.to(dtype)).float()  # (B, L|1, D)
         if not isinstance(context, torch.Tensor) or context.shape[1] != cfg.text_len:
@@ -252,8 +267,13 @@ class WanTransformer(nn.Module):
         angles = rope_angles(grid, cfg.head_dim, device=x.device)  # (L, Dh/2)
         rope = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)  # (L, Dh/2)
         window = None if cfg.window_size == (-1, -1) else cfg.window_size
+        if shard is not None:
+            rope = shard.split(rope, dim=0)  # (L/P, Dh/2): each token keeps its true position
+        for block in self.blocks:
+            block.self_attn.sequence_shard = shard
         if cache is not None:
-            x = cache.run(self.blocks, x, e6, context, rope, window)  # (B, L, D)
+            tokens = None if shard is None else shard.num_real  # the metric skips the padding
+            x = cache.run(self.blocks, x, e6, context, rope, window, tokens=tokens)  # (B, L, D)
         elif self.use_checkpointing and self.training:
             for block in self.blocks:
                 x = checkpoint(block, x, e6, context, rope, window, use_reentrant=False)
@@ -261,10 +281,23 @@ class WanTransformer(nn.Module):
             for block in self.blocks:
                 x = block(x, e6, context, rope, window)  # (B, L, D)
         x = self.head(x, e)  # (B, L, p*q*r*C_out)
+        if shard is not None:
+            x = shard.gather(x)  # (B, L, p*q*r*C_out): every rank's tokens, padding dropped
         (p, q, r), (f, h, w) = cfg.patch_size, grid
         return rearrange(
             x, "b (f h w) (p q r c) -> b c (f p) (h q) (w r)", f=f, h=h, w=w, p=p, q=q, r=r
         )  # (B, C_out, F, H, W)
+
+    def set_sequence_parallel(self, group) -> None:
+        """Split every forward's tokens over the ranks of `group` (Ulysses: see
+        vidmoe.parallel.ulysses); None runs the whole sequence here again. Every rank of the group
+        must run the same forwards. A ValueError if the heads do not divide by the group size."""
+        if group is None:
+            self.sequence_parallel = None
+            return
+        sp = SequenceParallel.of(group)
+        check_heads(self.config.num_heads, sp.size)
+        self.sequence_parallel = sp
 
     def set_attention(self, backend: str, *, device: torch.device | str) -> str:
         """Run every attention of this expert with `backend` ('auto' picks; see

@@ -12,7 +12,7 @@ is a run of neighbouring ranks (on one node when it fits, where its all-to-alls 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -101,6 +101,18 @@ def start(
         world_size=world.size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+
+
+def sum_over(group) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function that returns a tensor summed over the ranks of `group` (None: the whole
+    world); e.g. `StepCache.reduce`, so that every rank that runs an expert measures alike."""
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+        return t
+
+    return reduce
 
 
 def stop() -> None:

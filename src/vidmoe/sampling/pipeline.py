@@ -87,6 +87,8 @@ class Pipeline:
         self.limits: Limits | None = None
         """Bounds on one request; None: `Limits.for_model(config)`."""
         self.adapters = AdapterSet(self.experts)
+        self.parallel = None
+        """The `vidmoe.parallel.world.Groups` this pipeline runs under (`set_parallel`)."""
         for expert in self.experts.values():
             expert.eval().requires_grad_(False)
         if vae is not None:
@@ -166,14 +168,40 @@ class Pipeline:
         """Restore the exact original weights; adapters stay loaded and run unfused."""
         self.adapters.unfuse()
 
+    # -- parallel inference (torchrun; docs/distributed.md) -------------------------------------
+    def set_parallel(self, groups) -> None:
+        """Run under a parallel layout (a `vidmoe.parallel.world.Groups`, made on every rank):
+        each expert's sequence split over `groups.ulysses`, cond and uncond over `groups.cfg`.
+        Every rank of the layout must then make the same `generate` calls. None: one process.
+        A ValueError if an expert's heads do not divide by the Ulysses size."""
+        for expert in self.experts.values():
+            expert.set_sequence_parallel(None if groups is None else groups.ulysses)
+        self.parallel = groups
+
+    def _step_caches(self, thresholds: Mapping[str, float]) -> dict[str, StepCache]:
+        """A step cache per expert with a threshold > 0; under a parallel layout each sums its
+        measure over the ranks that run the expert, so that all skip the same steps."""
+        reduce, groups = None, self.parallel
+        if groups is not None and groups.layout.cfg * groups.layout.ulysses > 1:
+            from vidmoe.parallel.world import sum_over
+
+            reduce = sum_over(groups.expert_group)
+        return {n: StepCache(threshold=t, reduce=reduce) for n, t in thresholds.items() if t > 0}
+
     def _velocity(
         self, name, x, sigma, cond, uncond, scale, c: Conditioning, cache: StepCache | None = None
     ) -> torch.Tensor:
-        """Guided velocity of one expert; cond and uncond run as one batch."""
+        """Guided velocity of one expert; cond and uncond run as one batch (CFG parallel: on
+        the two ranks of the pair)."""
         expert = self.experts.activate(name)
         sig = c.sigma_for(sigma, tuple(x.shape[2:]), expert.config.patch_size).to(self.device)
         y = c.y.to(self.device) if c.y is not None else None
         extra = {} if cache is None else {"cache": cache}
+        if self.parallel is not None and self.parallel.layout.cfg > 1:
+            from vidmoe.parallel.cfg import split_guided_velocity
+
+            pair = dict(cfg_rank=self.parallel.place.cfg_rank, group=self.parallel.cfg)
+            return split_guided_velocity(expert, x, sig, cond, uncond, scale, y=y, **pair, **extra)
         return guided_velocity(expert, x, sig, cond, uncond, scale, y=y, **extra)
 
     # -- generation --------------------------------------------------------------------------
@@ -223,7 +251,7 @@ class Pipeline:
         x = c.impose(x)
         plan = self._with_adapters(plan_for(rs, self.config))
         with _timed(timings, "denoise"):
-            caches = {n: StepCache(threshold=t) for n, t in rs.step_cache.items() if t > 0}
+            caches = self._step_caches(rs.step_cache)
             x, trace = self._denoise(
                 x, plan, rs.sampler, cond, uncond, c, progress, callback, caches
             )
