@@ -71,6 +71,8 @@ ATTENTION_HELP = (
 RESIDENCY_HELP = "resident, swap, blocks or disk (where the idle experts wait)."
 QUANTIZE_HELP = "fp8: e4m3 block weights; auto: fp8 only where a --memory-budget needs it."
 BUDGET_HELP = "host=24GB,device=24GB: pick the fastest policy that fits, or refuse (exit 2)."
+ULYSSES_HELP = "Sequence-parallel ranks per video (attention heads split by all-to-all); under torchrun (docs/distributed.md)."
+CFG_PARALLEL_HELP = "Run cond and uncond on different ranks (doubles the ranks); under torchrun."
 
 
 def _settings(
@@ -207,15 +209,50 @@ def _load(
     return pipe
 
 
-def _run(pipe, settings, *, quiet: bool):
+def _run(pipe, settings, *, quiet: bool, output: str = "frames"):
     import torch
 
     try:
-        return pipe.generate(settings, progress=not quiet)
+        return pipe.generate(settings, progress=not quiet, output=output)
     except (torch.OutOfMemoryError, MemoryError) as e:
         raise ValueError(
             f"out of memory while generating ({e}): try a smaller size, fewer frames or --residency swap"
         ) from e
+
+
+def _parallel_world(ulysses: int, cfg_parallel: bool):
+    """(world, layout): the processes torchrun started (os.environ) and the split asked for;
+    refused before any work when they do not fit."""
+    from vidmoe.parallel.world import Layout, world_from_env
+
+    world = world_from_env(os.environ)
+    layout = Layout(ulysses=ulysses, cfg=2 if cfg_parallel else 1)
+    if layout.size > 1 and not world.distributed:
+        flags = " ".join(
+            [f"--ulysses {ulysses}"] * (ulysses > 1) + ["--cfg-parallel"] * cfg_parallel
+        )
+        raise ValueError(
+            f"{flags} runs on {layout.size} processes and this is one: launch with `torchrun "
+            f"--nproc-per-node {layout.size} -m vidmoe generate ...` (docs/distributed.md)"
+        )
+    if world.distributed:
+        layout.check(world)
+    return world, layout
+
+
+def _join(world, layout, config, device: str) -> str:
+    """Check that every expert's heads split over the Ulysses ranks, then join the process
+    group; this rank's device (under torchrun on CUDA: its local GPU)."""
+    from vidmoe.parallel.ulysses import check_heads
+    from vidmoe.parallel.world import device_for, start
+
+    for name in config.moe.expert_names:
+        check_heads(config.transformer_for(name).num_heads, layout.ulysses)
+    if not world.distributed:
+        return device
+    dev = device_for(world, device)
+    start(world, dev)
+    return str(dev)
 
 
 def _publish(result, pipe, output: Path, *, recipe: str | None) -> None:
@@ -231,6 +268,11 @@ def _publish(result, pipe, output: Path, *, recipe: str | None) -> None:
     }
     if recipe:
         record["recipe"] = recipe
+    if pipe.parallel is not None:
+        record["parallel"] = {
+            **dataclasses.asdict(pipe.parallel.layout),
+            "world_size": pipe.parallel.world.size,
+        }
     publish_video(result.frames, record, output, fps=pipe.config.fps)
 
 
@@ -317,12 +359,19 @@ def generate(
     ),
     # -- the memory planner (vidmoe/planner.py) --
     memory_budget: str | None = typer.Option(None, "--memory-budget", help=BUDGET_HELP),
+    # -- parallel inference under torchrun (docs/distributed.md) --
+    ulysses: int = typer.Option(1, "--ulysses", help=ULYSSES_HELP),
+    cfg_parallel: bool = typer.Option(False, "--cfg-parallel", help=CFG_PARALLEL_HELP),
 ):
-    """Generate a video; writes OUTPUT (mp4) and OUTPUT.json (settings, plan, trace) together."""
+    """Generate a video; writes OUTPUT (mp4) and OUTPUT.json (settings, plan, trace) together.
+    Under torchrun every rank computes and rank 0 alone writes."""
     from vidmoe.io.video import check_video_path
+    from vidmoe.parallel.world import Groups, stop
 
     with _user_errors():
         check_video_path(output)  # before any work: a bad path must not cost a generation
+        world, layout = _parallel_world(ulysses, cfg_parallel)
+        quiet = quiet or not world.is_main  # one rank speaks
         check_device(device)
         if image is not None:
             check_image(image)
@@ -372,6 +421,7 @@ def generate(
                 )
         elif quantize == "auto":
             quantize = None  # auto quantises only where a memory budget needs it
+        device = _join(world, layout, config, device)
         pipe = _load(
             model,
             device=device,
@@ -386,7 +436,12 @@ def generate(
             attention=attention,
             compile=compile,
         )
-        result = _run(pipe, s, quiet=quiet)
+        if world.distributed:
+            pipe.set_parallel(Groups(layout, world))
+        result = _run(pipe, s, quiet=quiet, output="frames" if world.is_main else "latents")
+        stop()
+        if not world.is_main:
+            return
         _publish(result, pipe, output, recipe=recipe)
     t, h, w, _ = result.frames.shape
     typer.echo(

@@ -1,0 +1,73 @@
+"""`torchrun -m vidmoe generate --ulysses 2` end to end: two real processes, rank 0 alone writes
+the mp4 and its JSON (which records the layout), and the video is the single-process one; the
+flags without torchrun are one clear line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+import vidmoe
+from vidmoe.cli import app
+from vidmoe.io.video import read_video
+
+ARGS = ["a red circle", "-m", "tiny-t2v", "-f", "9", "-W", "64", "-H", "48", "-s", "3"]
+ARGS += ["--seed", "3", "--quiet"]
+
+
+def test_torchrun_ulysses_two_writes_once_the_single_process_video(tmp_path):
+    src = str(Path(vidmoe.__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": src}
+    env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    out = tmp_path / "par" / "clip.mp4"
+    r = subprocess.run(
+        [*torchrun, "--nproc-per-node", "2", "-m", "vidmoe", "generate", *ARGS]
+        + ["--ulysses", "2", "-o", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("wrote ") == 1  # rank 1 says nothing
+    assert sorted(p.name for p in out.parent.iterdir()) == ["clip.mp4", "clip.mp4.json"]
+    record = json.loads(out.with_name("clip.mp4.json").read_text())
+    assert record["parallel"] == {"ulysses": 2, "cfg": 1, "expert_groups": 1, "world_size": 2}
+
+    single = tmp_path / "one.mp4"
+    r1 = CliRunner().invoke(app, ["generate", *ARGS, "-o", str(single)])
+    assert r1.exit_code == 0, r1.output
+    assert "parallel" not in json.loads(single.with_name("one.mp4.json").read_text())
+    a, b = read_video(single)[0], read_video(out)[0]
+    assert a.shape == b.shape == (9, 48, 64, 3)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # fp32 to 1e-5: the same pixels
+
+
+def test_parallel_flags_without_torchrun_say_how_to_launch(tmp_path, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    r = CliRunner().invoke(
+        app,
+        ["generate", "x", "-m", "tiny-t2v", "--ulysses", "2", "--cfg-parallel"]
+        + ["-o", str(tmp_path / "a.mp4")],
+    )
+    assert r.exit_code == 2
+    assert "--ulysses 2 --cfg-parallel runs on 4 processes and this is one" in r.output
+    assert "torchrun --nproc-per-node 4 -m vidmoe generate" in r.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_heads_that_do_not_split_are_refused_before_loading(tmp_path, monkeypatch):
+    env = {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    r = CliRunner().invoke(
+        app, ["generate", "x", "-m", "tiny-t2v", "--ulysses", "3", "-o", str(tmp_path / "a.mp4")]
+    )
+    assert r.exit_code == 2
+    assert "has 4 heads, not divisible by 3: use --ulysses 1, 2, 4" in r.output
