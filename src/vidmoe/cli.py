@@ -71,6 +71,9 @@ ATTENTION_HELP = (
 RESIDENCY_HELP = "resident, swap, blocks or disk (where the idle experts wait)."
 QUANTIZE_HELP = "fp8: e4m3 block weights; auto: fp8 only where a --memory-budget needs it."
 BUDGET_HELP = "host=24GB,device=24GB: pick the fastest policy that fits, or refuse (exit 2)."
+SHARD_EXPERTS_HELP = (
+    "Under torchrun: each rank holds 1/N of every expert (FSDP2), gathering one block at a time."
+)
 
 
 def _settings(
@@ -180,6 +183,7 @@ def _load(
     files: dict | None = None,
     attention: str = "auto",
     compile: bool = False,
+    shard=None,
 ):
     """The pipeline with its LoRAs; a model that cannot be built is a user error."""
     from vidmoe.loading import load_pipeline
@@ -194,6 +198,7 @@ def _load(
             attention=attention,
             compile=compile,
             **(files or {}),
+            **({"shard": shard} if shard is not None else {}),
         )
     except (RuntimeError, MemoryError) as e:  # e.g. a config whose sizes cannot be allocated
         raise ValueError(f"cannot build the model {model or '(demo)'}: {e}") from e
@@ -317,11 +322,19 @@ def generate(
     ),
     # -- the memory planner (vidmoe/planner.py) --
     memory_budget: str | None = typer.Option(None, "--memory-budget", help=BUDGET_HELP),
+    # -- weights sharded over the torchrun ranks with FSDP2 (vidmoe.parallel.fsdp) --
+    shard_experts: bool = typer.Option(False, "--shard-experts", help=SHARD_EXPERTS_HELP),
+    shard_text_encoder: bool = typer.Option(
+        False, "--shard-text-encoder", help="With --shard-experts: shard the text encoder too."
+    ),
 ):
     """Generate a video; writes OUTPUT (mp4) and OUTPUT.json (settings, plan, trace) together."""
     from vidmoe.io.video import check_video_path
+    from vidmoe.parallel.launch import shard_run
 
-    with _user_errors():
+    shard = shard_run(os.environ, device, experts=shard_experts, text_encoder=shard_text_encoder)
+    with _user_errors(), shard as run:
+        quiet, device = quiet or not run.world.is_main, run.device  # rank 0 speaks and writes
         check_video_path(output)  # before any work: a bad path must not cost a generation
         check_device(device)
         if image is not None:
@@ -385,9 +398,13 @@ def generate(
             files=files,
             attention=attention,
             compile=compile,
+            shard=run.sharding,
         )
         result = _run(pipe, s, quiet=quiet)
-        _publish(result, pipe, output, recipe=recipe)
+        if run.world.is_main:
+            _publish(result, pipe, output, recipe=recipe)
+    if not run.world.is_main:
+        return
     t, h, w, _ = result.frames.shape
     typer.echo(
         f"wrote {output} ({t} frames, {w}x{h}, {pipe.config.fps} fps) in {sum(result.timings.values()):.1f}s"
