@@ -441,9 +441,20 @@ def plan(
     quantize: str | None = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
     memory_budget: str | None = typer.Option(None, "--memory-budget", help=BUDGET_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the plan and its memory as JSON."),
+    # -- memory per rank of a parallel run (vidmoe.parallel.memory) --
+    ulysses: int = typer.Option(1, "--ulysses", help="Ranks sharing one sequence (Ulysses)."),
+    cfg_parallel: bool = typer.Option(False, "--cfg-parallel", help="Cond and uncond on 2 ranks."),
+    expert_groups: int = typer.Option(1, "--expert-groups", help="Groups, one expert each."),
+    shard_experts: bool = typer.Option(False, "--shard-experts", help=SHARD_EXPERTS_HELP),
+    shard_text_encoder: bool = typer.Option(
+        False, "--shard-text-encoder", help="With --shard-experts: shard the text encoder too."
+    ),
 ):
     """Print the per-step plan (boundary, steps per expert, guidance) and the predicted memory."""
     import json
+
+    from vidmoe.parallel.memory import per_rank_memory
+    from vidmoe.parallel.world import Layout
 
     with _user_errors():
         s = _settings(
@@ -468,16 +479,26 @@ def plan(
             quantize=quantize,
             budget=memory_budget,
         )
-    if as_json:
-        typer.echo(
-            json.dumps(
-                {"plan": plan_.to_dict(), "settings": rs.to_dict(), "memory": memory.to_dict()},
-                indent=2,
+        layout = Layout(ulysses=ulysses, cfg=2 if cfg_parallel else 1, expert_groups=expert_groups)
+        per_rank = None
+        if layout.size > 1 or shard_experts or shard_text_encoder:
+            per_rank = per_rank_memory(
+                config,
+                memory.request,
+                layout,
+                shard_experts=shard_experts,
+                shard_text_encoder=shard_text_encoder,
             )
-        )
+    if as_json:
+        record = {"plan": plan_.to_dict(), "settings": rs.to_dict(), "memory": memory.to_dict()}
+        if per_rank is not None:
+            record["per_rank"] = per_rank.to_dict()
+        typer.echo(json.dumps(record, indent=2))
     else:
         typer.echo(plan_.summary())
         typer.echo(memory.summary())
+        if per_rank is not None:
+            typer.echo(per_rank.summary())
 
 
 def _memory(

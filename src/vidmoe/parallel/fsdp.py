@@ -143,7 +143,7 @@ def load_sharded_expert(
         config: the expert's `TransformerConfig`.
         tensors: a `TensorSource` under release names (`Layout.expert_tensors(name)`).
     """
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard
 
     from vidmoe.io.checkpoints import LoadReport
     from vidmoe.io.tensors import FP8Source
@@ -171,15 +171,22 @@ def load_sharded_expert(
         for name, target in targets.items():
             if name not in source:
                 continue
-            full = source[name]  # (one checkpoint tensor, read whole)
-            if isinstance(target, DTensor):
-                # src_data_rank=None: every rank cuts its own rows, no communication
-                rows = distribute_tensor(full, mesh, target.placements, src_data_rank=None)
-                target.to_local().copy_(rows.to_local())
+            if isinstance(target, DTensor) and tuple(target.placements) == (Shard(0),):
+                local = target.to_local()  # (rows of this rank, ...)
+                start, stop = _row_range(target.shape[0], mesh)
+                assert stop - start == local.shape[0], (name, start, stop, local.shape)
+                local.copy_(source.rows(name, start, stop))  # only these rows are read
             else:
-                target.copy_(full)
-            del full
+                target.copy_(source[name])
     return expert.eval().requires_grad_(False)
+
+
+def _row_range(num_rows: int, mesh: DeviceMesh) -> tuple[int, int]:
+    """This rank's rows of a dim-0 shard: `torch.chunk`'s split, as FSDP2 cuts (the last ranks
+    may get fewer rows, or none)."""
+    per = -(-num_rows // mesh.size())  # ceil
+    start = min(mesh.get_local_rank() * per, num_rows)
+    return start, min(start + per, num_rows)
 
 
 def shard_pipeline(pipe, mesh: DeviceMesh, *, text_encoder: bool = False):
