@@ -73,6 +73,9 @@ QUANTIZE_HELP = "fp8: e4m3 block weights; auto: fp8 only where a --memory-budget
 BUDGET_HELP = "host=24GB,device=24GB: pick the fastest policy that fits, or refuse (exit 2)."
 ULYSSES_HELP = "Sequence-parallel ranks per video (attention heads split by all-to-all); under torchrun (docs/distributed.md)."
 CFG_PARALLEL_HELP = "Run cond and uncond on different ranks (doubles the ranks); under torchrun."
+SHARD_EXPERTS_HELP = (
+    "Under torchrun: each rank holds 1/N of every expert (FSDP2), gathering one block at a time."
+)
 
 
 def _settings(
@@ -182,6 +185,7 @@ def _load(
     files: dict | None = None,
     attention: str = "auto",
     compile: bool = False,
+    shard=None,
 ):
     """The pipeline with its LoRAs; a model that cannot be built is a user error."""
     from vidmoe.loading import load_pipeline
@@ -196,6 +200,7 @@ def _load(
             attention=attention,
             compile=compile,
             **(files or {}),
+            **({"shard": shard} if shard is not None else {}),
         )
     except (RuntimeError, MemoryError) as e:  # e.g. a config whose sizes cannot be allocated
         raise ValueError(f"cannot build the model {model or '(demo)'}: {e}") from e
@@ -220,39 +225,30 @@ def _run(pipe, settings, *, quiet: bool, output: str = "frames"):
         ) from e
 
 
-def _parallel_world(ulysses: int, cfg_parallel: bool):
-    """(world, layout): the processes torchrun started (os.environ) and the split asked for;
-    refused before any work when they do not fit."""
-    from vidmoe.parallel.world import Layout, world_from_env
+def _parallel(
+    ulysses: int, cfg_parallel: bool, shard_experts: bool, shard_text_encoder: bool, device: str
+):
+    """The torchrun world of one generate (os.environ), joined for its duration; refused before
+    any work when the flags and the launch do not fit."""
+    from vidmoe.parallel.launch import parallel_run
+    from vidmoe.parallel.world import Layout
 
-    world = world_from_env(os.environ)
     layout = Layout(ulysses=ulysses, cfg=2 if cfg_parallel else 1)
-    if layout.size > 1 and not world.distributed:
-        flags = " ".join(
-            [f"--ulysses {ulysses}"] * (ulysses > 1) + ["--cfg-parallel"] * cfg_parallel
-        )
-        raise ValueError(
-            f"{flags} runs on {layout.size} processes and this is one: launch with `torchrun "
-            f"--nproc-per-node {layout.size} -m vidmoe generate ...` (docs/distributed.md)"
-        )
-    if world.distributed:
-        layout.check(world)
-    return world, layout
+    return parallel_run(
+        os.environ,
+        device,
+        layout,
+        shard_experts=shard_experts,
+        shard_text_encoder=shard_text_encoder,
+    )
 
 
-def _join(world, layout, config, device: str) -> str:
-    """Check that every expert's heads split over the Ulysses ranks, then join the process
-    group; this rank's device (under torchrun on CUDA: its local GPU)."""
+def _check_heads(config, ulysses: int) -> None:
+    """Every expert's heads must split over the Ulysses ranks (before anything loads)."""
     from vidmoe.parallel.ulysses import check_heads
-    from vidmoe.parallel.world import device_for, start
 
     for name in config.moe.expert_names:
-        check_heads(config.transformer_for(name).num_heads, layout.ulysses)
-    if not world.distributed:
-        return device
-    dev = device_for(world, device)
-    start(world, dev)
-    return str(dev)
+        check_heads(config.transformer_for(name).num_heads, ulysses)
 
 
 def _publish(result, pipe, output: Path, *, recipe: str | None) -> None:
@@ -362,16 +358,22 @@ def generate(
     # -- parallel inference under torchrun (docs/distributed.md) --
     ulysses: int = typer.Option(1, "--ulysses", help=ULYSSES_HELP),
     cfg_parallel: bool = typer.Option(False, "--cfg-parallel", help=CFG_PARALLEL_HELP),
+    # -- weights sharded over the torchrun ranks with FSDP2 (vidmoe.parallel.fsdp) --
+    shard_experts: bool = typer.Option(False, "--shard-experts", help=SHARD_EXPERTS_HELP),
+    shard_text_encoder: bool = typer.Option(
+        False, "--shard-text-encoder", help="With --shard-experts: shard the text encoder too."
+    ),
 ):
     """Generate a video; writes OUTPUT (mp4) and OUTPUT.json (settings, plan, trace) together.
     Under torchrun every rank computes and rank 0 alone writes."""
     from vidmoe.io.video import check_video_path
-    from vidmoe.parallel.world import Groups, stop
 
-    with _user_errors():
+    with (
+        _user_errors(),
+        _parallel(ulysses, cfg_parallel, shard_experts, shard_text_encoder, device) as run,
+    ):
+        quiet, device = quiet or not run.world.is_main, run.device  # rank 0 speaks and writes
         check_video_path(output)  # before any work: a bad path must not cost a generation
-        world, layout = _parallel_world(ulysses, cfg_parallel)
-        quiet = quiet or not world.is_main  # one rank speaks
         check_device(device)
         if image is not None:
             check_image(image)
@@ -421,7 +423,8 @@ def generate(
                 )
         elif quantize == "auto":
             quantize = None  # auto quantises only where a memory budget needs it
-        device = _join(world, layout, config, device)
+        _check_heads(config, ulysses)
+        run.join()
         pipe = _load(
             model,
             device=device,
@@ -435,14 +438,15 @@ def generate(
             files=files,
             attention=attention,
             compile=compile,
+            shard=run.sharding,
         )
-        if world.distributed:
-            pipe.set_parallel(Groups(layout, world))
-        result = _run(pipe, s, quiet=quiet, output="frames" if world.is_main else "latents")
-        stop()
-        if not world.is_main:
-            return
-        _publish(result, pipe, output, recipe=recipe)
+        if run.groups is not None:
+            pipe.set_parallel(run.groups)
+        result = _run(pipe, s, quiet=quiet, output="frames" if run.world.is_main else "latents")
+        if run.world.is_main:
+            _publish(result, pipe, output, recipe=recipe)
+    if not run.world.is_main:
+        return
     t, h, w, _ = result.frames.shape
     typer.echo(
         f"wrote {output} ({t} frames, {w}x{h}, {pipe.config.fps} fps) in {sum(result.timings.values()):.1f}s"
@@ -479,9 +483,20 @@ def plan(
     quantize: str | None = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
     memory_budget: str | None = typer.Option(None, "--memory-budget", help=BUDGET_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the plan and its memory as JSON."),
+    # -- memory per rank of a parallel run (vidmoe.parallel.memory) --
+    ulysses: int = typer.Option(1, "--ulysses", help="Ranks sharing one sequence (Ulysses)."),
+    cfg_parallel: bool = typer.Option(False, "--cfg-parallel", help="Cond and uncond on 2 ranks."),
+    expert_groups: int = typer.Option(1, "--expert-groups", help="Groups, one expert each."),
+    shard_experts: bool = typer.Option(False, "--shard-experts", help=SHARD_EXPERTS_HELP),
+    shard_text_encoder: bool = typer.Option(
+        False, "--shard-text-encoder", help="With --shard-experts: shard the text encoder too."
+    ),
 ):
     """Print the per-step plan (boundary, steps per expert, guidance) and the predicted memory."""
     import json
+
+    from vidmoe.parallel.memory import per_rank_memory
+    from vidmoe.parallel.world import Layout
 
     with _user_errors():
         s = _settings(
@@ -506,16 +521,26 @@ def plan(
             quantize=quantize,
             budget=memory_budget,
         )
-    if as_json:
-        typer.echo(
-            json.dumps(
-                {"plan": plan_.to_dict(), "settings": rs.to_dict(), "memory": memory.to_dict()},
-                indent=2,
+        layout = Layout(ulysses=ulysses, cfg=2 if cfg_parallel else 1, expert_groups=expert_groups)
+        per_rank = None
+        if layout.size > 1 or shard_experts or shard_text_encoder:
+            per_rank = per_rank_memory(
+                config,
+                memory.request,
+                layout,
+                shard_experts=shard_experts,
+                shard_text_encoder=shard_text_encoder,
             )
-        )
+    if as_json:
+        record = {"plan": plan_.to_dict(), "settings": rs.to_dict(), "memory": memory.to_dict()}
+        if per_rank is not None:
+            record["per_rank"] = per_rank.to_dict()
+        typer.echo(json.dumps(record, indent=2))
     else:
         typer.echo(plan_.summary())
         typer.echo(memory.summary())
+        if per_rank is not None:
+            typer.echo(per_rank.summary())
 
 
 def _memory(

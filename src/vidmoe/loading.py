@@ -96,6 +96,7 @@ def load_pipeline(
     attention: str = "auto",
     compile: bool = False,
     text_encoder_device: str | None = None,
+    shard=None,
 ) -> Pipeline:
     """Load a pipeline from a checkpoint (any supported layout), a preset name, or the demo model.
 
@@ -108,6 +109,8 @@ def load_pipeline(
     (any layout, see docs/checkpoints.md) on top of `model`, or without one (`model=None`).
     `attention` picks the attention backend of every expert ('auto', 'sdpa', 'flash', 'sage':
     models/attention.py); `compile` compiles each transformer block (regional torch.compile).
+    `shard` (a `vidmoe.parallel.fsdp.Sharding`, under torchrun) shards every expert (and the text
+    encoder) over the ranks with FSDP2; a checkpoint folder is then read shard by shard.
     """
     if quantize not in (None, "fp8"):
         raise ValueError(
@@ -119,6 +122,17 @@ def load_pipeline(
         device=dev, dtype=resolve_dtype(dtype, dev), residency=residency, text_encoder_device=te_dev
     )
     resolve_backend(attention, device=dev, dtype=placement.dtype)  # refuse before reading weights
+    if shard is not None:
+        from vidmoe.parallel.fsdp import check_shardable, load_sharded_pipeline
+
+        check_shardable(residency=residency, quantize=quantize, compile=compile)
+        files = (
+            dict(experts=experts, vae=vae, text_encoder=text_encoder)
+            if experts or vae is not None or text_encoder is not None
+            else None
+        )
+        pipe = load_sharded_pipeline(model, placement, shard, strict=strict, files=files)
+        return speed_up(pipe, attention=attention)
     if experts or vae is not None or text_encoder is not None:
         pipe = load_pipeline_from_files(
             model,

@@ -178,3 +178,24 @@ def test_load_into_materialised_module_copies_in_place():
     load_into(model, {k: v.double() for k, v in other.state_dict().items()})
     assert model.layers[0].weight is param and param.dtype == torch.float32
     assert torch.equal(param, other.layers[0].weight)
+
+
+def test_rows_read_only_the_rows_asked_for(tmp_path):
+    """A sharded load reads each rank's rows: every source gives `t[start:stop]`, clamped."""
+    tensors = {
+        "a": torch.randn(7, 3, 2).bfloat16(),
+        "b": torch.arange(10.0),
+        "c": torch.randn(5, 4),
+    }
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    write_sharded_safetensors(tensors, tmp_path / "sharded", max_shard_bytes=100)
+    sources = [
+        SafetensorsFile(tmp_path / "x.safetensors"),
+        open_tensors(tmp_path / "sharded"),
+        RenamedSource(SafetensorsFile(tmp_path / "x.safetensors"), str.upper),
+    ]
+    for source in sources:
+        for name, t in tensors.items():
+            key = name.upper() if isinstance(source, RenamedSource) else name
+            for start, stop in [(0, 3), (3, 7), (2, 2), (4, 100)]:
+                assert torch.equal(source.rows(key, start, stop), t[start:stop]), (key, start)

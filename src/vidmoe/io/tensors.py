@@ -45,6 +45,11 @@ class TensorSource(Mapping[str, torch.Tensor]):
     def nbytes(self, name: str) -> int:
         return self.dtype(name).itemsize * int(torch.Size(self.shape(name)).numel())
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor (dim 0); file sources read only those (a sharded
+        load reads each rank's rows)."""
+        return self[name][start:stop]
+
 
 class DictSource(TensorSource):
     """Tensors already in memory (a state dict), seen as a `TensorSource`."""
@@ -123,6 +128,24 @@ class SafetensorsFile(TensorSource):
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._header[name]["shape"])
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Read with `readinto`, not through the memory map: the pages stay in the shared page
+        cache and never count in this process's resident memory."""
+        if name not in self._header:
+            raise KeyError(name)
+        shape, dtype = self.shape(name), self.dtype(name)
+        if not shape:
+            return self[name]
+        stop = min(max(stop, start), shape[0])
+        out = torch.empty((stop - start, *shape[1:]), dtype=dtype)
+        if out.numel():
+            row_bytes = out[0].numel() * dtype.itemsize
+            with self.path.open("rb") as f:
+                head = int.from_bytes(f.read(8), "little")
+                f.seek(8 + head + self._header[name]["data_offsets"][0] + start * row_bytes)
+                f.readinto(out.view(-1).view(torch.uint8).numpy())
+        return out
+
     def dtype(self, name: str) -> torch.dtype:
         code = self._header[name]["dtype"]
         if code not in SAFETENSORS_DTYPES:
@@ -156,6 +179,9 @@ class ShardedSafetensors(TensorSource):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._where[name][name]
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._where[name].rows(name, start, stop)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -210,6 +236,9 @@ class RenamedSource(TensorSource):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.source[self._old[name]]
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.source.rows(self._old[name], start, stop)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._old)
@@ -404,6 +433,12 @@ class FP8Source(TensorSource):
         if name in self.fp8_weights:
             return self._stored(name)[0]
         return self._float(name, self.source[name])
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        plain = not name.endswith(_SCALE) and name not in self.fp8_weights
+        if plain and name not in self._scaled and self.source.dtype(name) not in FP8_DTYPES:
+            return self.source.rows(name, start, stop)  # a float tensor: read those rows only
+        return self[name][start:stop]
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name.endswith(_SCALE):
