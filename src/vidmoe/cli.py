@@ -333,7 +333,7 @@ def generate(
     area: str | None = typer.Option(
         None,
         "--area",
-        help="i2v: frame area W*H (e.g. 832*480); the size follows the image's "
+        help="i2v, ti2v with --image: frame area W*H (e.g. 832*480); the size follows the image's "
         "aspect ratio as in the release. Default: the model's width x height. Not with -W/-H.",
     ),
     # components from separate files (docs/checkpoints.md)

@@ -134,111 +134,147 @@ def load_pipeline(
         pipe = load_sharded_pipeline(model, placement, shard, strict=strict, files=files)
         return speed_up(pipe, attention=attention)
     if experts or vae is not None or text_encoder is not None:
-        pipe = load_pipeline_from_files(
+        pipe, files = _files_pipeline(
             model,
-            device=device,
-            dtype=dtype,
-            residency=residency,
+            placement,
             strict=strict,
             experts=experts,
             vae=vae,
             text_encoder=text_encoder,
             quantize=quantize,
         )
-        return speed_up(pipe, attention=attention, compile=compile)
-    model = _default_model(model)
-    if isinstance(model, str) and model in PRESETS:
-        pipe = build_random_pipeline(
-            model,
-            device=dev,
-            dtype=placement.dtype,
-            residency=residency,
-            text_encoder_device=te_dev,
-        )
-        if quantize == "fp8":
-            from vidmoe.models.fp8 import quantize_fp8_
+    else:
+        model = _default_model(model)
+        if isinstance(model, str) and model in PRESETS:
+            pipe, files = _preset_pipeline(model, placement, quantize=quantize), {}
+        elif residency == "disk":
+            pipe, files = _disk_pipeline(Path(model), placement, strict=strict, quantize=quantize)
+        else:
+            pipe, files = _folder_pipeline(Path(model), placement, strict=strict, quantize=quantize)
+    return _finish(pipe, files=files, quantize=quantize, attention=attention, compile=compile)
 
-            for expert in pipe.experts.values():
-                quantize_fp8_(expert)
-        return speed_up(pipe, attention=attention, compile=compile)
-    if residency == "disk":
-        pipe = _disk_pipeline(Path(model), placement, strict=strict, quantize=quantize)
-        return speed_up(pipe, attention=attention, compile=compile)
-    from vidmoe.io.checkpoints import load_components
 
-    # residency: the other policies keep idle experts in host RAM: load them there
-    c = load_components(
-        Path(model),
-        device=dev if residency == "resident" else "cpu",
-        dtype=placement.dtype,
-        strict=strict,
+def _finish(
+    pipe: Pipeline, *, files: dict[str, str], quantize: str | None, attention: str, compile: bool
+) -> Pipeline:
+    """The one tail of every load path: the text encoder placed, attention set, blocks compiled,
+    and what was loaded recorded in `pipe.source` (the run's JSON), with the same keys whatever
+    the path: its own (`path`/`layout`, or `preset`/`weights`), then `files` (component ->
+    file read), `residency`, `device`, `dtype`, `text_encoder_device`, `quantize`, `attention`
+    (expert -> backend) and `compile`."""
+    placement = pipe.experts.placement
+    _place_text_encoder(pipe.text_encoder, placement)
+    te_dev = placement.text_encoder_device
+    pipe.source.update(
+        files=files,
+        residency=placement.residency,
+        device=str(placement.device),
+        dtype=str(placement.dtype).removeprefix("torch."),
+        text_encoder_device=None if te_dev is None else str(te_dev),
         quantize=quantize,
     )
-    _place_text_encoder(c.text_encoder, placement)
-    experts = Experts(c.experts, c.config.moe, placement=placement)
-    pipe = Pipeline(c.config, experts, c.vae, c.text_encoder)
-    pipe.source = {"path": str(model), "layout": c.layout}
-    if quantize:
-        pipe.source["quantize"] = quantize
     return speed_up(pipe, attention=attention, compile=compile)
 
 
 def speed_up(pipe: Pipeline, *, attention: str = "auto", compile: bool = False) -> Pipeline:
-    """Set every expert's attention backend (recorded in `pipe.source` when not sdpa) and, with
-    `compile`, compile its blocks; once, at load."""
+    """Set every expert's attention backend and, with `compile`, compile its blocks; once, at
+    load. Recorded in `pipe.source`: `attention` (expert -> backend), `compile` ('blocks' or
+    None)."""
     chosen = {
         n: e.set_attention(attention, device=pipe.experts.device) for n, e in pipe.experts.items()
     }
-    if set(chosen.values()) != {"sdpa"}:
-        pipe.source["attention"] = chosen
     if compile:
         for expert in pipe.experts.values():
             expert.compile_blocks()
-        pipe.source["compile"] = "blocks"
+    pipe.source.update(attention=chosen, compile="blocks" if compile else None)
     return pipe
 
 
-def load_pipeline_from_files(
-    model: str | Path | None,
-    *,
-    device: str = "auto",
-    dtype: str | torch.dtype = "auto",
-    residency: str = "resident",
-    strict: bool = True,
-    experts: dict[str, str | Path] | None = None,
-    vae: str | Path | None = None,
-    text_encoder: str | Path | None = None,
-    quantize: str | None = None,
-) -> Pipeline:
-    """`load_pipeline` with components from separate files (`vidmoe.io.components`)."""
-    from vidmoe.io.components import load_components_from
+def layout_files(layout) -> dict[str, str]:
+    """Component -> the file (or folder) a layout reads it from: `expert.<name>`, `vae`, and
+    `text_encoder` when the model's encoder has weights of its own there."""
+    files = {f"expert.{n}": str(p) for n, p in layout.experts.items()}
+    if layout.vae is not None:
+        files["vae"] = str(layout.vae)
+    if layout.text_encoder is not None:
+        files["text_encoder"] = str(layout.text_encoder)
+    return files
 
-    dev = resolve_device(device)
-    placement = Placement(device=dev, dtype=resolve_dtype(dtype, dev), residency=residency)
+
+def _preset_pipeline(name: str, placement: Placement, *, quantize: str | None) -> Pipeline:
+    """A preset's architecture with random weights (`build_random_pipeline`), fp8 if asked."""
+    pipe = build_random_pipeline(
+        name,
+        device=placement.device,
+        dtype=placement.dtype,
+        residency=placement.residency,
+        text_encoder_device=placement.text_encoder_device,
+    )
+    if quantize == "fp8":
+        from vidmoe.models.fp8 import quantize_fp8_
+
+        for expert in pipe.experts.values():
+            quantize_fp8_(expert)
+    return pipe
+
+
+def _folder_pipeline(
+    path: Path, placement: Placement, *, strict: bool, quantize: str | None
+) -> tuple[Pipeline, dict[str, str]]:
+    """Every component from one checkpoint folder (or file) of any layout."""
+    from vidmoe.io.checkpoints import detect_layout, load_components
+
+    # residency: the other policies keep idle experts in host RAM: load them there
+    resident = placement.residency == "resident"
+    c = load_components(
+        path,
+        device=placement.device if resident else "cpu",
+        dtype=placement.dtype,
+        strict=strict,
+        quantize=quantize,
+    )
+    experts = Experts(c.experts, c.config.moe, placement=placement)
+    pipe = Pipeline(c.config, experts, c.vae, c.text_encoder)
+    pipe.source = {"path": str(path), "layout": c.layout}
+    return pipe, layout_files(detect_layout(path))
+
+
+def _files_pipeline(
+    model: str | Path | None,
+    placement: Placement,
+    *,
+    strict: bool,
+    experts: dict[str, str | Path] | None,
+    vae: str | Path | None,
+    text_encoder: str | Path | None,
+    quantize: str | None,
+) -> tuple[Pipeline, dict[str, str]]:
+    """Components from separate files (`vidmoe.io.components`) on top of a folder, a preset
+    or nothing; `files` names each component's file, the folder's for those not given."""
+    from vidmoe.io.components import load_components_from
+    from vidmoe.io.layouts import detect_layout
+
+    resident = placement.residency == "resident"
     c = load_components_from(
         model,
         experts=experts,
         vae=vae,
         text_encoder=text_encoder,
         strict=strict,
-        device=dev if residency == "resident" else "cpu",
+        device=placement.device if resident else "cpu",
         dtype=placement.dtype,
         quantize=quantize,
     )
     pipe = Pipeline(
         c.config, Experts(c.experts, c.config.moe, placement=placement), c.vae, c.text_encoder
     )
-    files = {
-        **{f"expert.{n}": str(p) for n, p in (experts or {}).items()},
-        **({"vae": str(vae)} if vae is not None else {}),
-        **({"text_encoder": str(text_encoder)} if text_encoder is not None else {}),
-    }
-    pipe.source = {
-        "path": str(model) if model is not None else None,
-        "layout": c.layout,
-        "files": files,
-    }
-    return pipe
+    folder = model is not None and not (isinstance(model, str) and model in PRESETS)
+    files = layout_files(detect_layout(model)) if folder else {}
+    files.update({f"expert.{n}": str(p) for n, p in (experts or {}).items()})
+    files.update({"vae": str(vae)} if vae is not None else {})
+    files.update({"text_encoder": str(text_encoder)} if text_encoder is not None else {})
+    pipe.source = {"path": str(model) if model is not None else None, "layout": c.layout}
+    return pipe, files
 
 
 def model_config_for_files(
@@ -257,7 +293,7 @@ def model_config_for_files(
 
 def _disk_pipeline(
     path: Path, placement: Placement, *, strict: bool, quantize: str | None = None
-) -> Pipeline:
+) -> tuple[Pipeline, dict[str, str]]:
     """Residency 'disk': each expert read (checked strictly) and released in turn, so host RAM
     never holds two; the experts' sources read them again when their phases come."""
     from vidmoe.io.checkpoints import detect_layout, load_expert, load_vae
@@ -300,7 +336,7 @@ def _disk_pipeline(
         text,
     )
     pipe.source = {"path": str(path), "layout": layout.kind}
-    return pipe
+    return pipe, layout_files(layout)
 
 
 def _place_text_encoder(text, placement: Placement) -> None:

@@ -368,7 +368,10 @@ def test_cli_generate_with_expert_files(tmp_path, official, new_high):
     )
     assert r.exit_code == 0, r.output
     record = json.loads(out.with_name("v.mp4.json").read_text())
-    assert record["model"]["files"] == {"expert.high_noise": str(path)}
+    files = record["model"]["files"]  # the file given, and the folder's for the rest
+    assert files["expert.high_noise"] == str(path)
+    assert files["expert.low_noise"].startswith(str(official / "low_noise_model"))
+    assert files["vae"] == str(official / "Wan2.1_VAE.pth")
     r = CliRunner().invoke(app, ["generate", "x", "--expert", "high_noise", "-o", str(out)])
     assert r.exit_code == 2 and "--expert takes NAME=FILE" in r.output
 

@@ -122,11 +122,11 @@ def test_i2v_needs_an_image_and_runs_with_one(image_file):
 def test_ti2v_keeps_the_first_latent_frame(image_file):
     pipe = build_random_pipeline("tiny-ti2v")
     r = pipe.generate("x", num_steps=3, image=image_file, output="latents")
-    from vidmoe.sampling.conditioning import load_image
+    from vidmoe.sampling.conditioning import load_image_cropped
 
-    first = pipe.vae.encode(
-        load_image(image_file, 64, 64).clamp(-1, 1)
-    )  # ti2v clamps; i2v does not
+    # the 56x40 image at 64*64 pixels: the release's ti2v rule picks 64x64, covered and cropped
+    assert (r.settings.width, r.settings.height, r.settings.area) == (64, 64, 4096)
+    first = pipe.vae.encode(load_image_cropped(image_file, 64, 64))
     torch.testing.assert_close(r.latents[:, :, :1], first, rtol=0, atol=0)
     assert r.latents.shape == (1, 48, 3, 4, 4)
 

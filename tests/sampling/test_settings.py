@@ -149,7 +149,8 @@ def test_bad_settings_are_refused_with_the_field_named(kwargs, message):
 )
 def test_one_boundary_forms_need_two_experts(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        resolve_settings(GenerateSettings(prompt="x", image="x.png", **kwargs), DENSE)
+        settings = GenerateSettings(prompt="x", image="x.png", **kwargs)
+        resolve_settings(settings, DENSE, image_size=(64, 64))  # ti2v sizes from the image
 
 
 def test_limits_scale_with_the_model_and_can_be_overridden():

@@ -5,7 +5,9 @@
   the known frames, concatenated to the noisy latents on channels (`y`). Without an explicit
   width and height the frame size follows the image (`release_i2v_size`), as the release's.
 - ti2v (5B): the first latent frame is replaced by the image latent after every step, and its
-  tokens get sigma = 0 (per-token noise levels).
+  tokens get sigma = 0 (per-token noise levels). Without an explicit width and height the frame
+  size follows the image (`release_ti2v_size`), and the image is scaled to cover the frame and
+  centre-cropped (`load_image_cropped`), as the release's.
 
 Shape legend: C latent channels, F/H/W latent frames/height/width, T video frames.
 """
@@ -73,18 +75,68 @@ def release_i2v_size(
     return lat_w * vae_stride, lat_h * vae_stride
 
 
-def load_image(path: str, width: int, height: int) -> torch.Tensor:
-    """Read an image, resize it (bicubic, unclamped) to (height, width): (1, 3, 1, H, W), the
-    pixels mapped to [-1, 1] (the resize may overshoot that range, as the release's does)."""
+def release_ti2v_size(image_size: tuple[int, int], area: int, multiple: int) -> tuple[int, int]:
+    """The release's ti2v frame size (width, height) for an image of `image_size` = (w, h): the
+    two sizes of at most `area` pixels with sides multiples of `multiple` (VAE stride x patch)
+    got by flooring the width first or the height first; the one whose aspect ratio is nearer
+    the image's (the height-first one on a tie).
+
+    parity: wan/utils/utils.py (2.2.11) `best_output_size`, term by term. Where the release
+    would divide by zero (an image so narrow that a side floors to 0) a side of 0 is returned,
+    which the caller refuses.
+    """
+    w, h = image_size
+    ratio = w / h
+    ow = (area * ratio) ** 0.5
+    oh = area / ow
+    ow1 = int(ow // multiple * multiple)  # width first
+    oh1 = int(area / ow1 // multiple * multiple) if ow1 else 0
+    oh2 = int(oh // multiple * multiple)  # height first
+    ow2 = int(area / oh2 // multiple * multiple) if oh2 else 0
+    if 0 in (ow1, oh1):
+        return ow1, oh1
+    if 0 in (ow2, oh2):
+        return ow2, oh2
+    ratio1, ratio2 = ow1 / oh1, ow2 / oh2
+    if max(ratio / ratio1, ratio1 / ratio) < max(ratio / ratio2, ratio2 / ratio):
+        return ow1, oh1
+    return ow2, oh2
+
+
+def _open_rgb(path: str):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        image = Image.open(path).convert("RGB")
+        return Image.open(path).convert("RGB")
     except (OSError, UnidentifiedImageError) as e:
         raise ValueError(f"cannot read image {path!r}: {e}") from e
+
+
+def _to_tensor(image) -> torch.Tensor:
+    """(3, h, w) float32 in [-1, 1] of an RGB PIL image."""
     # parity: torchvision's to_tensor (uint8 / 255) then .sub_(0.5).div_(0.5), in float32
     x = torch.from_numpy(np.array(image, np.uint8, copy=True)).permute(2, 0, 1)  # (3, h, w)
-    x = x.to(torch.float32).div(255).sub_(0.5).div_(0.5)
+    return x.to(torch.float32).div(255).sub_(0.5).div_(0.5)
+
+
+def load_image_cropped(path: str, width: int, height: int) -> torch.Tensor:
+    """Read an image, scale it (Lanczos, in uint8) to cover width x height and centre-crop it:
+    (1, 3, 1, H, W) in [-1, 1]. parity: wan/textimage2video.py (2.2.11) `i2v`."""
+    from PIL import Image
+
+    image = _open_rgb(path)
+    iw, ih = image.size
+    scale = max(width / iw, height / ih)
+    image = image.resize((round(iw * scale), round(ih * scale)), Image.LANCZOS)
+    x1, y1 = (image.width - width) // 2, (image.height - height) // 2
+    image = image.crop((x1, y1, x1 + width, y1 + height))
+    return _to_tensor(image)[None, :, None]  # (1, 3, 1, H, W)
+
+
+def load_image(path: str, width: int, height: int) -> torch.Tensor:
+    """Read an image, resize it (bicubic, unclamped) to (height, width): (1, 3, 1, H, W), the
+    pixels mapped to [-1, 1] (the resize may overshoot that range, as the release's does)."""
+    x = _to_tensor(_open_rgb(path))  # (3, h, w)
     # parity: the release resizes with bicubic and no clamp (overshoot reaches 1.25 on noise)
     x = F.interpolate(x[None], size=(height, width), mode="bicubic")  # (1, 3, H, W)
     return x[:, :, None]  # (1, 3, 1, H, W)
@@ -106,10 +158,8 @@ def i2v_condition(vae, image: torch.Tensor, num_frames: int) -> Conditioning:
 
 
 def ti2v_condition(vae, image: torch.Tensor) -> Conditioning:
-    """First-frame conditioning of ti2v: the clean first latent frame."""
-    # the release resizes ti2v images in uint8 (PIL, Lanczos), so its pixels stay in [-1, 1];
-    # ours are resized in float like i2v's, hence the clamp
-    image = image.clamp(-1, 1)
+    """First-frame conditioning of ti2v: the clean first latent frame of `image`
+    (`load_image_cropped`'s, already in [-1, 1]: the release does not clamp)."""
     return Conditioning(first_latent=vae.encode(image.to(vae_dtype(vae))))  # (1, C, 1, H, W)
 
 

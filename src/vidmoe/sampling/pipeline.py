@@ -20,7 +20,13 @@ from vidmoe.config import ModelConfig
 from vidmoe.models.moe import Experts, Placement
 from vidmoe.models.step_cache import StepCache
 from vidmoe.sampling.adapters import AdapterRecord, AdapterSet
-from vidmoe.sampling.conditioning import Conditioning, i2v_condition, load_image, ti2v_condition
+from vidmoe.sampling.conditioning import (
+    Conditioning,
+    i2v_condition,
+    load_image,
+    load_image_cropped,
+    ti2v_condition,
+)
 from vidmoe.sampling.guidance import guided_velocity
 from vidmoe.sampling.plan import Plan, StepPlan, plan_for, with_adapter_scales
 from vidmoe.sampling.schedules import timesteps_from_sigmas
@@ -375,7 +381,9 @@ class Pipeline:
         model_type = self.config.transformer.model_type
         if rs.image is None or model_type == "t2v":
             return Conditioning()
-        image = load_image(rs.image, rs.width, rs.height).to(self.device)
+        # i2v stretches the image to the frame, ti2v covers it and crops (each as its release)
+        load = load_image if model_type == "i2v" else load_image_cropped
+        image = load(rs.image, rs.width, rs.height).to(self.device)
         with self.experts.lend(self.vae):  # residency: the VAE leaves the device after
             if model_type == "i2v":
                 return i2v_condition(self.vae, image, rs.num_frames)

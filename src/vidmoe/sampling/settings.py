@@ -96,8 +96,9 @@ class GenerateSettings:
     first block's residual moved less than this (relative L1) reuses the other blocks' residual
     of the last full step (`models.step_cache.StepCache`)."""
     area: int | None = None
-    """Pixels per frame for an i2v model's size rule (the size then follows the image's aspect
-    ratio, as the release's); None: the model's default width x height. Not with width/height."""
+    """Pixels per frame for the size rule of an i2v model, or a ti2v model given an image (the
+    size then follows the image's aspect ratio, as the release's); None: the model's default
+    width x height. Not with width/height."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,8 +124,8 @@ class ResolvedSettings:
     step_cache: dict[str, float] = field(default_factory=dict)
     """Threshold per expert; 0: that expert runs every block at every step."""
     area: int | None = None
-    """The area an i2v size was derived from (with the image's aspect ratio); None when the
-    size is explicit or the model has no size rule."""
+    """The area an i2v or ti2v size was derived from (with the image's aspect ratio); None when
+    the size is explicit or the model has no size rule."""
 
     def to_dict(self) -> dict:
         """JSON-ready; the boundary in its string (or number) form."""
@@ -285,18 +286,30 @@ def _steps(s: GenerateSettings, model: ModelConfig, limits: Limits):
     return num_steps, {}, None
 
 
+def _sized_by_image(s: GenerateSettings, model: ModelConfig) -> bool:
+    """Whether the model takes its frame size from the image: i2v always, ti2v given one."""
+    model_type = model.transformer.model_type
+    return model_type == "i2v" or (model_type == "ti2v" and bool(s.image))
+
+
 def _area(s: GenerateSettings, model: ModelConfig) -> int | None:
-    """The area of an i2v model's size rule, or None where the size is explicit."""
+    """The area of an image-sized model's size rule, or None where the size is explicit."""
     if s.area is None:
         explicit = s.width is not None or s.height is not None
-        if explicit or model.transformer.model_type != "i2v":
+        if explicit or not _sized_by_image(s, model):
             return None
         return math.prod(model.default_size)  # the release's max_area: its --size's area
     area = _integer("area", s.area, 1)
-    if model.transformer.model_type != "i2v":
+    model_type = model.transformer.model_type
+    if model_type == "t2v":
         raise ValueError(
             f"area sets an image-to-video model's size from the image; {model.name} is a "
-            f"{model.transformer.model_type} model: give width and height instead"
+            f"{model_type} model: give width and height instead"
+        )
+    if not _sized_by_image(s, model):
+        raise ValueError(
+            f"area sets the size from the image, and {model.name} was given none: give an "
+            f"image, or width and height for text-to-video"
         )
     if s.width is not None or s.height is not None:
         raise ValueError(
@@ -319,12 +332,20 @@ def _area_name(area: int, model: ModelConfig) -> str:
 def _image_sized(
     s: GenerateSettings, model: ModelConfig, area: int, image_size: tuple[int, int] | None
 ) -> tuple[int, int]:
-    """(width, height) of the release's i2v size rule for the image (its header is read)."""
-    from vidmoe.sampling.conditioning import image_header_size, release_i2v_size
+    """(width, height) of the release's size rule for the image (its header is read): i2v's
+    (`release_i2v_size`) or ti2v's (`release_ti2v_size`)."""
+    from vidmoe.sampling.conditioning import (
+        image_header_size,
+        release_i2v_size,
+        release_ti2v_size,
+    )
 
     image_size = image_header_size(s.image) if image_size is None else image_size
     stride = model.vae.spatial_stride
-    width, height = release_i2v_size(image_size, area, stride, model.size_multiple // stride)
+    if model.transformer.model_type == "ti2v":
+        width, height = release_ti2v_size(image_size, area, model.size_multiple)
+    else:
+        width, height = release_i2v_size(image_size, area, stride, model.size_multiple // stride)
     if min(width, height) < model.size_multiple:
         iw, ih = image_size
         raise ValueError(
@@ -338,7 +359,8 @@ def _size(
     s: GenerateSettings, model: ModelConfig, limits: Limits, image_size: tuple[int, int] | None
 ) -> tuple[int, int, int, int | None]:
     """(width, height, num_frames, area), checked against the model and the limits; an i2v
-    model without an explicit size takes it from the image (`area` is then not None)."""
+    model, or a ti2v model given an image, without an explicit size takes it from the image
+    (`area` is then not None)."""
     area = _area(s, model)
     if area is not None:
         width, height = _image_sized(s, model, area, image_size)
@@ -413,7 +435,8 @@ def resolve_settings(
     """Validate `s` against `model` and `limits` (default `Limits.for_model(model)`) and fill in
     defaults; raise ValueError naming the field, the value and what is accepted.
 
-    An i2v model without an explicit width and height takes its size from the image: from
+    An i2v model (or a ti2v model given an image) without an explicit width and height takes
+    its size from the image: from
     `image_size` (width, height) when the caller has it (an upload not yet saved, a plan
     without an image), else from the header of the file `s.image`.
     """
