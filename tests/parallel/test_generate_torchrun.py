@@ -45,7 +45,9 @@ def test_torchrun_ulysses_two_writes_once_the_single_process_video(tmp_path):
     assert "parallel" not in json.loads(single.with_name("one.mp4.json").read_text())
     a, b = read_video(single)[0], read_video(out)[0]
     assert a.shape == b.shape == (9, 48, 64, 3)
-    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # fp32 to 1e-5: the same pixels
+    # the same latents to ~1e-7 (tests/parallel/test_ulysses.py); here usually the same bytes,
+    # but h264 can turn a one-level change of a pixel into tens of levels nearby
+    assert np.abs(a.astype(float) - b.astype(float)).mean() < 0.1
 
 
 def test_parallel_flags_without_torchrun_say_how_to_launch(tmp_path, monkeypatch):
