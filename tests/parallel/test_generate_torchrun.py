@@ -4,11 +4,13 @@ flags without torchrun are one clear line."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 import vidmoe
@@ -45,7 +47,9 @@ def test_torchrun_ulysses_two_writes_once_the_single_process_video(tmp_path):
     assert "parallel" not in json.loads(single.with_name("one.mp4.json").read_text())
     a, b = read_video(single)[0], read_video(out)[0]
     assert a.shape == b.shape == (9, 48, 64, 3)
-    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # fp32 to 1e-5: the same pixels
+    # the same latents to ~1e-7 (tests/parallel/test_ulysses.py); here usually the same bytes,
+    # but h264 can turn a one-level change of a pixel into tens of levels nearby
+    assert np.abs(a.astype(float) - b.astype(float)).mean() < 0.1
 
 
 def test_parallel_flags_without_torchrun_say_how_to_launch(tmp_path, monkeypatch):
@@ -62,12 +66,20 @@ def test_parallel_flags_without_torchrun_say_how_to_launch(tmp_path, monkeypatch
     assert not any(tmp_path.iterdir())
 
 
-def test_heads_that_do_not_split_are_refused_before_loading(tmp_path, monkeypatch):
-    env = {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
+@pytest.mark.parametrize(
+    "world_size, flags, message",
+    [
+        ("3", ["--ulysses", "3"], "has 4 heads, not divisible by 3: use --ulysses 1, 2, 4"),
+        ("4", ["--ulysses", "2"], "needs 2 processes .* but the world has 4"),
+    ],
+)
+def test_layouts_that_do_not_fit_are_refused_before_loading(
+    tmp_path, monkeypatch, world_size, flags, message
+):
+    for k, v in {"RANK": "0", "WORLD_SIZE": world_size, "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)  # as torchrun sets them; refused before joining a group
     r = CliRunner().invoke(
-        app, ["generate", "x", "-m", "tiny-t2v", "--ulysses", "3", "-o", str(tmp_path / "a.mp4")]
+        app, ["generate", "x", "-m", "tiny-t2v", *flags, "-o", str(tmp_path / "a.mp4")]
     )
     assert r.exit_code == 2
-    assert "has 4 heads, not divisible by 3: use --ulysses 1, 2, 4" in r.output
+    assert re.search(message, " ".join(r.output.split()))

@@ -128,7 +128,8 @@ def test_token_shard_splits_pads_and_counts():
     t = torch.arange(27.0)[None, :, None]  # (1, L, 1)
     assert shard.split(t).flatten().tolist() == list(range(7, 14))
     assert last.split(t).flatten().tolist() == [21, 22, 23, 24, 25, 26, 0]
-    assert shard.split(torch.ones(1, 1, 3)).shape == (1, 1, 3)  # shared by every token
+    rope = torch.arange(27.0)[:, None]  # (L, 1): split on dim 0
+    assert last.split(rope, dim=0).flatten().tolist() == [21, 22, 23, 24, 25, 26, 0]
 
 
 def test_heads_must_divide_by_the_ulysses_size():

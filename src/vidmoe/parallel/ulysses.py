@@ -78,10 +78,8 @@ class TokenShard:
         return max(0, min(self.local, self.num_tokens - self.rank * self.local))
 
     def split(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """This rank's tokens of a whole-sequence tensor (size L or 1 along `dim`; size 1 is
-        shared by every token and kept): L -> L/P, zero padding where the sequence runs out."""
-        if t.shape[dim] == 1:
-            return t
+        """This rank's tokens of a whole-sequence tensor: L -> L/P along `dim`, zero padding
+        where the sequence runs out."""
         start = self.rank * self.local
         mine = t.narrow(dim, start, max(0, min(self.local, t.shape[dim] - start)))
         if mine.shape[dim] == self.local:

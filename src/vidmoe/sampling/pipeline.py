@@ -19,6 +19,8 @@ from torch import nn
 from vidmoe.config import ModelConfig
 from vidmoe.models.moe import Experts, Placement
 from vidmoe.models.step_cache import StepCache
+from vidmoe.parallel.cfg import split_guided_velocity
+from vidmoe.parallel.world import Groups, sum_over
 from vidmoe.sampling.adapters import AdapterRecord, AdapterSet
 from vidmoe.sampling.conditioning import (
     Conditioning,
@@ -93,8 +95,8 @@ class Pipeline:
         self.limits: Limits | None = None
         """Bounds on one request; None: `Limits.for_model(config)`."""
         self.adapters = AdapterSet(self.experts)
-        self.parallel = None
-        """The `vidmoe.parallel.world.Groups` this pipeline runs under (`set_parallel`)."""
+        self.parallel: Groups | None = None
+        """The process groups this pipeline runs under (`set_parallel`); None: one process."""
         for expert in self.experts.values():
             expert.eval().requires_grad_(False)
         if vae is not None:
@@ -175,8 +177,8 @@ class Pipeline:
         self.adapters.unfuse()
 
     # -- parallel inference (torchrun; docs/distributed.md) -------------------------------------
-    def set_parallel(self, groups) -> None:
-        """Run under a parallel layout (a `vidmoe.parallel.world.Groups`, made on every rank):
+    def set_parallel(self, groups: Groups | None) -> None:
+        """Run under a parallel layout (its `Groups`, made on every rank, docs/distributed.md):
         each expert's sequence split over `groups.ulysses`, cond and uncond over `groups.cfg`.
         Every rank of the layout must then make the same `generate` calls. None: one process.
         A ValueError if an expert's heads do not divide by the Ulysses size."""
@@ -189,8 +191,6 @@ class Pipeline:
         measure over the ranks that run the expert, so that all skip the same steps."""
         reduce, groups = None, self.parallel
         if groups is not None and groups.layout.cfg * groups.layout.ulysses > 1:
-            from vidmoe.parallel.world import sum_over
-
             reduce = sum_over(groups.expert_group)
         return {n: StepCache(threshold=t, reduce=reduce) for n, t in thresholds.items() if t > 0}
 
@@ -204,8 +204,6 @@ class Pipeline:
         y = c.y.to(self.device) if c.y is not None else None
         extra = {} if cache is None else {"cache": cache}
         if self.parallel is not None and self.parallel.layout.cfg > 1:
-            from vidmoe.parallel.cfg import split_guided_velocity
-
             pair = dict(cfg_rank=self.parallel.place.cfg_rank, group=self.parallel.cfg)
             return split_guided_velocity(expert, x, sig, cond, uncond, scale, y=y, **pair, **extra)
         return guided_velocity(expert, x, sig, cond, uncond, scale, y=y, **extra)
