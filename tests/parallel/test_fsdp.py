@@ -28,6 +28,11 @@ def _sharded_preset_and_cli(rank, size, cli_args):
     local = {n: local_numel(e) for n, e in pipe.experts.items()}
     local["text"] = local_numel(pipe.text_encoder.model)
     latents = pipe.generate("a red circle", **GEN).latents
+    try:
+        pipe.load_lora("adapter.safetensors")  # refused before the file is looked at
+        lora_error = ""
+    except ValueError as e:
+        lora_error = str(e)
     # the same world runs the CLI next (one spawn for both: starting processes is the cost)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank))
     r = CliRunner().invoke(app, cli_args)
@@ -37,6 +42,7 @@ def _sharded_preset_and_cli(rank, size, cli_args):
         "local": local,
         "source": pipe.source["shard"],
         "cli": (r.exit_code, r.output),
+        "lora": lora_error,
     }
 
 
@@ -58,6 +64,7 @@ def test_sharded_experts_and_text_encoder_match_one_process(tmp_path):
     for rank in got:
         assert torch.equal(rank["latents"], ref)  # bit-identical: the same math, gathered
         assert rank["source"] == {"experts": "fsdp2", "ranks": 2, "text_encoder": "fsdp2"}
+        assert "LoRA adapters cannot attach to experts sharded" in rank["lora"]
     for name, whole in got[0]["whole"].items():
         held = [rank["local"][name] for rank in got]
         assert sum(held) == whole  # the shards partition the weights

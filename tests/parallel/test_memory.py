@@ -98,7 +98,7 @@ def test_plan_prints_per_rank_memory_as_json():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is read from /proc")
 def test_two_rank_sharded_peak_rss_matches_the_prediction(tmp_path):
-    """A 2 x 34M-parameter float32 model, written as a checkpoint folder, sharded over 2 CPU
+    """A 2 x 36M-parameter float32 model, written as a checkpoint folder, sharded over 2 CPU
     ranks: each rank's measured peak within 15% of the predicted one."""
     from vidmoe.io.writers import write_vidmoe_layout
     from vidmoe.loading import build_random_pipeline

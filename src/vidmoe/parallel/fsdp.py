@@ -197,9 +197,8 @@ def shard_pipeline(pipe, mesh: DeviceMesh, *, text_encoder: bool = False):
     check_shardable(residency=pipe.residency)
     if pipe.adapters.records:
         raise ValueError(
-            "--shard-experts cannot shard experts that carry LoRA adapters: load the LoRA after "
-            "sharding is not supported; fuse it into a converted checkpoint (`vidmoe convert`) "
-            "or run without --shard-experts"
+            "--shard-experts cannot shard experts that carry LoRA adapters (FSDP2 would manage "
+            "the adapters' layers too): merge the LoRA into a checkpoint first, or run unsharded"
         )
     for expert in pipe.experts.values():
         if not _is_sharded(expert):

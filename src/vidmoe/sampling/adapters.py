@@ -72,8 +72,15 @@ class AdapterSet:
             name: the adapter's name (default: the file's stem); unique per pipeline.
             strict: raise when tensors match no module (False: warn and skip them).
         """
+        from torch.distributed.fsdp import FSDPModule
+
         from vidmoe.io.lora_formats import read_lora
 
+        if any(isinstance(e, FSDPModule) for e in self.experts.values()):
+            raise ValueError(
+                "LoRA adapters cannot attach to experts sharded with --shard-experts (FSDP2 "
+                "manages their layers): merge the LoRA into a checkpoint first, or run unsharded"
+            )
         if expert is not None:
             self._check_expert(expert)
         per_expert = dict(strength) if isinstance(strength, Mapping) else None
