@@ -71,6 +71,16 @@ ATTENTION_HELP = (
 RESIDENCY_HELP = "resident, swap, blocks or disk (where the idle experts wait)."
 QUANTIZE_HELP = "fp8: e4m3 block weights; auto: fp8 only where a --memory-budget needs it."
 BUDGET_HELP = "host=24GB,device=24GB: pick the fastest policy that fits, or refuse (exit 2)."
+PROMPTS_HELP = (
+    "A prompts file: text (one prompt per line, # comments) or JSONL (prompt plus any setting, "
+    "and a name, per line); the other options are every line's defaults; -o is then a folder. "
+    "Finished videos are skipped on restart; exit 1 if any line failed. Under torchrun the "
+    "lines are split across ranks."
+)
+EXPERT_GROUPS_HELP = (
+    "Under torchrun: 2 puts the high-noise expert on one group of ranks and the low-noise "
+    "expert on another, and pipelines the --prompts lines through them."
+)
 
 
 def _settings(
@@ -220,17 +230,10 @@ def _run(pipe, settings, *, quiet: bool):
 
 def _publish(result, pipe, output: Path, *, recipe: str | None) -> None:
     """Write OUTPUT and OUTPUT.json together (the old pair or the new one, never a mix)."""
+    from vidmoe.batch import run_record
     from vidmoe.io.video import publish_video
 
-    record = {
-        "settings": result.settings.to_dict(),
-        "model": pipe.source,
-        "plan": result.plan.to_dict(),
-        "trace": result.trace,
-        "timings": result.timings,
-    }
-    if recipe:
-        record["recipe"] = recipe
+    record = run_record(result, pipe.source, recipe=recipe)
     publish_video(result.frames, record, output, fps=pipe.config.fps)
 
 
@@ -317,12 +320,17 @@ def generate(
     ),
     # -- the memory planner (vidmoe/planner.py) --
     memory_budget: str | None = typer.Option(None, "--memory-budget", help=BUDGET_HELP),
+    # -- batch generation and expert-pipelined groups (vidmoe/batch.py, docs/distributed.md) --
+    prompts: Path | None = typer.Option(None, "--prompts", help=PROMPTS_HELP),
+    expert_groups: int = typer.Option(1, "--expert-groups", help=EXPERT_GROUPS_HELP),
 ):
-    """Generate a video; writes OUTPUT (mp4) and OUTPUT.json (settings, plan, trace) together."""
+    """Generate a video; writes OUTPUT (mp4) and OUTPUT.json (settings, plan, trace) together.
+    With --prompts FILE, generate one video per line into the folder OUTPUT."""
     from vidmoe.io.video import check_video_path
 
     with _user_errors():
-        check_video_path(output)  # before any work: a bad path must not cost a generation
+        if prompts is None:
+            check_video_path(output)  # before any work: a bad path must not cost a generation
         check_device(device)
         if image is not None:
             check_image(image)
@@ -350,6 +358,25 @@ def generate(
             s = dataclasses.replace(s, area=parse_area(area))
         loras = [parse_lora_spec(item) for item in lora or []]
         files = _component_files(expert, vae, text_encoder)
+        if prompts is not None:
+            from vidmoe.cli_batch import run_batch
+
+            load = dict(device=device, dtype=dtype, residency=residency, loras=loras)
+            load |= dict(lora_strict=lora_strict, fuse_lora=fuse_lora, quiet=quiet)
+            load |= dict(quantize=quantize, files=files, attention=attention, compile=compile)
+            ok = run_batch(
+                prompts=prompts,
+                prompt=prompt,
+                defaults=s,
+                model=model,
+                output=output,
+                expert_groups=expert_groups,
+                memory_budget=memory_budget,
+                recipe=recipe,
+                load=load,
+                loader=_load,
+            )
+            raise typer.Exit(0 if ok else 1)
         plan_, rs, config = _plan(s, model, files=files, full=True)
         if not quiet:
             typer.echo(plan_.summary())
