@@ -120,6 +120,10 @@ def test_cli_batch_exit_status_and_summary(tmp_path):
     assert "line 1: seed must be an integer >= 0" in r.output
     r = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "v.mp4")])
     assert r.exit_code == 2 and "-o names a folder" in r.output
+    r = CliRunner().invoke(app, [*args, "--expert-groups", "2"])  # one process, no torchrun
+    assert r.exit_code == 2 and "needs 2 processes" in r.output
+    r = CliRunner().invoke(app, ["generate", "x", "-m", "tiny-t2v", "--expert-groups", "2"])
+    assert r.exit_code == 2 and "give --prompts FILE" in r.output
 
 
 def test_batch_outputs_are_the_single_video_outputs(pipe, tmp_path):

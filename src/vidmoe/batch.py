@@ -230,7 +230,7 @@ def generate_batch(
                 log(f"line {job.line}: {error}")
     mine = [c for c in checked if c[0].index % world.size == world.rank]
     outcomes = []
-    for job, rs, error in _bar(mine, progress, world):
+    for job, rs, error in progress_bar(mine, progress, world):
         outcomes.append(_run_job(pipe, job, rs, error, Path(out_dir), recipe, world.rank))
     return finish_batch(outcomes, out_dir, world)
 
@@ -284,7 +284,8 @@ def finish_batch(outcomes: list[Outcome], out_dir: str | Path, world: World) -> 
     return report
 
 
-def _bar(items: list, enabled: bool, world: World):
+def progress_bar(items: list, enabled: bool, world: World):
+    """`items`, with a tqdm bar per rank when `enabled`."""
     if not enabled:
         return items
     from tqdm.auto import tqdm

@@ -331,6 +331,8 @@ def generate(
     with _user_errors():
         if prompts is None:
             check_video_path(output)  # before any work: a bad path must not cost a generation
+            if expert_groups != 1:
+                raise ValueError("--expert-groups pipelines a batch: give --prompts FILE")
         check_device(device)
         if image is not None:
             check_image(image)

@@ -52,6 +52,8 @@ def run_batch(
     if memory_budget is not None:
         raise ValueError("--memory-budget is not supported with --prompts yet: give --residency")
     out_dir = batch_folder(output)
+    if load.get("quantize") == "auto":
+        load = {**load, "quantize": None}  # auto quantises only where a memory budget needs it
     jobs = read_jobs(prompts, defaults)
     world = world_from_env(os.environ)
     device = device_for(world, load["device"])

@@ -19,7 +19,15 @@ from pathlib import Path
 
 import torch
 
-from vidmoe.batch import BatchReport, Job, check_jobs, finish_batch, outcome, run_record
+from vidmoe.batch import (
+    BatchReport,
+    Job,
+    check_jobs,
+    finish_batch,
+    outcome,
+    progress_bar,
+    run_record,
+)
 from vidmoe.config import ModelConfig
 from vidmoe.models.step_cache import StepCache
 from vidmoe.parallel.transport import Outgoing, recv_message, send_message
@@ -132,7 +140,7 @@ def generate_pipelined(
                 log(f"line {job.line}: {error}")
     outcomes, pending = _pending(stage, checked, out_dir)
     outgoing: Outgoing | None = None
-    for job, rs, plan in _bar(pending, progress, world):
+    for job, rs, plan in progress_bar(pending, progress, world):
         t0 = time.perf_counter()
         result, error, outgoing = _run_stage(stage, rs, plan, outgoing)
         if world.rank == stage.writer:
@@ -258,12 +266,6 @@ def _publish(pipe: Pipeline, job: Job, result, out_dir: Path, recipe, on_result)
     publish_video(result.frames, record, video_path(out_dir, job), fps=pipe.config.fps)
 
 
-def _bar(items: list, enabled: bool, world: World):
-    from vidmoe.batch import _bar as bar
-
-    return bar(items, enabled, world)
-
-
 def make_stage(pipe: Pipeline, groups: Groups) -> Stage:
     """A `Stage` from a pipeline built with every component: keeps only this group's expert,
     the text encoder on group 0 and the VAE on the last group (the rest is dropped)."""
@@ -302,6 +304,7 @@ def load_stage(model, world: World, *, expert_groups: int, device: torch.device,
     Args:
         load: the generate command's loading options (device, dtype, residency, loras, ...).
     """
+    from vidmoe.config import PRESETS
     from vidmoe.loading import build_random_pipeline, model_config_for, speed_up
 
     refused = {
@@ -322,7 +325,7 @@ def load_stage(model, world: World, *, expert_groups: int, device: torch.device,
     from vidmoe.devices import resolve_dtype
 
     dtype = resolve_dtype(load.get("dtype", "auto"), device)
-    if isinstance(model, str) and not Path(model).exists():  # a preset: random weights
+    if isinstance(model, str) and model in PRESETS:  # random weights, built whole then cut
         stage = make_stage(build_random_pipeline(model, device=device, dtype=dtype), groups)
     else:
         stage = _load_stage_files(model, groups, config, device, dtype)
