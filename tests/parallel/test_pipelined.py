@@ -11,7 +11,10 @@ from tests.parallel.tiny import tiny_pipeline
 from vidmoe.batch import generate_batch, read_jobs
 from vidmoe.config import get_preset
 from vidmoe.parallel.pipelined import check_pipelined, generate_pipelined, make_stage, phase_ranges
+from vidmoe.parallel.transport import recv_message, send_message
 from vidmoe.parallel.world import Groups, Layout, World
+from vidmoe.sampling.conditioning import Conditioning
+from vidmoe.sampling.pipeline import solver_for
 from vidmoe.sampling.settings import GenerateSettings
 
 SMALL = GenerateSettings(width=32, height=32, num_frames=5, num_steps=4, boundary="steps:2")
@@ -82,11 +85,24 @@ def _pipelined(rank, size, path, out):
         on_result=lambda job, result: latents.update({job.index: result.latents}),
     )
     again = generate_pipelined(stage, read_jobs(path, SMALL), out)  # a restart
+    cpu = torch.device("cpu")
+    odd = {
+        "bf16": torch.randn(3, 2).bfloat16(),
+        "flags": torch.tensor([True, False]),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(7),
+        "rest": [1, "a", None, (2.5,)],
+    }
+    if rank == 0:
+        send_message(odd, 1, cpu).wait()
+    else:
+        odd = recv_message(0, cpu)
     held = (list(stage.pipe.experts), stage.pipe.text_encoder is not None, stage.pipe.vae)
     return {
         "reports": (report, again),
         "latents": latents,
         "held": held[:2] + (held[2] is not None,),
+        "message": odd,
     }
 
 
@@ -100,11 +116,33 @@ def test_expert_pipelined_groups_give_each_prompt_the_single_process_latents(ref
     assert "blends high_noise and low_noise" in report.outcomes[2].error
     assert [o.status for o in again.outcomes] == ["skipped", "skipped", "failed", "skipped"]
     assert first["latents"] == {} and sorted(second["latents"]) == [0, 1, 3]
+    sent, got = first["message"], second["message"]
+    assert got["rest"] == [1, "a", None, (2.5,)]
+    for key in ("bf16", "flags", "empty", "scalar"):
+        assert got[key].dtype == sent[key].dtype and torch.equal(got[key], sent[key])
     torch.set_num_threads(1)
     jobs = read_jobs(path, SMALL)
     for index, latents in second["latents"].items():
         expected = reference.generate(jobs[index].settings, output="latents").latents
         assert torch.equal(latents, expected)  # bit-identical
+
+
+def test_denoise_in_slices_is_the_whole_run():
+    """Pipeline._denoise over steps [0, 2) then [2, 4) with the solver carried on gives the
+    whole run's latents (what each expert group does)."""
+    pipe = tiny_pipeline()
+    rs = pipe.resolve(SMALL)
+    plan = pipe.plan(rs)
+    cond, uncond = pipe._embeddings(rs, None, None)
+    noise = pipe._initial_latents(rs, None)
+    args = (plan, rs.sampler, cond, uncond, Conditioning(), False, None, {})
+    whole, _ = pipe._denoise(noise, *args)
+    solver = solver_for(plan, rs.sampler)
+    half, first = pipe._denoise(noise, *args, steps=range(0, 2), solver=solver)
+    x, second = pipe._denoise(half, *args, steps=range(2, 4), solver=solver)
+    assert torch.equal(x, whole)
+    assert [r["index"] for r in first + second] == [0, 1, 2, 3]
+    assert phase_ranges(plan) == {"high_noise": range(0, 2), "low_noise": range(2, 4)}
 
 
 def test_pipelined_refusals():
