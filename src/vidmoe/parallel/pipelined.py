@@ -142,10 +142,12 @@ def generate_pipelined(
     outgoing: Outgoing | None = None
     for job, rs, plan in progress_bar(pending, progress, world):
         t0 = time.perf_counter()
-        result, error, outgoing = _run_stage(stage, rs, plan, outgoing)
+        state, outgoing = _run_stage(stage, rs, plan, outgoing)
+        error = state["error"]
         if world.rank == stage.writer:
-            if result is not None:
+            if not error:
                 try:
+                    result = _finish(stage.pipe, rs, plan, state)
                     _publish(stage.pipe, job, result, out_dir, recipe, on_result)
                 except Exception as e:  # one request's failure must not stop the batch
                     error = f"{type(e).__name__}: {e}"
@@ -165,7 +167,7 @@ def _pending(stage: Stage, checked, out_dir: Path):
 
     outcomes, todo = [], []
     is_writer = stage.groups.world.rank == stage.writer
-    for job, rs, _, error in checked:
+    for job, rs, _, error in checked if is_writer else []:
         if rs is None:
             outcomes.append(outcome(job, "failed", error, 0.0, stage.writer))
         elif is_finished(video_path(out_dir, job), rs, stage.pipe.source):
@@ -176,12 +178,13 @@ def _pending(stage: Stage, checked, out_dir: Path):
     dist.broadcast_object_list(box, src=stage.writer)
     todo = set(box[0])
     pending = [(job, rs, plan) for job, rs, plan, _ in checked if job.index in todo]
-    return (outcomes if is_writer else []), pending
+    return outcomes, pending
 
 
 def _run_stage(stage: Stage, rs, plan: Plan, outgoing: Outgoing | None):
-    """This group's part of one request: (result on the last group or None, error, outgoing)."""
-    pipe, g, last = stage.pipe, stage.group, stage.num_groups - 1
+    """This group's steps of one request: (its state, with "error" set if it failed, and the
+    message now being sent on, or still the previous one on the last group)."""
+    pipe, g = stage.pipe, stage.group
     try:
         if g == 0:
             state = _start(pipe, rs, plan)
@@ -191,13 +194,11 @@ def _run_stage(stage: Stage, rs, plan: Plan, outgoing: Outgoing | None):
             _denoise(stage, rs, plan, state)
     except Exception as e:  # sent on, so that the next groups skip this request
         state = {"error": f"{type(e).__name__}: {e}"}
-    if g < last:
+    if g < stage.num_groups - 1:
         if outgoing is not None:
             outgoing.wait()  # the previous request's buffers are free only now
-        return None, state["error"], send_message(state, stage.peer(g + 1), pipe.device)
-    if state["error"] or stage.groups.world.rank != stage.writer:
-        return None, state["error"], outgoing
-    return _finish(pipe, rs, plan, state), "", outgoing
+        return state, send_message(state, stage.peer(g + 1), pipe.device)
+    return state, outgoing
 
 
 def _start(pipe: Pipeline, rs, plan: Plan) -> dict:
