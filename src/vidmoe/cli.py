@@ -76,6 +76,16 @@ CFG_PARALLEL_HELP = "Run cond and uncond on different ranks (doubles the ranks);
 SHARD_EXPERTS_HELP = (
     "Under torchrun: each rank holds 1/N of every expert (FSDP2), gathering one block at a time."
 )
+PROMPTS_HELP = (
+    "A prompts file: text (one prompt per line, # comments) or JSONL (prompt plus any setting, "
+    "and a name, per line); the other options are every line's defaults; -o is then a folder. "
+    "Finished videos are skipped on restart; exit 1 if any line failed. Under torchrun the "
+    "lines are split across ranks."
+)
+EXPERT_GROUPS_HELP = (
+    "Under torchrun: 2 puts the high-noise expert on one group of ranks and the low-noise "
+    "expert on another, and pipelines the --prompts lines through them."
+)
 
 
 def _settings(
@@ -226,13 +236,30 @@ def _run(pipe, settings, *, quiet: bool, output: str = "frames"):
 
 
 def _parallel(
-    ulysses: int, cfg_parallel: bool, shard_experts: bool, shard_text_encoder: bool, device: str
+    *,
+    ulysses: int,
+    cfg_parallel: bool,
+    shard_experts: bool,
+    shard_text_encoder: bool,
+    device: str,
+    batch: Path | None,
 ):
     """The torchrun world of one generate (os.environ), joined for its duration; refused before
-    any work when the flags and the launch do not fit."""
-    from vidmoe.parallel.launch import parallel_run
-    from vidmoe.parallel.world import Layout
+    any work when the flags and the launch do not fit. A batch (--prompts) joins its world in
+    `cli_batch.run_batch` instead: whole videos per rank or per expert group."""
+    from vidmoe.parallel.launch import ParallelRun, parallel_run
+    from vidmoe.parallel.world import Layout, World
 
+    if batch is not None:
+        if ulysses != 1 or cfg_parallel or shard_experts:
+            raise ValueError(
+                "--prompts runs whole videos per rank (or per expert group with --expert-groups); "
+                "--ulysses, --cfg-parallel and --shard-experts with --prompts are not supported "
+                "yet: run those one prompt at a time"
+            )
+        return contextlib.nullcontext(
+            ParallelRun(world=World(), layout=Layout(), device=device, sharding=None)
+        )
     layout = Layout(ulysses=ulysses, cfg=2 if cfg_parallel else 1)
     return parallel_run(
         os.environ,
@@ -253,17 +280,10 @@ def _check_heads(config, ulysses: int) -> None:
 
 def _publish(result, pipe, output: Path, *, recipe: str | None) -> None:
     """Write OUTPUT and OUTPUT.json together (the old pair or the new one, never a mix)."""
+    from vidmoe.batch import run_record
     from vidmoe.io.video import publish_video
 
-    record = {
-        "settings": result.settings.to_dict(),
-        "model": pipe.source,
-        "plan": result.plan.to_dict(),
-        "trace": result.trace,
-        "timings": result.timings,
-    }
-    if recipe:
-        record["recipe"] = recipe
+    record = run_record(result, pipe.source, recipe=recipe)
     if pipe.parallel is not None:
         record["parallel"] = {
             **dataclasses.asdict(pipe.parallel.layout),
@@ -363,17 +383,27 @@ def generate(
     shard_text_encoder: bool = typer.Option(
         False, "--shard-text-encoder", help="With --shard-experts: shard the text encoder too."
     ),
+    # -- batch generation and expert-pipelined groups (vidmoe/batch.py, docs/distributed.md) --
+    prompts: Path | None = typer.Option(None, "--prompts", help=PROMPTS_HELP),
+    expert_groups: int = typer.Option(1, "--expert-groups", help=EXPERT_GROUPS_HELP),
 ):
     """Generate a video; writes OUTPUT (mp4) and OUTPUT.json (settings, plan, trace) together.
-    Under torchrun every rank computes and rank 0 alone writes."""
+    Under torchrun every rank computes and rank 0 alone writes. With --prompts FILE, generate
+    one video per line into the folder OUTPUT."""
     from vidmoe.io.video import check_video_path
 
+    split = dict(ulysses=ulysses, cfg_parallel=cfg_parallel, shard_experts=shard_experts)
     with (
         _user_errors(),
-        _parallel(ulysses, cfg_parallel, shard_experts, shard_text_encoder, device) as run,
+        _parallel(
+            **split, shard_text_encoder=shard_text_encoder, device=device, batch=prompts
+        ) as run,
     ):
         quiet, device = quiet or not run.world.is_main, run.device  # rank 0 speaks and writes
-        check_video_path(output)  # before any work: a bad path must not cost a generation
+        if prompts is None:
+            check_video_path(output)  # before any work: a bad path must not cost a generation
+            if expert_groups != 1:
+                raise ValueError("--expert-groups pipelines a batch: give --prompts FILE")
         check_device(device)
         if image is not None:
             check_image(image)
@@ -401,6 +431,25 @@ def generate(
             s = dataclasses.replace(s, area=parse_area(area))
         loras = [parse_lora_spec(item) for item in lora or []]
         files = _component_files(expert, vae, text_encoder)
+        if prompts is not None:
+            from vidmoe.cli_batch import run_batch
+
+            load = dict(device=device, dtype=dtype, residency=residency, loras=loras)
+            load |= dict(lora_strict=lora_strict, fuse_lora=fuse_lora, quiet=quiet)
+            load |= dict(quantize=quantize, files=files, attention=attention, compile=compile)
+            ok = run_batch(
+                prompts=prompts,
+                prompt=prompt,
+                defaults=s,
+                model=model,
+                output=output,
+                expert_groups=expert_groups,
+                memory_budget=memory_budget,
+                recipe=recipe,
+                load=load,
+                loader=_load,
+            )
+            raise typer.Exit(0 if ok else 1)
         plan_, rs, config = _plan(s, model, files=files, full=True)
         if not quiet:
             typer.echo(plan_.summary())

@@ -106,6 +106,28 @@ def test_reset_gives_identical_rerun_and_steps_must_be_consecutive():
         make_solver("dpm++", sigmas).step(noise, noise, 6)
 
 
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_a_trajectory_continues_bit_identically_in_a_fresh_solver(name):
+    """get_state/set_state hand a trajectory to another solver (an expert group's)."""
+    sigmas = make_sigmas(6, 5.0)
+    velocity = _gaussian_velocity(0.2, 0.5)
+    noise = torch.randn(SHAPE)
+    whole = _sample(name, sigmas, velocity, noise)
+
+    def steps(solver, x, start, stop):
+        for i in range(start, stop):
+            x = solver.step(velocity(x, sigmas[i].item()), x, i)
+        return x
+
+    first = make_solver(name, sigmas)
+    half = steps(first, noise, 0, 3)
+    second = make_solver(name, sigmas)
+    second.set_state(first.get_state())
+    assert torch.equal(steps(second, half, 3, 6), whole)
+    bare = steps(make_solver(name, sigmas), half, 3, 6)  # without the history
+    assert torch.equal(bare, whole) == (name == "euler")  # only Euler keeps none
+
+
 def test_solver_keeps_dtype():
     sigmas = make_sigmas(4, 5.0)
     x = torch.randn(SHAPE, dtype=torch.bfloat16)

@@ -33,7 +33,7 @@ from vidmoe.sampling.guidance import guided_velocity
 from vidmoe.sampling.plan import Plan, StepPlan, plan_for, with_adapter_scales
 from vidmoe.sampling.schedules import timesteps_from_sigmas
 from vidmoe.sampling.settings import GenerateSettings, Limits, ResolvedSettings, resolve_settings
-from vidmoe.sampling.solvers import make_solver
+from vidmoe.sampling.solvers import Solver, make_solver
 
 OUTPUTS = ("frames", "latents")
 
@@ -279,21 +279,25 @@ class Pipeline:
         progress: bool,
         callback,
         caches: dict[str, StepCache],
+        *,
+        steps: range | None = None,
+        solver: Solver | None = None,
     ) -> tuple[torch.Tensor, list[dict]]:
         """The sampling loop: per step, each planned expert's guided velocity, blended, then one
         solver step. x: (1, C, F, H, W) float32. An expert's step cache starts afresh whenever
-        the expert starts a phase, so nothing is reused across an expert switch."""
-        sigmas = torch.tensor(
-            [st.sigma for st in plan.steps] + [plan.steps[-1].sigma_next], dtype=torch.float64
-        )
-        solver = make_solver(sampler, sigmas)
-        trace, bar = [], _progress(len(plan.steps), "denoise", progress)
-        previous: tuple[str, ...] = ()
-        for st in plan.steps:
+        the expert starts a phase, so nothing is reused across an expert switch.
+
+        `steps` runs only that slice of the plan (default: all of it) from x, with `solver`
+        carrying the trajectory's history so far (default: a fresh `solver_for(plan, sampler)`):
+        an expert group runs its own phase this way (`vidmoe.parallel.pipelined`)."""
+        steps = range(len(plan.steps)) if steps is None else steps
+        solver = solver_for(plan, sampler) if solver is None else solver
+        trace, bar = [], _progress(len(steps), "denoise", progress)
+        previous = plan.steps[steps.start - 1].experts if steps.start > 0 else ()
+        for st in plan.steps[steps.start : steps.stop]:
             t0 = time.perf_counter()
-            self._prefetch_next(
-                plan, st
-            )  # residency: copy the next step's new expert during this one
+            # residency: copy the next step's new expert during this one
+            self._prefetch_next(plan, st, steps.stop)
             v = torch.zeros_like(x)  # (1, C, F, H, W)
             sigma_in = model_sigma(st.sigma, sampler)
             cached, changes = [], {}
@@ -322,9 +326,10 @@ class Pipeline:
         bar.close()
         return x, trace
 
-    def _prefetch_next(self, plan: Plan, st: StepPlan) -> None:
-        """Let the residency policy bring the next step's new experts ahead of their first step."""
-        if st.index + 1 < len(plan.steps):
+    def _prefetch_next(self, plan: Plan, st: StepPlan, stop: int) -> None:
+        """Let the residency policy bring the next step's new experts ahead of their first step
+        (only steps before `stop`: those this pipeline runs)."""
+        if st.index + 1 < stop:
             for name in plan.steps[st.index + 1].experts:
                 if name not in st.experts:
                     self.experts.prefetch(name)
@@ -416,6 +421,14 @@ def _timed(timings: dict[str, float], key: str):
     t0 = time.perf_counter()
     yield
     timings[key] = time.perf_counter() - t0
+
+
+def solver_for(plan: Plan, sampler: str) -> Solver:
+    """A fresh solver of `sampler` on the plan's sigma grid."""
+    sigmas = torch.tensor(
+        [st.sigma for st in plan.steps] + [plan.steps[-1].sigma_next], dtype=torch.float64
+    )
+    return make_solver(sampler, sigmas)
 
 
 def model_sigma(sigma: float, sampler: str) -> float:

@@ -43,6 +43,15 @@ class Solver:
         self._x0_preds: list[torch.Tensor] = []  # newest last
         self._next_index: int | None = None
 
+    def get_state(self) -> dict:
+        """The history the next step needs, to go on with this trajectory elsewhere (another
+        process holds the next expert): tensors, ints and None, in a plain dict."""
+        return {"x0_preds": list(self._x0_preds), "next_index": self._next_index}
+
+    def set_state(self, state: dict) -> None:
+        """Continue the trajectory `get_state` took (on a solver of the same grid)."""
+        self._x0_preds, self._next_index = list(state["x0_preds"]), state["next_index"]
+
     def step(self, velocity: torch.Tensor, x: torch.Tensor, i: int) -> torch.Tensor:
         """Move x from sigmas[i] to sigmas[i + 1].
 
@@ -106,6 +115,13 @@ class UniPCSolver(Solver):
         super().reset()
         self._last_x: torch.Tensor | None = None
         self._last_order = 0
+
+    def get_state(self) -> dict:
+        return {**super().get_state(), "last_x": self._last_x, "last_order": self._last_order}
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        self._last_x, self._last_order = state["last_x"], state["last_order"]
 
     def _coefficients(self, s: int, t: int) -> tuple[float, float, float]:
         """For a step sigmas[s] -> sigmas[t]: h = lambda_t - lambda_s, e^-h - 1, and B(h)."""

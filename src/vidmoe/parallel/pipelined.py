@@ -1,0 +1,370 @@
+"""Expert-pipelined generation: each expert on its own group of ranks, requests flowing through.
+
+With K experts there are K expert groups; group g holds only expert g (noisiest first), never
+another and never swapping. The text encoder lives on group 0, the VAE on the last group. A
+request runs its first expert's steps on group 0; the latents, the solver's history (multistep
+samplers keep x0 predictions) and the text embeddings then go to group 1 point to point, and so
+on; the last group decodes and publishes. A group starts the next request as soon as it has sent
+one on, so with a stream of requests every group is busy.
+
+A rank of group g talks to the rank with the same (cfg, ulysses) place in groups g - 1 and g + 1.
+Every rank reads the same jobs and plans them the same way, so no schedule is exchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vidmoe.batch import (
+    BatchReport,
+    Job,
+    check_jobs,
+    finish_batch,
+    outcome,
+    progress_bar,
+    run_record,
+)
+from vidmoe.config import ModelConfig
+from vidmoe.models.step_cache import StepCache
+from vidmoe.parallel.transport import Outgoing, recv_message, send_message
+from vidmoe.parallel.world import Groups, Layout, World
+from vidmoe.sampling.conditioning import Conditioning
+from vidmoe.sampling.pipeline import GenerationResult, Pipeline, solver_for
+from vidmoe.sampling.plan import Plan
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stage:
+    """This rank's part of an expert pipeline."""
+
+    pipe: Pipeline
+    """Holds only `expert`; the text encoder on group 0, the VAE on the last group."""
+    groups: Groups
+    expert: str
+
+    @property
+    def group(self) -> int:
+        return self.groups.place.expert_group
+
+    @property
+    def num_groups(self) -> int:
+        return self.groups.layout.expert_groups
+
+    def peer(self, group: int) -> int:
+        """The rank in `group` with this rank's (cfg, ulysses) place."""
+        p = self.groups.place
+        return self.groups.layout.rank_of(group, p.cfg_rank, p.ulysses_rank)
+
+    @property
+    def writer(self) -> int:
+        """The one rank that publishes the videos: the last group's first rank."""
+        return self.groups.layout.rank_of(self.num_groups - 1, 0, 0)
+
+
+def check_pipelined(config: ModelConfig, expert_groups: int) -> None:
+    """ValueError unless `config`'s model can run as `expert_groups` expert groups."""
+    names = config.moe.expert_names
+    if expert_groups != len(names):
+        raise ValueError(
+            f"--expert-groups puts one expert on each group: {config.name} has {len(names)} "
+            f"experts ({', '.join(names)}), so it needs {len(names)} groups; got "
+            f"{expert_groups}: use --expert-groups {len(names)}, or 1 to split the prompts "
+            "across ranks instead"
+        )
+    if config.transformer.model_type != "t2v":
+        raise ValueError(
+            f"expert-pipelined groups run text-to-video models; {config.name} is a "
+            f"{config.transformer.model_type} model (its image conditioning needs the VAE on "
+            "the first group): run it without --expert-groups"
+        )
+
+
+def phase_ranges(plan: Plan) -> dict[str, range]:
+    """The steps each expert runs: one run of consecutive steps per expert, noisiest first.
+
+    Raises ValueError for a plan whose steps blend two experts (a transition band): a group
+    holds one expert, so no step can need two."""
+    for st in plan.steps:
+        if len(st.experts) != 1:
+            raise ValueError(
+                f"step {st.index} (sigma {st.sigma:.4f}) blends {' and '.join(st.experts)} in a "
+                "transition band; expert-pipelined groups run one expert per step: use band 0, "
+                "or run without --expert-groups"
+            )
+    ranges, start = {}, 0
+    for name in plan.expert_names:
+        stop = start
+        while stop < len(plan.steps) and plan.steps[stop].experts == (name,):
+            stop += 1
+        ranges[name], start = range(start, stop), stop
+    assert start == len(plan.steps), "the router gives each expert one run, noisiest first"
+    return ranges
+
+
+def generate_pipelined(
+    stage: Stage,
+    jobs: list[Job],
+    out_dir: str | Path,
+    *,
+    progress: bool = False,
+    recipe: str | None = None,
+    log=None,
+    on_result=None,
+) -> BatchReport:
+    """Run a batch through the expert groups (call on every rank); the writer publishes.
+
+    Args:
+        log: called on rank 0 with each bad line (line number and reason) before any work.
+        on_result: called on the writer as on_result(job, GenerationResult) before publishing.
+    Returns:
+        The `BatchReport` of every job (on every rank); rank 0 writes OUT_DIR/batch.jsonl.
+    """
+    world, out_dir = stage.groups.world, Path(out_dir)
+    checked = []
+    for job, rs, error in check_jobs(jobs, stage.pipe.resolve):
+        plan = None
+        if rs is not None:
+            try:
+                plan = stage.pipe.plan(rs)
+                phase_ranges(plan)
+            except ValueError as e:
+                rs, error = None, str(e)
+        checked.append((job, rs, plan, error))
+    if log is not None and world.is_main:
+        for job, _, _, error in checked:
+            if error:
+                log(f"line {job.line}: {error}")
+    outcomes, pending = _pending(stage, checked, out_dir)
+    outgoing: Outgoing | None = None
+    for job, rs, plan in progress_bar(pending, progress, world):
+        t0 = time.perf_counter()
+        state, outgoing = _run_stage(stage, rs, plan, outgoing)
+        error = state["error"]
+        if world.rank == stage.writer:
+            if not error:
+                try:
+                    result = _finish(stage.pipe, rs, plan, state)
+                    _publish(stage.pipe, job, result, out_dir, recipe, on_result)
+                except Exception as e:  # one request's failure must not stop the batch
+                    error = f"{type(e).__name__}: {e}"
+            status = "failed" if error else "done"
+            outcomes.append(outcome(job, status, error, time.perf_counter() - t0, world.rank))
+    if outgoing is not None:
+        outgoing.wait()
+    return finish_batch(outcomes, out_dir, world)
+
+
+def _pending(stage: Stage, checked, out_dir: Path):
+    """(the writer's outcomes so far, [(job, rs, plan)] still to generate, the same on every
+    rank): the writer decides which outputs are finished and tells the others."""
+    import torch.distributed as dist
+
+    from vidmoe.batch import is_finished, video_path
+
+    outcomes, todo = [], []
+    is_writer = stage.groups.world.rank == stage.writer
+    for job, rs, _, error in checked if is_writer else []:
+        if rs is None:
+            outcomes.append(outcome(job, "failed", error, 0.0, stage.writer))
+        elif is_finished(video_path(out_dir, job), rs, stage.pipe.source):
+            outcomes.append(outcome(job, "skipped", "", 0.0, stage.writer))
+        else:
+            todo.append(job.index)
+    box = [todo]
+    dist.broadcast_object_list(box, src=stage.writer)
+    todo = set(box[0])
+    pending = [(job, rs, plan) for job, rs, plan, _ in checked if job.index in todo]
+    return outcomes, pending
+
+
+def _run_stage(stage: Stage, rs, plan: Plan, outgoing: Outgoing | None):
+    """This group's steps of one request: (its state, with "error" set if it failed, and the
+    message now being sent on, or still the previous one on the last group)."""
+    pipe, g = stage.pipe, stage.group
+    try:
+        if g == 0:
+            state = _start(pipe, rs, plan)
+        else:
+            state = recv_message(stage.peer(g - 1), pipe.device)
+        if not state["error"]:
+            _denoise(stage, rs, plan, state)
+    except Exception as e:  # sent on, so that the next groups skip this request
+        state = {"error": f"{type(e).__name__}: {e}"}
+    if g < stage.num_groups - 1:
+        if outgoing is not None:
+            outgoing.wait()  # the previous request's buffers are free only now
+        return state, send_message(state, stage.peer(g + 1), pipe.device)
+    return state, outgoing
+
+
+def _start(pipe: Pipeline, rs, plan: Plan) -> dict:
+    """Group 0: the text embeddings, the seeded noise and a fresh solver, as `generate` does."""
+    t0 = time.perf_counter()
+    cond, uncond = pipe._embeddings(rs, None, None)
+    timings = {"text": time.perf_counter() - t0, "denoise": 0.0}
+    x = pipe._initial_latents(rs, None)  # t2v only (check_pipelined): no image to impose
+    solver = solver_for(plan, rs.sampler)
+    state = dict(x=x, cond=cond, uncond=uncond, solver=solver.get_state(), trace=[])
+    return {**state, "timings": timings, "error": ""}
+
+
+def _denoise(stage: Stage, rs, plan: Plan, state: dict) -> None:
+    """Run this group's expert's steps on `state` (updated in place)."""
+    pipe = stage.pipe
+    steps = phase_ranges(plan)[stage.expert]
+    if not steps:
+        return  # this expert has no step in this plan: pass the state on
+    solver = solver_for(plan, rs.sampler)
+    solver.set_state(state["solver"])
+    caches = {
+        n: StepCache(threshold=t) for n, t in rs.step_cache.items() if t > 0 and n in pipe.experts
+    }
+    t0 = time.perf_counter()
+    x, rows = pipe._denoise(
+        state["x"],
+        plan,
+        rs.sampler,
+        state["cond"],
+        state["uncond"],
+        Conditioning(),
+        False,
+        None,
+        caches,
+        steps=steps,
+        solver=solver,
+    )
+    state["timings"]["denoise"] += time.perf_counter() - t0
+    state.update(x=x, solver=solver.get_state(), trace=state["trace"] + rows)
+
+
+def _finish(pipe: Pipeline, rs, plan: Plan, state: dict) -> GenerationResult:
+    """The last group: decode the latents into frames."""
+    pipe.experts.idle()
+    t0 = time.perf_counter()
+    frames = pipe.decode(state["x"])
+    timings = {**state["timings"], "decode": time.perf_counter() - t0}
+    return GenerationResult(
+        frames=frames,
+        latents=state["x"].cpu(),
+        plan=plan,
+        settings=rs,
+        trace=state["trace"],
+        timings=timings,
+    )
+
+
+def _publish(pipe: Pipeline, job: Job, result, out_dir: Path, recipe, on_result) -> None:
+    from vidmoe.batch import video_path
+    from vidmoe.io.video import publish_video
+
+    if on_result is not None:
+        on_result(job, result)
+    record = run_record(result, pipe.source, recipe=recipe, job=job)
+    publish_video(result.frames, record, video_path(out_dir, job), fps=pipe.config.fps)
+
+
+def make_stage(pipe: Pipeline, groups: Groups) -> Stage:
+    """A `Stage` from a pipeline built with every component: keeps only this group's expert,
+    the text encoder on group 0 and the VAE on the last group (the rest is dropped)."""
+    check_pipelined(pipe.config, groups.layout.expert_groups)
+    name = pipe.config.moe.expert_names[groups.place.expert_group]
+    stage_pipe = _stage_pipeline(
+        pipe.config,
+        groups,
+        {name: pipe.experts[name]},
+        pipe.vae,
+        pipe.text_encoder,
+        placement=pipe.experts.placement,
+        source=pipe.source,
+    )
+    stage_pipe.limits = pipe.limits
+    return Stage(pipe=stage_pipe, groups=groups, expert=name)
+
+
+def _stage_pipeline(
+    config, groups: Groups, experts: dict, vae, text, *, placement, source: dict
+) -> Pipeline:
+    """A pipeline of `experts` with the VAE only on the last group, the text encoder on group 0."""
+    from vidmoe.models.moe import Experts
+
+    g, last = groups.place.expert_group, groups.layout.expert_groups - 1
+    held = Experts(experts, config.moe, placement=placement, require_all=False)
+    pipe = Pipeline(config, held, vae if g == last else None, text if g == 0 else None)
+    pipe.source = dict(source)  # as a single-process load's: records and resumes agree
+    return pipe
+
+
+def load_stage(model, world: World, *, expert_groups: int, device: torch.device, load: dict):
+    """This rank's `Stage` of `model` (a checkpoint folder or a preset): only its group's
+    expert is read from the checkpoint (a preset's random weights are built whole, then cut).
+
+    Args:
+        load: the generate command's loading options (device, dtype, residency, loras, ...).
+    """
+    from vidmoe.config import PRESETS
+    from vidmoe.loading import build_random_pipeline, model_config_for, speed_up
+
+    refused = {
+        "--lora": bool(load.get("loras")),
+        "--expert/--vae/--text-encoder": bool(load.get("files")),
+        "--quantize": load.get("quantize") not in (None, "auto"),
+        f"--residency {load.get('residency')}": load.get("residency", "resident") != "resident",
+    }
+    if any(refused.values()):
+        flags = ", ".join(k for k, v in refused.items() if v)
+        raise ValueError(
+            f"expert-pipelined groups do not support {flags} yet: each rank holds one expert "
+            "resident; run without them, or without --expert-groups"
+        )
+    groups = Groups(Layout(expert_groups=expert_groups), world)
+    config = model_config_for(model)
+    check_pipelined(config, expert_groups)
+    from vidmoe.devices import resolve_dtype
+
+    dtype = resolve_dtype(load.get("dtype", "auto"), device)
+    if isinstance(model, str) and model in PRESETS:  # random weights, built whole then cut
+        stage = make_stage(build_random_pipeline(model, device=device, dtype=dtype), groups)
+    else:
+        stage = _load_stage_files(model, groups, config, device, dtype)
+    speed_up(stage.pipe, attention=load.get("attention", "auto"), compile=load.get("compile"))
+    return stage
+
+
+def _load_stage_files(model, groups: Groups, config, device, dtype) -> Stage:
+    """Read only this group's expert (and the text encoder or VAE it holds) from a folder."""
+    from vidmoe.io.checkpoints import detect_layout, load_expert, load_vae
+    from vidmoe.loading import _default_model
+    from vidmoe.models.moe import Placement
+    from vidmoe.models.text_encoder import build_text_encoder
+
+    path = Path(_default_model(model))
+    layout = detect_layout(path)
+    if layout.vae is None:
+        raise ValueError(f"{path} has no VAE or text encoder: use a full checkpoint folder")
+    g, last = groups.place.expert_group, groups.layout.expert_groups - 1
+    name = config.moe.expert_names[g]
+    expert = load_expert(layout, name, device=device, dtype=dtype)
+    vae = load_vae(layout, device=device) if g == last else None
+    text = None
+    if g == 0:
+        kind = layout.config.text_encoder
+        text = build_text_encoder(
+            kind,
+            layout.root if kind == "umt5-xxl" else layout.text_encoder,
+            device=device,
+            max_length=layout.config.transformer.text_len,
+        )
+    pipe = _stage_pipeline(
+        layout.config,
+        groups,
+        {name: expert},
+        vae,
+        text,
+        placement=Placement(device=device, dtype=dtype),
+        source={"path": str(path), "layout": layout.kind},
+    )
+    return Stage(pipe=pipe, groups=groups, expert=name)
