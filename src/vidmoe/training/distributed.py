@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from vidmoe.parallel.world import World
 
-__all__ = ["DataParallel", "shard_blocks"]
+__all__ = ["DataParallel", "batch_share", "shard_blocks"]
 
 
 def shard_blocks(
@@ -56,6 +56,19 @@ def shard_blocks(
     # the root's parameters are needed again at once by the backward: keep them gathered
     fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     return module
+
+
+def batch_share(batch_size: int, world: World) -> slice:
+    """The samples of a global batch of `batch_size` that rank `world.rank` trains: an equal,
+    contiguous run of them; a batch that does not split evenly is a ValueError."""
+    per_rank, rest = divmod(batch_size, world.size)
+    if rest or not per_rank:
+        raise ValueError(
+            f"batch_size {batch_size} (the global batch) must be a positive multiple of the "
+            f"world size {world.size}, each rank taking an equal share: use "
+            f"{max(per_rank, 1) * world.size} or {(per_rank + 1) * world.size}"
+        )
+    return slice(world.rank * per_rank, (world.rank + 1) * per_rank)
 
 
 class DataParallel:
@@ -98,15 +111,8 @@ class DataParallel:
         return self.world.is_main
 
     def share(self, batch_size: int) -> slice:
-        """This rank's samples of a global batch of `batch_size` (a contiguous run of them)."""
-        per_rank, rest = divmod(batch_size, self.size)
-        if rest or not per_rank:
-            raise ValueError(
-                f"batch_size {batch_size} (the global batch) must be a positive multiple of the "
-                f"world size {self.size}, each rank taking an equal share: use "
-                f"{max(per_rank, 1) * self.size} or {(per_rank + 1) * self.size}"
-            )
-        return slice(self.world.rank * per_rank, (self.world.rank + 1) * per_rank)
+        """This rank's samples of a global batch of `batch_size` (see `batch_share`)."""
+        return batch_share(batch_size, self.world)
 
     # -- the experts -------------------------------------------------------------------------
     def wrap(self, experts: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
