@@ -39,7 +39,7 @@ from vidmoe.models.vae import WanVAE
 from vidmoe.parallel.world import World
 from vidmoe.training.checkpoint import export_experts, load_checkpoint
 from vidmoe.training.data import build_latent_cache
-from vidmoe.training.loop import TrainConfig, build_experts, train
+from vidmoe.training.loop import TrainConfig, Trainer, build_experts, train
 
 REPO = Path(__file__).resolve().parents[2]
 LOSS_RTOL = 1e-5  # per-expert loss of each step against the one-process run (fp32)
@@ -131,7 +131,9 @@ def _assert_same_run(
     (log_a, ck_a), (log_b, ck_b) = _result(got), _result(want)
     assert [r["step"] for r in log_a] == [r["step"] for r in log_b] == list(range(1, 7))
     for a, b in zip(log_a, log_b):
-        assert a["count"] == b["count"]
+        assert a["count"] == b["count"] and a["grad_norm"].keys() == b["grad_norm"].keys()
+        for n, norm in b["grad_norm"].items():  # clipped at 1.0 (FSDP2: over DTensor shards)
+            assert a["grad_norm"][n] == pytest.approx(norm, rel=loss_rtol, abs=2e-4), n
         assert a["loss"].keys() == b["loss"].keys()
         for n in a["loss"]:
             assert a["loss"][n] == pytest.approx(b["loss"][n], rel=loss_rtol), (a["step"], n)
@@ -255,3 +257,46 @@ def test_each_rank_takes_an_equal_share_of_the_global_batch():
         ValueError, match="batch_size 4 .* multiple of the world size 3.* use 3 or 6"
     ):
         batch_share(4, World(rank=1, size=3))
+
+
+def test_the_distributed_table_is_read_strictly(cache_dir, tmp_path):
+    cfg = TrainConfig.from_dict(_config(cache_dir, tmp_path, distributed={"strategy": "fsdp"}))
+    assert cfg.distributed.strategy == "fsdp" and cfg.distributed.reshard_after_forward
+    assert TrainConfig.from_dict(_config(cache_dir, tmp_path)).distributed.strategy == "ddp"
+    with pytest.raises(ValueError, match=r"\[distributed\]: strategy must be one of .*'zero'"):
+        TrainConfig.from_dict(_config(cache_dir, tmp_path, distributed={"strategy": "zero"}))
+    with pytest.raises(ValueError, match=r"unknown key 'stratgy' in \[distributed\].*'strategy'"):
+        TrainConfig.from_dict(_config(cache_dir, tmp_path, distributed={"stratgy": "ddp"}))
+
+
+def test_what_several_processes_cannot_do_is_refused_before_any_work(cache_dir, tmp_path):
+    two = World(rank=0, size=2)
+    cfg = _config(cache_dir, tmp_path, compile=True, distributed={"strategy": "fsdp"})
+    with pytest.raises(ValueError, match="compile = true with .* 'fsdp' is not supported"):
+        Trainer(TrainConfig.from_dict(cfg), world=two)
+    with pytest.raises(ValueError, match="process group is not joined"):
+        Trainer(TrainConfig.from_dict(_config(cache_dir, tmp_path)), world=two)
+
+
+def test_rank_memory_of_ddp_and_fsdp():
+    from vidmoe.training.distributed import rank_memory
+
+    p, block = 14_288_491_584, 351_394_304  # one t2v-A14B expert, one of its 40 blocks
+    ddp = rank_memory(
+        num_params=p, num_trainable=p, block_params=block, strategy="ddp", world_size=8
+    )
+    assert (ddp.params, ddp.grads, ddp.optimizer, ddp.ema, ddp.gathered) == (
+        4 * p,
+        4 * p,
+        8 * p,
+        4 * p,
+        0,
+    )
+    fsdp = rank_memory(
+        num_params=p, num_trainable=p, block_params=block, strategy="fsdp", world_size=8
+    )
+    assert fsdp.total == 20 * p // 8 + 12 * block
+    lora = rank_memory(
+        num_params=p, num_trainable=10**7, block_params=block, strategy="ddp", world_size=8
+    )
+    assert lora.params == 4 * p and lora.optimizer == 8 * 10**7  # the frozen base stays whole

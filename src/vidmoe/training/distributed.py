@@ -10,7 +10,9 @@ what a one-process run's holds and loads on any world size. Rank 0 writes files.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,7 +21,7 @@ from torch import Tensor, nn
 
 from vidmoe.parallel.world import World
 
-__all__ = ["DataParallel", "batch_share", "shard_blocks"]
+__all__ = ["DataParallel", "RankMemory", "batch_share", "rank_memory", "shard_blocks"]
 
 
 def shard_blocks(
@@ -58,6 +60,66 @@ def shard_blocks(
     return module
 
 
+@dataclass(frozen=True, kw_only=True)
+class RankMemory:
+    """Bytes one rank holds for the trained weights of a run, activations aside."""
+
+    params: int
+    """The weights (fp32 master copies; frozen LoRA bases included)."""
+    grads: int
+    """Gradients of the trainable weights (fp32)."""
+    optimizer: int
+    """AdamW's two moments (fp32)."""
+    ema: int
+    """The EMA copies of the trainable weights (fp32)."""
+    gathered: int
+    """FSDP2: the whole weights of two blocks in the compute dtype (the running one and the
+    next, prefetched) and one block's fp32 gradients (of its trainable share) before they are
+    reduce-scattered."""
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.ema + self.gathered
+
+
+def rank_memory(
+    *,
+    num_params: int,
+    num_trainable: int,
+    block_params: int,
+    strategy: str,
+    world_size: int,
+    use_bf16: bool = False,
+    use_ema: bool = True,
+) -> RankMemory:
+    """What `RankMemory` one rank of a run needs (per trained expert: sum over them).
+
+    Args:
+        num_params: the expert's parameters; num_trainable: those that train (all, or LoRA's).
+        block_params: the parameters of its largest block (FSDP2 gathers one at a time).
+        strategy: 'ddp' (every rank holds everything) or 'fsdp' (all of it sharded over
+            `world_size` ranks, plus the gathered blocks).
+    """
+    n = world_size if strategy == "fsdp" else 1
+
+    def per_rank(count: int, bytes_each: int) -> int:
+        return math.ceil(count / n) * bytes_each
+
+    gathered = 0
+    if strategy == "fsdp" and world_size > 1:
+        trainable = min(num_trainable / max(num_params, 1), 1.0)  # LoRA: the adapters' grads
+        gathered = (
+            block_params * 2 * (2 if use_bf16 else 4) + math.ceil(block_params * trainable) * 4
+        )
+    return RankMemory(
+        params=per_rank(num_params, 4),
+        grads=per_rank(num_trainable, 4),
+        optimizer=per_rank(num_trainable, 8),
+        ema=per_rank(num_trainable, 4) if use_ema else 0,
+        gathered=gathered,
+    )
+
+
 def batch_share(batch_size: int, world: World) -> slice:
     """The samples of a global batch of `batch_size` that rank `world.rank` trains: an equal,
     contiguous run of them; a batch that does not split evenly is a ValueError."""
@@ -92,6 +154,8 @@ class DataParallel:
         use_bf16: bool = False,
         reshard_after_forward: bool = True,
     ):
+        if strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"strategy must be 'ddp' or 'fsdp'; got {strategy!r}")
         if world.distributed and not dist.is_initialized():
             raise ValueError(
                 f"rank {world.rank} of {world.size}: the process group is not joined; call "
@@ -125,7 +189,10 @@ class DataParallel:
 
             ids = [self.device] if self.device.type == "cuda" else None
             return {
-                n: DistributedDataParallel(e, device_ids=ids, broadcast_buffers=False)
+                # the gradients live in the all-reduce buckets (no second copy of them)
+                n: DistributedDataParallel(
+                    e, device_ids=ids, forward_sync_buffers=False, gradient_as_bucket_view=True
+                )
                 for n, e in experts.items()
             }
         from torch.distributed.device_mesh import init_device_mesh
