@@ -1,7 +1,8 @@
 """Data-parallel training on 2 gloo CPU processes against the one-process run of the same global
 batch: DDP and FSDP2 give its per-step losses (1e-5 relative, fp32) and final weights and EMA
 (1e-5 absolute: AdamW's normalisation amplifies summation-order differences); so does LoRA
-under both; FSDP2 in bf16 with gradient checkpointing follows the one-process bf16 run loosely.
+under both (DDP with gradient checkpointing); FSDP2 in bf16 with gradient checkpointing follows
+the one-process bf16 run loosely.
 An FSDP2 checkpoint resumes on 2 ranks and on 1; a run under real torchrun killed with SIGKILL
 after a checkpoint resumes bit-exactly.
 
@@ -85,7 +86,7 @@ def _runs(cache_dir, init_dir, root: Path) -> dict[str, dict]:
     runs = {
         "ddp": dict(distributed={"strategy": "ddp"}),
         "fsdp": dict(distributed=fsdp),
-        "ddp_lora": dict(distributed={"strategy": "ddp"}, **lora),
+        "ddp_lora": dict(distributed={"strategy": "ddp"}, use_checkpointing=True, **lora),
         "fsdp_lora": dict(distributed=fsdp, **lora),
         "fsdp_bf16": dict(distributed=fsdp, use_bf16=True, use_checkpointing=True),
         "fsdp_part": dict(distributed=fsdp, stop_step=3),  # resumed below on 2 and on 1 rank
