@@ -239,8 +239,18 @@ class DataParallel:
 
     # -- state ---------------------------------------------------------------------------------
     def full(self, t: Any) -> Any:
-        """A whole tensor from a DTensor shard (a collective: every rank calls it in the same
-        order); anything else as it is."""
+        """A whole tensor from a DTensor shard, on the CPU of rank 0 (a collective: every rank
+        calls it in the same order; the other ranks get an empty placeholder, so no rank keeps
+        more than one whole tensor on its device); anything else as it is."""
+        from torch.distributed.tensor import DTensor
+
+        if not isinstance(t, DTensor):
+            return t
+        whole = t.full_tensor()
+        return whole.cpu() if self.is_main else torch.empty(0, dtype=whole.dtype)
+
+    def whole(self, t: Tensor) -> Tensor:
+        """A whole tensor from a DTensor on every rank (a collective), or `t` as it is."""
         from torch.distributed.tensor import DTensor
 
         return t.full_tensor() if isinstance(t, DTensor) else t

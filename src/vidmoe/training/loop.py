@@ -252,7 +252,7 @@ class Trainer:
         for name, expert in self.experts.items():
             if name in out.ran and cfg.grad_clip > 0:  # band/specialisation: not only owners
                 norm = nn.utils.clip_grad_norm_(expert.parameters(), cfg.grad_clip)
-                grad_norms[name] = round(float(self.parallel.full(norm)), 4)
+                grad_norms[name] = round(float(self.parallel.whole(norm)), 4)
         self.opt.step()
         self.sched.step()
         self.step += 1
