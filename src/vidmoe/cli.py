@@ -741,12 +741,23 @@ def train(
         ..., help="Training config (TOML or JSON); see docs/training.md."
     ),
 ):
-    """Train a Mixture-of-Experts video model from a latent cache; resumes from its out_dir."""
-    from vidmoe.training.loop import train_main
+    """Train a Mixture-of-Experts video model from a latent cache; resumes from its out_dir.
+
+    Under `torchrun --nproc-per-node N -m vidmoe train CONFIG` every process trains its share of
+    each batch ([distributed] in the config: DDP or FSDP2); rank 0 writes the files."""
+    from vidmoe.parallel.world import device_for, start, stop, world_from_env
+    from vidmoe.training.loop import load_train_config, train_main
 
     with _user_errors():
-        out = train_main(config)
-    typer.echo(f"training state in {out}")
+        world = world_from_env(os.environ)
+        if world.distributed:
+            start(world, device_for(world, load_train_config(config).device))
+        try:
+            out = train_main(config, world=world)
+        finally:
+            stop()
+    if world.is_main:
+        typer.echo(f"training state in {out}")
 
 
 @app.command("train-vae")

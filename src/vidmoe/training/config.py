@@ -30,6 +30,7 @@ from vidmoe.training.objective_terms import ObjectiveOptions
 from vidmoe.training.tables import parse_named_tables, parse_table
 
 LR_SCHEDULES = ("constant", "cosine")
+STRATEGIES = ("ddp", "fsdp")
 # Release module names: the attention q/k/v/o and FFN linears of every block (peft matches a
 # target against the end of a module name).
 DEFAULT_LORA_TARGETS = tuple(n for n in BLOCK_LINEARS if not n.endswith("_img"))
@@ -76,6 +77,25 @@ class LoraTrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DistributedConfig:
+    """How a run launched by torchrun on several processes spreads the trained experts over
+    them (`[distributed]` in a train config); a single process ignores it. Every rank takes an
+    equal share of each global batch (`batch_size`); see `vidmoe.training.distributed`."""
+
+    strategy: str = "ddp"
+    """'ddp': every rank holds whole experts, gradients are all-reduced (torch DDP); 'fsdp':
+    each block's parameters, gradients and optimiser state are sharded over the ranks (FSDP2
+    `fully_shard`), gathered block by block for the forward and backward passes."""
+    reshard_after_forward: bool = True
+    """fsdp only: free each block's gathered weights after its forward and gather them again for
+    the backward (less memory); false keeps them from forward to backward (less traffic)."""
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}; got {self.strategy!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Everything one training run needs; read from TOML or JSON by `load_train_config`."""
 
@@ -96,7 +116,8 @@ class TrainConfig:
     `ffn_dim = 512`, `window_size = [-1, 64]`); as `ModelConfig.expert_overrides`. Empty: every
     expert is `transformer`."""
     batch_size: int = 16
-    """Clips per step (split between the experts by sigma)."""
+    """Clips per step (split between the experts by sigma); under torchrun the global batch,
+    split equally over the ranks (it must be a multiple of the world size)."""
     lr: float = 3e-4
     """Peak AdamW learning rate."""
     weight_decay: float = 0.01
@@ -173,6 +194,8 @@ class TrainConfig:
     must equal `transformer`); empty: fresh weights. See `vidmoe.training.finetune`."""
     lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
     """LoRA fine-tuning (`[lora]`: rank, alpha, targets, dropout); rank 0: all weights train."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Several processes under torchrun (`[distributed]`: strategy, reshard_after_forward)."""
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:

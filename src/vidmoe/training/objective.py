@@ -135,6 +135,7 @@ def flow_matching_loss(
     noise: Tensor,
     *,
     options: ObjectiveOptions | None = None,
+    share: slice | None = None,
 ) -> ObjectiveOutput:
     """Mean squared velocity error, each sample scored by the expert that owns its sigma.
 
@@ -147,8 +148,15 @@ def flow_matching_loss(
             expert(x (B, C, F, H, W), sigma (B,), context (B, S, D)) -> velocity.
         x0: (B, C, F, H, W) clean latents; noise: same shape.
         context: (B, S, D) text embeddings (zero-padded).
-        sigma: (B,) noise levels in [0, 1].
+        sigma: (B,) noise levels in [0, 1]; with `share`, the whole global batch's (B_all,).
         options: the optional terms; None: none.
+        share: data-parallel training: x0, context and noise are this rank's samples
+            `sigma[share]` of a global batch. Each expert's loss is then this rank's sum over
+            its samples divided by the expert's count in the global batch, so the ranks'
+            gradients sum to the one-process gradient; an expert that runs on some rank but on
+            none of this rank's samples runs on one of them with weight 0, so that every rank
+            calls the same experts (DDP and FSDP2 gather and reduce inside those calls).
+            `counts`, `band_count`, `ran` are the global batch's; the rest this rank's.
     Returns:
         an `ObjectiveOutput`.
     """
@@ -159,20 +167,31 @@ def flow_matching_loss(
             "the specialisation term needs >= 2 experts; set specialisation_weight = 0"
         )
     router = Router(moe)
-    x_sigma, target = noisy_sample(x0, noise, sigma)  # (B, C, F, H, W) each
-    owner = router.assign(sigma)  # (B,)
+    owner_all = router.assign(sigma)  # (B_all,)
     num_experts = len(moe.expert_names)
-    hard = nn.functional.one_hot(owner, num_experts).double()  # (B, K)
-    weights = router.weights(sigma) if opts.band_training else hard  # (B, K)
-    needed = weights > 0  # (B, K) which expert runs on which sample
+    hard = nn.functional.one_hot(owner_all, num_experts).double()  # (B_all, K)
+    weights_all = router.weights(sigma) if opts.band_training else hard  # (B_all, K)
+    needed_all = weights_all > 0  # (B_all, K) which expert runs on which sample
     if opts.specialisation_weight:
-        needed = torch.ones_like(needed)  # every sample through every expert
-    _check_given(experts, moe, owner, needed)
+        needed_all = torch.ones_like(needed_all)  # every sample through every expert
+    _check_given(experts, moe, owner_all, needed_all)
+    mine = slice(None) if share is None else share
+    sigma, owner, weights, needed = (
+        sigma[mine],
+        owner_all[mine],
+        weights_all[mine],
+        needed_all[mine],
+    )
+    x_sigma, target = noisy_sample(x0, noise, sigma)  # (B, C, F, H, W) each
     pred = torch.zeros(target.shape, device=x0.device)  # (B, C, F, H, W) fp32
     full: dict[int, Tensor] = {}  # expert index -> (B, C, F, H, W), zero where it did not run
+    idle: list[Tensor] = []  # weight-0 calls of experts that run only on other ranks
     for k, name in enumerate(moe.expert_names):
         idx = needed[:, k].nonzero(as_tuple=True)[0]  # (B_k,)
         if not idx.numel():
+            if share is not None and needed_all[:, k].any():
+                v = experts[name](x_sigma[:1], sigma[:1], context[:1])  # (1, C, F, H, W)
+                idle.append(0.0 * v.float().sum())
             continue  # the expert is not run, so its gradients stay untouched
         v = experts[name](x_sigma[idx], sigma[idx], context[idx]).float()  # (B_k, C, F, H, W)
         full[k] = torch.zeros_like(pred).index_copy(0, idx, v)  # (B, C, F, H, W)
@@ -195,20 +214,21 @@ def flow_matching_loss(
     for k, name in enumerate(moe.expert_names):
         if name not in experts:
             continue  # trained in another run (its range got no samples, checked above)
+        counts[name] = int((owner_all == k).sum())
         idx = (owner == k).nonzero(as_tuple=True)[0]  # (B_k,)
-        counts[name] = int(idx.numel())
-        if counts[name]:
+        if idx.numel():
             per_expert[name] = mse[idx].mean()
-            objective.append(total[idx].mean())
+            mean = total[idx].mean() if share is None else total[idx].sum() / counts[name]
+            objective.append(mean)
     return ObjectiveOutput(
-        loss=torch.stack(objective).sum(),
+        loss=torch.stack(objective + idle).sum(),
         per_expert=per_expert,
         counts=counts,
         sigma=sigma.detach(),
         sample_loss=mse.detach(),
         terms=terms,
-        band_count=int(in_band.sum()) if opts.band_training else 0,
-        ran=tuple(moe.expert_names[k] for k in full),
+        band_count=int((weights_all.amax(1) < 1).sum()) if opts.band_training else 0,
+        ran=tuple(n for k, n in enumerate(moe.expert_names) if needed_all[:, k].any()),
     )
 
 
