@@ -53,6 +53,7 @@ def shard_blocks(
     *,
     mp_policy=None,
     reshard_after_forward: bool = True,
+    root_reshard_after_forward: bool | None = None,
     prefetch: bool = True,
 ) -> nn.Module:
     """`fully_shard` each of `blocks`, then `module` (the root: every weight outside the blocks).
@@ -62,7 +63,9 @@ def shard_blocks(
         blocks: its repeated layers, in the order the forward runs them.
         mesh: the ranks that share the weights (1-D).
         mp_policy: a `MixedPrecisionPolicy` (training), or None: compute in the stored dtype.
-        reshard_after_forward: free each block's gathered weights after it ran (inference).
+        reshard_after_forward: free each block's gathered weights after it ran.
+        root_reshard_after_forward: the same for the root (None: as the blocks); training keeps
+            the root gathered, since its backward needs it again at once.
         prefetch: each block starts the all-gather of the next before it runs.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -75,11 +78,21 @@ def shard_blocks(
     blocks = list(blocks)
     for block in blocks:
         fully_shard(block, **kwargs)
+    if root_reshard_after_forward is not None:
+        kwargs["reshard_after_forward"] = root_reshard_after_forward
     fully_shard(module, **kwargs)
     if prefetch:
         for block, following in zip(blocks, blocks[1:]):
             block.set_modules_to_forward_prefetch([following])
     return module
+
+
+def bf16_policy():
+    """Mixed precision for training: gathered weights compute in bf16, gradients reduce in fp32
+    (the sharded master weights and the optimiser state stay fp32)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def shard_expert(expert: nn.Module, mesh: DeviceMesh) -> nn.Module:

@@ -2,7 +2,7 @@
 
 `DataParallel` is how one run spreads over its ranks: each rank takes an equal, contiguous
 share of every global batch (`share`), runs the trained experts wrapped for its strategy
-(`wrap`: torch DDP, or FSDP2 `fully_shard` per block with `shard_blocks`), and turns sharded
+(`wrap`: torch DDP, or FSDP2 `fully_shard` per block with `parallel.fsdp.shard_blocks`), and turns sharded
 state into whole tensors and back (`full_state`, `like_param`), so a checkpoint holds exactly
 what a one-process run's holds and loads on any world size. Rank 0 writes files. A one-process
 `DataParallel` does nothing: its methods hand back what they are given.
@@ -11,7 +11,7 @@ what a one-process run's holds and loads on any world size. Rank 0 writes files.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,45 +19,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from vidmoe.parallel.fsdp import bf16_policy, shard_blocks
 from vidmoe.parallel.world import World
 
-__all__ = ["DataParallel", "RankMemory", "batch_share", "rank_memory", "shard_blocks"]
-
-
-def shard_blocks(
-    module: nn.Module,
-    blocks: Iterable[nn.Module],
-    *,
-    mesh,
-    use_bf16: bool = False,
-    reshard_after_forward: bool = True,
-) -> nn.Module:
-    """FSDP2-shard `module` over `mesh`, one unit per block and one for the rest (in place).
-
-    Each of `blocks` (a transformer's blocks) gathers its parameters just before its forward
-    and frees them after (when `reshard_after_forward`), so a rank holds whole weights of one
-    block at a time; the root unit holds the embeddings and the head. With `use_bf16` the
-    gathered weights compute in bf16 and gradients are reduced in fp32 (the sharded master
-    weights and the optimiser state stay fp32).
-
-    Args:
-        module: the model to shard (its parameters become DTensors sharded on dim 0).
-        blocks: its submodules to shard one by one, in forward order.
-        mesh: a 1-D `DeviceMesh` of the ranks that share the weights.
-    Returns:
-        `module`, now an FSDP module.
-    """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    policy = MixedPrecisionPolicy(
-        param_dtype=torch.bfloat16 if use_bf16 else None,
-        reduce_dtype=torch.float32 if use_bf16 else None,
-    )
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    # the root's parameters are needed again at once by the backward: keep them gathered
-    fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-    return module
+__all__ = ["DataParallel", "RankMemory", "batch_share", "rank_memory"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -199,12 +164,15 @@ class DataParallel:
 
         self._mesh = init_device_mesh(self.device.type, (self.size,))
         for expert in experts.values():
+            # the root's parameters are needed again at once by the backward: keep them gathered
             shard_blocks(
                 expert,
                 expert.blocks,
-                mesh=self._mesh,
-                use_bf16=self.use_bf16,
+                self._mesh,
+                mp_policy=bf16_policy() if self.use_bf16 else None,
                 reshard_after_forward=self.reshard_after_forward,
+                root_reshard_after_forward=False,
+                prefetch=False,
             )
         return dict(experts)
 
