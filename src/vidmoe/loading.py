@@ -176,17 +176,6 @@ def speed_up(pipe: Pipeline, *, attention: str = "auto", compile: bool = False) 
     return pipe
 
 
-def layout_files(layout) -> dict[str, str]:
-    """Component -> the file (or folder) a layout reads it from: `expert.<name>`, `vae`, and
-    `text_encoder` when the model's encoder has weights of its own there."""
-    files = {f"expert.{n}": str(p) for n, p in layout.experts.items()}
-    if layout.vae is not None:
-        files["vae"] = str(layout.vae)
-    if layout.text_encoder is not None:
-        files["text_encoder"] = str(layout.text_encoder)
-    return files
-
-
 def _preset_pipeline(name: str, placement: Placement, *, quantize: str | None) -> Pipeline:
     """A preset's architecture with random weights (`build_random_pipeline`), fp8 if asked."""
     pipe = build_random_pipeline(
@@ -222,7 +211,7 @@ def _folder_pipeline(
     experts = Experts(c.experts, c.config.moe, placement=placement)
     pipe = Pipeline(c.config, experts, c.vae, c.text_encoder)
     pipe.source = {"path": str(path), "layout": c.layout}
-    return pipe, layout_files(detect_layout(path))
+    return pipe, detect_layout(path).files()
 
 
 def _files_pipeline(
@@ -255,7 +244,7 @@ def _files_pipeline(
         c.config, Experts(c.experts, c.config.moe, placement=placement), c.vae, c.text_encoder
     )
     folder = model is not None and not (isinstance(model, str) and model in PRESETS)
-    files = layout_files(detect_layout(model)) if folder else {}
+    files = detect_layout(model).files() if folder else {}
     files.update({f"expert.{n}": str(p) for n, p in (experts or {}).items()})
     files.update({"vae": str(vae)} if vae is not None else {})
     files.update({"text_encoder": str(text_encoder)} if text_encoder is not None else {})
@@ -322,7 +311,7 @@ def _disk_pipeline(
         text,
     )
     pipe.source = {"path": str(path), "layout": layout.kind}
-    return pipe, layout_files(layout)
+    return pipe, layout.files()
 
 
 def _place_text_encoder(text, placement: Placement) -> None:
