@@ -4,7 +4,7 @@ fp8_scaled, GGUF in the experts' own float type and each GGUF type the gguf pack
 
 Each converted model loads its experts from the written files (the demo folder gives the rest)
 and runs the same prompts and seeds as the original, in one process. Run:
-    python benchmarks/bench_convert.py --prompts 4
+    python benchmarks/bench_convert.py --prompts 4 [--formats gguf:q8_0,comfyui:fp8]
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 FORMATS = [
     ("comfyui", None),
@@ -40,18 +39,25 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument(
+        "--formats", default="", help="layout:quantize,... (default: all), e.g. gguf:q4_0"
+    )
     args = parser.parse_args()
+    formats = FORMATS
+    if args.formats:
+        pairs = [f.split(":") for f in args.formats.split(",")]
+        formats = [(layout, None if q in ("", "-") else q) for layout, q in pairs]
     prompts = PROMPTS[: args.prompts]
     kw = dict(device="cpu", dtype="float32")
     ref = load_pipeline(DEMO_DIR, **kw)
     want = [ref.generate(p, seed=i) for i, p in enumerate(prompts)]
     names = ref.config.moe.expert_names
     size = sum((DEMO_DIR / "experts" / f"{n}.safetensors").stat().st_size for n in names)
-    print(f"demo experts as shipped: {size / 2**20:.2f} MiB")
+    print(f"demo experts as shipped: {size / 2**20:.2f} MiB", flush=True)
     print("| layout | --quantize | experts MiB | latents rel. L2 | mean abs frame diff (0-255) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- |", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for layout, quantize in FORMATS:
+        for layout, quantize in formats:
             dst = Path(tmp) / f"{layout}-{quantize}"
             out = convert(DEMO_DIR, dst, layout=layout, quantize=quantize)
             files = {n: Path(out.files[f"expert.{n}"]) for n in names}
@@ -65,10 +71,10 @@ def main() -> None:
             mib = sum(f.stat().st_size for f in files.values()) / 2**20
             print(
                 f"| {layout} | {quantize or '-'} | {mib:.2f} | {np.mean(rel):.4f} | "
-                f"{np.mean(frames):.2f} |"
+                f"{np.mean(frames):.2f} |",
+                flush=True,
             )
             del pipe
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ def load_pipeline(
     (any layout, see docs/checkpoints.md) on top of `model`, or without one (`model=None`).
     `attention` picks the attention backend of every expert ('auto', 'sdpa', 'flash', 'sage':
     models/attention.py); `compile` compiles each transformer block (regional torch.compile).
+    Every path records what it loaded in `pipe.source` with the same keys (`_finish`).
     """
     if quantize not in (None, "fp8"):
         raise ValueError(
