@@ -938,23 +938,33 @@ def convert(
         ..., help="A checkpoint folder or file in any layout vidmoe reads (or a .gguf expert)."
     ),
     dst: Path = typer.Argument(
-        ..., help="Where to write: a folder (a .safetensors file for one ComfyUI expert)."
+        ...,
+        help="Where to write: a folder (a .safetensors or .gguf file for a one-expert source).",
     ),
-    layout: str = typer.Option(..., "--layout", help="official, diffusers, comfyui or vidmoe."),
+    layout: str = typer.Option(
+        ..., "--layout", help="official, diffusers, comfyui, vidmoe or gguf."
+    ),
     quantize: str | None = typer.Option(
         None,
         "--quantize",
-        help="fp8: block linear weights as ComfyUI fp8_scaled (a scale per output channel).",
+        help="fp8: block linear weights as ComfyUI fp8_scaled (a scale per output channel); "
+        "with --layout gguf a GGUF type: q8_0, q5_1, q5_0, q4_1, q4_0, f16, bf16, f32.",
     ),
 ):
-    """Write a checkpoint in another layout (optionally fp8_scaled); the text encoder is not copied."""
+    """Write a checkpoint in another layout: experts, VAE, umT5 text encoder and tokenizer."""
+    from vidmoe.io.convert import check_quantize
     from vidmoe.io.convert import convert as convert_checkpoint
 
     with _user_errors():
+        check_quantize(layout, quantize)
         if dst.exists() and any(dst.iterdir() if dst.is_dir() else [dst]):
             raise ValueError(f"{dst} exists: give a new DST (convert does not overwrite)")
         out = convert_checkpoint(src, dst, layout=layout, quantize=quantize)
-    typer.echo(f"wrote {out} ({layout} layout{', fp8_scaled' if quantize else ''})")
+    typer.echo(f"wrote {out.path} ({layout} layout{f', {quantize}' if quantize else ''})")
+    for component, path in out.files.items():
+        typer.echo(f"  {component}: {path}")
+    for note in out.notes:
+        typer.echo(f"  note: {note}")
 
 
 def main() -> None:

@@ -111,6 +111,7 @@ def load_pipeline(
     models/attention.py); `compile` compiles each transformer block (regional torch.compile).
     `shard` (a `vidmoe.parallel.fsdp.Sharding`, under torchrun) shards every expert (and the text
     encoder) over the ranks with FSDP2; a checkpoint folder is then read shard by shard.
+    Every path records what it loaded in `pipe.source` with the same keys (`_finish`).
     """
     if quantize not in (None, "fp8"):
         raise ValueError(
@@ -132,7 +133,15 @@ def load_pipeline(
             else None
         )
         pipe = load_sharded_pipeline(model, placement, shard, strict=strict, files=files)
-        return speed_up(pipe, attention=attention)
+        return _finish(
+            pipe,
+            files=_files_read(
+                model if files else _default_model(model), experts, vae, text_encoder
+            ),
+            quantize=None,
+            attention=attention,
+            compile=False,
+        )
     if experts or vae is not None or text_encoder is not None:
         pipe, files = _files_pipeline(
             model,
@@ -190,17 +199,6 @@ def speed_up(pipe: Pipeline, *, attention: str = "auto", compile: bool = False) 
     return pipe
 
 
-def layout_files(layout) -> dict[str, str]:
-    """Component -> the file (or folder) a layout reads it from: `expert.<name>`, `vae`, and
-    `text_encoder` when the model's encoder has weights of its own there."""
-    files = {f"expert.{n}": str(p) for n, p in layout.experts.items()}
-    if layout.vae is not None:
-        files["vae"] = str(layout.vae)
-    if layout.text_encoder is not None:
-        files["text_encoder"] = str(layout.text_encoder)
-    return files
-
-
 def _preset_pipeline(name: str, placement: Placement, *, quantize: str | None) -> Pipeline:
     """A preset's architecture with random weights (`build_random_pipeline`), fp8 if asked."""
     pipe = build_random_pipeline(
@@ -236,7 +234,7 @@ def _folder_pipeline(
     experts = Experts(c.experts, c.config.moe, placement=placement)
     pipe = Pipeline(c.config, experts, c.vae, c.text_encoder)
     pipe.source = {"path": str(path), "layout": c.layout}
-    return pipe, layout_files(detect_layout(path))
+    return pipe, detect_layout(path).files()
 
 
 def _files_pipeline(
@@ -252,7 +250,6 @@ def _files_pipeline(
     """Components from separate files (`vidmoe.io.components`) on top of a folder, a preset
     or nothing; `files` names each component's file, the folder's for those not given."""
     from vidmoe.io.components import load_components_from
-    from vidmoe.io.layouts import detect_layout
 
     resident = placement.residency == "resident"
     c = load_components_from(
@@ -268,13 +265,20 @@ def _files_pipeline(
     pipe = Pipeline(
         c.config, Experts(c.experts, c.config.moe, placement=placement), c.vae, c.text_encoder
     )
+    pipe.source = {"path": str(model) if model is not None else None, "layout": c.layout}
+    return pipe, _files_read(model, experts, vae, text_encoder)
+
+
+def _files_read(model, experts, vae, text_encoder) -> dict[str, str]:
+    """Component -> the file it is read from: the folder's, then those given on top."""
+    from vidmoe.io.layouts import detect_layout
+
     folder = model is not None and not (isinstance(model, str) and model in PRESETS)
-    files = layout_files(detect_layout(model)) if folder else {}
+    files = detect_layout(model).files() if folder else {}
     files.update({f"expert.{n}": str(p) for n, p in (experts or {}).items()})
     files.update({"vae": str(vae)} if vae is not None else {})
     files.update({"text_encoder": str(text_encoder)} if text_encoder is not None else {})
-    pipe.source = {"path": str(model) if model is not None else None, "layout": c.layout}
-    return pipe, files
+    return files
 
 
 def model_config_for_files(
@@ -336,7 +340,7 @@ def _disk_pipeline(
         text,
     )
     pipe.source = {"path": str(path), "layout": layout.kind}
-    return pipe, layout_files(layout)
+    return pipe, layout.files()
 
 
 def _place_text_encoder(text, placement: Placement) -> None:

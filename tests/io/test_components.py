@@ -1,6 +1,7 @@
 """Components from separate files: each expert format loads through `experts=` / `--expert` on top
 of a model folder or alone (with `vae=` and `text_encoder=`); fp8 scales are applied or the load
-is refused; ComfyUI umT5 names map; GGUF experts dequantise; `convert` round-trips."""
+is refused; ComfyUI umT5 names map; GGUF experts dequantise; `convert` round-trips (every
+layout pair: tests/io/test_convert.py)."""
 
 import dataclasses
 
@@ -391,5 +392,12 @@ def test_cli_convert(tmp_path, official):
         app, ["convert", str(official), str(tmp_path / "c"), "--layout", "vidmoe"]
     )
     assert r.exit_code == 2 and "exists" in r.output
-    r = CliRunner().invoke(app, ["convert", str(official), str(tmp_path / "d"), "--layout", "gguf"])
+    r = CliRunner().invoke(app, ["convert", str(official), str(tmp_path / "d"), "--layout", "onnx"])
     assert r.exit_code == 2 and "--layout must be one of" in r.output
+    args = ["convert", str(official), str(tmp_path / "g"), "--layout", "gguf"]
+    r = CliRunner().invoke(app, [*args, "--quantize", "q4_k"])
+    assert r.exit_code == 2 and "cannot write them" in r.output and not (tmp_path / "g").exists()
+    r = CliRunner().invoke(app, [*args, "--quantize", "q8_0"])
+    assert r.exit_code == 0, r.output
+    assert "expert.high_noise: " in r.output and "text_encoder: " in r.output
+    assert (tmp_path / "g" / "high_noise.gguf").is_file()

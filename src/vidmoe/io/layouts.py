@@ -30,7 +30,8 @@ LAYOUT_KINDS = ("official", "diffusers", "comfyui", "vidmoe")
 LAYOUT_NEEDS = {
     "official": "high_noise_model/ and low_noise_model/ (each config.json + *.safetensors or "
     "*.safetensors.index.json), or config.json + safetensors at the top (ti2v-5B); and "
-    "Wan2.1_VAE.pth or Wan2.2_VAE.pth (optional: models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/)",
+    "Wan2.1_VAE.pth or Wan2.2_VAE.pth (optional: models_t5_umt5-xxl-enc-bf16.pth or .safetensors, "
+    "google/umt5-xxl/)",
     "diffusers": "model_index.json, transformer/ (+ transformer_2/ for two experts), vae/ "
     "(optional: text_encoder/, tokenizer/)",
     "comfyui": "a single .safetensors file of one expert, release names with or without a "
@@ -38,8 +39,15 @@ LAYOUT_NEEDS = {
     "vidmoe": "vidmoe.json, experts/<name>.safetensors per expert, vae.safetensors "
     "(optional: text_encoder/, tokenizer/)",
 }
-RELEASE_VAE_FILES = {"Wan2.1_VAE.pth": "2.1", "Wan2.2_VAE.pth": "2.2"}
+RELEASE_VAE_FILES = {
+    "Wan2.1_VAE.pth": "2.1",
+    "Wan2.2_VAE.pth": "2.2",
+    # as `vidmoe convert --layout official` writes them: safetensors, never pickles
+    "Wan2.1_VAE.safetensors": "2.1",
+    "Wan2.2_VAE.safetensors": "2.2",
+}
 RELEASE_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+RELEASE_T5_SAFETENSORS = "models_t5_umt5-xxl-enc-bf16.safetensors"  # as `convert` writes it
 RELEASE_TOKENIZER_DIR = "google/umt5-xxl"
 # parity: every released Wan transformer uses 128-wide attention heads; a ComfyUI file does not
 # store the head count, so it is dim / 128.
@@ -68,6 +76,13 @@ class Layout:
     """Tensor names in the files: 'release', 'diffusers' or 'comfyui' (prefixed release)."""
     notes: tuple[str, ...] = ()
     """What was inferred rather than read (shown by `vidmoe info`)."""
+
+    def files(self) -> dict[str, str]:
+        """Component -> the file or folder it is read from: `expert.<name>`, `vae`, and
+        `text_encoder`, `tokenizer` where the checkpoint holds them."""
+        files = {f"expert.{n}": str(p) for n, p in self.experts.items()}
+        parts = {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer}
+        return files | {k: str(p) for k, p in parts.items() if p is not None}
 
     def expert_tensors(self, name: str) -> TensorSource:
         """One expert's tensors, lazily, under release names."""
@@ -160,10 +175,12 @@ def _official(root: Path) -> Layout:
     if not vae_files:
         raise ValueError(f"official checkpoint {root} lacks {' or '.join(RELEASE_VAE_FILES)}")
     if len(vae_files) > 1:  # keep the one the transformer's channel count asks for
-        want = "Wan2.2_VAE.pth" if transformer.out_dim == 48 else "Wan2.1_VAE.pth"
-        vae_files = [root / want]
+        want = "2.2" if transformer.out_dim == 48 else "2.1"
+        vae_files = [f for f in vae_files if RELEASE_VAE_FILES[f.name] == want][:1] or vae_files[:1]
     vae, notes = vae_config_from_shapes(open_tensors(vae_files[0]))
     t5, tok = root / RELEASE_T5_FILE, root / RELEASE_TOKENIZER_DIR
+    if not t5.is_file():
+        t5 = root / RELEASE_T5_SAFETENSORS
     config, more = implied_config(root.name, transformer, vae, list(folders))
     return Layout(
         kind="official",

@@ -89,6 +89,11 @@ def save_torch_atomic(tensors: Mapping[str, torch.Tensor], path: str | Path) -> 
     return path
 
 
+def save_safetensors_dict(tensors: Mapping[str, torch.Tensor], path: str | Path) -> Path:
+    """`save_safetensors_atomic` of any mapping (a lazy source is read whole)."""
+    return save_safetensors_atomic(dict(_source(tensors).items()), path)
+
+
 def _expert_folders(root: Path, names: list[str], kind: str) -> dict[str, Path]:
     """Where each expert goes: release `<name>_model/` or diffusers `transformer{,_2}/`."""
     if sorted(names) == ["high_noise", "low_noise"]:
@@ -112,19 +117,24 @@ def write_official_layout(
     text_encoder: Mapping[str, torch.Tensor] | None = None,
     tokenizer_dir: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    release_pickles: bool = True,
 ) -> Path:
     """Write the release folder: `{high,low}_noise_model/` (or the top level for one `dense`
     expert) with config.json and sharded safetensors, `Wan2.x_VAE.pth`, and optionally the T5
-    `.pth` and `google/umt5-xxl/` tokenizer."""
+    `.pth` and `google/umt5-xxl/` tokenizer. `release_pickles=False` (what `vidmoe convert`
+    writes) stores the VAE and T5 as `.safetensors` under the same stems instead of pickles;
+    vidmoe reads both."""
     root = Path(root)
+    suffix = ".pth" if release_pickles else ".safetensors"
+    save = save_torch_atomic if release_pickles else save_safetensors_dict
     for name, folder in _expert_folders(root, list(experts), "official").items():
         _write_json(keymaps.transformer_config_to_release(transformer), folder / "config.json")
         write_sharded_safetensors(experts[name], folder, max_shard_bytes=max_shard_bytes)
     if vae_generation not in ("2.1", "2.2"):
         raise ValueError(f"vae_generation must be '2.1' or '2.2'; got {vae_generation!r}")
-    save_torch_atomic(vae, root / f"Wan{vae_generation}_VAE.pth")
+    save(vae, root / f"Wan{vae_generation}_VAE{suffix}")
     if text_encoder is not None:
-        save_torch_atomic(text_encoder, root / RELEASE_T5_FILE)
+        save(text_encoder, (root / RELEASE_T5_FILE).with_suffix(suffix))
     if tokenizer_dir is not None:
         shutil.copytree(tokenizer_dir, root / RELEASE_TOKENIZER_DIR, dirs_exist_ok=True)
     return root
@@ -192,6 +202,39 @@ def write_diffusers_layout(
     }
     _write_json(index, root / "model_index.json")
     return root
+
+
+def write_text_encoder_folder(
+    tensors: Mapping[str, torch.Tensor],
+    folder: str | Path,
+    *,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Write umT5 (HF names) as transformers / diffusers save it: `config.json` of a
+    `UMT5EncoderModel` (read from the shapes) and `model.safetensors` or its shards."""
+    from vidmoe.models.text_encoder import umt5_config_from_state_dict
+
+    source, folder = _source(tensors), Path(folder)
+    config = umt5_config_from_state_dict({n: source.shape(n) for n in source})
+    config.architectures = ["UMT5EncoderModel"]
+    write_text_atomic(config.to_json_string(), folder / "config.json")
+    return write_sharded_safetensors(source, folder, name="model", max_shard_bytes=max_shard_bytes)
+
+
+def copy_tree_atomic(src: str | Path, dst: str | Path) -> Path:
+    """Copy a folder (a tokenizer) so that `dst` appears whole or not at all."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        raise ValueError(f"{dst} exists: give a new destination")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
 
 
 def write_vidmoe_layout(

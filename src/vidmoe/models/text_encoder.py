@@ -44,6 +44,9 @@ UMT5_TINY_HPARAMS = dict(
     shared_pos=False,
 )
 RELEASE_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+# `vidmoe convert --layout official` writes the encoder as safetensors under this name (it never
+# writes pickles); read wherever the release's .pth is.
+RELEASE_T5_SAFETENSORS = "models_t5_umt5-xxl-enc-bf16.safetensors"
 RELEASE_TOKENIZER_DIR = "google/umt5-xxl"
 
 # release name inside `blocks.{i}.` -> HF name inside `encoder.block.{i}.`
@@ -404,6 +407,7 @@ def _umt5_paths(path: Path) -> tuple[Path, Path]:
     """(weights, tokenizer folder) of a release folder/.pth/.safetensors or a diffusers layout."""
     candidates = [
         (path / RELEASE_T5_FILE, path / RELEASE_TOKENIZER_DIR),  # release checkpoint folder
+        (path / RELEASE_T5_SAFETENSORS, path / RELEASE_TOKENIZER_DIR),  # converted to it
         (path / "text_encoder", path / "tokenizer"),  # diffusers model folder
         (path, path.parent / "tokenizer"),  # diffusers text_encoder/ folder
         (path, path.parent / RELEASE_TOKENIZER_DIR),  # release .pth / .safetensors file
