@@ -237,7 +237,7 @@ class Clip:
 class ShapesWorld:
     """An endless, seeded family of shapes clips: `sample(i)` is the same clip for the same seed.
 
-    `vocabulary` picks the motion phrasings of the captions ("base" or "extended", see
+    `vocabulary` picks the captions' vocabulary ("base", "extended" or "rich", see
     `vidmoe.world.labels.motion_phrases`); the labels and videos do not depend on it.
     """
 
