@@ -433,3 +433,36 @@ def test_encoder_lr_puts_the_encoder_in_a_group_of_its_own():
     encoder = {id(p) for m in (vae.encoder, vae.conv1) for p in m.parameters()}
     assert {id(p) for p in enc["params"]} == encoder
     assert len(rest["params"]) + len(enc["params"]) == len(list(vae.parameters()))
+
+
+def test_vae_encoder_only_stage_keeps_the_decoder_and_holds_later_latents(tmp_path):
+    """`freeze_decoder` with `anchor_weight` (issue 23's first-frame stage) trains the encoder
+    alone from `init`: the decoder's weights stay init's, the encoder's move; and both frozen is
+    refused."""
+    from safetensors.torch import load_file
+
+    base = VAETrainConfig(
+        vae=VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1),
+        width=16,
+        height=16,
+        clip_frames=5,
+        window_frames=5,
+        crop=0,
+        batch_size=1,
+        max_steps=1,
+        num_stat_clips=1,
+    )
+    train_vae(base, tmp_path / "a", log=lambda s: None)
+    stage = dataclasses.replace(
+        base, freeze_decoder=True, anchor_weight=10.0, first_frame_weight=4.0, max_steps=2
+    )
+    lines = []
+    train_vae(stage, tmp_path / "b", init=tmp_path / "a" / "vae.safetensors", log=lines.append)
+    a = load_file(str(tmp_path / "a" / "vae.safetensors"))
+    b = load_file(str(tmp_path / "b" / "vae.safetensors"))
+    enc = [k for k in a if k.startswith(("encoder.", "conv1."))]
+    dec = [k for k in a if k.startswith(("decoder.", "conv2."))]
+    assert dec and all(torch.equal(a[k], b[k]) for k in dec)
+    assert any(not torch.equal(a[k], b[k]) for k in enc)
+    with pytest.raises(ValueError, match="leave nothing to train"):
+        VAETrainConfig(freeze_encoder=True, freeze_decoder=True)

@@ -76,6 +76,10 @@ class VAETrainConfig:
     """Seed of the world and of the initialisation."""
     freeze_encoder: bool = False
     """Train the decoder only: the latent space (and so a latent cache built from it) stays valid."""
+    freeze_decoder: bool = False
+    """Train the encoder only: the decoder draws what it drew for the latents it knew, and the
+    encoder learns to give the frames latents it draws well (issue 23's first frame, whose
+    latent the decoder can draw right but the init encoder does not produce)."""
     num_stat_clips: int = 64
     """Whole clips encoded to measure the latent mean and std."""
     sizes: tuple[str, ...] = SIZES
@@ -138,6 +142,10 @@ class VAETrainConfig:
             )
         if self.anchor_weight < 0:
             raise ValueError(f"anchor_weight must be >= 0 (0: no anchor); got {self.anchor_weight}")
+        if self.freeze_encoder and self.freeze_decoder:
+            raise ValueError(
+                "freeze_encoder and freeze_decoder together leave nothing to train: set one false"
+            )
         if self.first_latent_weight < 0:
             raise ValueError(
                 f"first_latent_weight must be >= 0 (0: none); got {self.first_latent_weight}"
@@ -364,6 +372,9 @@ def train_vae(
     if cfg.freeze_encoder:
         vae.encoder.requires_grad_(False)
         vae.conv1.requires_grad_(False)
+    if cfg.freeze_decoder:
+        vae.decoder.requires_grad_(False)
+        vae.conv2.requires_grad_(False)
     params = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(_param_groups(vae, cfg), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
