@@ -226,11 +226,13 @@ def caption_for(
     label: ShapeLabel | tuple[ShapeLabel, ...],
     rng: np.random.Generator,
     vocabulary: str = "base",
+    *,
+    label_words: bool = False,
 ) -> str:
     """A caption for one label (or several objects on one background), phrasing drawn from `rng`.
 
-    The colour and shape appear as their label words (with "rich", often other words: see
-    `vidmoe.world.rich`); the motion as one of `motion_phrases(vocabulary)`.
+    The colour and shape appear as their label words (with "rich", often other words, unless
+    `label_words`: see `vidmoe.world.rich`); the motion as one of `motion_phrases(vocabulary)`.
     """
     table = motion_phrases(vocabulary)
     labels = (label,) if isinstance(label, ShapeLabel) else tuple(label)
@@ -260,7 +262,7 @@ def caption_for(
 
         # `rng` advanced as for the other vocabularies (the clip's render seed is drawn next),
         # the rich caption drawn from a child stream of its own
-        return rich_caption(lab, rng.spawn(1)[0], table, _TEMPLATES, bg)
+        return rich_caption(lab, rng.spawn(1)[0], table, _TEMPLATES, bg, label_words=label_words)
     return text
 
 

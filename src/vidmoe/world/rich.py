@@ -129,15 +129,23 @@ def _pick(rng: np.random.Generator, words) -> str:
 
 
 def rich_caption(
-    lab, rng: np.random.Generator, table: dict, base_templates: tuple[str, ...], bg: str
+    lab,
+    rng: np.random.Generator,
+    table: dict,
+    base_templates: tuple[str, ...],
+    bg: str,
+    *,
+    label_words: bool = False,
 ) -> str:
     """One rich caption of the label `lab` (a ShapeLabel) on the background phrase `bg`,
-    with motion phrases from `table`; everything drawn from `rng`."""
+    with motion phrases from `table`; everything drawn from `rng`. `label_words` keeps the
+    label's own colour and shape words (a clip's first caption does: training's `oversample`
+    finds a clip's shape by them)."""
     from vidmoe.world.labels import _SIZE_WORDS, _article
 
-    colour = lab.colour if rng.random() < LABEL_COLOUR_SHARE else None
+    colour = lab.colour if label_words or rng.random() < LABEL_COLOUR_SHARE else None
     colour = colour or _pick(rng, RICH_COLOUR_WORDS[lab.colour])
-    shape = lab.shape if rng.random() < LABEL_SHAPE_SHARE else None
+    shape = lab.shape if label_words or rng.random() < LABEL_SHAPE_SHARE else None
     shape = shape or _pick(rng, RICH_SHAPE_WORDS[lab.shape])
     rich = rng.random() < RICH_TEMPLATE_SHARE
     template = _pick(rng, RICH_TEMPLATES if rich else base_templates)
