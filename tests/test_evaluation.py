@@ -53,12 +53,18 @@ def test_prompt_set_is_balanced_parseable_and_held_out():
     world = ShapesWorld(64, 64, 17, seed=0)
     captions = {world.sample(i).caption for i in range(300)}
     assert not captions & {i.prompt for i in items}
-    # the demo's training captions (its world, 8 phrasings per clip, both vocabularies) hold none
+    # the demo's training captions (its world, 8 phrasings per clip, every vocabulary) hold none
     # of the held-out prompts, and its clips show every colour, shape and motion they ask for
-    demo = [demo_world(v) for v in ("base", "extended")]
+    demo = [demo_world(v) for v in ("base", "extended", "rich")]
     held_out = prompt_set(128)
     captions = {c for w in demo for i in range(150) for c in w.captions(i, 8)}
     assert not captions & {i.prompt for i in held_out}
+    from vidmoe.evaluation import HELD_OUT_MOTIONS
+
+    phrases = {p for ps in HELD_OUT_MOTIONS.values() for p in ps}
+    assert not [c for c in captions if any(p in c for p in phrases)]  # no held-out motion phrase
+    template_words = {"watch", "here", "one", "across", "frame"}  # the held-out templates' own
+    assert not set().union(*(words_of(c) for c in captions)) & template_words
     labels = [demo[0].sample(i).label for i in range(150)]
     for attr in ("colour", "shape", "motion"):
         asked = {getattr(i, attr) for i in held_out}
@@ -75,7 +81,7 @@ def test_held_out_motion_phrases_are_not_training_phrases_and_parse():
     from vidmoe.evaluation import HELD_OUT_MOTIONS
     from vidmoe.world.labels import motion_phrases
 
-    MOTION_PHRASES = motion_phrases("extended")  # a superset of the base vocabulary
+    MOTION_PHRASES = motion_phrases("rich")  # a superset of the base and extended ones
     for motion, held_out in HELD_OUT_MOTIONS.items():
         for phrase in held_out:
             assert parse_prompt(f"a red circle {phrase}").motion == motion, phrase
@@ -142,7 +148,7 @@ def test_ablation_specs():
         parse_ablation("dropout")
 
 
-@pytest.mark.parametrize("vocabulary", ["base", "extended"])
+@pytest.mark.parametrize("vocabulary", ["base", "extended", "rich"])
 def test_held_out_words_parse_but_no_demo_caption_uses_them(vocabulary):
     """Every held-out colour, shape and motion word is read by parse_prompt as its attribute,
     and none is a word of the demo world's captions (8 phrasings of 300 clips, and every word

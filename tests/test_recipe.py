@@ -218,7 +218,7 @@ def test_the_whole_recipe_runs_at_a_reduced_size(tmp_path, monkeypatch):
     assert (tmp_path / "outputs/recipe_red_circle.mp4").stat().st_size > 0
 
 
-@pytest.mark.parametrize("vocabulary", ["base", "extended"])
+@pytest.mark.parametrize("vocabulary", ["base", "extended", "rich"])
 def test_cache_verb_builds_the_world_cache_the_trainer_reads(tmp_path, vocabulary):
     from vidmoe.training.data import LatentCache
     from vidmoe.world.shapes import demo_world

@@ -51,3 +51,11 @@ vidmoe export runs/demo/model runs/demo/high_noise_cpu runs/demo/low_noise_cpu2 
 # 5. The result: generate with it, and score it on the 128 held-out prompts
 vidmoe generate "a red circle moving to the right" --model runs/demo/model -o outputs/recipe_red_circle.mp4
 vidmoe eval runs/demo/model --prompts 128 --seeds 0-3 -o runs/demo/eval
+
+# 6. Issue 23 (a candidate, not the shipped model): a cache with the rich caption vocabulary
+# (the v14 VAE), both experts fine-tuned from v14 on it, scored on held-out phrasings and words
+[ -f runs/demo/cache_2000x8_rich/index.json ] || vidmoe cache runs/demo/cache_2000x8_rich --clips 2000 --captions 8 --vocabulary rich --vae runs/demo/vae_5_outlines
+vidmoe train recipes/demo/high_noise_07_rich.toml
+vidmoe train recipes/demo/low_noise_15_rich.toml
+vidmoe export runs/demo/v15 runs/demo/high_noise_rich runs/demo/low_noise_rich --config recipes/demo/model.json --vae runs/demo/vae_5_outlines
+vidmoe eval runs/demo/v15 --prompts 128 --seeds 0-3 --prompt-set both -o runs/demo/eval_v15

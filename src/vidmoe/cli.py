@@ -863,7 +863,7 @@ def cache(
         1, "--captions", help="Phrasings per world clip (one drawn per sample)."
     ),
     vocabulary: str = typer.Option(
-        "base", "--vocabulary", help="World captions' motion phrasings: base or extended."
+        "base", "--vocabulary", help="World captions' vocabulary: base, extended or rich."
     ),
     frames: int = typer.Option(
         0, "--frames", "-f", help="Frames per video (0: the model's default)."

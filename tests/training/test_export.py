@@ -355,3 +355,114 @@ def test_first_frame_weight_weighs_each_windows_first_frame():
 def test_first_frame_weight_must_be_positive():
     with pytest.raises(ValueError, match=r"first_frame_weight must be > 0.*got 0.0"):
         VAETrainConfig(first_frame_weight=0.0)
+
+
+def test_anchor_holds_latent_frames_after_the_first_to_the_teachers():
+    """`anchor_weight`'s term is 0 for the teacher's own latents and for latents that differ
+    only in frame 0, and grows with a change of a later latent frame; vae_loss adds it."""
+    from vidmoe.training.vae_train import anchor_distance, vae_loss
+
+    torch.manual_seed(0)
+    teacher = WanVAE(VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1))
+    video = torch.rand(2, 3, 9, 16, 16) * 2 - 1  # (B, 3, T, H, W)
+    with torch.no_grad():
+        mu = teacher.encode(video, chunked=False)  # (B, Z, 3, h, w): raw, the config has no stats
+        assert anchor_distance(mu, teacher, video) < 1e-10
+        moved = mu.clone()
+        moved[:, :, 0] += 5.0
+        assert anchor_distance(moved, teacher, video) < 1e-10
+        moved[:, :, 2] += 0.1
+        small = anchor_distance(moved, teacher, video)
+        moved[:, :, 2] += 0.9
+        assert 0 < small < anchor_distance(moved, teacher, video)
+    student = WanVAE(teacher.config)
+    base = dict(vae=teacher.config, latent_noise=0.0)
+    plain, parts = vae_loss(student, video, VAETrainConfig(**base), teacher)
+    anchored, parts = vae_loss(student, video, VAETrainConfig(**base, anchor_weight=2.0), teacher)
+    assert parts["anchor"] > 0
+    assert torch.allclose(anchored, plain + 2.0 * parts["anchor"], rtol=1e-5)
+
+
+def test_anchor_weight_is_checked(tmp_path):
+    from vidmoe.training.vae_train import train_vae
+
+    for key in ("anchor_weight", "first_latent_weight", "encoder_lr"):
+        with pytest.raises(ValueError, match=f"{key} must be >= 0"):
+            VAETrainConfig(**{key: -1.0})
+        with pytest.raises(ValueError, match="freeze_encoder"):
+            VAETrainConfig(**{key: 1.0}, freeze_encoder=True)
+    cfg = VAETrainConfig(
+        vae=VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1),
+        anchor_weight=1.0,
+        max_steps=1,
+        width=16,
+        height=16,
+        clip_frames=5,
+        window_frames=5,
+        crop=0,
+    )
+    with pytest.raises(ValueError, match="give init"):
+        train_vae(cfg, tmp_path / "out")
+
+
+def test_first_latent_target_is_the_teachers_latent_of_a_still_first_frame():
+    """`first_latent_weight`'s term is 0 when latent frame 0 equals the teacher's latent 1 of
+    a still clip of frame 0, whatever the later frames hold, and positive otherwise."""
+    from vidmoe.training.vae_train import first_latent_distance
+
+    torch.manual_seed(1)
+    teacher = WanVAE(VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1))
+    video = torch.rand(2, 3, 5, 16, 16) * 2 - 1  # (B, 3, T, H, W)
+    still = video[:, :, :1].expand(-1, -1, 5, -1, -1)
+    with torch.no_grad():
+        target = teacher.encode(still, chunked=False)[:, :, 1:2]  # (B, Z, 1, h, w)
+        mu = teacher.encode(video, chunked=False)  # (B, Z, 2, h, w)
+        assert first_latent_distance(mu, teacher, video) > 1e-4  # the first-frame path differs
+        mu[:, :, :1] = target
+        mu[:, :, 1:] += 3.0
+        assert first_latent_distance(mu, teacher, video) < 1e-10
+
+
+def test_encoder_lr_puts_the_encoder_in_a_group_of_its_own():
+    from vidmoe.training.vae_train import _param_groups
+
+    vae = WanVAE(VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1))
+    assert len(_param_groups(vae, VAETrainConfig(vae=vae.config))) == 1
+    rest, enc = _param_groups(vae, VAETrainConfig(vae=vae.config, encoder_lr=3e-4))
+    assert enc["lr"] == 3e-4 and "lr" not in rest
+    encoder = {id(p) for m in (vae.encoder, vae.conv1) for p in m.parameters()}
+    assert {id(p) for p in enc["params"]} == encoder
+    assert len(rest["params"]) + len(enc["params"]) == len(list(vae.parameters()))
+
+
+def test_vae_encoder_only_stage_keeps_the_decoder_and_holds_later_latents(tmp_path):
+    """`freeze_decoder` with `anchor_weight` (issue 23's first-frame stage) trains the encoder
+    alone from `init`: the decoder's weights stay init's, the encoder's move; and both frozen is
+    refused."""
+    from safetensors.torch import load_file
+
+    base = VAETrainConfig(
+        vae=VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1),
+        width=16,
+        height=16,
+        clip_frames=5,
+        window_frames=5,
+        crop=0,
+        batch_size=1,
+        max_steps=1,
+        num_stat_clips=1,
+    )
+    train_vae(base, tmp_path / "a", log=lambda s: None)
+    stage = dataclasses.replace(
+        base, freeze_decoder=True, anchor_weight=10.0, first_frame_weight=4.0, max_steps=2
+    )
+    lines = []
+    train_vae(stage, tmp_path / "b", init=tmp_path / "a" / "vae.safetensors", log=lines.append)
+    a = load_file(str(tmp_path / "a" / "vae.safetensors"))
+    b = load_file(str(tmp_path / "b" / "vae.safetensors"))
+    enc = [k for k in a if k.startswith(("encoder.", "conv1."))]
+    dec = [k for k in a if k.startswith(("decoder.", "conv2."))]
+    assert dec and all(torch.equal(a[k], b[k]) for k in dec)
+    assert any(not torch.equal(a[k], b[k]) for k in enc)
+    with pytest.raises(ValueError, match="leave nothing to train"):
+        VAETrainConfig(freeze_encoder=True, freeze_decoder=True)

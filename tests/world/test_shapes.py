@@ -96,7 +96,7 @@ def test_extended_vocabulary_changes_only_the_captions():
             assert (p.colour, p.shape, p.motion) == (b.label.colour, b.label.shape, b.label.motion)
             used |= {ph for ph in EXTRA_MOTION_PHRASES.get(b.label.motion, ()) if ph in caption}
     assert len(used) > 10  # the new phrasings are drawn
-    with pytest.raises(ValueError, match="vocabulary must be one of"):
+    with pytest.raises(ValueError, match="vocabulary must be one of.*rich"):
         ShapesWorld(32, 32, 5, vocabulary="large")
 
 
@@ -245,3 +245,40 @@ def test_errors_name_the_problem():
         ShapesWorld(64, 64, 5, backgrounds=("beige",))
     with pytest.raises(ValueError, match="ShapeLabel"):
         render({"colour": "red"}, 0)
+
+
+def test_rich_vocabulary_names_the_label_in_other_words_and_orders():
+    """Rich captions (issue 23) keep the labels and videos, parse back to their label, and
+    draw the rich colour words, shape nouns, motion phrases and templates."""
+    from vidmoe.world.labels import words_of
+    from vidmoe.world.rich import RICH_COLOUR_WORDS, RICH_MOTION_PHRASES, RICH_SHAPE_WORDS
+
+    base = ShapesWorld(32, 32, 5, seed=3)
+    rich = ShapesWorld(32, 32, 5, seed=3, vocabulary="rich")
+    extended, richer = motion_phrases("extended"), motion_phrases("rich")
+    assert all(set(extended[m]) <= set(richer[m]) for m in MOTION_PHRASES)
+    assert all(set(extended[m]) < set(richer[m]) for m in ("left", "right", "up", "down"))
+    used: set[str] = set()
+    label_words = 0
+    for index in range(150):
+        label = base.sample(index).label
+        captions = rich.captions(index, 4)
+        first = words_of(captions[0])
+        assert {label.colour, label.shape} <= first  # training's oversample reads these
+        if index < 3:
+            assert rich.sample(index).label == label
+            assert torch.equal(rich.sample(index).video, base.sample(index).video)
+        for caption in captions:
+            p = parse_prompt(caption)
+            assert (p.colour, p.shape, p.motion) == (label.colour, label.shape, label.motion)
+            assert p.size in (None, label.size), caption
+            words = words_of(caption)
+            label_words += label.shape in words
+            tables = (RICH_COLOUR_WORDS[label.colour], RICH_SHAPE_WORDS[label.shape])
+            used |= {w for t in tables for w in t if w in words}
+            used |= {ph for ph in RICH_MOTION_PHRASES.get(label.motion, ()) if ph in caption}
+    assert len(used) > 40  # the new words and phrases are drawn
+    assert 250 < label_words < 500  # the label's own noun in the first and some others (of 600)
+    assert any(
+        not c.startswith(("a ", "an ", "the ")) for i in range(20) for c in rich.captions(i, 4)
+    )

@@ -34,7 +34,7 @@ class CacheSource:
     """Phrasings per world clip (`ShapesWorld.captions`; training draws one per sample); a
     folder's metadata gives its own ("caption" or "captions")."""
     vocabulary: str = "base"
-    """The world's motion phrasings: "base" or "extended" (`vidmoe.world.labels`)."""
+    """The world's caption vocabulary: "base", "extended" or "rich" (`vidmoe.world.labels`)."""
     num_frames: int = 0
     """Frames per video clip (folder only); 0: the model's default."""
     width: int = 0

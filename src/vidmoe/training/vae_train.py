@@ -76,6 +76,10 @@ class VAETrainConfig:
     """Seed of the world and of the initialisation."""
     freeze_encoder: bool = False
     """Train the decoder only: the latent space (and so a latent cache built from it) stays valid."""
+    freeze_decoder: bool = False
+    """Train the encoder only: the decoder draws what it drew for the latents it knew, and the
+    encoder learns to give the frames latents it draws well (issue 23's first frame, whose
+    latent the decoder can draw right but the init encoder does not produce)."""
     num_stat_clips: int = 64
     """Whole clips encoded to measure the latent mean and std."""
     sizes: tuple[str, ...] = SIZES
@@ -93,6 +97,22 @@ class VAETrainConfig:
     """Loss weight of each window's first frame relative to the others (1: the same). The causal
     VAE codes the first frame alone, through a path the other frames share little of; a window
     has one first frame in `window_frames`, so that path learns slowest (issue 23's flash)."""
+    encoder_lr: float = 0.0
+    """The encoder's (and posterior conv's) learning rate, cosine-decayed like `lr`; 0: `lr`. A
+    first-frame stage moves the encoder's frame-0 path faster than a converged decoder can
+    take (issue 23)."""
+    anchor_weight: float = 0.0
+    """Weight of a teacher term: the mean squared distance of each window's latent frames 1+
+    (not frame 0) to those the `init` VAE's frozen encoder gives the same window, over the
+    teacher latents' variance. With the encoder trained, it lets frame 0's latent change while
+    the rest of the latent space (that latent caches and experts were made in) barely moves.
+    0: none; > 0 needs `init`."""
+    first_latent_weight: float = 0.0
+    """Weight of a teacher target for latent frame 0: the `init` VAE's latent of a still clip of
+    the window's first frame (its latent frame 1, four copies of frame 0 after frame 0), over
+    the teacher latents' variance. Frame 0's latent moves into the space of the later ones,
+    where a black and a dark-blue first frame differ as much as later frames do (issue 23: the
+    reconstruction loss alone hardly separates them). 0: none; > 0 needs `init`."""
 
     def __post_init__(self) -> None:
         for name, allowed in (("sizes", SIZES), ("motions", MOTIONS), ("shapes", SHAPES)):
@@ -115,6 +135,25 @@ class VAETrainConfig:
             raise ValueError(
                 f"stop_step must be in [0, max_steps={self.max_steps}] (0: run to max_steps); "
                 f"got {self.stop_step}"
+            )
+        if self.encoder_lr < 0 or (self.encoder_lr and self.freeze_encoder):
+            raise ValueError(
+                f"encoder_lr must be >= 0 (0: lr), and 0 with freeze_encoder; got {self.encoder_lr}"
+            )
+        if self.anchor_weight < 0:
+            raise ValueError(f"anchor_weight must be >= 0 (0: no anchor); got {self.anchor_weight}")
+        if self.freeze_encoder and self.freeze_decoder:
+            raise ValueError(
+                "freeze_encoder and freeze_decoder together leave nothing to train: set one false"
+            )
+        if self.first_latent_weight < 0:
+            raise ValueError(
+                f"first_latent_weight must be >= 0 (0: none); got {self.first_latent_weight}"
+            )
+        if (self.anchor_weight or self.first_latent_weight) and self.freeze_encoder:
+            raise ValueError(
+                "anchor_weight and first_latent_weight steer the encoder's latents, which a "
+                "frozen encoder cannot follow: set them to 0 or freeze_encoder = false"
             )
         if self.first_frame_weight <= 0:
             raise ValueError(
@@ -161,8 +200,11 @@ def _object_crop(video: Tensor, crop: int, rng: np.random.Generator) -> tuple[in
     return y0, x0
 
 
-def vae_loss(vae: WanVAE, video: Tensor, cfg: VAETrainConfig) -> tuple[Tensor, dict[str, float]]:
-    """Reconstruction loss of one batch (plus a small latent penalty); also the parts to log.
+def vae_loss(
+    vae: WanVAE, video: Tensor, cfg: VAETrainConfig, teacher: WanVAE | None = None
+) -> tuple[Tensor, dict[str, float]]:
+    """Reconstruction loss of one batch (plus a small latent penalty, and with `teacher` and
+    `cfg.anchor_weight` the anchor of latent frames 1+ to the teacher's); also the parts to log.
 
     The posterior mean is perturbed by noise at `latent_noise` times its own std, so the decoder
     learns to tolerate the small errors a diffusion model makes in latent space.
@@ -189,7 +231,44 @@ def vae_loss(vae: WanVAE, video: Tensor, cfg: VAETrainConfig) -> tuple[Tensor, d
     mse = ((recon - video).pow(2) * weight).mean()
     penalty = mu.pow(2).mean()
     loss = l1 + mse + cfg.latent_weight * penalty
-    return loss, {"l1": l1.item(), "mse": mse.item(), "mu2": penalty.item()}
+    parts = {"l1": l1.item(), "mse": mse.item(), "mu2": penalty.item()}
+    if cfg.anchor_weight and teacher is not None and mu.shape[2] > 1:
+        anchor = anchor_distance(mu, teacher, video)
+        loss = loss + cfg.anchor_weight * anchor
+        parts["anchor"] = anchor.item()
+    if cfg.first_latent_weight and teacher is not None:
+        first = first_latent_distance(mu, teacher, video)
+        loss = loss + cfg.first_latent_weight * first
+        parts["first"] = first.item()
+    return loss, parts
+
+
+def _teacher_mu(teacher: WanVAE, video: Tensor) -> Tensor:
+    """The teacher's posterior means (no gradient): (B, 3, T, H, W) -> (B, Z, F, h, w)."""
+    with torch.no_grad():
+        cache = CausalCache()
+        cache.claim("encode")
+        mu, _ = teacher.conv1(teacher.encoder(video, cache)).chunk(2, dim=1)
+    return mu
+
+
+def first_latent_distance(mu: Tensor, teacher: WanVAE, video: Tensor) -> Tensor:
+    """Mean squared distance of `mu`'s latent frame 0 to the `teacher`'s latent frame 1 of a
+    still clip of `video`'s frame 0, each channel over the target's variance in the batch:
+    (B, Z, F, h, w), (B, 3, T, H, W) -> scalar."""
+    still = video[:, :, :1].expand(-1, -1, 1 + teacher.config.temporal_stride, -1, -1)
+    target = _teacher_mu(teacher, still)[:, :, 1:2]  # (B, Z, 1, h, w)
+    var = target.var(dim=(0, 2, 3, 4), keepdim=True).clamp_min(1e-6)  # (1, Z, 1, 1, 1)
+    return ((mu[:, :, :1] - target).pow(2) / var).mean()
+
+
+def anchor_distance(mu: Tensor, teacher: WanVAE, video: Tensor) -> Tensor:
+    """Mean squared distance of `mu`'s latent frames 1+ to the `teacher` encoder's for `video`,
+    each channel over the variance of the teacher's in the batch (the channels' scales differ
+    by 8x): (B, Z, F, h, w), (B, 3, T, H, W) -> scalar."""
+    target = _teacher_mu(teacher, video)[:, :, 1:]  # (B, Z, F-1, h, w)
+    var = target.var(dim=(0, 2, 3, 4), keepdim=True).clamp_min(1e-6)  # (1, Z, 1, 1, 1)
+    return ((mu[:, :, 1:] - target).pow(2) / var).mean()
 
 
 def outline(mask: Tensor) -> Tensor:
@@ -229,6 +308,34 @@ def _world(cfg: VAETrainConfig, shapes: tuple[str, ...]):
     )
 
 
+def _param_groups(vae: WanVAE, cfg: VAETrainConfig) -> list[dict]:
+    """The trained parameters as AdamW groups: one at `lr`, or with `encoder_lr` the encoder's
+    (encoder and posterior conv) apart at theirs."""
+    params = [p for p in vae.parameters() if p.requires_grad]
+    if not cfg.encoder_lr:
+        return [{"params": params}]
+    enc = {id(p) for m in (vae.encoder, vae.conv1) for p in m.parameters()}
+    return [
+        {"params": [p for p in params if id(p) not in enc]},
+        {"params": [p for p in params if id(p) in enc], "lr": cfg.encoder_lr},
+    ]
+
+
+def _teacher(cfg: VAETrainConfig, vae: WanVAE, init: str | Path | None) -> WanVAE | None:
+    """A frozen copy of the VAE as `init` loaded it (before any resume), for `anchor_weight`
+    and `first_latent_weight`."""
+    if not (cfg.anchor_weight or cfg.first_latent_weight):
+        return None
+    if init is None:
+        raise ValueError(
+            "anchor_weight and first_latent_weight steer the latents by those of the VAE it "
+            "starts from: give init (the VAE to fine-tune), or set both to 0"
+        )
+    import copy
+
+    return copy.deepcopy(vae).eval().requires_grad_(False)
+
+
 def _unit_scale(z_dim: int) -> tuple[Tensor, Tensor]:
     return torch.zeros(z_dim), torch.ones(z_dim)
 
@@ -261,11 +368,15 @@ def train_vae(
             load_into(vae, open_tensors(init))
         except ValueError as e:
             raise ValueError(f"init {init} does not fit this config's VAE: {e}") from None
+    teacher = _teacher(cfg, vae, init)
     if cfg.freeze_encoder:
         vae.encoder.requires_grad_(False)
         vae.conv1.requires_grad_(False)
+    if cfg.freeze_decoder:
+        vae.decoder.requires_grad_(False)
+        vae.conv2.requires_grad_(False)
     params = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(_param_groups(vae, cfg), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: float(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(s / cfg.max_steps, 1.0))))
     )
@@ -277,7 +388,7 @@ def train_vae(
         log(json.dumps({"resumed": str(ckpt_path), "step": step}))
     last = cfg.stop_step or cfg.max_steps
     while step < last and time.time() - start < 60 * cfg.max_minutes:
-        loss, parts = vae_loss(vae, shapes_windows(cfg, rng, world), cfg)
+        loss, parts = vae_loss(vae, shapes_windows(cfg, rng, world), cfg, teacher)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:

@@ -174,12 +174,19 @@ _VOCABULARY_TABLES = {
     "base": MOTION_PHRASES,
     "extended": {m: p + EXTRA_MOTION_PHRASES.get(m, ()) for m, p in MOTION_PHRASES.items()},
 }
-VOCABULARIES = tuple(_VOCABULARY_TABLES)
+# "rich" (vidmoe.world.rich): the extended phrases and more, other colour and shape words,
+# adjectives and word orders
+VOCABULARIES = (*_VOCABULARY_TABLES, "rich")
 
 
 def motion_phrases(vocabulary: str = "base") -> dict[str, tuple[str, ...]]:
-    """The motion phrasings captions draw from: MOTION_PHRASES ("base") or those and
-    EXTRA_MOTION_PHRASES ("extended")."""
+    """The motion phrasings captions draw from: MOTION_PHRASES ("base"), those and
+    EXTRA_MOTION_PHRASES ("extended"), or those and `vidmoe.world.rich.RICH_MOTION_PHRASES`
+    ("rich")."""
+    if vocabulary == "rich":
+        from vidmoe.world.rich import rich_motion_table
+
+        return rich_motion_table(_VOCABULARY_TABLES["extended"])
     if vocabulary not in _VOCABULARY_TABLES:
         raise ValueError(f"vocabulary must be one of {VOCABULARIES}; got {vocabulary!r}")
     return _VOCABULARY_TABLES[vocabulary]
@@ -219,11 +226,13 @@ def caption_for(
     label: ShapeLabel | tuple[ShapeLabel, ...],
     rng: np.random.Generator,
     vocabulary: str = "base",
+    *,
+    label_words: bool = False,
 ) -> str:
     """A caption for one label (or several objects on one background), phrasing drawn from `rng`.
 
-    The colour and shape appear as their label words; the motion as one of
-    `motion_phrases(vocabulary)`.
+    The colour and shape appear as their label words (with "rich", often other words, unless
+    `label_words`: see `vidmoe.world.rich`); the motion as one of `motion_phrases(vocabulary)`.
     """
     table = motion_phrases(vocabulary)
     labels = (label,) if isinstance(label, ShapeLabel) else tuple(label)
@@ -233,8 +242,8 @@ def caption_for(
     if len(labels) > 1:
         parts = [_object_phrase(lab, rng, table) for lab in labels]
         return f"{' and '.join(parts)} on {_article(bg)} {bg} background"
-    template = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
     lab = labels[0]
+    template = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
     size_words = _SIZE_WORDS[lab.size]
     size = size_words[int(rng.integers(len(size_words)))]
     phrases = table[lab.motion]
@@ -248,6 +257,12 @@ def caption_for(
         bg=f"{_article(bg)} {bg}",
         bg_bare=bg,
     )
+    if vocabulary == "rich":
+        from vidmoe.world.rich import rich_caption
+
+        # `rng` advanced as for the other vocabularies (the clip's render seed is drawn next),
+        # the rich caption drawn from a child stream of its own
+        return rich_caption(lab, rng.spawn(1)[0], table, _TEMPLATES, bg, label_words=label_words)
     return text
 
 
@@ -257,20 +272,20 @@ def _object_phrase(lab: ShapeLabel, rng: np.random.Generator, table: dict) -> st
 
 
 _COLOUR_SYNONYMS = {
-    "red": r"red|crimson|scarlet",
-    "green": r"green|lime|emerald",
-    "blue": r"blue|azure|cobalt",
-    "yellow": r"yellow|golden|lemon",
-    "purple": r"purple|magenta|violet",
-    "cyan": r"cyan|aqua|turquoise|teal",
-    "orange": r"orange|tangerine",
-    "white": r"white|ivory|snowy",
+    "red": r"red|crimson|scarlet|ruby|cherry",
+    "green": r"green|lime|emerald|jade|mint",
+    "blue": r"blue|azure|cobalt|sapphire|cerulean",
+    "yellow": r"yellow|golden|lemon|canary|sunny",
+    "purple": r"purple|magenta|violet|lavender|plum",
+    "cyan": r"cyan|aqua|aquamarine|turquoise|teal",
+    "orange": r"orange|tangerine|amber|apricot",
+    "white": r"white|ivory|snowy|pearl|milky",
 }
 _SHAPE_SYNONYMS = {
-    "circle": r"circles?|disc|disk|ball|dot|round shape",
-    "square": r"squares?|box|block|rectangle",
-    "triangle": r"triangles?|triangular shape|wedge",
-    "star": r"stars?|pentagram|five-pointed shape",
+    "circle": r"circles?|disc|disk|ball|dot|round shape|orb|sphere|bubble|spot|coin",
+    "square": r"squares?|box|block|rectangle|cube|tile|crate|brick|slab",
+    "triangle": r"triangles?|triangular shape|wedge|pyramid|arrowhead|delta|trigon",
+    "star": r"stars?|pentagram|five-pointed shape|starburst|sparkle|asterisk|starfish",
 }
 # The earliest mention wins (the first object's motion); where two patterns match at the same
 # place the earlier one in this list wins, so compound phrases ("up and to the right", "rising
@@ -412,4 +427,8 @@ def caption_words(vocabulary: str = "base") -> set[str]:
         *(w for ws in _SIZE_WORDS.values() for w in ws),
         *(p for ps in motion_phrases(vocabulary).values() for p in ps),
     ]
+    if vocabulary == "rich":
+        from vidmoe.world.rich import rich_caption_parts
+
+        parts += rich_caption_parts()
     return set().union(*(words_of(re.sub(r"\{\w+\}", " ", p)) for p in parts))

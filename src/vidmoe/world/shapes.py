@@ -237,7 +237,7 @@ class Clip:
 class ShapesWorld:
     """An endless, seeded family of shapes clips: `sample(i)` is the same clip for the same seed.
 
-    `vocabulary` picks the motion phrasings of the captions ("base" or "extended", see
+    `vocabulary` picks the captions' vocabulary ("base", "extended" or "rich", see
     `vidmoe.world.labels.motion_phrases`); the labels and videos do not depend on it.
     """
 
@@ -314,19 +314,21 @@ class ShapesWorld:
         """Clip number `index` of this world (a pure function of seed and index)."""
         rng = np.random.default_rng([self.seed, index])
         labels = self.draw_labels(rng)
-        caption = caption_for(labels if len(labels) > 1 else labels[0], rng, self.vocabulary)
+        label = labels if len(labels) > 1 else labels[0]
+        caption = caption_for(label, rng, self.vocabulary, label_words=True)
         video = self.render(labels, int(rng.integers(2**63)))
         return Clip(video=video, caption=caption, label=labels[0], objects=labels)
 
     def captions(self, index: int, count: int) -> list[str]:
-        """`count` phrasings of clip `index` (not rendered): the first is `sample(index).caption`,
-        the others are drawn from streams of their own, so they do not depend on `count`."""
+        """`count` phrasings of clip `index` (not rendered): the first is `sample(index).caption`
+        (which names the label's colour and shape words in every vocabulary), the others are
+        drawn from streams of their own, so they do not depend on `count`."""
         if count < 1:
             raise ValueError(f"count must be >= 1; got {count}")
         rng = np.random.default_rng([self.seed, index])
         labels = self.draw_labels(rng)
         label = labels if len(labels) > 1 else labels[0]
-        out = [caption_for(label, rng, self.vocabulary)]
+        out = [caption_for(label, rng, self.vocabulary, label_words=True)]
         for variant in range(1, count):
             variant_rng = np.random.default_rng([self.seed, index, variant])
             out.append(caption_for(label, variant_rng, self.vocabulary))
