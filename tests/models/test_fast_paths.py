@@ -76,7 +76,7 @@ def test_text_cache_serves_the_same_prompt_and_nothing_else():
     assert not torch.equal(changed, first)
 
 
-@pytest.mark.parametrize("where", ["text_embedding.0.weight", "blocks.1.cross_attn.v.bias"])
+@pytest.mark.parametrize("where", ["text_embedding.0.weight", "blocks.1.cross_attn.v.weight"])
 def test_text_cache_follows_weight_updates(where):
     model = _tiny()
     x, sigma, context = _inputs(model)
