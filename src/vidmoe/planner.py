@@ -25,7 +25,9 @@ DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "fl
 QUANTIZE = (None, "fp8")
 # Process baseline on the CPU: python + torch + transformers + vidmoe imported (VmRSS measured on
 # Linux, torch 2.x, 2 cores); a CUDA context adds host RAM and device memory of its own.
-CPU_BASELINE = 464 * MiB
+# Re-measured 2026-12-07: the peaks of the 64x64 cases imply 321-471 MiB (glibc's arenas vary
+# with the thread count and the machine's load), so the middle of that range.
+CPU_BASELINE = 400 * MiB
 CUDA_HOST_CONTEXT = 1024 * MiB
 CUDA_DEVICE_CONTEXT = 512 * MiB
 RUNTIME_OVERHEAD = 48 * MiB
@@ -36,10 +38,9 @@ RUNTIME_OVERHEAD = 48 * MiB
 # tensors in the compute dtype, plus 2). See docs/planner.md for how they were checked.
 RESIDUAL_FACTOR = 2
 ATTENTION_FACTOR = 6
-# VAE decode: bytes per output pixel per unit of the VAE's base width (one chunk of 4 frames,
-# every decoder level), plus a fixed part; fitted on the demo and tiny VAEs (docs/planner.md).
-VAE_DECODE_PER_PIXEL_DIM = 380
-VAE_DECODE_FIXED = 48 * MiB
+# VAE decode: the decoder walked stage by stage (vidmoe/vae_memory.py), plus the code pages its
+# convolution kernels touch on first use (measured: 20-26 MiB on the CPU, torch 2.13).
+VAE_KERNELS_FIRST_USE = 24 * MiB
 MINILM_PARAMS = 22_713_216  # all-MiniLM-L6-v2
 UNITS = {
     "b": 1,
@@ -194,15 +195,19 @@ def expert_bytes(
 
 
 @functools.lru_cache(maxsize=8)
-def vae_bytes(config: ModelConfig) -> int:
-    """The VAE's float32 weights (it always runs in float32)."""
+def _meta_vae(config: ModelConfig):
     import torch
 
     from vidmoe.models.vae import WanVAE
 
     with torch.device("meta"):
-        vae = WanVAE(config.vae)
-    return sum(p.numel() for p in vae.parameters()) * 4
+        return WanVAE(config.vae)
+
+
+@functools.lru_cache(maxsize=8)
+def vae_bytes(config: ModelConfig) -> int:
+    """The VAE's float32 weights (it always runs in float32)."""
+    return sum(p.numel() for p in _meta_vae(config).parameters()) * 4
 
 
 def text_encoder_bytes(kind: str) -> tuple[int, int]:
@@ -248,12 +253,31 @@ def forward_activation_bytes(config: ModelConfig, request: MemoryRequest) -> int
     return peak + 6 * latents  # x, v, the solver's history, the guided pair
 
 
+def text_kv_cache_bytes(config: ModelConfig, request: MemoryRequest) -> int:
+    """The cross-attention keys and values every expert keeps for its prompt on the CPU
+    (`CrossAttention.text_kv`): per block 2 x B x S x D in the compute dtype."""
+    elt = 2 if request.quantize == "fp8" else DTYPE_BYTES[request.dtype]
+    total = 0
+    for name in config.moe.expert_names:
+        t = config.transformer_for(name)
+        total += t.num_layers * 2 * request.batch * t.text_len * t.dim * elt
+    return total
+
+
 def decode_activation_bytes(config: ModelConfig, request: MemoryRequest) -> int:
-    """Peak of the VAE decode: one chunk through the decoder plus the whole clip as output."""
-    pixels = request.width * request.height
-    chunk = VAE_DECODE_FIXED + VAE_DECODE_PER_PIXEL_DIM * pixels * config.vae.dim
-    clip = request.num_frames * pixels * 3 * (4 * 3 + 1)  # chunks, their cat, the clamp, uint8
-    return chunk + clip
+    """Peak of the VAE decode (float32, chunk by chunk): each decoder stage's tensors and
+    convolution buffers, the causal cache, the decoded pieces and the clamped clip
+    (`vae_memory.decode_peak_bytes`), plus the first use of its kernels."""
+    from vidmoe.vae_memory import decode_peak_bytes
+
+    parts = decode_peak_bytes(
+        _meta_vae(config),
+        frames=request.num_frames,
+        height=request.height,
+        width=request.width,
+        device=request.device,
+    )
+    return VAE_KERNELS_FIRST_USE + parts["peak"]
 
 
 def predict(config: ModelConfig, request: MemoryRequest) -> MemoryPlan:
@@ -290,8 +314,9 @@ def predict(config: ModelConfig, request: MemoryRequest) -> MemoryPlan:
     }
     if request.device == "cpu":
         weights = (sum(totals) if res != "disk" else largest) + vae_w + text_w
-        peak = CPU_BASELINE + RUNTIME_OVERHEAD + weights + max(text_act, fwd, dec)
-        breakdown.update(baseline=CPU_BASELINE, overhead=RUNTIME_OVERHEAD)
+        kv = text_kv_cache_bytes(config, request)
+        peak = CPU_BASELINE + RUNTIME_OVERHEAD + weights + kv + max(text_act, fwd, dec)
+        breakdown.update(baseline=CPU_BASELINE, overhead=RUNTIME_OVERHEAD, text_kv_cache=kv)
         return MemoryPlan(
             host_peak_bytes=peak, device_peak_bytes=peak, breakdown=breakdown, request=request
         )

@@ -22,6 +22,7 @@ from vidmoe.config import TransformerConfig
 from vidmoe.models.attention import resolve_backend
 from vidmoe.models.layers import (
     LayerNorm,
+    Linear,
     Modulation,
     PatchEmbedding,
     RMSNorm,
@@ -30,6 +31,7 @@ from vidmoe.models.layers import (
     rope_angles,
     sinusoidal_embedding,
 )
+from vidmoe.models.text_cache import Cached, cache_allowed, weights_key
 from vidmoe.parallel.ulysses import SequenceParallel, TokenShard, check_heads
 
 
@@ -44,8 +46,8 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
-        self.q, self.k = nn.Linear(cfg.dim, cfg.dim), nn.Linear(cfg.dim, cfg.dim)
-        self.v, self.o = nn.Linear(cfg.dim, cfg.dim), nn.Linear(cfg.dim, cfg.dim)
+        self.q, self.k = Linear(cfg.dim, cfg.dim), Linear(cfg.dim, cfg.dim)
+        self.v, self.o = Linear(cfg.dim, cfg.dim), Linear(cfg.dim, cfg.dim)
         self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
 
@@ -67,16 +69,39 @@ class SelfAttention(nn.Module):
 class CrossAttention(SelfAttention):
     """Attention from video tokens to text tokens (no RoPE, no mask); same projections."""
 
+    text_kv_cache: Cached | None = None
+    """k and v of the last embedded context (CPU inference only; models/text_cache.py)."""
+
     def forward(self, x, context):
         heads = dict(n=self.num_heads)
         q = rearrange(self.norm_q(self.q(x)), "b l (n d) -> b l n d", **heads)  # (B, L, N, Dh)
-        k = rearrange(
-            self.norm_k(self.k(context)), "b s (n d) -> b s n d", **heads
-        )  # (B, S, N, Dh)
-        v = rearrange(self.v(context), "b s (n d) -> b s n d", **heads)  # (B, S, N, Dh)
+        k, v = self.text_kv(context)  # (B, S, N, Dh) each
         # parity: zero-padded text tokens are attended without a mask
         out = attention(q, k, v, backend=self.attention_backend)  # (B, L, N, Dh)
         return self.o(rearrange(out, "b l n d -> b l (n d)"))  # (B, L, D)
+
+    def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the embedded text (B, S, D) -> 2 x (B, S, N, Dh). On the CPU they
+        are kept for the next call with the same context tensor (the expert serves one embedded
+        tensor per prompt); on a GPU they are a small share of a step and would hold
+        num_layers x 2 x B x S x D of device memory, so they are recomputed."""
+        heads = dict(n=self.num_heads)
+        if not (cache_allowed() and context.device.type == "cpu"):
+            # the cache is not read here: a compiled block must not guard on it
+            k = rearrange(self.norm_k(self.k(context)), "b s (n d) -> b s n d", **heads)
+            return k, rearrange(self.v(context), "b s (n d) -> b s n d", **heads)
+        key = weights_key(self.k, self.v, self.norm_k)
+        hit = self.text_kv_cache
+        if hit is not None and hit.serves(context, key, same_object=True):
+            return hit.value
+        k = rearrange(self.norm_k(self.k(context)), "b s (n d) -> b s n d", **heads)
+        v = rearrange(self.v(context), "b s (n d) -> b s n d", **heads)
+        self.text_kv_cache = (
+            None
+            if key is None
+            else Cached(source=context, version=context._version, key=key, value=(k, v))
+        )
+        return k, v
 
 
 class Block(nn.Module):
@@ -95,9 +120,9 @@ class Block(nn.Module):
         self.cross_attn = CrossAttention(cfg)
         self.norm2 = LayerNorm(cfg.dim, cfg.eps)
         self.ffn = nn.Sequential(
-            nn.Linear(cfg.dim, cfg.ffn_dim),
+            Linear(cfg.dim, cfg.ffn_dim),
             nn.GELU(approximate="tanh"),
-            nn.Linear(cfg.ffn_dim, cfg.dim),
+            Linear(cfg.ffn_dim, cfg.dim),
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
@@ -119,7 +144,7 @@ class Head(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.norm = LayerNorm(cfg.dim, cfg.eps)
-        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.head = Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x, e):
@@ -166,12 +191,12 @@ class WanTransformer(nn.Module):
             cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size
         )
         self.text_embedding = nn.Sequential(
-            nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d)
+            Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), Linear(d, d)
         )
-        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.time_embedding = nn.Sequential(Linear(cfg.freq_dim, d), nn.SiLU(), Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), Linear(d, 6 * d))
         if cfg.pooled_text:
-            self.text_pool = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.SiLU(), nn.Linear(d, d))
+            self.text_pool = nn.Sequential(Linear(cfg.text_dim, d), nn.SiLU(), Linear(d, d))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         if not any(p.is_meta for p in self.parameters()):
@@ -261,8 +286,7 @@ class WanTransformer(nn.Module):
             e = e + self.text_pool(pooled_tokens(context).to(dtype)).float()[:, None]  # (B, L|1, D)
         e6 = rearrange(self.time_projection(e.to(dtype)).float(), "b l (six d) -> b l six d", six=6)
 
-        # parity: the zero padding is embedded too (the bias makes it non-zero)
-        context = self.text_embedding(context.to(dtype))  # (B, S, D)
+        context = self.embed_text(context)  # (B, S, D)
 
         angles = rope_angles(grid, cfg.head_dim, device=x.device)  # (L, Dh/2)
         rope = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)  # (L, Dh/2)
@@ -298,6 +322,26 @@ class WanTransformer(nn.Module):
         sp = SequenceParallel.of(group)
         check_heads(self.config.num_heads, sp.size)
         self.sequence_parallel = sp
+
+    text_cache: Cached | None = None
+    """The last prompt's embedding (models/text_cache.py)."""
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """(B, S, text_dim) padded prompts -> (B, S, D); at inference the last result is served
+        again for an equal context while the weights are unchanged."""
+        key = weights_key(self.text_embedding) if cache_allowed() else None
+        hit = self.text_cache
+        if hit is not None and hit.serves(context, key, same_object=False):
+            return hit.value[0]
+        dtype = self.patch_embedding.weight.dtype
+        # parity: the zero padding is embedded too (the bias makes it non-zero)
+        out = self.text_embedding(context.to(dtype))  # (B, S, D)
+        self.text_cache = (
+            None
+            if key is None
+            else Cached(source=context, version=context._version, key=key, value=(out,))
+        )
+        return out
 
     def set_attention(self, backend: str, *, device: torch.device | str) -> str:
         """Run every attention of this expert with `backend` ('auto' picks; see
