@@ -77,18 +77,7 @@ def load_into(
     """
     targets = module.state_dict(keep_vars=True)
     source = tensors if isinstance(tensors, TensorSource) else DictSource(tensors)
-    report = LoadReport(
-        loaded=0,
-        missing=tuple(n for n in targets if n not in source),
-        unexpected=tuple(n for n in source if n not in targets),
-        mismatched=tuple(
-            (n, tuple(t.shape), source.shape(n))
-            for n, t in targets.items()
-            if n in source and tuple(t.shape) != source.shape(n)
-        ),
-    )
-    if report.mismatched or (strict and (report.missing or report.unexpected)):
-        raise ValueError(f"cannot load weights into {type(module).__name__}: {report.describe()}")
+    report = check_names_and_shapes(targets, source, strict=strict, into=type(module).__name__)
     loaded = 0
     for name, target in targets.items():
         if name not in source:
@@ -240,3 +229,24 @@ def load_components(
         layout=layout.kind,
         notes=layout.notes,
     )
+
+
+def check_names_and_shapes(
+    targets: dict[str, torch.Tensor], source: TensorSource, *, strict: bool, into: str
+) -> LoadReport:
+    """The names and shapes of `source` against a module's state dict, before anything is read:
+    a shape that differs is always a ValueError; with `strict`, a missing or unexpected name too.
+    Returns the report (nothing loaded yet)."""
+    report = LoadReport(
+        loaded=0,
+        missing=tuple(n for n in targets if n not in source),
+        unexpected=tuple(n for n in source if n not in targets),
+        mismatched=tuple(
+            (n, tuple(t.shape), source.shape(n))
+            for n, t in targets.items()
+            if n in source and tuple(t.shape) != source.shape(n)
+        ),
+    )
+    if report.mismatched or (strict and (report.missing or report.unexpected)):
+        raise ValueError(f"cannot load weights into {into}: {report.describe()}")
+    return report

@@ -9,14 +9,13 @@ files through `GGUFSource`; umT5 under HF names) and written one file at a time 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from vidmoe.config import ModelConfig
-from vidmoe.io.tensors import FP8Source, TensorSource
+from vidmoe.io.tensors import FP8Source, RenamedSource, TensorSource
 
 CONVERT_LAYOUTS = ("official", "diffusers", "comfyui", "vidmoe", "gguf")
 SINGLE_FILE_LAYOUTS = {"comfyui": ".safetensors", "gguf": ".gguf"}
@@ -36,27 +35,12 @@ class Converted:
     """What the source lacked and so was not written."""
 
 
-class _AliasSource(TensorSource):
+class _AliasSource(RenamedSource):
     """A view of another source under new names (new -> old; an old name may stand for several
     new ones, as a shared position table); nothing is read until asked."""
 
     def __init__(self, source: TensorSource, names: dict[str, str]) -> None:
         self.source, self._old = source, names
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.source[self._old[name]]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._old)
-
-    def __len__(self) -> int:
-        return len(self._old)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.source.shape(self._old[name])
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.source.dtype(self._old[name])
 
 
 @dataclass(frozen=True, kw_only=True)

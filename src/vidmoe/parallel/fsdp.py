@@ -158,7 +158,7 @@ def load_sharded_expert(
     """
     from torch.distributed.tensor import DTensor, Shard
 
-    from vidmoe.io.checkpoints import LoadReport
+    from vidmoe.io.checkpoints import check_names_and_shapes
     from vidmoe.io.tensors import FP8Source
     from vidmoe.models.transformer import WanTransformer
 
@@ -168,18 +168,7 @@ def load_sharded_expert(
     expert.to_empty(device=device)
     source = FP8Source(tensors)  # fp8 files load dequantised, as `load_expert` does
     targets = expert.state_dict(keep_vars=True)
-    report = LoadReport(
-        loaded=0,
-        missing=tuple(n for n in targets if n not in source),
-        unexpected=tuple(n for n in source if n not in targets),
-        mismatched=tuple(
-            (n, tuple(t.shape), source.shape(n))
-            for n, t in targets.items()
-            if n in source and tuple(t.shape) != source.shape(n)
-        ),
-    )
-    if report.mismatched or (strict and (report.missing or report.unexpected)):
-        raise ValueError(f"cannot load weights into the sharded expert: {report.describe()}")
+    check_names_and_shapes(targets, source, strict=strict, into="the sharded expert")
     with torch.no_grad():
         for name, target in targets.items():
             if name not in source:
