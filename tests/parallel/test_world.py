@@ -55,3 +55,40 @@ def test_groups_on_four_gloo_processes(tmp_path):
     got = run_ranks(_group_members, 4, tmp_path)
     assert [m["ulysses"] for m in got] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert [m["cfg"] for m in got] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+
+
+@pytest.mark.parametrize(
+    "env, layout, shard, message",
+    [
+        (
+            {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"},
+            Layout(),
+            False,
+            "this run has 2 processes but nothing splits the work",
+        ),
+        ({}, Layout(ulysses=2), False, "--ulysses 2 runs on 2 processes and this is one"),
+        ({}, Layout(), True, "--shard-experts runs on 2 or more processes and this is one"),
+        (
+            {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0"},
+            Layout(cfg=2),
+            False,
+            "needs 2 processes .* world has 4",
+        ),
+    ],
+)
+def test_parallel_run_refuses_launches_that_do_not_fit(env, layout, shard, message):
+    from vidmoe.parallel.launch import parallel_run
+
+    with pytest.raises(ValueError, match=message):
+        with parallel_run(env, "cpu", layout, shard_experts=shard):
+            pass
+    assert not dist.is_initialized()
+
+
+def test_parallel_run_alone_is_one_untouched_process():
+    from vidmoe.parallel.launch import parallel_run
+
+    with parallel_run({}, "cpu", Layout()) as run:
+        run.join()
+        assert (run.world, run.groups, run.sharding, run.device) == (World(), None, None, "cpu")
+    assert not dist.is_initialized()
