@@ -25,9 +25,14 @@ DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "fl
 QUANTIZE = (None, "fp8")
 # Process baseline on the CPU: python + torch + transformers + vidmoe imported (VmRSS measured on
 # Linux, torch 2.x, 2 cores); a CUDA context adds host RAM and device memory of its own.
-# Re-measured 2026-12-07: the peaks of the 64x64 cases imply 321-471 MiB (glibc's arenas vary
-# with the thread count and the machine's load), so the middle of that range.
-CPU_BASELINE = 400 * MiB
+# Re-measured 2026-12-07 under MEASURE_ENV (the 64x64 cases imply 306-334 MiB).
+CPU_BASELINE = 320 * MiB
+# How a measured run is set up: one thread, and glibc's mmap threshold fixed, so that a freed
+# large tensor goes back to the system and the peak RSS is the tensors' peak plus the process
+# baseline. Without it glibc raises the threshold as tensors are freed and keeps later ones in
+# its heap: an unconfigured process then peaks up to about 150 MiB higher, by allocation order
+# (docs/planner.md, "Accuracy").
+MEASURE_ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
 CUDA_HOST_CONTEXT = 1024 * MiB
 CUDA_DEVICE_CONTEXT = 512 * MiB
 RUNTIME_OVERHEAD = 48 * MiB
@@ -432,6 +437,7 @@ def measure_peak_rss(model: str | None, request: MemoryRequest, *, timeout: floa
     args = [model, request.width, request.height, request.num_frames, dtype, request.residency]
     src = str(Path(vidmoe.__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    env.update(MEASURE_ENV)
     out = subprocess.run(
         [sys.executable, "-c", _MEASURE, json.dumps(args)],
         capture_output=True,

@@ -22,6 +22,7 @@ from vidmoe.planner import (
     CUDA_DEVICE_CONTEXT,
     CUDA_HOST_CONTEXT,
     DTYPE_BYTES,
+    MEASURE_ENV,
     RUNTIME_OVERHEAD,
     MemoryPlan,
     MemoryRequest,
@@ -324,7 +325,7 @@ def measure_rank_peak_rss(
     args += [shard_experts, shard_text_encoder]
     src = str(Path(vidmoe.__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    env["OMP_NUM_THREADS"] = "1"
+    env.update(MEASURE_ENV)
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "measure.py"
         script.write_text(_MEASURE)
