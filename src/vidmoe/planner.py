@@ -27,6 +27,11 @@ QUANTIZE = (None, "fp8")
 # Linux, torch 2.x, 2 cores); a CUDA context adds host RAM and device memory of its own.
 # Re-measured 2026-12-07 under MEASURE_ENV (the 64x64 cases imply 306-334 MiB).
 CPU_BASELINE = 320 * MiB
+# The part of CPU_BASELINE that is the imports alone (`measure_baseline_rss` on the machine that
+# measured CPU_BASELINE): another installation maps its shared libraries' pages differently (a
+# fresh venv under /tmp measured 294 MiB), so a check of the planner shifts the prediction by
+# the difference it measures.
+CPU_IMPORTS = 240 * MiB
 # How a measured run is set up: one thread, and glibc's mmap threshold fixed, so that a freed
 # large tensor goes back to the system and the peak RSS is the tensors' peak plus the process
 # baseline. Without it glibc raises the threshold as tensors are freed and keeps later ones in
@@ -421,25 +426,46 @@ print(json.dumps(int(status["VmHWM"].split()[0]) * 1024))
 """
 
 
+_BASELINE = """
+import torch, transformers
+import vidmoe.loading
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(int(status["VmHWM"].split()[0]) * 1024)
+"""
+
+
+def measure_baseline_rss(*, timeout: float = 120) -> int:
+    """Peak RSS (bytes) of a fresh process that has imported torch, transformers and vidmoe, set
+    up as `measure_peak_rss`'s: what this installation measures for `CPU_BASELINE` (shared
+    libraries' pages count, so it differs between installations by tens of MiB). Linux only."""
+    return _run_measure(_BASELINE, [], timeout=timeout)
+
+
 def measure_peak_rss(model: str | None, request: MemoryRequest, *, timeout: float = 600) -> int:
     """Peak RSS (VmHWM, bytes) of a fresh process that loads `model` on the CPU under the
     request's dtype and residency and generates one clip of its size (2 steps). Linux only."""
     import json
+
+    if request.device != "cpu":
+        raise ValueError(f"measure_peak_rss measures CPU runs; got device {request.device!r}")
+    dtype = {2: "bfloat16", 4: "float32"}[DTYPE_BYTES[request.dtype]]
+    args = [model, request.width, request.height, request.num_frames, dtype, request.residency]
+    return _run_measure(_MEASURE, [json.dumps(args)], timeout=timeout)
+
+
+def _run_measure(code: str, argv: list[str], *, timeout: float) -> int:
+    """Run `code` in a fresh interpreter under MEASURE_ENV; the integer it prints last."""
     import os
     import subprocess
     import sys
 
     import vidmoe
 
-    if request.device != "cpu":
-        raise ValueError(f"measure_peak_rss measures CPU runs; got device {request.device!r}")
-    dtype = {2: "bfloat16", 4: "float32"}[DTYPE_BYTES[request.dtype]]
-    args = [model, request.width, request.height, request.num_frames, dtype, request.residency]
     src = str(Path(vidmoe.__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     env.update(MEASURE_ENV)
     out = subprocess.run(
-        [sys.executable, "-c", _MEASURE, json.dumps(args)],
+        [sys.executable, "-c", code, *argv],
         capture_output=True,
         text=True,
         timeout=timeout,
