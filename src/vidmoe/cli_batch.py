@@ -42,7 +42,7 @@ def run_batch(
     """Run a prompts file; True when no line failed. `load` holds `loader`'s keyword options
     (the generate command's `_load`)."""
     from vidmoe.batch import generate_batch, read_jobs
-    from vidmoe.parallel.world import device_for, start, stop, world_from_env
+    from vidmoe.parallel.launch import joined
 
     if prompt:
         raise ValueError(
@@ -55,11 +55,8 @@ def run_batch(
     if load.get("quantize") == "auto":
         load = {**load, "quantize": None}  # auto quantises only where a memory budget needs it
     jobs = read_jobs(prompts, defaults)
-    world = world_from_env(os.environ)
-    device = device_for(world, load["device"])
     quiet = load["quiet"]
-    start(world, device)
-    try:
+    with joined(os.environ, load["device"]) as (world, device):
         if expert_groups == 1:
             pipe = loader(model, **{**load, "device": str(device)})
             report = generate_batch(
@@ -83,8 +80,6 @@ def run_batch(
                 recipe=recipe,
                 log=lambda m: typer.secho(m, fg=typer.colors.RED, err=True),
             )
-    finally:
-        stop()
     if world.is_main:
         typer.echo(report.summary())
         typer.echo(f"record: {out_dir / 'batch.jsonl'}")
