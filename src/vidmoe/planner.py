@@ -453,23 +453,29 @@ def measure_peak_rss(model: str | None, request: MemoryRequest, *, timeout: floa
     return _run_measure(_MEASURE, [json.dumps(args)], timeout=timeout)
 
 
-def _run_measure(code: str, argv: list[str], *, timeout: float) -> int:
-    """Run `code` in a fresh interpreter under MEASURE_ENV; the integer it prints last."""
+def measure_env() -> dict[str, str]:
+    """The environment of a measured process: this one's, with this vidmoe importable and
+    MEASURE_ENV's settings."""
     import os
-    import subprocess
-    import sys
 
     import vidmoe
 
     src = str(Path(vidmoe.__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    env.update(MEASURE_ENV)
+    return env | MEASURE_ENV
+
+
+def _run_measure(code: str, argv: list[str], *, timeout: float) -> int:
+    """Run `code` in a fresh interpreter under MEASURE_ENV; the integer it prints last."""
+    import subprocess
+    import sys
+
     out = subprocess.run(
         [sys.executable, "-c", code, *argv],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
+        env=measure_env(),
         check=False,
     )
     if out.returncode:

@@ -22,7 +22,6 @@ from vidmoe.planner import (
     CUDA_DEVICE_CONTEXT,
     CUDA_HOST_CONTEXT,
     DTYPE_BYTES,
-    MEASURE_ENV,
     RUNTIME_OVERHEAD,
     MemoryPlan,
     MemoryRequest,
@@ -30,6 +29,7 @@ from vidmoe.planner import (
     expert_bytes,
     forward_activation_bytes,
     gb,
+    measure_env,
     predict,
     text_encoder_bytes,
     vae_bytes,
@@ -310,22 +310,17 @@ def measure_rank_peak_rss(
     that loads `model` (sharded with FSDP2 when `shard_experts`) and generates one clip of the
     request's size (2 steps). Linux only."""
     import json
-    import os
     import subprocess
     import sys
     import tempfile
     from pathlib import Path
-
-    import vidmoe
 
     if request.device != "cpu":
         raise ValueError(f"measure_rank_peak_rss measures CPU runs; got {request.device!r}")
     dtype = {2: "bfloat16", 4: "float32"}[DTYPE_BYTES[request.dtype]]
     args = [str(model), request.width, request.height, request.num_frames, dtype]
     args += [shard_experts, shard_text_encoder]
-    src = str(Path(vidmoe.__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    env.update(MEASURE_ENV)
+    env = measure_env()
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "measure.py"
         script.write_text(_MEASURE)
