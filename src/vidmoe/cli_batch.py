@@ -70,8 +70,10 @@ def run_batch(
             )
         else:
             from vidmoe.parallel.pipelined import generate_pipelined, load_stage
+            from vidmoe.parallel.world import Layout
 
-            stage = load_stage(model, world, expert_groups=expert_groups, device=device, load=load)
+            layout = Layout(expert_groups=expert_groups)
+            stage = load_stage(model, world, layout=layout, device=device, load=load)
             report = generate_pipelined(
                 stage,
                 jobs,

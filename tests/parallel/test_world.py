@@ -33,6 +33,14 @@ def test_layout_checks_the_world_size_and_orders_ranks():
         (g, c, u) for g in range(2) for c in range(2) for u in range(2)
     ]
     assert all(layout.rank_of(*layout.coords(r)) == r for r in range(8))
+    copies = Layout(ulysses=2, expert_groups=2).filling(World(rank=0, size=8))
+    assert (copies.replicas, copies.size, copies.replica_size) == (2, 8, 4)
+    assert [(copies.replica_of(r), *copies.coords(r)) for r in range(8)] == [
+        (r, g, 0, u) for r in range(2) for g in range(2) for u in range(2)
+    ]
+    assert all(copies.rank_of(*copies.coords(r), copies.replica_of(r)) == r for r in range(8))
+    with pytest.raises(ValueError, match="takes 4 processes .* world has 6, not a multiple"):
+        Layout(ulysses=2, expert_groups=2).filling(World(rank=0, size=6))
     with pytest.raises(ValueError, match="cfg is 1 or 2"):
         Layout(cfg=3)
     with pytest.raises(ValueError, match="ulysses must be a positive integer"):
@@ -51,10 +59,27 @@ def _group_members(rank, size):
     return members
 
 
+def _replica_members(rank, size):
+    layout = Layout(ulysses=2).filling(World(rank=rank, size=size))
+    groups = Groups(layout, World(rank=rank, size=size, local_rank=rank))
+    members = {}
+    for name in ("ulysses", "expert_group", "replica"):
+        t = torch.zeros(size)
+        t[rank] = 1
+        dist.all_reduce(t, group=getattr(groups, name))
+        members[name] = t.nonzero().flatten().tolist()
+    return members, groups.replica_main, groups.place.replica
+
+
 def test_groups_on_four_gloo_processes(tmp_path):
     got = run_ranks(_group_members, 4, tmp_path)
     assert [m["ulysses"] for m in got] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert [m["cfg"] for m in got] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    # two replicas of ulysses 2: each replica's groups hold only its own ranks
+    got = run_ranks(_replica_members, 4, tmp_path / "replicas")
+    for name in ("ulysses", "expert_group", "replica"):
+        assert [m[name] for m, _, _ in got] == [[0, 1], [0, 1], [2, 3], [2, 3]], name
+    assert [(main, r) for _, main, r in got] == [(0, 0), (0, 0), (2, 1), (2, 1)]
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,6 @@ from vidmoe.batch import (
     run_record,
 )
 from vidmoe.config import ModelConfig
-from vidmoe.models.step_cache import StepCache
 from vidmoe.parallel.transport import Outgoing, recv_message, send_message
 from vidmoe.parallel.world import Groups, Layout, World
 from vidmoe.sampling.conditioning import Conditioning
@@ -55,14 +54,15 @@ class Stage:
         return self.groups.layout.expert_groups
 
     def peer(self, group: int) -> int:
-        """The rank in `group` with this rank's (cfg, ulysses) place."""
+        """The rank in `group` (of this replica) with this rank's (cfg, ulysses) place."""
         p = self.groups.place
-        return self.groups.layout.rank_of(group, p.cfg_rank, p.ulysses_rank)
+        return self.groups.layout.rank_of(group, p.cfg_rank, p.ulysses_rank, p.replica)
 
     @property
     def writer(self) -> int:
-        """The one rank that publishes the videos: the last group's first rank."""
-        return self.groups.layout.rank_of(self.num_groups - 1, 0, 0)
+        """The one rank that publishes this replica's videos: its last group's first rank."""
+        p = self.groups.place
+        return self.groups.layout.rank_of(self.num_groups - 1, 0, 0, p.replica)
 
 
 def check_pipelined(config: ModelConfig, expert_groups: int) -> None:
@@ -220,9 +220,7 @@ def _denoise(stage: Stage, rs, plan: Plan, state: dict) -> None:
         return  # this expert has no step in this plan: pass the state on
     solver = solver_for(plan, rs.sampler)
     solver.set_state(state["solver"])
-    caches = {
-        n: StepCache(threshold=t) for n, t in rs.step_cache.items() if t > 0 and n in pipe.experts
-    }
+    caches = {n: c for n, c in pipe._step_caches(rs.step_cache).items() if n in pipe.experts}
     t0 = time.perf_counter()
     x, rows = pipe._denoise(
         state["x"],
@@ -285,6 +283,12 @@ def make_stage(pipe: Pipeline, groups: Groups) -> Stage:
     return Stage(pipe=stage_pipe, groups=groups, expert=name)
 
 
+def _split_inside(pipe: Pipeline, groups: Groups) -> None:
+    """Split each request over the group's ranks (Ulysses and CFG) when the layout asks."""
+    if groups.layout.cfg * groups.layout.ulysses > 1:
+        pipe.set_parallel(groups)
+
+
 def _stage_pipeline(
     config, groups: Groups, experts: dict, vae, text, *, placement, source: dict
 ) -> Pipeline:
@@ -295,18 +299,22 @@ def _stage_pipeline(
     held = Experts(experts, config.moe, placement=placement, require_all=False)
     pipe = Pipeline(config, held, vae if g == last else None, text if g == 0 else None)
     pipe.source = dict(source)  # as a single-process load's: records and resumes agree
+    _split_inside(pipe, groups)
     return pipe
 
 
-def load_stage(model, world: World, *, expert_groups: int, device: torch.device, load: dict):
+def load_stage(model, world: World, *, layout: Layout, device: torch.device, load: dict):
     """This rank's `Stage` of `model` (a checkpoint folder or a preset): only its group's
     expert is read from the checkpoint (a preset's random weights are built whole, then cut).
 
     Args:
+        layout: expert groups (one per expert) x cfg x ulysses, times `replicas` copies; the
+            world size must be its size.
         load: the generate command's loading options (device, dtype, residency, loras, ...).
     """
     from vidmoe.config import PRESETS
     from vidmoe.loading import build_random_pipeline, model_config_for, speed_up
+    from vidmoe.parallel.ulysses import check_heads
 
     refused = {
         "--lora": bool(load.get("loras")),
@@ -320,9 +328,11 @@ def load_stage(model, world: World, *, expert_groups: int, device: torch.device,
             f"expert-pipelined groups do not support {flags} yet: each rank holds one expert "
             "resident; run without them, or without --expert-groups"
         )
-    groups = Groups(Layout(expert_groups=expert_groups), world)
     config = model_config_for(model)
-    check_pipelined(config, expert_groups)
+    check_pipelined(config, layout.expert_groups)
+    for name in config.moe.expert_names:
+        check_heads(config.transformer_for(name).num_heads, layout.ulysses)
+    groups = Groups(layout, world)
     from vidmoe.devices import resolve_dtype
 
     dtype = resolve_dtype(load.get("dtype", "auto"), device)
