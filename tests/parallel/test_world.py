@@ -47,11 +47,11 @@ def test_layout_checks_the_world_size_and_orders_ranks():
         Layout(ulysses=0)
 
 
-def _group_members(rank, size):
-    groups = Groups(Layout(ulysses=2, cfg=2), World(rank=rank, size=size, local_rank=rank))
-    # each group's members, found by summing one-hot rank vectors inside it
+def _members(groups: Groups, names: tuple[str, ...]) -> dict[str, list[int]]:
+    """Each named group's members, found by summing one-hot rank vectors inside it."""
+    rank, size = groups.world.rank, groups.world.size
     members = {}
-    for name in ("ulysses", "cfg"):
+    for name in names:
         t = torch.zeros(size)
         t[rank] = 1
         dist.all_reduce(t, group=getattr(groups, name))
@@ -59,27 +59,22 @@ def _group_members(rank, size):
     return members
 
 
-def _replica_members(rank, size):
-    layout = Layout(ulysses=2).filling(World(rank=rank, size=size))
-    groups = Groups(layout, World(rank=rank, size=size, local_rank=rank))
-    members = {}
-    for name in ("ulysses", "expert_group", "replica"):
-        t = torch.zeros(size)
-        t[rank] = 1
-        dist.all_reduce(t, group=getattr(groups, name))
-        members[name] = t.nonzero().flatten().tolist()
-    return members, groups.replica_main, groups.place.replica
+def _group_members(rank, size):
+    world = World(rank=rank, size=size, local_rank=rank)
+    split = _members(Groups(Layout(ulysses=2, cfg=2), world), ("ulysses", "cfg"))
+    copies = Groups(Layout(ulysses=2).filling(world), world)
+    names = ("ulysses", "expert_group", "replica")
+    return split, _members(copies, names), copies.replica_main, copies.place.replica
 
 
 def test_groups_on_four_gloo_processes(tmp_path):
     got = run_ranks(_group_members, 4, tmp_path)
-    assert [m["ulysses"] for m in got] == [[0, 1], [0, 1], [2, 3], [2, 3]]
-    assert [m["cfg"] for m in got] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert [m["ulysses"] for m, *_ in got] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [m["cfg"] for m, *_ in got] == [[0, 2], [1, 3], [0, 2], [1, 3]]
     # two replicas of ulysses 2: each replica's groups hold only its own ranks
-    got = run_ranks(_replica_members, 4, tmp_path / "replicas")
     for name in ("ulysses", "expert_group", "replica"):
-        assert [m[name] for m, _, _ in got] == [[0, 1], [0, 1], [2, 3], [2, 3]], name
-    assert [(main, r) for _, main, r in got] == [(0, 0), (0, 0), (2, 1), (2, 1)]
+        assert [m[name] for _, m, _, _ in got] == [[0, 1], [0, 1], [2, 3], [2, 3]], name
+    assert [(main, r) for _, _, main, r in got] == [(0, 0), (0, 0), (2, 1), (2, 1)]
 
 
 @pytest.mark.parametrize(
