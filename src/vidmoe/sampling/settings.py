@@ -10,7 +10,6 @@ the field, the value and what is accepted. docs/settings.md is the reference.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 from vidmoe.config import ModelConfig
@@ -27,7 +26,9 @@ from vidmoe.sampling.boundary import (
     kind_of,
     parse_boundary,
 )
+from vidmoe.sampling.frame_size import resolve_size
 from vidmoe.sampling.schedules import sigmas_from_list
+from vidmoe.sampling.values import integer, number, string
 
 SAMPLERS = ("euler", "unipc", "dpm++")
 MAX_SEED = 2**63 - 1
@@ -137,66 +138,6 @@ class ResolvedSettings:
         return d
 
 
-def _integer(name: str, value, lo: int | None, hi: int | None = None, why: str = "") -> int:
-    """`value` as an int in [lo, hi]: bools, floats and strings are refused, never converted."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer; got {value!r} ({kind_of(value)})")
-    if lo is not None and value < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}; got {value}")
-    if hi is not None and value > hi:
-        raise ValueError(f"{name} must be at most {hi}{why}; got {value}")
-    return value
-
-
-def _number(name: str, value) -> float:
-    """`value` as a finite float: bools, strings, NaN and infinities are refused."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number; got {value!r} ({kind_of(value)})")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number; got {value!r}")
-    return float(value)
-
-
-def _string(name: str, value) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{name} must be a string; got {value!r} ({kind_of(value)})")
-    return value
-
-
-def _nearest_4k1(n: int) -> tuple[int, int]:
-    lo = max(1, (n - 1) // 4 * 4 + 1)
-    return lo, lo + 4
-
-
-def check_num_frames(num_frames: int, temporal_stride: int = 4) -> None:
-    if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % temporal_stride:
-        lo, hi = (
-            _nearest_4k1(int(num_frames))
-            if isinstance(num_frames, int) and num_frames > 0
-            else (1, 5)
-        )
-        raise ValueError(
-            f"num_frames must be {temporal_stride}k+1 (the VAE's temporal stride is {temporal_stride}); "
-            f"got {num_frames}: use {lo} or {hi}"
-        )
-
-
-def check_size(width: int, height: int, model: ModelConfig) -> None:
-    stride = model.size_multiple
-    for name, value in (("width", width), ("height", height)):
-        if not isinstance(value, int) or value < stride or value % stride:
-            near = max(stride, round(value / stride) * stride) if isinstance(value, int) else stride
-            raise ValueError(
-                f"{name} must be a positive multiple of {stride} (VAE stride x the experts' patch); "
-                f"got {value}: use {near}"
-            )
-    if model.sizes and (width, height) not in model.sizes:
-        known = ", ".join(f"{w}x{h}" for w, h in model.sizes)
-        raise ValueError(
-            f"size {width}x{height} is not supported by {model.name}; supported: {known}"
-        )
-
-
 def _per_expert_items(what: str, value, names: tuple[str, ...], unit: str):
     """(expert, number) pairs from a dict, a per-expert sequence or one number."""
     if isinstance(value, dict):
@@ -219,12 +160,12 @@ def _per_expert_items(what: str, value, names: tuple[str, ...], unit: str):
 def _per_expert(what: str, value, defaults: dict[str, float], unit: str) -> dict[str, float]:
     """Per-expert numbers >= 0 over `defaults` (experts not named keep theirs)."""
     out = dict(defaults)
-    for name, number in _per_expert_items(what, value, tuple(defaults), unit):
+    for name, amount in _per_expert_items(what, value, tuple(defaults), unit):
         if name not in out:
             raise ValueError(f"unknown expert {name!r} in {what}; valid experts: {', '.join(out)}")
-        if isinstance(number, bool) or not isinstance(number, (int, float)) or not number >= 0:
-            raise ValueError(f"{what} for {name} must be a number >= 0; got {number!r}")
-        out[name] = _number(f"{what} for {name}", number)
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount >= 0:
+            raise ValueError(f"{what} for {name} must be a number >= 0; got {amount!r}")
+        out[name] = number(f"{what} for {name}", amount)
     return out
 
 
@@ -244,8 +185,8 @@ def _budgets(value, model: ModelConfig, limits: Limits) -> dict[str, int]:
             f"steps_per_expert needs a step count for every expert ({', '.join(names)}); "
             f"got {dict(value)}"
         )
-    budgets = {n: _integer(f"steps_per_expert[{n!r}]", value[n], 1) for n in names}
-    _integer(
+    budgets = {n: integer(f"steps_per_expert[{n!r}]", value[n], 1) for n in names}
+    integer(
         "the sum of steps_per_expert",
         sum(budgets.values()),
         1,
@@ -258,9 +199,9 @@ def _budgets(value, model: ModelConfig, limits: Limits) -> dict[str, int]:
 def _sigmas(value, limits: Limits) -> tuple[float, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
         raise ValueError(f"sigmas must be a list of numbers; got {value!r} ({kind_of(value)})")
-    values = tuple(_number(f"sigmas[{i}]", x) for i, x in enumerate(value))
+    values = tuple(number(f"sigmas[{i}]", x) for i, x in enumerate(value))
     sigmas_from_list(values)  # descending, in (0, 1]: ValueError otherwise
-    _integer(
+    integer(
         "the number of sigmas",
         len([x for x in values if x > 0]),
         1,
@@ -277,115 +218,13 @@ def _steps(s: GenerateSettings, model: ModelConfig, limits: Limits):
     if budgets and sigmas is not None:
         raise ValueError("give steps_per_expert or sigmas, not both: each fixes the steps")
     if s.num_steps is not None:
-        _integer("num_steps", s.num_steps, 1, limits.max_steps, " (Limits.max_steps)")
+        integer("num_steps", s.num_steps, 1, limits.max_steps, " (Limits.max_steps)")
     if budgets:
         return sum(budgets.values()), budgets, None
     if sigmas is not None:
         return len([x for x in sigmas if x > 0]), {}, sigmas
     num_steps = s.num_steps if s.num_steps is not None else model.scheduler.num_steps
     return num_steps, {}, None
-
-
-def _sized_by_image(s: GenerateSettings, model: ModelConfig) -> bool:
-    """Whether the model takes its frame size from the image: i2v always, ti2v given one."""
-    model_type = model.transformer.model_type
-    return model_type == "i2v" or (model_type == "ti2v" and bool(s.image))
-
-
-def _area(s: GenerateSettings, model: ModelConfig) -> int | None:
-    """The area of an image-sized model's size rule, or None where the size is explicit."""
-    if s.area is None:
-        explicit = s.width is not None or s.height is not None
-        if explicit or not _sized_by_image(s, model):
-            return None
-        return math.prod(model.default_size)  # the release's max_area: its --size's area
-    area = _integer("area", s.area, 1)
-    model_type = model.transformer.model_type
-    if model_type == "t2v":
-        raise ValueError(
-            f"area sets an image-to-video model's size from the image; {model.name} is a "
-            f"{model_type} model: give width and height instead"
-        )
-    if not _sized_by_image(s, model):
-        raise ValueError(
-            f"area sets the size from the image, and {model.name} was given none: give an "
-            f"image, or width and height for text-to-video"
-        )
-    if s.width is not None or s.height is not None:
-        raise ValueError(
-            f"give area or width/height, not both: area {area} takes the size from the image's "
-            f"aspect ratio, width and height set it exactly; got width {s.width}, height {s.height}"
-        )
-    areas = sorted({w * h for w, h in model.sizes}, reverse=True)
-    if areas and area not in areas:
-        raise ValueError(
-            f"area {area} is not supported by {model.name}; supported: "
-            + ", ".join(f"{a} ({_area_name(a, model)})" for a in areas)
-        )
-    return area
-
-
-def _area_name(area: int, model: ModelConfig) -> str:
-    return next(f"{w}*{h}" for w, h in model.sizes if w * h == area)
-
-
-def _image_sized(
-    s: GenerateSettings, model: ModelConfig, area: int, image_size: tuple[int, int] | None
-) -> tuple[int, int]:
-    """(width, height) of the release's size rule for the image (its header is read): i2v's
-    (`release_i2v_size`) or ti2v's (`release_ti2v_size`)."""
-    from vidmoe.sampling.conditioning import (
-        image_header_size,
-        release_i2v_size,
-        release_ti2v_size,
-    )
-
-    image_size = image_header_size(s.image) if image_size is None else image_size
-    stride = model.vae.spatial_stride
-    if model.transformer.model_type == "ti2v":
-        width, height = release_ti2v_size(image_size, area, model.size_multiple)
-    else:
-        width, height = release_i2v_size(image_size, area, stride, model.size_multiple // stride)
-    if min(width, height) < model.size_multiple:
-        iw, ih = image_size
-        raise ValueError(
-            f"an image of {iw}x{ih} at area {area} gives a {width}x{height} frame (the size "
-            f"follows the image's aspect ratio): give a larger area, or width and height"
-        )
-    return width, height
-
-
-def _size(
-    s: GenerateSettings, model: ModelConfig, limits: Limits, image_size: tuple[int, int] | None
-) -> tuple[int, int, int, int | None]:
-    """(width, height, num_frames, area), checked against the model and the limits; an i2v
-    model, or a ti2v model given an image, without an explicit size takes it from the image
-    (`area` is then not None)."""
-    area = _area(s, model)
-    if area is not None:
-        width, height = _image_sized(s, model, area, image_size)
-    else:
-        width = model.default_size[0] if s.width is None else _integer("width", s.width, None)
-        height = model.default_size[1] if s.height is None else _integer("height", s.height, None)
-        check_size(width, height, model)
-    if width * height > limits.max_pixels:
-        raise ValueError(
-            f"size {width}x{height} is {width * height} pixels per frame, over the limit of "
-            f"{limits.max_pixels} (Limits.max_pixels, until a memory planner decides what fits): "
-            "use a smaller width or height"
-        )
-    frames = model.default_num_frames if s.num_frames is None else s.num_frames
-    if isinstance(frames, bool) or not isinstance(frames, int):
-        raise ValueError(f"num_frames must be an integer; got {frames!r} ({kind_of(frames)})")
-    check_num_frames(frames, model.vae.temporal_stride)
-    _integer(
-        "num_frames",
-        frames,
-        1,
-        limits.max_num_frames,
-        " (Limits.max_num_frames, until a memory planner decides what fits)",
-    )
-    return width, height, frames, area
 
 
 def _boundary(
@@ -441,17 +280,17 @@ def resolve_settings(
     without an image), else from the header of the file `s.image`.
     """
     limits = Limits.for_model(model) if limits is None else limits
-    prompt = _string("prompt", s.prompt)
+    prompt = string("prompt", s.prompt)
     negative = default_negative_prompt(model) if s.negative_prompt is None else s.negative_prompt
-    negative = _string("negative_prompt", negative)
-    image = None if s.image is None else _string("image", s.image)
+    negative = string("negative_prompt", negative)
+    image = None if s.image is None else string("image", s.image)
     if model.transformer.model_type == "i2v" and not image:
         raise ValueError(f"{model.name} is an image-to-video model: give an image (--image PATH)")
     if image and model.transformer.model_type == "t2v":
         raise ValueError(f"{model.name} is a text-to-video model and takes no image")
-    width, height, num_frames, area = _size(s, model, limits, image_size)
+    width, height, num_frames, area = resolve_size(s, model, limits, image_size)
     num_steps, budgets, sigmas = _steps(s, model, limits)
-    shift = model.scheduler.shift if s.shift is None else _number("shift", s.shift)
+    shift = model.scheduler.shift if s.shift is None else number("shift", s.shift)
     if not shift > 0:
         raise ValueError(f"shift must be > 0 (1 leaves the sigmas unchanged); got {shift}")
     sampler = model.scheduler.sampler if s.sampler is None else s.sampler
@@ -463,13 +302,13 @@ def resolve_settings(
     step_cache = _per_expert(
         "step_cache", s.step_cache or {}, dict.fromkeys(model.moe.expert_names, 0.0), "threshold"
     )
-    band = model.moe.band if s.band is None else _number("band", s.band)
+    band = model.moe.band if s.band is None else number("band", s.band)
     if not 0.0 <= band < 0.5:
         raise ValueError(
             f"band must lie in [0, 0.5) (a sigma half-width; 0 switches hard); got {band}"
         )
     boundary = _boundary(s, model, band, num_steps, budgets, limits)
-    seed = _integer("seed", s.seed, 0, MAX_SEED, " (2**63 - 1)")
+    seed = integer("seed", s.seed, 0, MAX_SEED, " (2**63 - 1)")
     return ResolvedSettings(
         prompt=prompt,
         negative_prompt=negative,
