@@ -1,7 +1,7 @@
 """Batches over 4 gloo processes in every layout: lines dealt out over replicas of one rank, of
-ulysses 2 (sharded) and of 2 expert groups (high-noise expert on one group, low-noise on the
-other; each group one rank, or 2 splitting each request), and the CLI over them; each prompt is
-published once, with the single-process result."""
+ulysses 2 (sharded), of cfg 2 and of 2 expert groups (high-noise expert on one group, low-noise
+on the other; each group one rank, or 2 splitting each request), and the CLI over them; each
+prompt is published once, with the single-process result."""
 
 import json
 
@@ -138,6 +138,12 @@ def _layouts(rank, size, path, out, cli_args):
     report = generate_batch(pipe, jobs, out / "sharded", groups=groups, on_result=keep("sharded"))
     again = generate_batch(pipe, jobs, out / "sharded", groups=groups)
     got["sharded"]["reports"] = report, again
+    # 2 replicas x cfg 2: cond and uncond on the two ranks of each replica
+    groups = Groups(Layout(cfg=2).filling(world), world)
+    pipe = tiny_pipeline()
+    pipe.set_parallel(groups)
+    report = generate_batch(pipe, jobs, out / "cfg", groups=groups, on_result=keep("cfg"))
+    got["cfg"]["reports"] = report, None
     # last, the CLI (it leaves the process group when it ends)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank))
     r = CliRunner().invoke(app, cli_args)
@@ -164,6 +170,7 @@ EXPECTED = {  # statuses, and the rank that published each prompt
     "groups": (["done", "done", "failed", "done"], [2] * 4),  # the last group's first rank
     "copies": (["done", "done", "failed", "done"], [1, 3, 1, 3]),  # job % 2 -> replica
     "sharded": (["done"] * 4, [0, 2, 0, 2]),  # each replica's first rank
+    "cfg": (["done"] * 4, [0, 2, 0, 2]),
 }
 
 
