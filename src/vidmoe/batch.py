@@ -3,15 +3,15 @@
 A prompts file is text (one prompt per line; blank lines and `#` comments skipped) or JSONL (one
 object per line: `prompt`, any `GenerateSettings` field, an optional output `name`). Each entry is
 a `Job` with a fixed index (its place among the file's entries), which names its output
-(`0007-a-red-circle.mp4` + `.json`) and picks its replica (index % replicas; a replica is one
-rank when nothing splits a video). Every entry is
-validated up front by `resolve_settings`; a bad one is reported and the others still run. A job
-whose mp4 and JSON are both published, match each other and record the same settings and model
-is skipped, so a killed batch resumes where it stopped.
+(`0007-a-red-circle.mp4` + `.json`). Every entry is validated up front by `resolve_settings`; a
+bad one is reported and the others still run. A job whose mp4 and JSON are both published, match
+each other and record the same settings and model is skipped, so a killed batch resumes where it
+stopped.
 
-Under a parallel layout (`vidmoe.parallel.world.Layout`) the jobs are dealt out over its
-replicas (index % replicas); every rank of a replica runs the replica's jobs together (Ulysses,
-CFG) and one rank of it, the writer, decides what is finished and publishes.
+Under torchrun the jobs are dealt out over the replicas of a parallel layout
+(`vidmoe.parallel.world.Layout.filling`; index % replicas; a replica is one rank when nothing
+splits a video): every rank of a replica runs the replica's jobs together (Ulysses, CFG), and
+one rank of it, the writer, decides what is finished and publishes.
 """
 
 from __future__ import annotations

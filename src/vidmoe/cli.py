@@ -448,7 +448,7 @@ def generate(
                 layout=Layout(
                     ulysses=ulysses, cfg=2 if cfg_parallel else 1, expert_groups=expert_groups
                 ),
-                shard=shard_experts,
+                shard_experts=shard_experts,
                 shard_text_encoder=shard_text_encoder,
                 memory_budget=memory_budget,
                 recipe=recipe,

@@ -77,7 +77,7 @@ def run_batch(
     model: str | None,
     output: Path,
     layout: Layout,
-    shard: bool = False,
+    shard_experts: bool = False,
     shard_text_encoder: bool = False,
     memory_budget: str | None,
     recipe: str | None,
@@ -88,7 +88,7 @@ def run_batch(
 
     Args:
         layout: one replica (expert groups x cfg x ulysses); the world holds a multiple of it.
-        shard: --shard-experts: each replica's weights sharded over the ranks that run one
+        shard_experts: each replica's weights sharded over the ranks that run one
             video together (FSDP2); `shard_text_encoder` the text encoder too.
         load: `loader`'s keyword options (the generate command's `_load`).
     """
@@ -106,11 +106,11 @@ def run_batch(
     out_dir = batch_folder(output)
     if load.get("quantize") == "auto":
         load = {**load, "quantize": None}  # auto quantises only where a memory budget needs it
-    layout = batch_layout(layout, world_from_env(os.environ), shard_experts=shard)
+    layout = batch_layout(layout, world_from_env(os.environ), shard_experts=shard_experts)
     if layout.ulysses > 1:  # every expert's heads split over the Ulysses ranks, before loading
         _check_heads(model, load.get("files"), layout.ulysses)
     sharding = None
-    if shard:
+    if shard_experts:
         from vidmoe.parallel.fsdp import Sharding
 
         sharding = Sharding(text_encoder=shard_text_encoder)
