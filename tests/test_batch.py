@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -138,3 +139,40 @@ def test_batch_outputs_are_the_single_video_outputs(pipe, tmp_path):
         record["video"]["sha256"]
         == hashlib.sha256((tmp_path / "single.mp4").read_bytes()).hexdigest()
     )
+
+
+@pytest.mark.parametrize(
+    "world_size, flags, message",
+    [
+        (
+            None,
+            ["--ulysses", "2"],
+            "--ulysses 2 with --prompts needs 2 processes per replica and "
+            "this is one: launch with `torchrun --nproc-per-node 2",
+        ),
+        (
+            "6",
+            ["--expert-groups", "2", "--ulysses", "2"],
+            "takes 4 processes .* world has 6, not a multiple: launch a multiple of 4",
+        ),
+        ("3", ["--ulysses", "3"], "has 4 heads, not divisible by 3: use --ulysses 1, 2, 4"),
+        ("2", ["--shard-experts"], "here that is one rank: add --ulysses 2 or --cfg-parallel"),
+        ("4", ["--expert-groups", "2", "--shard-experts"], "here that is one rank"),
+        ("2", ["--ulysses", "2", "--shard-text-encoder"], "add --shard-experts"),
+    ],
+)
+def test_batch_layouts_that_do_not_fit_are_refused_before_loading(
+    tmp_path, monkeypatch, world_size, flags, message
+):
+    """One line each, before the process group is joined or anything is loaded."""
+    prompts = _write(tmp_path, "p.txt", ["a red circle"])
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    if world_size is not None:  # as torchrun sets them; refused before joining a group
+        for k, v in {"RANK": "0", "WORLD_SIZE": world_size, "LOCAL_RANK": "0"}.items():
+            monkeypatch.setenv(k, v)
+    args = ["generate", "-m", "tiny-t2v", "--prompts", str(prompts), "-o", str(tmp_path / "out")]
+    r = CliRunner().invoke(app, [*args, *flags])
+    assert r.exit_code == 2, r.output
+    assert re.search(message, " ".join(r.output.split())), r.output
+    assert not (tmp_path / "out").exists()

@@ -3,10 +3,15 @@
 A prompts file is text (one prompt per line; blank lines and `#` comments skipped) or JSONL (one
 object per line: `prompt`, any `GenerateSettings` field, an optional output `name`). Each entry is
 a `Job` with a fixed index (its place among the file's entries), which names its output
-(`0007-a-red-circle.mp4` + `.json`) and picks its rank (index % world size). Every entry is
-validated up front by `resolve_settings`; a bad one is reported and the others still run. A job
-whose mp4 and JSON are both published, match each other and record the same settings and model
-is skipped, so a killed batch resumes where it stopped.
+(`0007-a-red-circle.mp4` + `.json`). Every entry is validated up front by `resolve_settings`; a
+bad one is reported and the others still run. A job whose mp4 and JSON are both published, match
+each other and record the same settings and model is skipped, so a killed batch resumes where it
+stopped.
+
+Under torchrun the jobs are dealt out over the replicas of a parallel layout
+(`vidmoe.parallel.world.Layout.filling`; index % replicas; a replica is one rank when nothing
+splits a video): every rank of a replica runs the replica's jobs together (Ulysses, CFG), and
+one rank of it, the writer, decides what is finished and publishes.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vidmoe.parallel.world import World
+from vidmoe.parallel.world import Groups, World
 from vidmoe.sampling.settings import GenerateSettings, ResolvedSettings
 
 SETTING_KEYS = tuple(f.name for f in dataclasses.fields(GenerateSettings))
@@ -168,8 +173,16 @@ def resolve_job(job: Job, resolve: Callable[[GenerateSettings], ResolvedSettings
         return None, str(e)
 
 
-def run_record(result, source: dict, *, recipe: str | None = None, job: Job | None = None):
-    """The JSON record published beside a video: settings, model, plan, trace, timings."""
+def run_record(
+    result,
+    source: dict,
+    *,
+    recipe: str | None = None,
+    job: Job | None = None,
+    parallel: dict | None = None,
+):
+    """The JSON record published beside a video: settings, model, plan, trace, timings (and
+    the parallel layout that made it, `layout_record`)."""
     record = {
         "settings": result.settings.to_dict(),
         "model": source,
@@ -181,7 +194,77 @@ def run_record(result, source: dict, *, recipe: str | None = None, job: Job | No
         record["recipe"] = recipe
     if job is not None:
         record["batch"] = {"index": job.index, "line": job.line, "name": job.name}
+    if parallel is not None:
+        record["parallel"] = parallel
     return record
+
+
+def layout_record(world: World, groups: Groups | None) -> dict | None:
+    """The "parallel" entry of a record: the layout and the world size (as a single generate
+    under torchrun records it); None for one process."""
+    if not world.distributed:
+        return None
+    from vidmoe.parallel.world import Layout
+
+    layout = groups.layout if groups is not None else Layout(replicas=world.size)
+    return {**dataclasses.asdict(layout), "world_size": world.size}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Replica:
+    """This rank's replica: which jobs it runs, and the one rank that publishes them."""
+
+    index: int
+    count: int
+    writer: int
+    """The global rank that decides what is finished and publishes."""
+    ranks: tuple[int, ...]
+    """The global ranks of the replica (all of them run each of its jobs)."""
+    group: object | None = None
+    """The replica's process group (None: the whole world, or one rank)."""
+
+    @classmethod
+    def of(cls, world: World, groups: Groups | None, writer: int | None = None) -> Replica:
+        """From a layout's `Groups` (None: every rank its own replica); `writer` defaults to
+        the replica's first rank."""
+        if groups is None:
+            return cls(index=world.rank, count=world.size, writer=world.rank, ranks=(world.rank,))
+        ranks = tuple(groups.replica_ranks)
+        writer = groups.replica_main if writer is None else writer
+        p, n = groups.place, groups.layout.replicas
+        return cls(index=p.replica, count=n, writer=writer, ranks=ranks, group=groups.replica)
+
+    def owns(self, job: Job) -> bool:
+        return job.index % self.count == self.index
+
+    def share(self, world: World, value):
+        """The writer's `value`, on every rank of the replica (a collective inside it)."""
+        if len(self.ranks) == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value if world.rank == self.writer else None]
+        dist.broadcast_object_list(box, src=self.writer, group=self.group)
+        return box[0]
+
+
+def pending(replica: Replica, world: World, checked, out_dir: Path, source: dict):
+    """(the writer's outcomes of the replica's bad and finished jobs, the set of job indices
+    still to generate): the writer looks at the outputs and tells the replica's other ranks.
+
+    Args:
+        checked: [(job, resolved settings or None, why it is bad)] of this replica's jobs.
+    """
+    outcomes, todo = [], []
+    if world.rank == replica.writer:
+        for job, rs, error in checked:
+            if rs is None:
+                outcomes.append(outcome(job, "failed", error, 0.0, replica.writer))
+            elif is_finished(video_path(out_dir, job), rs, source):
+                outcomes.append(outcome(job, "skipped", "", 0.0, replica.writer))
+            else:
+                todo.append(job.index)
+    return outcomes, set(replica.share(world, todo))
 
 
 def is_finished(path: Path, rs: ResolvedSettings, source: dict) -> bool:
@@ -210,48 +293,64 @@ def generate_batch(
     out_dir: str | Path,
     *,
     world: World | None = None,
+    groups: Groups | None = None,
     progress: bool = False,
     recipe: str | None = None,
     log: Callable[[str], None] | None = None,
+    on_result: Callable | None = None,
 ) -> BatchReport:
-    """Generate every job this rank owns (index % world.size == rank) into `out_dir`.
+    """Generate every job of this rank's replica into `out_dir` (call on every rank).
 
     Every job is validated first; rank 0 passes each bad one to `log` (line and reason). Bad
     jobs fail without stopping the others; finished ones are skipped. Under torchrun every rank
     returns the whole report, and rank 0 writes it to OUT_DIR/batch.jsonl.
+
+    Args:
+        world: this process (default: one process); every rank is then its own replica.
+        groups: a layout's groups (`pipe.set_parallel(groups)` already called when a replica
+            has several ranks): jobs are dealt out over its replicas (index % replicas), and
+            each replica's first rank publishes; `world` is then `groups.world`.
+        on_result: called on the publishing rank as on_result(job, GenerationResult).
     Returns:
         A `BatchReport` of every job, in file order.
     """
-    world = world or World()
+    world = groups.world if groups is not None else world or World()
+    replica = Replica.of(world, groups)
     checked = check_jobs(jobs, pipe.resolve)
     if log is not None and world.is_main:
         for job, _, error in checked:
             if error:
                 log(f"line {job.line}: {error}")
-    mine = [c for c in checked if c[0].index % world.size == world.rank]
-    outcomes = []
-    for job, rs, error in progress_bar(mine, progress, world):
-        outcomes.append(_run_job(pipe, job, rs, error, Path(out_dir), recipe, world.rank))
+    mine = [c for c in checked if replica.owns(c[0])]
+    out_dir = Path(out_dir)
+    outcomes, todo = pending(replica, world, mine, out_dir, pipe.source)
+    parallel = layout_record(world, groups)
+    run = [job for job, _, _ in mine if job.index in todo]
+    for job in progress_bar(run, progress, world):
+        t0 = time.perf_counter()
+        error = _run_job(
+            pipe, job, out_dir, world.rank == replica.writer, on_result, recipe, parallel
+        )
+        if world.rank == replica.writer:
+            status = "failed" if error else "done"
+            outcomes.append(outcome(job, status, error, time.perf_counter() - t0, world.rank))
     return finish_batch(outcomes, out_dir, world)
 
 
-def _run_job(pipe, job, rs, error, out_dir: Path, recipe, rank: int) -> Outcome:
+def _run_job(pipe, job, out_dir: Path, writes: bool, on_result, recipe, parallel) -> str:
+    """Generate one job (every rank of the replica); the writer publishes. '' or the error."""
     from vidmoe.io.video import publish_video
 
-    t0 = time.perf_counter()
-    path = video_path(out_dir, job)
-    status = "failed"
-    if rs is not None and is_finished(path, rs, pipe.source):
-        status = "skipped"
-    elif rs is not None:
-        try:
-            result = pipe.generate(job.settings)
-            record = run_record(result, pipe.source, recipe=recipe, job=job)
-            publish_video(result.frames, record, path, fps=pipe.config.fps)
-            status = "done"
-        except Exception as e:  # one request's failure must not stop the batch
-            error = f"{type(e).__name__}: {e}"
-    return outcome(job, status, error, time.perf_counter() - t0, rank)
+    try:
+        result = pipe.generate(job.settings, output="frames" if writes else "latents")
+        if writes:
+            if on_result is not None:
+                on_result(job, result)
+            record = run_record(result, pipe.source, recipe=recipe, job=job, parallel=parallel)
+            publish_video(result.frames, record, video_path(out_dir, job), fps=pipe.config.fps)
+        return ""
+    except Exception as e:  # one request's failure must not stop the batch
+        return f"{type(e).__name__}: {e}"
 
 
 def outcome(job: Job, status: str, error: str, seconds: float, rank: int) -> Outcome:
@@ -268,7 +367,8 @@ def outcome(job: Job, status: str, error: str, seconds: float, rank: int) -> Out
 
 
 def finish_batch(outcomes: list[Outcome], out_dir: str | Path, world: World) -> BatchReport:
-    """Gather every rank's outcomes (a collective under torchrun); rank 0 writes batch.jsonl."""
+    """Gather every rank's outcomes (a collective under torchrun; each job's outcome is held by
+    one rank, its replica's writer); rank 0 writes batch.jsonl."""
     if world.distributed:
         import torch.distributed as dist
 

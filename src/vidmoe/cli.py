@@ -246,19 +246,20 @@ def _parallel(
 ):
     """The torchrun world of one generate (os.environ), joined for its duration; refused before
     any work when the flags and the launch do not fit. A batch (--prompts) joins its world in
-    `cli_batch.run_batch` instead: whole videos per rank or per expert group."""
+    `cli_batch.run_batch` instead, as replicas of the layout that each run their share of the
+    lines; here it only reads who this rank is."""
     from vidmoe.parallel.launch import ParallelRun, parallel_run
-    from vidmoe.parallel.world import Layout, World
+    from vidmoe.parallel.world import Layout, world_from_env
 
     if batch is not None:
-        if ulysses != 1 or cfg_parallel or shard_experts:
+        if shard_text_encoder and not shard_experts:
             raise ValueError(
-                "--prompts runs whole videos per rank (or per expert group with --expert-groups); "
-                "--ulysses, --cfg-parallel and --shard-experts with --prompts are not supported "
-                "yet: run those one prompt at a time"
+                "--shard-text-encoder shards the text encoder beside the experts: add "
+                "--shard-experts"
             )
+        world = world_from_env(os.environ)
         return contextlib.nullcontext(
-            ParallelRun(world=World(), layout=Layout(), device=device, sharding=None)
+            ParallelRun(world=world, layout=Layout(), device=device, sharding=None)
         )
     layout = Layout(ulysses=ulysses, cfg=2 if cfg_parallel else 1)
     return parallel_run(
@@ -433,6 +434,7 @@ def generate(
         files = _component_files(expert, vae, text_encoder)
         if prompts is not None:
             from vidmoe.cli_batch import run_batch
+            from vidmoe.parallel.world import Layout
 
             load = dict(device=device, dtype=dtype, residency=residency, loras=loras)
             load |= dict(lora_strict=lora_strict, fuse_lora=fuse_lora, quiet=quiet)
@@ -443,7 +445,11 @@ def generate(
                 defaults=s,
                 model=model,
                 output=output,
-                expert_groups=expert_groups,
+                layout=Layout(
+                    ulysses=ulysses, cfg=2 if cfg_parallel else 1, expert_groups=expert_groups
+                ),
+                shard_experts=shard_experts,
+                shard_text_encoder=shard_text_encoder,
                 memory_budget=memory_budget,
                 recipe=recipe,
                 load=load,

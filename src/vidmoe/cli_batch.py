@@ -1,15 +1,20 @@
 """`vidmoe generate --prompts FILE`: the batch path of the generate command (parse -> library).
 
-Reads torchrun's variables (library code does not), joins the process group, loads the model
-(every expert on every rank, or one expert per group with --expert-groups) and runs the batch.
+Reads torchrun's variables (library code does not), joins the process group, lays the world out
+as replicas of one --expert-groups x --cfg-parallel x --ulysses layout, loads the model (every
+expert on every rank of a replica, or one expert per group with --expert-groups; sharded over
+the ranks that run one video together with --shard-experts) and runs the batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import typer
+
+from vidmoe.parallel.world import Layout, World
 
 DEFAULT_OUTPUT = Path("outputs/video.mp4")
 
@@ -26,6 +31,44 @@ def batch_folder(output: Path) -> Path:
     return output
 
 
+def batch_layout(one: Layout, world: World, *, shard_experts: bool = False) -> Layout:
+    """The batch's layout on `world`: as many replicas of `one` (a replica: expert groups x cfg
+    x ulysses ranks that run one video together) as the world holds. Refused in one line when
+    the launch does not fit."""
+    flags = " ".join(
+        [f"--expert-groups {one.expert_groups}"] * (one.expert_groups > 1)
+        + ["--cfg-parallel"] * (one.cfg > 1)
+        + [f"--ulysses {one.ulysses}"] * (one.ulysses > 1)
+    )
+    n = one.replica_size
+    if n > 1 and not world.distributed:
+        raise ValueError(
+            f"{flags} with --prompts needs {n} processes per replica and this is one: launch "
+            f"with `torchrun --nproc-per-node {n} -m vidmoe generate --prompts ...` (a multiple "
+            f"of {n} runs that many replicas, each on its share of the lines; docs/distributed.md)"
+        )
+    if shard_experts and one.cfg * one.ulysses == 1:
+        raise ValueError(
+            "--shard-experts with --prompts shards the weights over the ranks that run one video "
+            "together (--ulysses N, --cfg-parallel; inside each expert group), and here that is "
+            "one rank: add --ulysses 2 or --cfg-parallel, or drop --shard-experts"
+        )
+    return one.filling(world)
+
+
+def _check_heads(model, files: dict | None, ulysses: int) -> None:
+    """Every expert's heads must split over the Ulysses ranks (read from the config only)."""
+    from vidmoe.loading import model_config_for, model_config_for_files
+    from vidmoe.parallel.ulysses import check_heads
+
+    if files:
+        config = model_config_for_files(model, experts=files["experts"], vae=files["vae"])
+    else:
+        config = model_config_for(model)
+    for name in config.moe.expert_names:
+        check_heads(config.transformer_for(name).num_heads, ulysses)
+
+
 def run_batch(
     *,
     prompts: Path,
@@ -33,16 +76,25 @@ def run_batch(
     defaults,
     model: str | None,
     output: Path,
-    expert_groups: int,
+    layout: Layout,
+    shard_experts: bool = False,
+    shard_text_encoder: bool = False,
     memory_budget: str | None,
     recipe: str | None,
     load: dict,
     loader,
 ) -> bool:
-    """Run a prompts file; True when no line failed. `load` holds `loader`'s keyword options
-    (the generate command's `_load`)."""
+    """Run a prompts file; True when no line failed.
+
+    Args:
+        layout: one replica (expert groups x cfg x ulysses); the world holds a multiple of it.
+        shard_experts: each replica's weights sharded over the ranks that run one
+            video together (FSDP2); `shard_text_encoder` the text encoder too.
+        load: `loader`'s keyword options (the generate command's `_load`).
+    """
     from vidmoe.batch import generate_batch, read_jobs
     from vidmoe.parallel.launch import joined
+    from vidmoe.parallel.world import Groups, world_from_env
 
     if prompt:
         raise ValueError(
@@ -54,34 +106,36 @@ def run_batch(
     out_dir = batch_folder(output)
     if load.get("quantize") == "auto":
         load = {**load, "quantize": None}  # auto quantises only where a memory budget needs it
+    layout = batch_layout(layout, world_from_env(os.environ), shard_experts=shard_experts)
+    if layout.ulysses > 1:  # every expert's heads split over the Ulysses ranks, before loading
+        _check_heads(model, load.get("files"), layout.ulysses)
+    sharding = None
+    if shard_experts:
+        from vidmoe.parallel.fsdp import Sharding
+
+        sharding = Sharding(text_encoder=shard_text_encoder)
     jobs = read_jobs(prompts, defaults)
-    quiet = load["quiet"]
+    said = dict(
+        progress=not load["quiet"],
+        recipe=recipe,
+        log=lambda m: typer.secho(m, fg=typer.colors.RED, err=True),
+    )
     with joined(os.environ, load["device"]) as (world, device):
-        if expert_groups == 1:
-            pipe = loader(model, **{**load, "device": str(device)})
-            report = generate_batch(
-                pipe,
-                jobs,
-                out_dir,
-                world=world,
-                progress=not quiet,
-                recipe=recipe,
-                log=lambda m: typer.secho(m, fg=typer.colors.RED, err=True),
-            )
+        if layout.expert_groups == 1:
+            groups = Groups(layout, world)
+            if sharding is not None:  # over the replica's ranks (the world's: one replica)
+                sharding = dataclasses.replace(sharding, group=groups.expert_group)
+            pipe = loader(model, **{**load, "device": str(device)}, shard=sharding)
+            if layout.replica_size > 1:
+                pipe.set_parallel(groups)
+            report = generate_batch(pipe, jobs, out_dir, groups=groups, **said)
         else:
             from vidmoe.parallel.pipelined import generate_pipelined, load_stage
-            from vidmoe.parallel.world import Layout
 
-            layout = Layout(expert_groups=expert_groups)
-            stage = load_stage(model, world, layout=layout, device=device, load=load)
-            report = generate_pipelined(
-                stage,
-                jobs,
-                out_dir,
-                progress=not quiet,
-                recipe=recipe,
-                log=lambda m: typer.secho(m, fg=typer.colors.RED, err=True),
+            stage = load_stage(
+                model, world, layout=layout, device=device, load=load, shard=sharding
             )
+            report = generate_pipelined(stage, jobs, out_dir, **said)
     if world.is_main:
         typer.echo(report.summary())
         typer.echo(f"record: {out_dir / 'batch.jsonl'}")

@@ -39,13 +39,8 @@ def test_torchrun_ulysses_two_writes_once_the_single_process_video(tmp_path):
     assert r.stdout.count("wrote ") == 1  # rank 1 says nothing
     assert sorted(p.name for p in out.parent.iterdir()) == ["clip.mp4", "clip.mp4.json"]
     record = json.loads(out.with_name("clip.mp4.json").read_text())
-    assert record["parallel"] == {
-        "ulysses": 2,
-        "cfg": 1,
-        "expert_groups": 1,
-        "replicas": 1,
-        "world_size": 2,
-    }
+    want = {"ulysses": 2, "cfg": 1, "expert_groups": 1, "replicas": 1, "world_size": 2}
+    assert record["parallel"] == want
 
     single = tmp_path / "one.mp4"
     r1 = CliRunner().invoke(app, ["generate", *ARGS, "-o", str(single)])

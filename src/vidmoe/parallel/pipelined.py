@@ -7,8 +7,10 @@ samplers keep x0 predictions) and the text embeddings then go to group 1 point t
 on; the last group decodes and publishes. A group starts the next request as soon as it has sent
 one on, so with a stream of requests every group is busy.
 
-A rank of group g talks to the rank with the same (cfg, ulysses) place in groups g - 1 and g + 1.
-Every rank reads the same jobs and plans them the same way, so no schedule is exchanged.
+A group may hold several ranks that split each request (Ulysses, CFG); a rank of group g talks
+to the rank with the same (cfg, ulysses) place in groups g - 1 and g + 1 of its replica. With
+several replicas (whole copies of the groups) a batch's jobs are dealt out over them. Every rank
+reads the same jobs and plans them the same way, so no schedule is exchanged.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ import torch
 from vidmoe.batch import (
     BatchReport,
     Job,
+    Replica,
     check_jobs,
     finish_batch,
+    layout_record,
     outcome,
+    pending,
     progress_bar,
     run_record,
 )
@@ -115,7 +120,8 @@ def generate_pipelined(
     log=None,
     on_result=None,
 ) -> BatchReport:
-    """Run a batch through the expert groups (call on every rank); the writer publishes.
+    """Run a batch through the expert groups (call on every rank): each replica runs the jobs
+    dealt to it (index % replicas), and its writer (`Stage.writer`) publishes them.
 
     Args:
         log: called on rank 0 with each bad line (line number and reason) before any work.
@@ -124,6 +130,7 @@ def generate_pipelined(
         The `BatchReport` of every job (on every rank); rank 0 writes OUT_DIR/batch.jsonl.
     """
     world, out_dir = stage.groups.world, Path(out_dir)
+    replica = Replica.of(world, stage.groups, writer=stage.writer)
     checked = []
     for job, rs, error in check_jobs(jobs, stage.pipe.resolve):
         plan = None
@@ -138,9 +145,14 @@ def generate_pipelined(
         for job, _, _, error in checked:
             if error:
                 log(f"line {job.line}: {error}")
-    outcomes, pending = _pending(stage, checked, out_dir)
+    mine = [c for c in checked if replica.owns(c[0])]
+    outcomes, todo = pending(
+        replica, world, [(job, rs, error) for job, rs, _, error in mine], out_dir, stage.pipe.source
+    )
+    parallel = layout_record(world, stage.groups)
     outgoing: Outgoing | None = None
-    for job, rs, plan in progress_bar(pending, progress, world):
+    run = [(job, rs, plan) for job, rs, plan, _ in mine if job.index in todo]
+    for job, rs, plan in progress_bar(run, progress, world):
         t0 = time.perf_counter()
         state, outgoing = _run_stage(stage, rs, plan, outgoing)
         error = state["error"]
@@ -148,7 +160,7 @@ def generate_pipelined(
             if not error:
                 try:
                     result = _finish(stage.pipe, rs, plan, state)
-                    _publish(stage.pipe, job, result, out_dir, recipe, on_result)
+                    _publish(stage.pipe, job, result, out_dir, recipe, on_result, parallel)
                 except Exception as e:  # one request's failure must not stop the batch
                     error = f"{type(e).__name__}: {e}"
             status = "failed" if error else "done"
@@ -156,29 +168,6 @@ def generate_pipelined(
     if outgoing is not None:
         outgoing.wait()
     return finish_batch(outcomes, out_dir, world)
-
-
-def _pending(stage: Stage, checked, out_dir: Path):
-    """(the writer's outcomes so far, [(job, rs, plan)] still to generate, the same on every
-    rank): the writer decides which outputs are finished and tells the others."""
-    import torch.distributed as dist
-
-    from vidmoe.batch import is_finished, video_path
-
-    outcomes, todo = [], []
-    is_writer = stage.groups.world.rank == stage.writer
-    for job, rs, _, error in checked if is_writer else []:
-        if rs is None:
-            outcomes.append(outcome(job, "failed", error, 0.0, stage.writer))
-        elif is_finished(video_path(out_dir, job), rs, stage.pipe.source):
-            outcomes.append(outcome(job, "skipped", "", 0.0, stage.writer))
-        else:
-            todo.append(job.index)
-    box = [todo]
-    dist.broadcast_object_list(box, src=stage.writer)
-    todo = set(box[0])
-    pending = [(job, rs, plan) for job, rs, plan, _ in checked if job.index in todo]
-    return outcomes, pending
 
 
 def _run_stage(stage: Stage, rs, plan: Plan, outgoing: Outgoing | None):
@@ -255,13 +244,15 @@ def _finish(pipe: Pipeline, rs, plan: Plan, state: dict) -> GenerationResult:
     )
 
 
-def _publish(pipe: Pipeline, job: Job, result, out_dir: Path, recipe, on_result) -> None:
+def _publish(
+    pipe: Pipeline, job: Job, result, out_dir: Path, recipe, on_result, parallel=None
+) -> None:
     from vidmoe.batch import video_path
     from vidmoe.io.video import publish_video
 
     if on_result is not None:
         on_result(job, result)
-    record = run_record(result, pipe.source, recipe=recipe, job=job)
+    record = run_record(result, pipe.source, recipe=recipe, job=job, parallel=parallel)
     publish_video(result.frames, record, video_path(out_dir, job), fps=pipe.config.fps)
 
 
@@ -303,7 +294,9 @@ def _stage_pipeline(
     return pipe
 
 
-def load_stage(model, world: World, *, layout: Layout, device: torch.device, load: dict):
+def load_stage(
+    model, world: World, *, layout: Layout, device: torch.device, load: dict, shard=None
+):
     """This rank's `Stage` of `model` (a checkpoint folder or a preset): only its group's
     expert is read from the checkpoint (a preset's random weights are built whole, then cut).
 
@@ -311,6 +304,8 @@ def load_stage(model, world: World, *, layout: Layout, device: torch.device, loa
         layout: expert groups (one per expert) x cfg x ulysses, times `replicas` copies; the
             world size must be its size.
         load: the generate command's loading options (device, dtype, residency, loras, ...).
+        shard: a `vidmoe.parallel.fsdp.Sharding` (its `group` is ignored): the group's expert
+            (and group 0's text encoder) sharded over the group's ranks; None: held whole.
     """
     from vidmoe.config import PRESETS
     from vidmoe.loading import build_random_pipeline, model_config_for, speed_up
@@ -332,20 +327,44 @@ def load_stage(model, world: World, *, layout: Layout, device: torch.device, loa
     check_pipelined(config, layout.expert_groups)
     for name in config.moe.expert_names:
         check_heads(config.transformer_for(name).num_heads, layout.ulysses)
+    if shard is not None and layout.cfg * layout.ulysses == 1:
+        raise ValueError(
+            "--shard-experts shards each expert group's weights over its ranks, and a group "
+            "here is one rank: add --ulysses N or --cfg-parallel, or drop --shard-experts"
+        )
     groups = Groups(layout, world)
     from vidmoe.devices import resolve_dtype
 
     dtype = resolve_dtype(load.get("dtype", "auto"), device)
+    mesh = None
+    if shard is not None:
+        from vidmoe.parallel.fsdp import check_shardable, shard_mesh
+
+        check_shardable(residency="resident", compile=bool(load.get("compile")))
+        mesh = shard_mesh(device, groups.expert_group)
     if isinstance(model, str) and model in PRESETS:  # random weights, built whole then cut
         stage = make_stage(build_random_pipeline(model, device=device, dtype=dtype), groups)
     else:
-        stage = _load_stage_files(model, groups, config, device, dtype)
+        stage = _load_stage_files(model, groups, config, device, dtype, mesh=mesh)
+    if shard is not None:
+        _shard_stage(stage, mesh, text_encoder=shard.text_encoder)
     speed_up(stage.pipe, attention=load.get("attention", "auto"), compile=load.get("compile"))
     return stage
 
 
-def _load_stage_files(model, groups: Groups, config, device, dtype) -> Stage:
-    """Read only this group's expert (and the text encoder or VAE it holds) from a folder."""
+def _shard_stage(stage: Stage, mesh, *, text_encoder: bool) -> None:
+    """Shard the stage's expert (and group 0's text encoder) over `mesh`, its group's ranks;
+    every group's records say what the command sharded."""
+    from vidmoe.parallel.fsdp import shard_pipeline
+
+    pipe = stage.pipe
+    shard_pipeline(pipe, mesh, text_encoder=text_encoder and pipe.text_encoder is not None)
+    pipe.source["shard"]["text_encoder"] = "fsdp2" if text_encoder else "whole"
+
+
+def _load_stage_files(model, groups: Groups, config, device, dtype, *, mesh=None) -> Stage:
+    """Read only this group's expert (and the text encoder or VAE it holds) from a folder; with
+    a `mesh`, only this rank's rows of the expert's tensors."""
     from vidmoe.io.checkpoints import detect_layout, load_expert, load_vae
     from vidmoe.loading import _default_model
     from vidmoe.models.moe import Placement
@@ -357,7 +376,13 @@ def _load_stage_files(model, groups: Groups, config, device, dtype) -> Stage:
         raise ValueError(f"{path} has no VAE or text encoder: use a full checkpoint folder")
     g, last = groups.place.expert_group, groups.layout.expert_groups - 1
     name = config.moe.expert_names[g]
-    expert = load_expert(layout, name, device=device, dtype=dtype)
+    if mesh is None:
+        expert = load_expert(layout, name, device=device, dtype=dtype)
+    else:
+        from vidmoe.parallel.fsdp import load_sharded_expert
+
+        tensors, part = layout.expert_tensors(name), layout.config.transformer_for(name)
+        expert = load_sharded_expert(part, tensors, mesh, device=device, dtype=dtype)
     vae = load_vae(layout, device=device) if g == last else None
     text = None
     if g == 0:
