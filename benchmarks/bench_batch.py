@@ -53,7 +53,8 @@ def main() -> None:
     pipe.generate(jobs[0].settings, output="latents")  # warm-up, outside the timing
     counts = pipe.plan(jobs[0].settings).counts()
     if args.expert_groups > 1:
-        stage = make_stage(pipe, Groups(Layout(expert_groups=args.expert_groups), world))
+        layout = Layout(expert_groups=args.expert_groups).filling(world)  # replicas beyond one
+        stage = make_stage(pipe, Groups(layout, world))
         del pipe
     box = [tempfile.mkdtemp(prefix="bench_batch_") if world.is_main else None]
     if world.distributed:  # one folder for every rank, as on a shared file system

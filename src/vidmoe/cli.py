@@ -80,11 +80,13 @@ PROMPTS_HELP = (
     "A prompts file: text (one prompt per line, # comments) or JSONL (prompt plus any setting, "
     "and a name, per line); the other options are every line's defaults; -o is then a folder. "
     "Finished videos are skipped on restart; exit 1 if any line failed. Under torchrun the "
-    "lines are split across ranks."
+    "lines are dealt out over replicas of the layout (--ulysses x --cfg-parallel x "
+    "--expert-groups ranks each; one rank each without them)."
 )
 EXPERT_GROUPS_HELP = (
     "Under torchrun: 2 puts the high-noise expert on one group of ranks and the low-noise "
-    "expert on another, and pipelines the --prompts lines through them."
+    "expert on another, and pipelines the --prompts lines through them; with --ulysses or "
+    "--cfg-parallel each group has several ranks."
 )
 
 
