@@ -6,6 +6,7 @@ the one-process bf16 run loosely.
 An FSDP2 checkpoint resumes on 2 ranks and on 1; a run under real torchrun killed with SIGKILL
 after a checkpoint resumes bit-exactly.
 
+A 2-rank FSDP2 checkpoint resumes on 4 ranks too.
 The 2-rank runs share one spawn (`two_ranks`) to pay the processes' start-up once."""
 
 from __future__ import annotations
@@ -301,3 +302,21 @@ def test_rank_memory_of_ddp_and_fsdp():
         num_params=p, num_trainable=10**7, block_params=block, strategy="ddp", world_size=8
     )
     assert lora.params == 4 * p and lora.optimizer == 8 * 10**7  # the frozen base stays whole
+
+
+def _train_four(rank: int, size: int, runs: dict[str, dict]) -> None:
+    world = World(rank=rank, size=size, local_rank=rank)
+    for cfg in runs.values():
+        train(TrainConfig.from_dict(cfg), world=world)
+
+
+def test_four_ranks_resume_a_two_rank_checkpoint_to_the_one_process_end(
+    two_ranks, cache_dir, init_dir, tmp_path
+):
+    """The 2-rank FSDP2 step-3 checkpoint goes on over 4 ranks (one sample each of the global
+    batch of 4) to the one-process run's losses (steps 4-6) and weights."""
+    shutil.copytree(two_ranks / "fsdp_part", tmp_path / "from_two")
+    cfg = _runs(cache_dir, init_dir, tmp_path)["fsdp_part"]
+    resumed = {**cfg, "out_dir": str(tmp_path / "from_two"), "stop_step": 0}
+    run_ranks(_train_four, 4, tmp_path / "spawn", {"from_two": resumed})
+    _assert_same_run(tmp_path / "from_two", _single(cache_dir, init_dir, tmp_path, "fsdp"))
