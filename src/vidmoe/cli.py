@@ -783,6 +783,8 @@ def _serve_team(cfg, *, ulysses, cfg_parallel, shard_experts, expert_groups):
 
 def _serve_parallel(cfg, layout, *, host: str, port: int, log_level: str, shard_experts: bool):
     """Rank 0 serves (HTTP, job store, worker); the other ranks follow until it stops."""
+    import signal
+
     import uvicorn
 
     from vidmoe.parallel.launch import joined
@@ -800,6 +802,10 @@ def _serve_parallel(cfg, layout, *, host: str, port: int, log_level: str, shard_
         team = Team(world=world, device=device, expert_groups=layout.expert_groups)
         load = model_loader(cfg, team, layout, shard_experts=shard_experts)
         if not world.is_main:
+            # torchrun passes Ctrl-C / SIGTERM to every rank: rank 0's server stops, finishes
+            # its step and tells the others, which leave on that message
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
             if layout.expert_groups == 1:
                 follow_requests(team, load)
                 return

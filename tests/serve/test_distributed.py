@@ -4,6 +4,8 @@ requests at once, through the real HTTP app); each video is the single-process o
 launches that cannot work are refused in one line."""
 
 import json
+import os
+import re
 import time
 
 import pytest
@@ -79,6 +81,14 @@ def test_cfg_split_server_runs_each_job_on_both_ranks_and_agrees_on_a_cancel(tmp
         "job-0.mp4",
         "job-2.mp4",
     ]
+    record = json.loads((tmp_path / "out" / "videos" / "job-0.mp4.json").read_text())
+    assert record["parallel"] == {
+        "ulysses": 1,
+        "cfg": 2,
+        "expert_groups": 1,
+        "replicas": 1,
+        "world_size": 2,
+    }
     torch.set_num_threads(1)
     pipe = tiny_pipeline()
     for i in (0, 2):
@@ -117,7 +127,16 @@ def _stream(rank, size, out, layout):
     return {"jobs": jobs, "held": list(application.state.serve.worker.pipe.experts)}
 
 
-@pytest.mark.parametrize("size, layout", [(2, Layout(expert_groups=2))])
+FOUR = pytest.mark.skipif(
+    not os.environ.get("VIDMOE_TEST_4_RANKS"),
+    reason="4 processes take ~40 s on 2 busy cores: set VIDMOE_TEST_4_RANKS=1 to run it",
+)
+
+
+@pytest.mark.parametrize(
+    "size, layout",
+    [(2, Layout(expert_groups=2)), pytest.param(4, Layout(expert_groups=2, cfg=2), marks=FOUR)],
+)
 def test_expert_groups_stream_the_queue_with_both_groups_busy(tmp_path, size, layout):
     out = tmp_path / "out"
     ranks = run_ranks(_stream, size, tmp_path / "spawn", out, layout, timeout=90)
@@ -147,3 +166,43 @@ def test_expert_groups_stream_the_queue_with_both_groups_busy(tmp_path, size, la
             records[i]["video"]["sha256"]
             == json.loads(single.with_suffix(".mp4.json").read_text())["video"]["sha256"]
         )
+
+
+@pytest.mark.parametrize(
+    "env, flags, message",
+    [
+        ({}, ["--expert-groups", "2"], "--expert-groups 2 runs on 2 processes and this is one"),
+        ({"WORLD_SIZE": "2"}, [], "has 2 processes but nothing splits the work"),
+        ({"WORLD_SIZE": "4"}, ["--ulysses", "2"], "needs 2 processes .* but the world has 4"),
+        ({"WORLD_SIZE": "3"}, ["--expert-groups", "3"], "has 2 experts .* got 3"),
+        (
+            {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1"},
+            ["--expert-groups", "2"],
+            "serves from one node .* 1 of its 2 processes on this node",
+        ),
+        (
+            {"WORLD_SIZE": "2"},
+            ["--expert-groups", "2", "--residency", "swap"],
+            "--residency swap is not supported with it",
+        ),
+    ],
+)
+def test_launches_that_cannot_serve_are_refused_in_one_line(
+    tmp_path, monkeypatch, env, flags, message
+):
+    from typer.testing import CliRunner
+
+    from vidmoe.cli import app
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    if env:
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("LOCAL_RANK", "0")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)  # as torchrun sets them; refused before joining a group
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["serve", "tiny-t2v", "--outputs", str(out), *flags])
+    assert r.exit_code == 2, r.output
+    assert re.search(message, " ".join(r.output.split())), r.output
+    assert not out.exists()

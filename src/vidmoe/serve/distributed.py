@@ -20,6 +20,7 @@ Idle ranks would wait in a collective forever (and time out): rank 0 sends a hea
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import traceback
@@ -120,7 +121,10 @@ class LeaderWorker(Worker):
             self._tell({"kind": IDLE})
 
     def _stopped(self) -> None:
-        self._tell({"kind": STOP})
+        try:
+            self._tell({"kind": STOP})
+        except RuntimeError as e:  # a follower already gone (killed): nothing left to tell
+            log.warning("the other ranks did not hear the stop: %s", e)
 
     def _stop_now(self, job_id: str) -> bool:
         return _agree(self.team, self._cancelled(job_id), 0, None, self.team.world.size)
@@ -128,6 +132,12 @@ class LeaderWorker(Worker):
     def _generate(self, job: dict, settings: GenerateSettings, on_step, on_chunk):
         self._tell({"kind": JOB, "id": job["id"], "request": job["request"]})
         return self.pipe.generate(settings, callback=on_step, decode_callback=on_chunk)
+
+    def _write(self, job_id: str, result, started: float) -> dict[str, float]:
+        groups = self.pipe.parallel
+        layout = {} if groups is None else dataclasses.asdict(groups.layout)
+        extra = {"parallel": {**layout, "world_size": self.team.world.size}}
+        return publish_job(self.pipe, job_id, result, started, self.videos_dir, extra=extra)
 
 
 def follow_requests(team: Team, load: Callable[[], object]) -> int:
@@ -303,8 +313,11 @@ class StageWorker(Worker):
             self._tell({"kind": IDLE})
 
     def _stopped(self) -> None:
-        self._tell({"kind": STOP})
-        self.relay.close()
+        try:
+            self._tell({"kind": STOP})
+            self.relay.close()
+        except RuntimeError as e:  # a follower already gone (killed): nothing left to tell
+            log.warning("the other ranks did not hear the stop: %s", e)
 
     def _run(self, job: dict) -> None:
         job_id = job["id"]
