@@ -740,12 +740,12 @@ def serve(
             compile=compile,
         )
         split = dict(ulysses=ulysses, cfg_parallel=cfg_parallel, shard_experts=shard_experts)
-        team = _serve_team(cfg, expert_groups=expert_groups, **split)
-        if team is None:
+        layout = _serve_layout(cfg, expert_groups=expert_groups, **split)
+        if layout is None:
             application = create_app(cfg)
-    if team is not None:
+    if layout is not None:
         _serve_parallel(
-            cfg, team, host=host, port=port, log_level=log_level, shard_experts=shard_experts
+            cfg, layout, host=host, port=port, log_level=log_level, shard_experts=shard_experts
         )
         return
     typer.echo(
@@ -754,21 +754,15 @@ def serve(
     uvicorn.run(application, host=host, port=port, log_level=log_level)
 
 
-def _serve_layout(*, ulysses: int, cfg_parallel: bool, expert_groups: int):
-    from vidmoe.parallel.world import Layout
-
-    return Layout(ulysses=ulysses, cfg=2 if cfg_parallel else 1, expert_groups=expert_groups)
-
-
-def _serve_team(cfg, *, ulysses, cfg_parallel, shard_experts, expert_groups):
+def _serve_layout(cfg, *, ulysses, cfg_parallel, shard_experts, expert_groups):
     """None for one process; under torchrun (os.environ) the checked layout, refused in one
     line before any work when the flags, the model and the launch do not fit."""
     from vidmoe.loading import model_config_for
-    from vidmoe.parallel.world import world_from_env
+    from vidmoe.parallel.world import Layout, world_from_env
     from vidmoe.serve.distributed import check_team
 
     world = world_from_env(os.environ)
-    layout = _serve_layout(ulysses=ulysses, cfg_parallel=cfg_parallel, expert_groups=expert_groups)
+    layout = Layout(ulysses=ulysses, cfg=2 if cfg_parallel else 1, expert_groups=expert_groups)
     local = os.environ.get("LOCAL_WORLD_SIZE")
     check_team(
         world,
