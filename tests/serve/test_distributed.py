@@ -32,6 +32,8 @@ LONG_HIGH = dict(width=32, height=32, num_frames=5, num_steps=12, boundary="step
 on request i + 1, even on a loaded machine."""
 STREAM = [dict(prompt=f"request {i}", seed=i, **LONG_HIGH) for i in range(3)]
 STREAM[1]["sampler"] = "dpm++"
+LONG_LOW = dict(width=32, height=32, num_frames=5, num_steps=60, boundary="steps:2")
+"""Fifty-eight low-noise steps: time to cancel the job while group 1 runs it."""
 
 
 class RecordingLeader(LeaderWorker):
@@ -123,14 +125,20 @@ def _stream(rank, size, out, layout):
     application = create_app(cfg, load=load, worker=worker_factory(team))
     with TestClient(application, base_url="http://127.0.0.1:7860") as c:
         ids = [c.post("/v1/jobs", json=r).json()["id"] for r in STREAM]  # while loading
+        ids.append(c.post("/v1/jobs", json={"prompt": "cancelled", **LONG_LOW}).json()["id"])
         deadline = time.monotonic() + 60
+        while (job := c.get(f"/v1/jobs/{ids[-1]}").json())["progress"]["step"] < 4:
+            assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
+            time.sleep(0.01)
+        cancel = c.delete(f"/v1/jobs/{ids[-1]}").json()  # group 1 is on its steps
         while time.monotonic() < deadline:
             jobs = [c.get(f"/v1/jobs/{i}").json() for i in ids]
             if all(j["status"] in ("done", "failed", "cancelled") for j in jobs):
                 break
             time.sleep(0.1)
         time.sleep(0.5)  # idle: heartbeats reach the other ranks
-    return {"jobs": jobs, "held": list(application.state.serve.worker.pipe.experts)}
+    held = list(application.state.serve.worker.pipe.experts)
+    return {"jobs": jobs, "held": held, "cancel": cancel}
 
 
 FOUR = pytest.mark.skipif(
@@ -148,10 +156,13 @@ def test_expert_groups_stream_the_queue_with_both_groups_busy(tmp_path, size, la
     ranks = run_ranks(_stream, size, tmp_path / "spawn", out, layout, timeout=90)
     first = ranks[0]
     assert first["held"] == ["high_noise"]
-    jobs = first["jobs"]
+    *jobs, cancelled = first["jobs"]
     assert [j["status"] for j in jobs] == ["done"] * 3, jobs
     assert all(j["progress"]["step"] == 12 for j in jobs)  # the low-noise group's rows
-    assert all(r["worked"] == 3 for r in ranks[1:])
+    assert all(r["worked"] == 4 for r in ranks[1:])
+    assert first["cancel"]["cancel_requested"] and cancelled["status"] == "cancelled"
+    assert 4 <= cancelled["progress"]["step"] < 60  # stopped by group 1, mid-way
+    assert not (out / "videos" / f"{cancelled['id']}.mp4").exists()
     records = [json.loads((out / "videos" / f"{j['id']}.mp4.json").read_text()) for j in jobs]
     spans = [{s["expert"]: (s["start"], s["end"]) for s in r["stages"]} for r in records]
     # group 0 runs request i + 1 while group 1 still works on request i
