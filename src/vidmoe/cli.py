@@ -759,7 +759,7 @@ def _serve_layout(cfg, *, ulysses, cfg_parallel, shard_experts, expert_groups):
     line before any work when the flags, the model and the launch do not fit."""
     from vidmoe.loading import model_config_for
     from vidmoe.parallel.world import Layout, world_from_env
-    from vidmoe.serve.distributed import check_team
+    from vidmoe.serve.launch import check_team
 
     world = world_from_env(os.environ)
     layout = Layout(ulysses=ulysses, cfg=2 if cfg_parallel else 1, expert_groups=expert_groups)
@@ -783,13 +783,8 @@ def _serve_parallel(cfg, layout, *, host: str, port: int, log_level: str, shard_
 
     from vidmoe.parallel.launch import joined
     from vidmoe.serve.app import DB_NAME, create_app
-    from vidmoe.serve.distributed import (
-        Team,
-        follow_requests,
-        follow_stages,
-        model_loader,
-        worker_factory,
-    )
+    from vidmoe.serve.distributed import Team, follow_requests, follow_stages, worker_factory
+    from vidmoe.serve.launch import model_loader
     from vidmoe.serve.queue import JobStore
 
     with joined(os.environ, cfg.device) as (world, device):
