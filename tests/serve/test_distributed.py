@@ -138,7 +138,11 @@ def _stream(rank, size, out, layout):
             time.sleep(0.1)
         time.sleep(0.5)  # idle: heartbeats reach the other ranks
     held = list(application.state.serve.worker.pipe.experts)
-    return {"jobs": jobs, "held": held, "cancel": cancel}
+    return {
+        "jobs": jobs,
+        "held": held,
+        "cancel": cancel,
+    }
 
 
 FOUR = pytest.mark.skipif(
@@ -223,3 +227,18 @@ def test_launches_that_cannot_serve_are_refused_in_one_line(
     assert r.exit_code == 2, r.output
     assert re.search(message, " ".join(r.output.split())), r.output
     assert not out.exists()
+
+
+def test_a_stream_refuses_plans_that_blend_experts_before_queueing(tmp_path):
+    """A model whose config sets a transition band plans steps that need both experts: the
+    expert groups' worker refuses them (routes.check_request asks it: 422), a plain one not."""
+    from vidmoe.serve.distributed import StageWorker
+    from vidmoe.serve.worker import Worker
+
+    pipe = tiny_pipeline()
+    plan = pipe.plan(GenerateSettings(**{**SMALL, "boundary": 0.5}, band=0.3))
+    team = Team(world=World(), device=torch.device("cpu"), expert_groups=2)
+    store = JobStore(tmp_path / "jobs.sqlite")
+    Worker(store, tiny_pipeline, tmp_path).check_plan(plan)
+    with pytest.raises(ValueError, match="blends high_noise and low_noise in a transition band"):
+        StageWorker(store, tiny_pipeline, tmp_path, team=team).check_plan(plan)

@@ -299,6 +299,9 @@ class StageWorker(Worker):
         super().__init__(store, load, videos_dir, limits=limits)
         self.team, self.relay, self._last_heard = team, None, time.monotonic()
 
+    def check_plan(self, plan) -> None:
+        phase_ranges(plan)  # a group holds one expert: no step may blend two
+
     def _load(self):
         stage, _ = load_together(self.team, self.load, self.limits)
         self.relay = Relay(stage, self.team, self.store, self.videos_dir)

@@ -106,6 +106,9 @@ class Worker(threading.Thread):
                 self._cancel.discard(job["id"])
                 self.state, self.current = "idle", None
 
+    def check_plan(self, plan) -> None:
+        """ValueError if this worker cannot run `plan` (checked before a job is queued)."""
+
     # -- what a worker under torchrun changes (serve/distributed.py) ---------------------------
     def _load(self):
         return self.load()
