@@ -692,8 +692,19 @@ def serve(
     # speed: attention backend and regional compile (models/attention.py)
     attention: str = typer.Option("auto", "--attention", help=ATTENTION_HELP),
     compile: bool = typer.Option(False, "--compile", help="torch.compile each transformer block."),
+    # -- under torchrun: rank 0 serves, the others follow (docs/distributed.md) --
+    ulysses: int = typer.Option(1, "--ulysses", help=ULYSSES_HELP),
+    cfg_parallel: bool = typer.Option(False, "--cfg-parallel", help=CFG_PARALLEL_HELP),
+    shard_experts: bool = typer.Option(False, "--shard-experts", help=SHARD_EXPERTS_HELP),
+    expert_groups: int = typer.Option(
+        1,
+        "--expert-groups",
+        help="One expert per group of ranks (2 for the Wan2.2 models), requests streamed "
+        "through the groups (one node).",
+    ),
 ):
-    """Serve the HTTP job API (/v1) and the web UI (/) with a persistent job queue."""
+    """Serve the HTTP job API (/v1) and the web UI (/) with a persistent job queue. Under
+    torchrun rank 0 serves and the other ranks run each job with it (docs/distributed.md)."""
     import ipaddress
 
     with _user_errors():
@@ -736,11 +747,76 @@ def serve(
             attention=attention,
             compile=compile,
         )
-        application = create_app(cfg)
+        split = dict(ulysses=ulysses, cfg_parallel=cfg_parallel, shard_experts=shard_experts)
+        layout = _serve_layout(cfg, expert_groups=expert_groups, **split)
+        if layout is None:
+            application = create_app(cfg)
+    if layout is not None:
+        _serve_parallel(
+            cfg, layout, host=host, port=port, log_level=log_level, shard_experts=shard_experts
+        )
+        return
     typer.echo(
         f"vidmoe serve: {application.state.config.name} on http://{host}:{port}/ (outputs {outputs})"
     )
     uvicorn.run(application, host=host, port=port, log_level=log_level)
+
+
+def _serve_layout(cfg, *, ulysses, cfg_parallel, shard_experts, expert_groups):
+    """None for one process; under torchrun (os.environ) the checked layout, refused in one
+    line before any work when the flags, the model and the launch do not fit."""
+    from vidmoe.loading import model_config_for
+    from vidmoe.parallel.world import Layout, world_from_env
+    from vidmoe.serve.launch import check_team
+
+    world = world_from_env(os.environ)
+    layout = Layout(ulysses=ulysses, cfg=2 if cfg_parallel else 1, expert_groups=expert_groups)
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    check_team(
+        world,
+        layout,
+        shard_experts=shard_experts,
+        config=model_config_for(cfg.model),
+        residency=cfg.residency,
+        local_world_size=int(local) if local and local.isdigit() else None,
+    )
+    return None if not world.distributed else layout
+
+
+def _serve_parallel(cfg, layout, *, host: str, port: int, log_level: str, shard_experts: bool):
+    """Rank 0 serves (HTTP, job store, worker); the other ranks follow until it stops."""
+    import signal
+
+    import uvicorn
+
+    from vidmoe.parallel.launch import joined
+    from vidmoe.serve.app import DB_NAME, create_app
+    from vidmoe.serve.distributed import Team, follow_requests, follow_stages, worker_factory
+    from vidmoe.serve.launch import model_loader
+    from vidmoe.serve.queue import JobStore
+
+    with joined(os.environ, cfg.device) as (world, device):
+        team = Team(world=world, device=device, expert_groups=layout.expert_groups)
+        load = model_loader(cfg, team, layout, shard_experts=shard_experts)
+        if not world.is_main:
+            # torchrun passes Ctrl-C / SIGTERM to every rank: rank 0's server stops, finishes
+            # its step and tells the others, which leave on that message
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+            if layout.expert_groups == 1:
+                follow_requests(team, load)
+                return
+            store = JobStore(Path(cfg.outputs) / DB_NAME, max_queue=cfg.max_queue)
+            follow_stages(team, load, store, Path(cfg.outputs) / "videos")
+            return
+        with _user_errors():
+            application = create_app(cfg, load=load, worker=worker_factory(team))
+        typer.echo(
+            f"vidmoe serve: {application.state.config.name} on http://{host}:{port}/ (outputs "
+            f"{cfg.outputs}; {world.size} processes, layout {dataclasses.asdict(layout)})"
+        )
+        uvicorn.run(application, host=host, port=port, log_level=log_level)
+        application.state.serve.worker.join(60)  # the followers hear the stop message
 
 
 @app.command()

@@ -26,8 +26,10 @@ __all__ = ["DB_NAME", "ServeConfig", "create_app"]
 DB_NAME = "vidmoe-jobs.sqlite"
 
 
-def create_app(cfg: ServeConfig, *, load=None) -> FastAPI:
-    """Build the application; `load()` returns the pipeline (default: `load_pipeline(cfg.model)`)."""
+def create_app(cfg: ServeConfig, *, load=None, worker=Worker) -> FastAPI:
+    """Build the application; `load()` returns the pipeline (default: `load_pipeline(cfg.model)`),
+    `worker(store, load, videos, limits=...)` the thread that runs it (under torchrun: one
+    from `serve/distributed.py`)."""
     from vidmoe.loading import load_pipeline, model_config_for
 
     outputs = Path(cfg.outputs)
@@ -52,7 +54,7 @@ def create_app(cfg: ServeConfig, *, load=None) -> FastAPI:
         config=config,
         limits=limits,
         store=store,
-        worker=Worker(store, _with_limits(load, limits), videos),
+        worker=worker(store, load, videos, limits=limits),
         videos=videos,
         uploads=outputs / "uploads",
     )
@@ -68,18 +70,6 @@ def create_app(cfg: ServeConfig, *, load=None) -> FastAPI:
     app.include_router(api)
     app.include_router(pages)
     return app
-
-
-def _with_limits(load, limits: Limits):
-    """`load`, whose pipeline then checks every job against the server's limits, not the model's
-    defaults (an operator may raise them)."""
-
-    def load_pipeline():
-        pipe = load()
-        pipe.limits = limits
-        return pipe
-
-    return load_pipeline
 
 
 @contextlib.asynccontextmanager

@@ -64,6 +64,7 @@ def check_request(s: ServeState, fields: dict, image_bytes: bytes | None) -> Che
     size = None if image is None else image.size
     resolved = resolve_settings(settings, s.config, s.limits, image_size=size)
     plan = plan_for(resolved, s.config)
+    s.worker.check_plan(plan)
     memory = predict(
         s.config, s.memory_request(resolved.width, resolved.height, resolved.num_frames)
     )

@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from vidmoe.sampling.settings import GenerateSettings
+from vidmoe.sampling.settings import GenerateSettings, Limits
 from vidmoe.serve.queue import JobStore
 
 log = logging.getLogger("vidmoe.serve")
@@ -33,9 +33,19 @@ class JobCancelled(Exception):
 class Worker(threading.Thread):
     """Runs queued jobs through one pipeline, one at a time."""
 
-    def __init__(self, store: JobStore, load: Callable[[], object], videos_dir: Path):
+    def __init__(
+        self,
+        store: JobStore,
+        load: Callable[[], object],
+        videos_dir: Path,
+        *,
+        limits: Limits | None = None,
+    ):
         super().__init__(name="vidmoe-worker", daemon=True)
         self.store, self.load, self.videos_dir = store, load, Path(videos_dir)
+        self.limits = limits
+        """The server's limits, set on the pipeline once loaded: every job is checked against
+        them, not the model's defaults (an operator may raise them). None: the pipeline's."""
         self.pipe = None
         self.state = "loading"
         """loading, idle, busy, stopped or error."""
@@ -63,15 +73,25 @@ class Worker(threading.Thread):
     # -- the thread --------------------------------------------------------------------------
     def run(self) -> None:
         try:
-            self.pipe = self.load()
+            self.pipe = self._load()
+            if self.limits is not None and self.pipe is not None:
+                self.pipe.limits = self.limits
         except Exception as e:  # the server stays up and says why in /v1/health
             self.state, self.load_error = "error", f"{type(e).__name__}: {e}"
             log.error("model failed to load: %s", self.load_error)
             return
         self.state = "idle"
+        try:
+            self._loop()
+        finally:
+            self._stopped()
+            self.state = "stopped"
+
+    def _loop(self) -> None:
         while not self._stopping.is_set():
             job = self.store.claim_next()
             if job is None:
+                self._idle()
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
@@ -85,7 +105,26 @@ class Worker(threading.Thread):
             finally:
                 self._cancel.discard(job["id"])
                 self.state, self.current = "idle", None
-        self.state = "stopped"
+
+    def check_plan(self, plan) -> None:
+        """ValueError if this worker cannot run `plan` (checked before a job is queued)."""
+
+    # -- what a worker under torchrun changes (serve/distributed.py) ---------------------------
+    def _load(self):
+        return self.load()
+
+    def _idle(self) -> None:
+        """Called when the queue is empty, about every half second."""
+
+    def _stopped(self) -> None:
+        """Called once when the loop ends (the model loaded)."""
+
+    def _stop_now(self, job_id: str) -> bool:
+        """Whether the running job stops at this step (every rank must agree under torchrun)."""
+        return self._cancelled(job_id)
+
+    def _generate(self, job: dict, settings: GenerateSettings, on_step, on_chunk):
+        return self.pipe.generate(settings, callback=on_step, decode_callback=on_chunk)
 
     def _cancelled(self, job_id: str) -> bool:
         return job_id in self._cancel or self.store.cancel_requested(job_id)
@@ -108,7 +147,7 @@ class Worker(threading.Thread):
                 raise JobCancelled(job_id)
 
         def on_step(index: int, num_steps: int, experts) -> None:
-            if self._cancelled(job_id):
+            if self._stop_now(job_id):
                 raise JobCancelled(job_id)
             done = index + 1
             upcoming = steps[done]["experts"] if done < num_steps else None
@@ -121,7 +160,7 @@ class Worker(threading.Thread):
 
         started = time.perf_counter()
         try:
-            result = self.pipe.generate(settings, callback=on_step, decode_callback=on_chunk)
+            result = self._generate(job, settings, on_step, on_chunk)
             if self._cancelled(job_id):
                 raise JobCancelled(job_id)
             self.store.progress(job_id, step=len(steps), experts=None, phase="write")
@@ -139,24 +178,30 @@ class Worker(threading.Thread):
         self.store.finish(job_id, "done", timings={k: round(v, 4) for k, v in timings.items()})
 
     def _write(self, job_id: str, result, started: float) -> dict[str, float]:
-        """The mp4 and its JSON, published as one unit (`publish_video`); timings."""
-        from vidmoe.io.video import publish_video
+        return publish_job(self.pipe, job_id, result, started, self.videos_dir)
 
-        t0 = time.perf_counter()
-        timings = {**result.timings, "total": t0 - started}
-        record = {
-            "id": job_id,
-            "settings": result.settings.to_dict(),
-            "model": self.pipe.source,
-            "plan": result.plan.to_dict(),
-            "trace": result.trace,
-            "timings": timings,
-        }
-        publish_video(
-            result.frames, record, self.videos_dir / f"{job_id}.mp4", fps=self.pipe.config.fps
-        )
-        return {
-            **timings,
-            "write": time.perf_counter() - t0,
-            "total": time.perf_counter() - started,
-        }
+
+def publish_job(
+    pipe, job_id: str, result, started: float, videos_dir: Path, *, extra: dict | None = None
+) -> dict[str, float]:
+    """The mp4 and its JSON (`extra` added to the record), published as one unit
+    (`publish_video`); the job's timings."""
+    from vidmoe.io.video import publish_video
+
+    t0 = time.perf_counter()
+    timings = {**result.timings, "total": t0 - started}
+    record = {
+        "id": job_id,
+        "settings": result.settings.to_dict(),
+        "model": pipe.source,
+        "plan": result.plan.to_dict(),
+        "trace": result.trace,
+        "timings": timings,
+        **(extra or {}),
+    }
+    publish_video(result.frames, record, Path(videos_dir) / f"{job_id}.mp4", fps=pipe.config.fps)
+    return {
+        **timings,
+        "write": time.perf_counter() - t0,
+        "total": time.perf_counter() - started,
+    }
