@@ -201,8 +201,13 @@ def _start(pipe: Pipeline, rs, plan: Plan) -> dict:
     return {**state, "timings": timings, "error": ""}
 
 
-def _denoise(stage: Stage, rs, plan: Plan, state: dict) -> None:
-    """Run this group's expert's steps on `state` (updated in place)."""
+def _denoise(stage: Stage, rs, plan: Plan, state: dict, callback=None) -> None:
+    """Run this group's expert's steps on `state` (updated in place).
+
+    Args:
+        callback: called after each step as callback(index, num_steps, experts), as
+            `Pipeline.generate`'s; raising from it stops the request there.
+    """
     pipe = stage.pipe
     steps = phase_ranges(plan)[stage.expert]
     if not steps:
@@ -219,7 +224,7 @@ def _denoise(stage: Stage, rs, plan: Plan, state: dict) -> None:
         state["uncond"],
         Conditioning(),
         False,
-        None,
+        callback,
         caches,
         steps=steps,
         solver=solver,

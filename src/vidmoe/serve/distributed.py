@@ -31,11 +31,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from vidmoe.parallel.pipelined import Stage, _finish, _start, phase_ranges
+from vidmoe.parallel.pipelined import Stage, _denoise, _finish, _start, phase_ranges
 from vidmoe.parallel.transport import Outgoing, recv_message, send_message
 from vidmoe.parallel.world import World
-from vidmoe.sampling.conditioning import Conditioning
-from vidmoe.sampling.pipeline import solver_for
 from vidmoe.sampling.settings import GenerateSettings
 from vidmoe.serve.queue import JobStore
 from vidmoe.serve.worker import JobCancelled, Worker, publish_job
@@ -226,7 +224,7 @@ class Relay:
             state = _start(stage.pipe, rs, plan) if stage.group == 0 else message["state"]
             steps = phase_ranges(plan)[stage.expert]
             self._progress(job_id, plan, steps.start)
-            self._denoise(rs, plan, state, steps, stop, job_id)
+            self._denoise(rs, plan, state, stop, job_id)
         except JobCancelled:
             return "cancelled", ""
         except Exception as e:
@@ -249,15 +247,8 @@ class Relay:
             experts = list(plan.steps[step].experts)
             self.store.progress(job_id, step=step, experts=experts, phase="denoise")
 
-    def _denoise(self, rs, plan, state: dict, steps: range, stop, job_id: str) -> None:
-        """This group's steps on `state` (in place), agreeing after each whether to stop (as
-        `pipelined._denoise`, with the step callback)."""
-        if not steps:
-            return
-        pipe = self.stage.pipe
-        solver = solver_for(plan, rs.sampler)
-        solver.set_state(state["solver"])
-        caches = {n: c for n, c in pipe._step_caches(rs.step_cache).items() if n in pipe.experts}
+    def _denoise(self, rs, plan, state: dict, stop, job_id: str) -> None:
+        """This group's steps on `state` (in place), agreeing after each whether to stop."""
 
         def on_step(index: int, num_steps: int, experts) -> None:
             decision = stop() if self.is_lead else False
@@ -266,11 +257,7 @@ class Relay:
                 raise JobCancelled(job_id)
             self._progress(job_id, plan, index + 1)
 
-        t0 = time.perf_counter()
-        args = (state["cond"], state["uncond"], Conditioning(), False, on_step, caches)
-        x, rows = pipe._denoise(state["x"], plan, rs.sampler, *args, steps=steps, solver=solver)
-        state["timings"]["denoise"] += time.perf_counter() - t0
-        state.update(x=x, solver=solver.get_state(), trace=state["trace"] + rows)
+        _denoise(self.stage, rs, plan, state, callback=on_step)
 
     def _publish(self, job_id, rs, plan, state, spans, started: float) -> tuple[str, str]:
         """The writer: decode, publish the video, finish the job."""
