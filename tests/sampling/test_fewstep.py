@@ -7,7 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.io.lora_files import random_lora, write_release
-from vidmoe.cli import _settings, app, parse_lora_spec
+from vidmoe.cli import app, parse_lora_spec
+from vidmoe.cli_common import _settings
 from vidmoe.config import get_preset
 from vidmoe.loading import build_random_pipeline
 from vidmoe.sampling.plan import make_plan, plan_for, with_adapter_scales
