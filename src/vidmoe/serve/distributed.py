@@ -99,20 +99,20 @@ def _broadcast(team: Team, message: dict | None, src: int, group=None) -> dict:
     return box[0]
 
 
-# -- split requests: every rank runs every job ---------------------------------------------------
-class LeaderWorker(Worker):
-    """Rank 0's worker when every rank runs each request: it announces each job to the world."""
+class TeamWorker(Worker):
+    """Rank 0's worker under torchrun: tells the other ranks each job (`_send`), a heartbeat
+    while the queue is empty, and the stop."""
 
     def __init__(self, store, load, videos_dir, *, limits=None, team: Team):
         super().__init__(store, load, videos_dir, limits=limits)
         self.team, self._last_heard = team, time.monotonic()
 
-    def _tell(self, message: dict) -> None:
-        _broadcast(self.team, message, 0)
-        self._last_heard = time.monotonic()
+    def _send(self, message: dict) -> None:
+        raise NotImplementedError
 
-    def _load(self):
-        return load_together(self.team, self.load, self.limits)[0]
+    def _tell(self, message: dict) -> None:
+        self._send(message)
+        self._last_heard = time.monotonic()
 
     def _idle(self) -> None:
         if time.monotonic() - self._last_heard >= self.team.heartbeat_s:
@@ -121,8 +121,23 @@ class LeaderWorker(Worker):
     def _stopped(self) -> None:
         try:
             self._tell({"kind": STOP})
+            self._close()
         except RuntimeError as e:  # a follower already gone (killed): nothing left to tell
             log.warning("the other ranks did not hear the stop: %s", e)
+
+    def _close(self) -> None:
+        """After the stop was told (the stream waits for jobs already sent on)."""
+
+
+# -- split requests: every rank runs every job ---------------------------------------------------
+class LeaderWorker(TeamWorker):
+    """Rank 0's worker when every rank runs each request: it announces each job to the world."""
+
+    def _send(self, message: dict) -> None:
+        _broadcast(self.team, message, 0)
+
+    def _load(self):
+        return load_together(self.team, self.load, self.limits)[0]
 
     def _stop_now(self, job_id: str) -> bool:
         return _agree(self.team, self._cancelled(job_id), 0, None, self.team.world.size)
@@ -278,13 +293,13 @@ class Relay:
         return "done", ""
 
 
-class StageWorker(Worker):
+class StageWorker(TeamWorker):
     """Rank 0's worker with expert groups: group 0's first rank. It runs the first expert's
     steps of the next job, sends it on to group 1 and takes the next job at once."""
 
     def __init__(self, store, load, videos_dir, *, limits=None, team: Team):
-        super().__init__(store, load, videos_dir, limits=limits)
-        self.team, self.relay, self._last_heard = team, None, time.monotonic()
+        super().__init__(store, load, videos_dir, limits=limits, team=team)
+        self.relay = None
 
     def check_plan(self, plan) -> None:
         phase_ranges(plan)  # a group holds one expert: no step may blend two
@@ -294,20 +309,11 @@ class StageWorker(Worker):
         self.relay = Relay(stage, self.team, self.store, self.videos_dir)
         return stage.pipe
 
-    def _tell(self, message: dict) -> None:
+    def _send(self, message: dict) -> None:
         self.relay.pass_on(self.relay.take(message))
-        self._last_heard = time.monotonic()
 
-    def _idle(self) -> None:
-        if time.monotonic() - self._last_heard >= self.team.heartbeat_s:
-            self._tell({"kind": IDLE})
-
-    def _stopped(self) -> None:
-        try:
-            self._tell({"kind": STOP})
-            self.relay.close()
-        except RuntimeError as e:  # a follower already gone (killed): nothing left to tell
-            log.warning("the other ranks did not hear the stop: %s", e)
+    def _close(self) -> None:
+        self.relay.close()
 
     def _run(self, job: dict) -> None:
         job_id = job["id"]
