@@ -37,7 +37,6 @@ from vidmoe.cli_common import (
     SIGMAS_HELP,
     TIMESTEPS_HELP,
     ULYSSES_HELP,
-    _check_heads,
     _component_files,
     _load,
     _memory,
@@ -284,7 +283,9 @@ def generate(
                 )
         elif quantize == "auto":
             quantize = None  # auto quantises only where a memory budget needs it
-        _check_heads(config, ulysses)
+        from vidmoe.parallel.ulysses import check_model_heads
+
+        check_model_heads(config, ulysses)
         run.join()
         pipe = _load(
             model,

@@ -35,11 +35,7 @@ def batch_layout(one: Layout, world: World, *, shard_experts: bool = False) -> L
     """The batch's layout on `world`: as many replicas of `one` (a replica: expert groups x cfg
     x ulysses ranks that run one video together) as the world holds. Refused in one line when
     the launch does not fit."""
-    flags = " ".join(
-        [f"--expert-groups {one.expert_groups}"] * (one.expert_groups > 1)
-        + ["--cfg-parallel"] * (one.cfg > 1)
-        + [f"--ulysses {one.ulysses}"] * (one.ulysses > 1)
-    )
+    flags = one.flags()
     n = one.replica_size
     if n > 1 and not world.distributed:
         raise ValueError(
@@ -59,14 +55,13 @@ def batch_layout(one: Layout, world: World, *, shard_experts: bool = False) -> L
 def _check_heads(model, files: dict | None, ulysses: int) -> None:
     """Every expert's heads must split over the Ulysses ranks (read from the config only)."""
     from vidmoe.loading import model_config_for, model_config_for_files
-    from vidmoe.parallel.ulysses import check_heads
+    from vidmoe.parallel.ulysses import check_model_heads
 
     if files:
         config = model_config_for_files(model, experts=files["experts"], vae=files["vae"])
     else:
         config = model_config_for(model)
-    for name in config.moe.expert_names:
-        check_heads(config.transformer_for(name).num_heads, ulysses)
+    check_model_heads(config, ulysses)
 
 
 def run_batch(

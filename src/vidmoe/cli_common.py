@@ -226,14 +226,6 @@ def _run(pipe, settings, *, quiet: bool, output: str = "frames"):
         ) from e
 
 
-def _check_heads(config, ulysses: int) -> None:
-    """Every expert's heads must split over the Ulysses ranks (before anything loads)."""
-    from vidmoe.parallel.ulysses import check_heads
-
-    for name in config.moe.expert_names:
-        check_heads(config.transformer_for(name).num_heads, ulysses)
-
-
 def _memory(
     config,
     rs,

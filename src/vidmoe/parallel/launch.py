@@ -96,11 +96,7 @@ def parallel_run(
             )
         yield ParallelRun(world=world, layout=layout, device=device, sharding=None)
         return
-    flags = " ".join(
-        [f"--ulysses {layout.ulysses}"] * (layout.ulysses > 1)
-        + ["--cfg-parallel"] * (layout.cfg > 1)
-        + ["--shard-experts"] * shard_experts
-    )
+    flags = layout.flags(shard_experts=shard_experts)
     need = f"{layout.size}" if layout.size > 1 else "2 or more"
     if not world.distributed:
         raise ValueError(

@@ -314,7 +314,7 @@ def load_stage(
     """
     from vidmoe.config import PRESETS
     from vidmoe.loading import build_random_pipeline, model_config_for, speed_up
-    from vidmoe.parallel.ulysses import check_heads
+    from vidmoe.parallel.ulysses import check_model_heads
 
     refused = {
         "--lora": bool(load.get("loras")),
@@ -330,8 +330,7 @@ def load_stage(
         )
     config = model_config_for(model)
     check_pipelined(config, layout.expert_groups)
-    for name in config.moe.expert_names:
-        check_heads(config.transformer_for(name).num_heads, layout.ulysses)
+    check_model_heads(config, layout.ulysses)
     if shard is not None and layout.cfg * layout.ulysses == 1:
         raise ValueError(
             "--shard-experts shards each expert group's weights over its ranks, and a group "

@@ -33,6 +33,12 @@ def check_heads(num_heads: int, ranks: int) -> None:
         )
 
 
+def check_model_heads(config, ranks: int) -> None:
+    """`check_heads` for every expert of a `ModelConfig` (before anything loads)."""
+    for name in config.moe.expert_names:
+        check_heads(config.transformer_for(name).num_heads, ranks)
+
+
 @dataclass(frozen=True, kw_only=True)
 class SequenceParallel:
     """The ranks that share one sequence: `group`, this rank's index in it and its size."""

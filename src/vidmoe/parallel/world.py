@@ -169,6 +169,15 @@ class Layout:
                 "--ulysses / --cfg-parallel / --expert-groups"
             )
 
+    def flags(self, *, shard_experts: bool = False) -> str:
+        """The command-line flags that ask for this layout (one replica), for messages."""
+        return " ".join(
+            [f"--expert-groups {self.expert_groups}"] * (self.expert_groups > 1)
+            + ["--cfg-parallel"] * (self.cfg > 1)
+            + [f"--ulysses {self.ulysses}"] * (self.ulysses > 1)
+            + ["--shard-experts"] * shard_experts
+        )
+
     def filling(self, world: World) -> Layout:
         """This layout with as many replicas as `world` holds (a batch deals its prompts out
         over them); ValueError unless the world size is a multiple of one replica's."""

@@ -28,14 +28,9 @@ def check_team(
             unknown: expert groups need one node, their writer shares rank 0's job store.
     """
     from vidmoe.parallel.pipelined import check_pipelined
-    from vidmoe.parallel.ulysses import check_heads
+    from vidmoe.parallel.ulysses import check_model_heads
 
-    flags = " ".join(
-        [f"--ulysses {layout.ulysses}"] * (layout.ulysses > 1)
-        + ["--cfg-parallel"] * (layout.cfg > 1)
-        + [f"--expert-groups {layout.expert_groups}"] * (layout.expert_groups > 1)
-        + ["--shard-experts"] * shard_experts
-    )
+    flags = layout.flags(shard_experts=shard_experts)
     if not flags:
         if world.distributed:
             raise ValueError(
@@ -52,8 +47,7 @@ def check_team(
         )
     if layout.size > 1:
         layout.check(world)
-    for name in config.moe.expert_names:
-        check_heads(config.transformer_for(name).num_heads, layout.ulysses)
+    check_model_heads(config, layout.ulysses)
     if layout.expert_groups == 1:
         return
     check_pipelined(config, layout.expert_groups)
