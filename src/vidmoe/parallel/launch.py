@@ -20,6 +20,20 @@ from vidmoe.parallel.world import (
 )
 
 
+def check_launch(world: World, layout: Layout, *, verb: str, shard_experts: bool = False) -> None:
+    """ValueError unless `world` can run `layout` (one replica; with `shard_experts`, any 2 or
+    more ranks): one line naming the flags and how to launch `vidmoe VERB`."""
+    if not world.distributed:
+        flags = layout.flags(shard_experts=shard_experts)
+        need = f"{layout.size}" if layout.size > 1 else "2 or more"
+        raise ValueError(
+            f"{flags} runs on {need} processes and this is one: launch with `torchrun "
+            f"--nproc-per-node {max(layout.size, 2)} -m vidmoe {verb} ...` (docs/distributed.md)"
+        )
+    if layout.size > 1:
+        layout.check(world)
+
+
 @contextmanager
 def joined(
     env: Mapping[str, str], device: str = "auto", *, min_size: int = 1, what: str = ""
@@ -96,15 +110,7 @@ def parallel_run(
             )
         yield ParallelRun(world=world, layout=layout, device=device, sharding=None)
         return
-    flags = layout.flags(shard_experts=shard_experts)
-    need = f"{layout.size}" if layout.size > 1 else "2 or more"
-    if not world.distributed:
-        raise ValueError(
-            f"{flags} runs on {need} processes and this is one: launch with `torchrun "
-            f"--nproc-per-node {max(layout.size, 2)} -m vidmoe generate ...` (docs/distributed.md)"
-        )
-    if layout.size > 1:
-        layout.check(world)
+    check_launch(world, layout, verb="generate", shard_experts=shard_experts)
     sharding = None
     if shard_experts:
         from vidmoe.parallel.fsdp import Sharding

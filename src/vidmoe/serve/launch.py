@@ -27,11 +27,11 @@ def check_team(
         local_world_size: the processes on this node (torchrun's LOCAL_WORLD_SIZE), None if
             unknown: expert groups need one node, their writer shares rank 0's job store.
     """
+    from vidmoe.parallel.launch import check_launch
     from vidmoe.parallel.pipelined import check_pipelined
     from vidmoe.parallel.ulysses import check_model_heads
 
-    flags = layout.flags(shard_experts=shard_experts)
-    if not flags:
+    if not layout.flags(shard_experts=shard_experts):
         if world.distributed:
             raise ValueError(
                 f"this server has {world.size} processes but nothing splits the work: add "
@@ -39,14 +39,7 @@ def check_team(
                 "(docs/distributed.md), or run `vidmoe serve` without torchrun"
             )
         return
-    need = max(layout.size, 2)
-    if not world.distributed:
-        raise ValueError(
-            f"{flags} runs on {need} processes and this is one: launch with `torchrun "
-            f"--nproc-per-node {need} -m vidmoe serve ...` (docs/distributed.md)"
-        )
-    if layout.size > 1:
-        layout.check(world)
+    check_launch(world, layout, verb="serve", shard_experts=shard_experts)
     check_model_heads(config, layout.ulysses)
     if layout.expert_groups == 1:
         return
