@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from vidmoe.config import get_preset
 from vidmoe.loading import model_config_for
 from vidmoe.models.moe import RESIDENCY
 from vidmoe.planner import POLICIES, MemoryRequest, measure_peak_rss, predict
+from vidmoe.presets import get_preset
 
 CASES = [  # (model, width, height, frames)
     (None, 64, 64, 17),

@@ -26,7 +26,7 @@ SIZE = dict(width=64, height=64, num_frames=5)
 
 def bench_config():
     """tiny-t2v with 12 blocks of width 1024 (ffn 4096): about 201M parameters per expert."""
-    from vidmoe.config import get_preset
+    from vidmoe.presets import get_preset
 
     tiny = get_preset("tiny-t2v")
     wide = dataclasses.replace(tiny.transformer, dim=1024, ffn_dim=4096, num_heads=8, num_layers=12)

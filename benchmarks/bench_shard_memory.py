@@ -14,10 +14,10 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-from vidmoe.config import get_preset
 from vidmoe.parallel.memory import measure_rank_peak_rss, per_rank_memory
 from vidmoe.parallel.world import Layout
 from vidmoe.planner import MemoryRequest, measure_peak_rss, predict
+from vidmoe.presets import get_preset
 
 MiB = 2**20
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vidmoe.config import PRESETS
 from vidmoe.io.writers import write_diffusers_layout, write_official_layout
 from vidmoe.loading import build_random_pipeline
 from vidmoe.models.text_encoder import (
@@ -17,6 +16,7 @@ from vidmoe.models.text_encoder import (
     release_umt5_to_hf,
     umt5_config,
 )
+from vidmoe.presets import PRESETS
 
 WORDS = ["a", "red", "blue", "circle", "square", "moving", "to", "the", "right", "left", "cat"]
 

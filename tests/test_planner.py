@@ -13,7 +13,6 @@ import pytest
 from typer.testing import CliRunner
 
 from vidmoe.cli import app
-from vidmoe.config import get_preset
 from vidmoe.loading import model_config_for
 from vidmoe.models.moe import RESIDENCY
 from vidmoe.planner import (
@@ -26,6 +25,7 @@ from vidmoe.planner import (
     parse_budget,
     predict,
 )
+from vidmoe.presets import get_preset
 
 A14B = get_preset("t2v-A14B")
 GPU_480P = MemoryRequest(width=832, height=480, num_frames=81, dtype="bf16", device="cuda")

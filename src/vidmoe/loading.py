@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
-from vidmoe.config import PRESETS, ModelConfig, get_preset
+from vidmoe.config import ModelConfig
 from vidmoe.devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401 (re-exported)
 from vidmoe.models.attention import resolve_backend
 from vidmoe.models.moe import Experts, ParamCounts, Placement, count_params
+from vidmoe.presets import PRESETS, get_preset
 from vidmoe.sampling.pipeline import Pipeline
 
 DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"

@@ -14,7 +14,6 @@ from tests.checkpoints import (
     tiny_umt5_release_weights,
     write_tiny_official,
 )
-from vidmoe.config import TINY_TRANSFORMER, TINY_VAE
 from vidmoe.io.components import load_text_encoder_file, open_expert_file
 from vidmoe.io.convert import convert
 from vidmoe.io.tensors import DictSource, SafetensorsFile, save_safetensors_atomic
@@ -26,6 +25,7 @@ from vidmoe.io.writers import (
 )
 from vidmoe.loading import build_random_pipeline, load_pipeline
 from vidmoe.models.text_encoder import RELEASE_T5_FILE, build_text_encoder, release_umt5_to_hf
+from vidmoe.presets import TINY_TRANSFORMER, TINY_VAE
 
 # A transformer whose file alone implies it: 128-wide heads (dim / 128), K-quantisable rows (256).
 WIDE = dataclasses.replace(

@@ -12,10 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import GOLDEN_DIR
-from vidmoe.config import PRESETS, TINY_TRANSFORMER, TINY_VAE, VAE_2_1, VAE_2_2, VAEConfig
+from vidmoe.config import VAEConfig
 from vidmoe.io import keymaps
 from vidmoe.io.checkpoints import load_into
 from vidmoe.io.tensors import DictSource, RenamedSource
+from vidmoe.presets import PRESETS, TINY_TRANSFORMER, TINY_VAE, VAE_2_1, VAE_2_2
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the reference for the maps")
 

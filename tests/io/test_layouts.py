@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from vidmoe.config import PRESETS, TINY_TRANSFORMER, TINY_VAE, TransformerConfig, VAEConfig
+from vidmoe.config import TransformerConfig, VAEConfig
 from vidmoe.io import keymaps
 from vidmoe.io.checkpoints import load_components, load_expert, load_vae
 from vidmoe.io.layouts import detect_layout
@@ -16,6 +16,7 @@ from vidmoe.io.writers import (
     write_official_layout,
     write_vidmoe_layout,
 )
+from vidmoe.presets import PRESETS, TINY_TRANSFORMER, TINY_VAE
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers gives the tiny reference shapes")
 

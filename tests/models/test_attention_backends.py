@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from vidmoe.config import TINY_TRANSFORMER, TransformerConfig
+from vidmoe.config import TransformerConfig
 from vidmoe.loading import load_pipeline
 from vidmoe.models.attention import (
     ATTENTION_BACKENDS,
@@ -22,6 +22,7 @@ from vidmoe.models.attention import (
     window_mask,
 )
 from vidmoe.models.transformer import WanTransformer
+from vidmoe.presets import TINY_TRANSFORMER
 
 CUDA = torch.cuda.is_available()
 

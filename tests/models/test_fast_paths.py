@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vidmoe.config import TINY_TRANSFORMER, TransformerConfig
+from vidmoe.config import TransformerConfig
 from vidmoe.models import layers
 from vidmoe.models.layers import RMSNorm, linear
 from vidmoe.models.lora import AdapterWeights, add_adapter
 from vidmoe.models.transformer import WanTransformer
+from vidmoe.presets import TINY_TRANSFORMER
 
 
 @pytest.mark.parametrize("shape", [(2, 1280, 512), (1, 37, 288), (3, 5, 33)])

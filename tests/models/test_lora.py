@@ -6,10 +6,10 @@ import copy
 import pytest
 import torch
 
-from vidmoe.config import TINY_TRANSFORMER
 from vidmoe.models import lora
 from vidmoe.models.lora import AdapterWeights
 from vidmoe.models.transformer import WanTransformer
+from vidmoe.presets import TINY_TRANSFORMER
 
 CFG = TINY_TRANSFORMER
 

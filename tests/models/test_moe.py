@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from vidmoe.config import TINY_TRANSFORMER, MoEConfig
+from vidmoe.config import MoEConfig
 from vidmoe.models.moe import RESIDENCY, Experts, Placement, Router, smoothstep
+from vidmoe.presets import TINY_TRANSFORMER
 
 T2V = MoEConfig(boundaries=(0.875,), guidance=(4.0, 3.0))
 K3 = MoEConfig(expert_names=("a", "b", "c"), boundaries=(0.8, 0.4), guidance=(5.0, 4.0, 3.0))

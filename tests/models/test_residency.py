@@ -4,10 +4,10 @@ a preset and from a checkpoint on disk, and each moves what it should, in the or
 import pytest
 import torch
 
-from vidmoe.config import get_preset
 from vidmoe.io.writers import write_vidmoe_layout
 from vidmoe.loading import build_random_pipeline, load_pipeline
 from vidmoe.models.moe import RESIDENCY, Experts, Placement, hollow, is_hollow
+from vidmoe.presets import get_preset
 
 POLICIES = ("swap", "disk", "blocks")
 RUN = dict(num_steps=4, seed=3, width=32, height=32, num_frames=5)

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vidmoe.config import PRESETS, TINY_TRANSFORMER, TransformerConfig
+from vidmoe.config import TransformerConfig
 from vidmoe.models.transformer import WanTransformer
+from vidmoe.presets import PRESETS, TINY_TRANSFORMER
 
 RELEASED = {"t2v_A14B_expert": "t2v-A14B", "i2v_A14B_expert": "i2v-A14B", "ti2v_5B": "ti2v-5B"}
 

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from vidmoe.config import TINY_VAE, VAE_2_1, VAE_2_2, VAEConfig
+from vidmoe.config import VAEConfig
 from vidmoe.models.vae import CausalCache, WanVAE
+from vidmoe.presets import TINY_VAE, VAE_2_1, VAE_2_2
 
 TINY = {
     "2.1": (VAEConfig(generation="2.1", dim=8, z_dim=4, num_res_blocks=1), 16),

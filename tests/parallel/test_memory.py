@@ -9,7 +9,6 @@ import pytest
 from typer.testing import CliRunner
 
 from vidmoe.cli import app
-from vidmoe.config import get_preset
 from vidmoe.parallel.memory import per_rank_memory
 from vidmoe.parallel.world import Layout
 from vidmoe.planner import (
@@ -19,6 +18,7 @@ from vidmoe.planner import (
     measure_baseline_rss,
     predict,
 )
+from vidmoe.presets import get_preset
 
 A14B = get_preset("t2v-A14B")
 REQUEST = MemoryRequest(width=832, height=480, num_frames=81, dtype="bf16", device="cuda")

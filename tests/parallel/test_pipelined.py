@@ -11,10 +11,10 @@ import torch
 from tests.parallel.spawn import run_ranks
 from tests.parallel.tiny import tiny_pipeline
 from vidmoe.batch import generate_batch, read_jobs
-from vidmoe.config import get_preset
 from vidmoe.parallel.pipelined import check_pipelined, generate_pipelined, make_stage, phase_ranges
 from vidmoe.parallel.transport import recv_message, send_message
 from vidmoe.parallel.world import Groups, Layout, World
+from vidmoe.presets import get_preset
 from vidmoe.sampling.conditioning import Conditioning
 from vidmoe.sampling.pipeline import solver_for
 from vidmoe.sampling.settings import GenerateSettings

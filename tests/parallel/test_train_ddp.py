@@ -34,11 +34,11 @@ from tests.training.conftest import (
     fake_clips,
     tiny_run,
 )
-from vidmoe.config import PRESETS
 from vidmoe.io.tensors import save_safetensors_atomic, write_text_atomic
 from vidmoe.models.transformer import WanTransformer
 from vidmoe.models.vae import WanVAE
 from vidmoe.parallel.world import World
+from vidmoe.presets import PRESETS
 from vidmoe.training.checkpoint import export_experts, load_checkpoint
 from vidmoe.training.data import build_latent_cache
 from vidmoe.training.loop import TrainConfig, Trainer, build_experts, train

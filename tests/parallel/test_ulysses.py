@@ -10,12 +10,13 @@ import torch
 from PIL import Image
 
 from tests.parallel.spawn import run_ranks
-from vidmoe.config import PRESETS, ModelConfig, get_preset
+from vidmoe.config import ModelConfig
 from vidmoe.models.step_cache import StepCache
 from vidmoe.models.transformer import WanTransformer
 from vidmoe.models.vae import WanVAE
 from vidmoe.parallel.ulysses import TokenShard, check_heads
 from vidmoe.parallel.world import Groups, Layout, World
+from vidmoe.presets import PRESETS, get_preset
 
 WINDOWED = dataclasses.replace(
     PRESETS["tiny-t2v"],

@@ -5,10 +5,10 @@ seconds)."""
 import torch
 from torch import nn
 
-from vidmoe.config import get_preset
 from vidmoe.models.text_encoder import ByteTokenizer
 from vidmoe.models.transformer import WanTransformer
 from vidmoe.models.vae import WanVAE
+from vidmoe.presets import get_preset
 from vidmoe.sampling.pipeline import Pipeline
 
 

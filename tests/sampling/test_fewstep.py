@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 from tests.io.lora_files import random_lora, write_release
 from vidmoe.cli import app, parse_lora_spec
 from vidmoe.cli_common import _settings
-from vidmoe.config import get_preset
 from vidmoe.loading import build_random_pipeline
+from vidmoe.presets import get_preset
 from vidmoe.sampling.plan import make_plan, plan_for, with_adapter_scales
 from vidmoe.sampling.recipes import RECIPES, apply_recipe
 from vidmoe.sampling.settings import GenerateSettings, resolve_settings

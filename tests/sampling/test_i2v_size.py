@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from vidmoe.cli_args import parse_area
-from vidmoe.config import get_preset
 from vidmoe.loading import build_random_pipeline
+from vidmoe.presets import get_preset
 from vidmoe.sampling.conditioning import load_image
 from vidmoe.sampling.settings import GenerateSettings, resolve_settings
 

@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from vidmoe.config import PRESETS, MoEConfig
+from vidmoe.config import MoEConfig
+from vidmoe.presets import PRESETS
 from vidmoe.sampling.boundary import (
     Budgets,
     Calibrated,

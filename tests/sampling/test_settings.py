@@ -9,7 +9,8 @@ import math
 
 import pytest
 
-from vidmoe.config import ModelConfig, get_preset
+from vidmoe.config import ModelConfig
+from vidmoe.presets import get_preset
 from vidmoe.sampling.boundary import (
     SNR,
     Budgets,

@@ -4,8 +4,8 @@ expert's phase, recorded in the trace; bad values refused with the field named."
 import pytest
 import torch
 
-from vidmoe.config import get_preset
 from vidmoe.loading import build_random_pipeline
+from vidmoe.presets import get_preset
 from vidmoe.sampling.settings import GenerateSettings, resolve_settings
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vidmoe.config import get_preset
 from vidmoe.loading import build_random_pipeline
+from vidmoe.presets import get_preset
 from vidmoe.sampling.conditioning import load_image_cropped
 from vidmoe.sampling.settings import GenerateSettings, resolve_settings
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from tests.training.conftest import TINY_EXPERT, TINY_MOE, HashTextEncoder, PoolVAE, fake_clips
-from vidmoe.config import PRESETS, ModelConfig, VAEConfig
+from vidmoe.config import ModelConfig, VAEConfig
 from vidmoe.models.transformer import WanTransformer
+from vidmoe.presets import PRESETS
 from vidmoe.training.loop import TrainConfig, load_train_config
 
 OVERRIDES = {"high_noise": {"num_layers": 2}, "low_noise": {"window_size": [1, 1], "ffn_dim": 32}}

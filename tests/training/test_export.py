@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from tests.training.conftest import HashTextEncoder, PoolVAE, fake_clips
-from vidmoe.config import PRESETS, VAEConfig
+from vidmoe.config import VAEConfig
 from vidmoe.models.vae import WanVAE
+from vidmoe.presets import PRESETS
 from vidmoe.training.checkpoint import export_model
 from vidmoe.training.data import build_latent_cache
 from vidmoe.training.loop import TrainConfig, train

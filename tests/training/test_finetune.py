@@ -19,11 +19,11 @@ from tests.training.conftest import (
     fake_clips,
     tiny_run,
 )
-from vidmoe.config import PRESETS
 from vidmoe.io.checkpoints import detect_layout, load_expert
 from vidmoe.io.tensors import save_safetensors_atomic, write_text_atomic
 from vidmoe.models.transformer import WanTransformer
 from vidmoe.models.vae import WanVAE
+from vidmoe.presets import PRESETS
 from vidmoe.sampling.pipeline import Pipeline
 from vidmoe.training.checkpoint import export_experts, export_model, load_checkpoint
 from vidmoe.training.data import build_latent_cache

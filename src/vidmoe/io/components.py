@@ -167,7 +167,7 @@ def _check_experts(files: Mapping[str, ComponentFile]) -> TransformerConfig:
 
 
 def _base(model: str | Path | None) -> tuple[ModelConfig | None, Layout | None]:
-    from vidmoe.config import PRESETS
+    from vidmoe.presets import PRESETS
 
     if model is None:
         return None, None

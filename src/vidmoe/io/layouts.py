@@ -13,18 +13,16 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from vidmoe.config import (
+from vidmoe.config import ModelConfig, TransformerConfig, VAEConfig
+from vidmoe.io import keymaps
+from vidmoe.io.tensors import RenamedSource, SafetensorsFile, TensorSource, open_tensors
+from vidmoe.presets import (
     PRESETS,
     WAN21_LATENTS_MEAN,
     WAN21_LATENTS_STD,
     WAN22_LATENTS_MEAN,
     WAN22_LATENTS_STD,
-    ModelConfig,
-    TransformerConfig,
-    VAEConfig,
 )
-from vidmoe.io import keymaps
-from vidmoe.io.tensors import RenamedSource, SafetensorsFile, TensorSource, open_tensors
 
 LAYOUT_KINDS = ("official", "diffusers", "comfyui", "vidmoe")
 LAYOUT_NEEDS = {

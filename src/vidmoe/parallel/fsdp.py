@@ -231,11 +231,11 @@ def load_sharded_pipeline(
     each rank first and sharded after. The VAE stays whole on every rank."""
     from pathlib import Path
 
-    from vidmoe.config import PRESETS
     from vidmoe.io.checkpoints import detect_layout, load_vae
     from vidmoe.loading import _default_model, _place_text_encoder, build_random_pipeline
     from vidmoe.models.moe import Experts
     from vidmoe.models.text_encoder import build_text_encoder
+    from vidmoe.presets import PRESETS
     from vidmoe.sampling.pipeline import Pipeline
 
     check_shardable(residency=placement.residency)

@@ -312,9 +312,9 @@ def load_stage(
         shard: a `vidmoe.parallel.fsdp.Sharding` (its `group` is ignored): the group's expert
             (and group 0's text encoder) sharded over the group's ranks; None: held whole.
     """
-    from vidmoe.config import PRESETS
     from vidmoe.loading import build_random_pipeline, model_config_for, speed_up
     from vidmoe.parallel.ulysses import check_model_heads
+    from vidmoe.presets import PRESETS
 
     refused = {
         "--lora": bool(load.get("loras")),
