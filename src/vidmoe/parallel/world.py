@@ -172,9 +172,9 @@ class Layout:
     def flags(self, *, shard_experts: bool = False) -> str:
         """The command-line flags that ask for this layout (one replica), for messages."""
         return " ".join(
-            [f"--expert-groups {self.expert_groups}"] * (self.expert_groups > 1)
+            [f"--ulysses {self.ulysses}"] * (self.ulysses > 1)
             + ["--cfg-parallel"] * (self.cfg > 1)
-            + [f"--ulysses {self.ulysses}"] * (self.ulysses > 1)
+            + [f"--expert-groups {self.expert_groups}"] * (self.expert_groups > 1)
             + ["--shard-experts"] * shard_experts
         )
 
