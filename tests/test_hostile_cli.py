@@ -9,6 +9,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import zlib
 from pathlib import Path
 
@@ -312,7 +313,9 @@ def test_ctrl_c_during_the_renames_waits_for_the_new_pair(tmp_path, monkeypatch)
     def replace(src, dst):  # a real SIGINT arrives right after the first rename
         real_replace(src, dst)
         if Path(dst) == record_path(out):
-            os.kill(os.getpid(), signal.SIGINT)
+            # to this (the main) thread: a process-wide kill() may land on another thread,
+            # whose C handler can run only after the renames on a loaded machine
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     monkeypatch.setattr(video_io.os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):

@@ -65,9 +65,22 @@ class JobStore:
         self._local = threading.local()
         self._write_lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = self._db()
-        db.execute("PRAGMA journal_mode=WAL")
-        db.executescript(_SCHEMA)
+        self._create(self._db())
+
+    @staticmethod
+    def _create(db: sqlite3.Connection, tries: int = 200) -> None:
+        """WAL mode and the schema; another process creating the same file at the same moment
+        (a torchrun server's rank 0 and its writer) holds the lock briefly: wait for it."""
+        for attempt in range(tries):
+            try:
+                if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    db.execute("PRAGMA journal_mode=WAL")
+                db.executescript(_SCHEMA)
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or attempt == tries - 1:
+                    raise
+                time.sleep(0.05)
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
