@@ -318,8 +318,13 @@ def test_ctrl_c_during_the_renames_waits_for_the_new_pair(tmp_path, monkeypatch)
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     monkeypatch.setattr(video_io.os, "replace", replace)
-    with pytest.raises(KeyboardInterrupt):
-        publish_video(FRAMES, {"run": "new"}, out, fps=8)
+    # Ctrl-C as a terminal's Python has it, whatever earlier tests in this process left there
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            publish_video(FRAMES, {"run": "new"}, out, fps=8)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert json.loads(record_path(out).read_text())["run"] == "new" and video_matches_record(out)
     assert read_video(out)[0].shape == FRAMES.shape
 
