@@ -45,12 +45,43 @@ def test_demo_is_deterministic_by_seed(seed):
 
 
 def test_the_package_holds_only_what_the_runtime_reads():
-    """The demo folder is the model: its config, VAE and experts (the recipe that rebuilds it is
-    recipes/demo, checked by tests/test_recipe.py)."""
+    """The demo folder is the model: its config, VAE, experts and the lexicon its prompts are
+    rewritten with (the recipe that rebuilds it is recipes/demo, checked by
+    tests/test_recipe.py)."""
     files = sorted(str(p.relative_to(DEMO_DIR)) for p in DEMO_DIR.rglob("*") if p.is_file())
     assert files == [
         "experts/high_noise.safetensors",
         "experts/low_noise.safetensors",
+        "lexicon.json",
         "vae.safetensors",
         "vidmoe.json",
     ]
+
+
+def test_generate_rewrites_the_prompt_and_says_so_unless_told_not_to(tmp_path):
+    """The demo rewrites words its captions never used ('crimson disc' -> 'red circle'), prints
+    what it encodes and records it; --no-rewrite encodes the prompt as given."""
+    import json
+
+    prompt = "a crimson disc drifting toward the west"
+    runs = {}
+    for flags in ([], ["--no-rewrite"]):
+        out = tmp_path / f"clip{len(flags)}.mp4"
+        args = ["generate", prompt, "-o", str(out), "--steps", "2", "--frames", "5", *flags]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        runs[bool(flags)] = (
+            result.output,
+            json.loads(out.with_name(out.name + ".json").read_text()),
+        )
+    said, record = runs[False]
+    rewritten = "a red circle drifting toward the left"
+    assert (
+        f"prompt rewritten with the model's lexicon (--no-rewrite: as given): {rewritten}" in said
+    )
+    assert record["settings"]["prompt"] == prompt
+    assert record["settings"]["encoded_prompt"] == rewritten
+    assert record["model"]["lexicon"].endswith("lexicon.json")
+    said, record = runs[True]
+    assert "prompt rewritten" not in said and record["settings"]["encoded_prompt"] is None
+    assert record["settings"]["rewrite_prompt"] is False

@@ -3,6 +3,7 @@ scoring against the analyser, per-shape readings, ablations, candidate experts, 
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -113,7 +114,8 @@ class _Renderer:
                 shape=p.shape,
                 motion="up" if p.motion != "up" else "down",
             )
-        return type("R", (), {"frames": to_uint8_frames(render(label, seed))})()
+        frames = to_uint8_frames(render(label, seed))
+        return SimpleNamespace(frames=frames, settings=SimpleNamespace(encoded_prompt=None))
 
 
 def test_harness_scores_a_faithful_renderer_high_and_a_wrong_one_low(tmp_path):
@@ -189,13 +191,44 @@ def test_word_prompt_set_pairs_the_phrasings_and_uses_only_held_out_attribute_wo
     assert len({i.prompt for i in words}) == 32
     both = held_out_prompts("both", 4, motions=("growing", "rotating"))
     assert [i.kind for i in both] == ["phrasings"] * 4 + ["words"] * 4
-    with pytest.raises(ValueError, match="--prompt-set must be one of phrasings, words, both"):
-        held_out_prompts("all", 4)
+    with pytest.raises(ValueError, match="--prompt-set must be one of phrasings, words, fresh"):
+        held_out_prompts("some", 4)
     with pytest.raises(ValueError, match="has 128 prompts .* got --prompts 129: use 1..128"):
         held_out_prompts("words", 129)
     with pytest.raises(ValueError, match="motions must be some of .*got \\['diagonal'\\]"):
         prompt_set(4, motions=("diagonal",))  # no held-out phrasing for it
     assert word_prompt_set(4, motions=("diagonal",))[0].motion == "diagonal"
+
+
+def test_fresh_words_are_new_to_the_captions_and_the_held_out_words():
+    """The fresh set names each direction's clips with words no caption of the shipped demo's
+    vocabulary (extended; the rich one has 'aqua') and no held-out word uses, pairs them like
+    the other sets, and comes with the others under 'all'."""
+    vocabulary = "extended"
+    from vidmoe.evaluation import FRESH_COLOUR_WORDS, FRESH_MOTION_WORDS, FRESH_SHAPE_WORDS
+
+    vocab = caption_words(vocabulary)
+    held = [HELD_OUT_COLOUR_WORDS, HELD_OUT_SHAPE_WORDS, HELD_OUT_MOTION_WORDS]
+    held_words = {w for table in held for ws in table.values() for p in ws for w in words_of(p)}
+    tables = {"colour": FRESH_COLOUR_WORDS, "shape": FRESH_SHAPE_WORDS}
+    assert set(FRESH_COLOUR_WORDS) == set(COLOURS) and set(FRESH_SHAPE_WORDS) == set(SHAPES)
+    for table in tables.values():
+        for words in table.values():
+            for word in words:
+                new = words_of(word) - vocab  # "navy blue": 'navy' is new, 'blue' is not
+                assert new - held_words, word  # ("shape" is in held-out names too)
+    assert set(FRESH_MOTION_WORDS) == {"left", "right", "up", "down"}
+    for phrases in FRESH_MOTION_WORDS.values():
+        for phrase in phrases:
+            assert words_of(phrase) - vocab - held_words, phrase
+            assert not words_of(phrase) & {"left", "right", "up", "down"}, phrase
+    fresh = word_prompt_set(32, seed=3, kind="fresh")
+    assert [(i.colour, i.shape, i.motion) for i in fresh] == [
+        (i.colour, i.shape, i.motion) for i in prompt_set(32, seed=3)
+    ]
+    assert {i.kind for i in fresh} == {"fresh"} and len({i.prompt for i in fresh}) == 32
+    everything = held_out_prompts("all", 3)
+    assert [i.kind for i in everything] == ["phrasings"] * 3 + ["words"] * 3 + ["fresh"] * 3
 
 
 def test_first_frame_change_compares_the_border_from_frame_0_to_1_with_later_pairs():
@@ -351,7 +384,7 @@ def test_cli_eval_with_sets_seeds_expert_and_sampling_options(tmp_path):
     assert all(row["first_change"] >= 0 for row in report["rows"])
     for bad, message in (
         (["--seeds", "2-1"], "from a seed >= 0 up"),
-        (["--prompt-set", "all"], "--prompt-set must be one of"),
+        (["--prompt-set", "every"], "--prompt-set must be one of"),
         (["--expert", f"mid={expert}"], "no expert 'mid'"),
         (["--sampler", "heun", "--steps", "1"], "sampler"),
     ):

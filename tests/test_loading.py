@@ -16,6 +16,7 @@ KEYS = {
     "quantize",
     "attention",
     "compile",
+    "lexicon",
 }
 HIGH, LOW = (
     DEMO_DIR / "experts" / "high_noise.safetensors",
@@ -58,6 +59,8 @@ def test_every_load_path_records_the_same_keys(path, tmp_path):
     assert {k: source[k] for k in own} == own
     assert source["files"] == files
     assert source["residency"] == residency and source["quantize"] == "fp8"
+    lexicon = None if path == "preset" else str(DEMO_DIR / "lexicon.json")
+    assert source["lexicon"] == lexicon and (pipe.lexicon is None) == (lexicon is None)
     assert (source["device"], source["dtype"], source["text_encoder_device"]) == (
         "cpu",
         "float32",

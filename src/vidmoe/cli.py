@@ -33,6 +33,7 @@ from vidmoe.cli_common import (
     PROMPTS_HELP,
     QUANTIZE_HELP,
     RECIPE_HELP,
+    REWRITE_HELP,
     SHARD_EXPERTS_HELP,
     SIGMAS_HELP,
     TIMESTEPS_HELP,
@@ -105,6 +106,7 @@ def generate(
     negative_prompt: str | None = typer.Option(
         None, "--negative-prompt", "-n", help="Default: the model's."
     ),
+    rewrite: bool = typer.Option(True, "--rewrite/--no-rewrite", help=REWRITE_HELP),
     width: int | None = typer.Option(None, "--width", "-W"),
     height: int | None = typer.Option(None, "--height", "-H"),
     frames: int | None = typer.Option(None, "--frames", "-f", help="Frame count, 4k+1."),
@@ -235,6 +237,7 @@ def generate(
         )
         if area is not None:
             s = dataclasses.replace(s, area=parse_area(area))
+        s = dataclasses.replace(s, rewrite_prompt=rewrite)
         loras = [parse_lora_spec(item) for item in lora or []]
         files = _component_files(expert, vae, text_encoder)
         if prompts is not None:
@@ -304,6 +307,10 @@ def generate(
         )
         if run.groups is not None:
             pipe.set_parallel(run.groups)
+        if not quiet and (said := pipe.resolve(s).encoded_prompt) is not None:
+            typer.echo(
+                f"prompt rewritten with the model's lexicon (--no-rewrite: as given): {said}"
+            )
         result = _run(pipe, s, quiet=quiet, output="frames" if run.world.is_main else "latents")
         if run.world.is_main:
             _publish(result, pipe, output, recipe=recipe)

@@ -23,6 +23,10 @@ app = typer.Typer(
 )
 
 MODEL_HELP = "Checkpoint folder or file (official, diffusers, ComfyUI or vidmoe layout), or a preset name. Default: the shipped demo model."
+REWRITE_HELP = (
+    "Rewrite the prompt into the words the model's captions used, with the lexicon its folder "
+    "ships (the demo: 'crimson disc' -> 'red circle'); --no-rewrite encodes it as given."
+)
 SIGMAS_HELP = (
     "Explicit descending sigma list in [0, 1]: 1,0.75,0.5,0.25 (replaces --steps and --shift)."
 )

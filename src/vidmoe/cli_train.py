@@ -15,6 +15,7 @@ from vidmoe.cli_args import (
 )
 from vidmoe.cli_common import (
     MODEL_HELP,
+    REWRITE_HELP,
     _user_errors,
     app,
 )
@@ -76,8 +77,10 @@ def eval_(
         "phrasings",
         "--prompt-set",
         help="Held-out prompts: phrasings (templates and motion phrases no caption uses), words "
-        "(colour, shape and motion words no caption uses) or both.",
+        "(colour, shape and motion words no caption uses), fresh (more such words, kept apart "
+        "from the lexicon's making), both (phrasings and words) or all.",
     ),
+    rewrite: bool = typer.Option(True, "--rewrite/--no-rewrite", help=REWRITE_HELP),
     expert: list[str] | None = typer.Option(
         None,
         "--expert",
@@ -113,6 +116,7 @@ def eval_(
             sampler=sampler,
             guidance=parse_per_expert(guidance),
             steps_per_expert=steps_per_expert,
+            rewrite_prompt=rewrite,
         )
         results = run_eval(
             model,

@@ -1,9 +1,10 @@
 """Evaluation of shapes-world models: prompt adherence read back by the analyser, the first
 frame's change, temporal flicker, speed, and inference-time ablations of the Mixture of Experts.
 
-Two held-out prompt sets: phrasings (templates and motion phrases the captions never use, with
-the captions' colour and shape words) and words (colour, shape and motion words the captions
-never use: `vidmoe.world.labels.HELD_OUT_*_WORDS`). A score measures whether the model follows
+Three held-out prompt sets: phrasings (templates and motion phrases the captions never use, with
+the captions' colour and shape words), words (colour, shape and motion words the captions never
+use: `vidmoe.world.labels.HELD_OUT_*_WORDS`) and fresh (more such words, `FRESH_*_WORDS`, kept
+apart from everything the demo's lexicon was built or checked on). A score measures whether the model follows
 colour, shape and motion words, not whether it memorised captions. Ablations that need no
 training run here: the wrong-expert swap, a boundary sweep and transition bands; `vidmoe eval`
 writes their tables.
@@ -32,7 +33,8 @@ from vidmoe.world.labels import (
 )
 
 DIRECTIONS = ("left", "right", "up", "down")
-PROMPT_SETS = ("phrasings", "words", "both")
+PROMPT_SETS = ("phrasings", "words", "fresh", "both", "all")
+"""`--prompt-set`: one set, both (phrasings and words) or all three."""
 # Held-out phrasings: none of these templates or motion phrases is used by the captions.
 HELD_OUT_TEMPLATES = (
     "watch {a} {colour} {shape} {motion}",
@@ -48,6 +50,35 @@ HELD_OUT_MOTIONS = {
     "growing": ("increasing in size", "becoming larger"),
     "shrinking": ("decreasing in size", "becoming smaller"),
     "rotating": ("revolving", "whirling around"),
+}
+# Fresh words (issue 23): a second set of words no caption uses, fixed before the demo's lexicon
+# (`sampling.rewrite`, recipes/demo/build_lexicon.py) was built or tried on them, so they confirm
+# on words nothing was chosen on; `parse_prompt` does not know them either.
+FRESH_COLOUR_WORDS = {
+    "red": ("vermilion", "carmine"),
+    "green": ("verdant", "grass-green"),
+    "blue": ("ultramarine", "navy blue"),
+    "yellow": ("saffron", "mustard"),
+    "purple": ("lilac", "mauve"),
+    "cyan": ("aqua", "peacock blue"),
+    "orange": ("pumpkin", "carrot"),
+    "white": ("alabaster", "snow-white"),
+}
+FRESH_SHAPE_WORDS = {
+    "circle": ("marble", "round shape"),
+    "square": ("quadrilateral", "four-sided shape"),
+    "triangle": ("three-sided shape", "trilateral"),
+    "star": ("pentacle", "five-pointed figure"),
+}
+FRESH_MOTION_WORDS = {
+    "left": ("westbound", "going west"),
+    "right": ("eastbound", "going east"),
+    "up": ("levitating", "heading heavenward"),
+    "down": ("going downhill", "dipping"),
+}
+_WORD_TABLES = {
+    "words": (HELD_OUT_COLOUR_WORDS, HELD_OUT_SHAPE_WORDS, HELD_OUT_MOTION_WORDS),
+    "fresh": (FRESH_COLOUR_WORDS, FRESH_SHAPE_WORDS, FRESH_MOTION_WORDS),
 }
 # Held-out words go into two of the captions' own templates, so only the words are new.
 WORD_TEMPLATES = ("{a} {colour} {shape} {motion}", "a video of {a} {colour} {shape} {motion}")
@@ -104,43 +135,43 @@ def prompt_set(num_prompts: int = 32, *, motions=DIRECTIONS, seed: int = 0) -> l
 
 
 def word_prompt_set(
-    num_prompts: int = 32, *, motions=DIRECTIONS, seed: int = 0
+    num_prompts: int = 32, *, motions=DIRECTIONS, seed: int = 0, kind: str = "words"
 ) -> list[PromptItem]:
-    """A balanced, seeded set of prompts in held-out words: the same (colour, shape, motion)
-    combinations as `prompt_set` with the same seed, each named by words no caption uses."""
+    """A balanced, seeded set of prompts in held-out words (`kind` 'words') or fresh words
+    ('fresh'): the same (colour, shape, motion) combinations as `prompt_set` with the same seed,
+    each named by words no caption uses."""
     rng = np.random.default_rng(seed)
+    colours, shapes, moves = _WORD_TABLES[kind]
     items = []
-    combos = _combos(num_prompts, motions, HELD_OUT_MOTION_WORDS, rng)
+    combos = _combos(num_prompts, motions, moves, rng)
     for i, (colour, shape, motion) in enumerate(combos):
         words = [
             table[key][int(rng.integers(len(table[key])))]
-            for table, key in (
-                (HELD_OUT_COLOUR_WORDS, colour),
-                (HELD_OUT_SHAPE_WORDS, shape),
-                (HELD_OUT_MOTION_WORDS, motion),
-            )
+            for table, key in ((colours, colour), (shapes, shape), (moves, motion))
         ]
         text = WORD_TEMPLATES[i % len(WORD_TEMPLATES)].format(
             a=_article(words[0]), colour=words[0], shape=words[1], motion=words[2]
         )
-        parsed = parse_prompt(text)
-        assert (parsed.colour, parsed.shape, parsed.motion) == (colour, shape, motion), text
-        items.append(PromptItem(text, colour, shape, motion, "words", words[1], words[2]))
+        if kind == "words":  # parse_prompt reads the held-out words (not the fresh ones)
+            parsed = parse_prompt(text)
+            assert (parsed.colour, parsed.shape, parsed.motion) == (colour, shape, motion), text
+        items.append(PromptItem(text, colour, shape, motion, kind, words[1], words[2]))
     return items
 
 
 def held_out_prompts(
     which: str, num_prompts: int, *, motions=DIRECTIONS, seed: int = 0
 ) -> list[PromptItem]:
-    """The prompt set(s) `vidmoe eval --prompt-set` names: phrasings, words, or both (each of
-    `num_prompts`)."""
+    """The prompt set(s) `vidmoe eval --prompt-set` names: phrasings, words, fresh, both
+    (phrasings and words) or all (each of `num_prompts`)."""
     if which not in PROMPT_SETS:
         raise ValueError(f"--prompt-set must be one of {', '.join(PROMPT_SETS)}; got {which!r}")
     items = []
-    if which in ("phrasings", "both"):
+    if which in ("phrasings", "both", "all"):
         items += prompt_set(num_prompts, motions=motions, seed=seed)
-    if which in ("words", "both"):
-        items += word_prompt_set(num_prompts, motions=motions, seed=seed)
+    for kind in ("words", "fresh"):
+        if which in (kind, "all") or (kind == "words" and which == "both"):
+            items += word_prompt_set(num_prompts, motions=motions, seed=seed, kind=kind)
     return items
 
 
@@ -238,6 +269,7 @@ def evaluate(
         result.rows.append(
             dict(
                 prompt=item.prompt,
+                encoded=out.settings.encoded_prompt,
                 seed=seed,
                 set=item.kind,
                 asked=[item.colour, item.shape, item.motion],
@@ -262,7 +294,7 @@ def _rebuilt(pipe, modules: Mapping, **source):
     """A pipeline sharing `pipe`'s config, VAE and text encoder, with these expert modules."""
     experts = Experts(modules, pipe.config.moe, placement=pipe.experts.placement)
     out = type(pipe)(pipe.config, experts, pipe.vae, pipe.text_encoder)
-    out.source = dict(pipe.source, **source)
+    out.source, out.lexicon = dict(pipe.source, **source), pipe.lexicon
     return out
 
 

@@ -17,6 +17,7 @@ from vidmoe.models.attention import resolve_backend
 from vidmoe.models.moe import Experts, ParamCounts, Placement, count_params
 from vidmoe.presets import PRESETS, get_preset
 from vidmoe.sampling.pipeline import Pipeline
+from vidmoe.sampling.rewrite import find_lexicon
 
 DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
 
@@ -171,7 +172,8 @@ def _finish(
     and what was loaded recorded in `pipe.source` (the run's JSON), with the same keys whatever
     the path: its own (`path`/`layout`, or `preset`/`weights`), then `files` (component ->
     file read), `residency`, `device`, `dtype`, `text_encoder_device`, `quantize`, `attention`
-    (expert -> backend) and `compile`."""
+    (expert -> backend) and `compile`; a model folder's `lexicon.json` becomes the pipeline's
+    prompt rewriter (`lexicon`: its path, or None)."""
     placement = pipe.experts.placement
     _place_text_encoder(pipe.text_encoder, placement)
     te_dev = placement.text_encoder_device
@@ -183,6 +185,8 @@ def _finish(
         text_encoder_device=None if te_dev is None else str(te_dev),
         quantize=quantize,
     )
+    pipe.lexicon = find_lexicon(pipe.source.get("path"))
+    pipe.source["lexicon"] = None if pipe.lexicon is None else pipe.lexicon.source
     return speed_up(pipe, attention=attention, compile=compile)
 
 

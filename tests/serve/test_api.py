@@ -149,6 +149,11 @@ def test_multipart_form_is_accepted_like_json(server):
         )
         assert r.status_code == 200, r.text
         assert len(r.json()["plan"]) == 3 and r.json()["settings"]["guidance"]["low_noise"] == 2.0
+        for flag, value in (("off", False), ("true", True), ("0", False)):  # a form's rewrite flag
+            r = c.post("/v1/plan", data={"prompt": "form", "rewrite_prompt": flag})
+            assert r.status_code == 200 and r.json()["settings"]["rewrite_prompt"] is value, r.text
+        r = c.post("/v1/plan", data={"prompt": "form", "rewrite_prompt": "maybe"})
+        assert r.status_code == 422 and "rewrite_prompt must be true or false" in r.text
 
 
 def test_cancel_queued_and_running_and_full_queue_gets_429(server):

@@ -246,6 +246,8 @@ WRONG_TYPES = [
     ({"sigmas": [0.5, None]}, "sigmas must be a list of numbers; got a list"),
     ({"prompt": {"a": 1}}, "prompt must be a string; got an object"),
     ({"sampler": 3}, "sampler must be a string; got an integer (3)"),
+    ({"rewrite_prompt": "yes"}, "rewrite_prompt must be true or false; got a string ('yes')"),
+    ({"rewrite_prompt": 1}, "rewrite_prompt must be true or false; got an integer (1)"),
 ]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from vidmoe.sampling.conditioning import (
 )
 from vidmoe.sampling.guidance import guided_velocity
 from vidmoe.sampling.plan import Plan, StepPlan, plan_for, with_adapter_scales
+from vidmoe.sampling.rewrite import Lexicon
 from vidmoe.sampling.schedules import timesteps_from_sigmas
 from vidmoe.sampling.settings import GenerateSettings, Limits, ResolvedSettings, resolve_settings
 from vidmoe.sampling.solvers import Solver, make_solver
@@ -97,6 +98,9 @@ class Pipeline:
         self.adapters = AdapterSet(self.experts)
         self.parallel: Groups | None = None
         """The process groups this pipeline runs under (`set_parallel`); None: one process."""
+        self.lexicon: Lexicon | None = None
+        """Rewrites prompts into the captions' words before encoding (`sampling.rewrite`); the
+        loaders set the one a model folder ships."""
         for expert in self.experts.values():
             expert.eval().requires_grad_(False)
         if vae is not None:
@@ -132,8 +136,17 @@ class Pipeline:
         return self._with_adapters(plan_for(s, self.config))
 
     def resolve(self, settings: GenerateSettings) -> ResolvedSettings:
-        """Validate settings against this model and the pipeline's limits."""
-        return resolve_settings(settings, self.config, self.limits)
+        """Validate settings against this model and the pipeline's limits; the prompt the text
+        encoder will read is `encoded_prompt` (rewritten by the lexicon, if any)."""
+        return self.rewritten(resolve_settings(settings, self.config, self.limits))
+
+    def rewritten(self, rs: ResolvedSettings) -> ResolvedSettings:
+        """`rs` with `encoded_prompt` filled in: the prompt rewritten by this pipeline's lexicon
+        (when `rs.rewrite_prompt` and there is one), else None (the prompt as given)."""
+        if rs.rewrite_prompt and self.lexicon is not None and rs.prompt:
+            text = self.lexicon.rewrite(rs.prompt)
+            return replace(rs, encoded_prompt=None if text == rs.prompt else text)
+        return replace(rs, encoded_prompt=None)
 
     def _with_adapters(self, plan: Plan) -> Plan:
         if not self.adapters.records:
@@ -337,7 +350,8 @@ class Pipeline:
     def _embeddings(self, rs: ResolvedSettings, prompt_embeds, negative_prompt_embeds):
         """([cond (S, D)], [uncond (S', D)]) on the device: given ones, else encoded."""
         if prompt_embeds is None:
-            prompt_embeds, negative = self.encode_prompt([rs.prompt, rs.negative_prompt])
+            text = self.rewritten(rs).encoded_prompt or rs.prompt
+            prompt_embeds, negative = self.encode_prompt([text, rs.negative_prompt])
             negative_prompt_embeds = (
                 negative if negative_prompt_embeds is None else negative_prompt_embeds
             )

@@ -69,6 +69,9 @@ class GenerateSettings:
     """The prompt; an empty prompt asks for an unconditional sample."""
     negative_prompt: str | None = None
     """The negative prompt; None uses the model's default (the release's, for umT5 models)."""
+    rewrite_prompt: bool = True
+    """Rewrite the prompt into the words of the model's captions with the lexicon its folder
+    ships (`sampling.rewrite`), if it has one; False encodes the prompt as given."""
     width: int | None = None
     height: int | None = None
     num_frames: int | None = None
@@ -127,6 +130,10 @@ class ResolvedSettings:
     area: int | None = None
     """The area an i2v or ti2v size was derived from (with the image's aspect ratio); None when
     the size is explicit or the model has no size rule."""
+    rewrite_prompt: bool = True
+    encoded_prompt: str | None = None
+    """The text the text encoder reads: the prompt rewritten by the model's lexicon
+    (`Pipeline.resolve` fills it in); None: the prompt as given."""
 
     def to_dict(self) -> dict:
         """JSON-ready; the boundary in its string (or number) form."""
@@ -309,6 +316,8 @@ def resolve_settings(
         )
     boundary = _boundary(s, model, band, num_steps, budgets, limits)
     seed = integer("seed", s.seed, 0, MAX_SEED, " (2**63 - 1)")
+    if not isinstance(s.rewrite_prompt, bool):
+        raise ValueError(f"rewrite_prompt must be true or false; got {s.rewrite_prompt!r}")
     return ResolvedSettings(
         prompt=prompt,
         negative_prompt=negative,
@@ -327,6 +336,7 @@ def resolve_settings(
         image=image,
         step_cache=step_cache,
         area=area,
+        rewrite_prompt=s.rewrite_prompt,
     )
 
 

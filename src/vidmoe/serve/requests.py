@@ -37,6 +37,7 @@ FIELDS = (
     "seed",
     "image",
     "area",
+    "rewrite_prompt",
 )
 _INTS = ("width", "height", "num_frames", "num_steps", "seed", "area")
 _STRINGS = ("prompt", "negative_prompt", "sampler")
@@ -130,6 +131,11 @@ async def _read_form(request: Request, body: bytes) -> tuple[dict, bytes | None]
             fields[key] = _form_number(value, int)
         elif key == "shift":
             fields[key] = _form_number(value, float)
+        elif key == "rewrite_prompt":  # a checkbox or a select: true/false, on/off, 1/0
+            flag = {"true": True, "on": True, "1": True, "false": False, "off": False, "0": False}
+            fields[key] = (
+                flag.get(value.strip().lower(), value) if isinstance(value, str) else value
+            )
         else:
             fields[key] = value
     return fields, image
@@ -197,6 +203,8 @@ def check_field_types(kw: dict) -> None:
             _check_int(key, value)
         elif key in _STRINGS and not isinstance(value, str):
             raise ValueError(f"{key} must be a string; got {_describe(value)}")
+        elif key == "rewrite_prompt" and not isinstance(value, bool):
+            raise ValueError(f"rewrite_prompt must be true or false; got {_describe(value)}")
         elif key == "shift" and not _is_number(value):
             raise ValueError(f"shift must be a number; got {_describe(value)}")
         elif key == "boundary" and not (_is_number(value) or isinstance(value, str)):

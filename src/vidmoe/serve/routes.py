@@ -63,6 +63,9 @@ def check_request(s: ServeState, fields: dict, image_bytes: bytes | None) -> Che
     # the upload is saved only once it is queued: its size comes from the decoded image
     size = None if image is None else image.size
     resolved = resolve_settings(settings, s.config, s.limits, image_size=size)
+    pipe = getattr(s.worker, "pipe", None)  # loaded: the job's record shows the encoded prompt
+    if pipe is not None:
+        resolved = pipe.rewritten(resolved)
     plan = plan_for(resolved, s.config)
     s.worker.check_plan(plan)
     memory = predict(
