@@ -219,15 +219,38 @@ TINY_TRANSFORMER = TransformerConfig(
     num_layers=2,
 )
 TINY_VAE = VAEConfig(generation="2.1", dim=16, z_dim=16, num_res_blocks=1)
-PRESETS["tiny-t2v"] = ModelConfig(
-    name="tiny-t2v",
-    transformer=TINY_TRANSFORMER,
-    vae=TINY_VAE,
-    moe=MoEConfig(boundaries=(0.875,), guidance=(4.0, 3.0)),
-    scheduler=SchedulerConfig(sampler="unipc", num_steps=4, shift=12.0),
-    text_encoder="umt5-tiny",
-    default_size=(64, 64),
-    default_num_frames=9,
+
+
+def _tiny(name: str, model_type: str, *, moe: MoEConfig, shift: float, **changes) -> ModelConfig:
+    """A tiny preset for tests: TINY_TRANSFORMER as `model_type` (with `changes` to it, and
+    `vae` among them: default TINY_VAE), 4 UniPC steps at `shift`, 9 frames of 64x64."""
+    vae = changes.pop("vae", TINY_VAE)
+    return ModelConfig(
+        name=name,
+        transformer=dataclasses.replace(TINY_TRANSFORMER, model_type=model_type, **changes),
+        vae=vae,
+        moe=moe,
+        scheduler=SchedulerConfig(sampler="unipc", num_steps=4, shift=shift),
+        text_encoder="umt5-tiny",
+        default_size=(64, 64),
+        default_num_frames=9,
+    )
+
+
+PRESETS["tiny-t2v"] = _tiny(
+    "tiny-t2v", "t2v", moe=MoEConfig(boundaries=(0.875,), guidance=(4.0, 3.0)), shift=12.0
+)
+PRESETS["tiny-i2v"] = _tiny(
+    "tiny-i2v", "i2v", moe=MoEConfig(boundaries=(0.9,), guidance=(3.5, 3.5)), shift=5.0, in_dim=36
+)
+PRESETS["tiny-ti2v"] = _tiny(
+    "tiny-ti2v",
+    "ti2v",
+    moe=MoEConfig(expert_names=("dense",), boundaries=(), guidance=(5.0,)),
+    shift=5.0,
+    in_dim=48,
+    out_dim=48,
+    vae=VAEConfig(generation="2.2", dim=16, dec_dim=16, z_dim=48, num_res_blocks=1),
 )
 
 
@@ -236,20 +259,3 @@ def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
     return PRESETS[name]
-
-
-PRESETS["tiny-i2v"] = dataclasses.replace(
-    PRESETS["tiny-t2v"],
-    name="tiny-i2v",
-    transformer=dataclasses.replace(TINY_TRANSFORMER, model_type="i2v", in_dim=36),
-    moe=MoEConfig(boundaries=(0.9,), guidance=(3.5, 3.5)),
-    scheduler=SchedulerConfig(sampler="unipc", num_steps=4, shift=5.0),
-)
-PRESETS["tiny-ti2v"] = dataclasses.replace(
-    PRESETS["tiny-t2v"],
-    name="tiny-ti2v",
-    transformer=dataclasses.replace(TINY_TRANSFORMER, model_type="ti2v", in_dim=48, out_dim=48),
-    vae=VAEConfig(generation="2.2", dim=16, dec_dim=16, z_dim=48, num_res_blocks=1),
-    moe=MoEConfig(expert_names=("dense",), boundaries=(), guidance=(5.0,)),
-    scheduler=SchedulerConfig(sampler="unipc", num_steps=4, shift=5.0),
-)

@@ -11,7 +11,6 @@ The 2-rank runs share one spawn (`two_ranks`) to pay the processes' start-up onc
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -27,20 +26,13 @@ import torch.distributed as dist
 
 from tests.parallel.spawn import run_ranks
 from tests.training.conftest import (
-    TINY_EXPERT,
     TINY_MOE,
-    HashTextEncoder,
-    PoolVAE,
-    fake_clips,
     tiny_run,
+    write_init_model,
+    write_tiny_cache,
 )
-from vidmoe.io.tensors import save_safetensors_atomic, write_text_atomic
-from vidmoe.models.transformer import WanTransformer
-from vidmoe.models.vae import WanVAE
 from vidmoe.parallel.world import World
-from vidmoe.presets import PRESETS
-from vidmoe.training.checkpoint import export_experts, load_checkpoint
-from vidmoe.training.data import build_latent_cache
+from vidmoe.training.checkpoint import load_checkpoint
 from vidmoe.training.loop import TrainConfig, Trainer, build_experts, train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,28 +43,13 @@ LORA = {"rank": 4, "alpha": 8.0}
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cache")
-    build_latent_cache(fake_clips(12), PoolVAE(), HashTextEncoder(), folder, text_len=8)
-    return folder
+    return write_tiny_cache(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
 def init_dir(tmp_path_factory):
     """A model folder of two random tiny experts (non-zero heads), for LoRA runs."""
-    root = tmp_path_factory.mktemp("init")
-    config = dataclasses.replace(
-        PRESETS["tiny-t2v"], name="tiny-ft", transformer=TINY_EXPERT, moe=TINY_MOE
-    )
-    torch.manual_seed(7)
-    states = {}
-    for name in TINY_MOE.expert_names:
-        expert = WanTransformer(TINY_EXPERT)
-        torch.nn.init.normal_(expert.head.head.weight, std=0.1)  # the release init zeroes it
-        states[name] = expert.state_dict()
-    export_experts(states, root, dtype=torch.float32)
-    save_safetensors_atomic(WanVAE(config.vae).state_dict(), root / "vae.safetensors")
-    write_text_atomic(config.to_json(), root / "vidmoe.json")
-    return root
+    return write_init_model(tmp_path_factory.mktemp("init"))
 
 
 def _config(cache_dir, out_dir, **kw) -> dict:

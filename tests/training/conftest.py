@@ -84,3 +84,37 @@ def fake_clips(n: int, num_frames: int = 9, size: int = 16) -> list[dict]:
         }
         for i in range(n)
     ]
+
+
+def write_tiny_cache(folder):
+    """A latent cache of 12 fake clips (PoolVAE latents, HashTextEncoder text) in `folder`."""
+    from vidmoe.training.data import build_latent_cache
+
+    build_latent_cache(fake_clips(12), PoolVAE(), HashTextEncoder(), folder, text_len=8)
+    return folder
+
+
+def write_init_model(root):
+    """A vidmoe model folder in `root` with two random TINY_EXPERT experts (non-zero heads,
+    seed 7), a random VAE of the tiny preset and its vidmoe.json: an `init` for fine-tuning."""
+    import dataclasses
+
+    from vidmoe.io.tensors import save_safetensors_atomic, write_text_atomic
+    from vidmoe.models.transformer import WanTransformer
+    from vidmoe.models.vae import WanVAE
+    from vidmoe.presets import PRESETS
+    from vidmoe.training.checkpoint import export_experts
+
+    config = dataclasses.replace(
+        PRESETS["tiny-t2v"], name="tiny-ft", transformer=TINY_EXPERT, moe=TINY_MOE
+    )
+    torch.manual_seed(7)
+    states = {}
+    for name in TINY_MOE.expert_names:
+        expert = WanTransformer(TINY_EXPERT)
+        torch.nn.init.normal_(expert.head.head.weight, std=0.1)  # the release init zeroes it
+        states[name] = expert.state_dict()
+    export_experts(states, root, dtype=torch.float32)
+    save_safetensors_atomic(WanVAE(config.vae).state_dict(), root / "vae.safetensors")
+    write_text_atomic(config.to_json(), root / "vidmoe.json")
+    return root

@@ -14,19 +14,15 @@ from safetensors.torch import load_file
 from tests.training.conftest import (
     TINY_EXPERT,
     TINY_MOE,
-    HashTextEncoder,
-    PoolVAE,
-    fake_clips,
     tiny_run,
+    write_init_model,
+    write_tiny_cache,
 )
 from vidmoe.io.checkpoints import detect_layout, load_expert
-from vidmoe.io.tensors import save_safetensors_atomic, write_text_atomic
 from vidmoe.models.transformer import WanTransformer
-from vidmoe.models.vae import WanVAE
 from vidmoe.presets import PRESETS
 from vidmoe.sampling.pipeline import Pipeline
-from vidmoe.training.checkpoint import export_experts, export_model, load_checkpoint
-from vidmoe.training.data import build_latent_cache
+from vidmoe.training.checkpoint import export_model, load_checkpoint
 from vidmoe.training.finetune import DEFAULT_LORA_TARGETS
 from vidmoe.training.loop import TrainConfig, build_experts, train
 
@@ -36,28 +32,13 @@ NAMES = TINY_MOE.expert_names
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cache")
-    build_latent_cache(fake_clips(12), PoolVAE(), HashTextEncoder(), folder, text_len=8)
-    return folder
+    return write_tiny_cache(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
 def init_dir(tmp_path_factory):
     """A vidmoe model folder with two random tiny experts (non-zero heads)."""
-    root = tmp_path_factory.mktemp("init")
-    config = dataclasses.replace(
-        PRESETS["tiny-t2v"], name="tiny-ft", transformer=TINY_EXPERT, moe=TINY_MOE
-    )
-    torch.manual_seed(7)
-    states = {}
-    for name in NAMES:
-        expert = WanTransformer(TINY_EXPERT)
-        torch.nn.init.normal_(expert.head.head.weight, std=0.1)  # the release init zeroes it
-        states[name] = expert.state_dict()
-    export_experts(states, root, dtype=torch.float32)
-    save_safetensors_atomic(WanVAE(config.vae).state_dict(), root / "vae.safetensors")
-    write_text_atomic(config.to_json(), root / "vidmoe.json")
-    return root
+    return write_init_model(tmp_path_factory.mktemp("init"))
 
 
 def _config(cache_dir, out_dir, **kw) -> TrainConfig:
