@@ -74,6 +74,8 @@ def test_ui_runs_a_job_and_plays_the_video(browser, token_server, tmp_path):
         set(experts)
     )  # one colour per expert
 
+    assert page.is_checked("#rewrite_prompt")  # on by default; off for this job
+    page.uncheck("#rewrite_prompt")
     page.click("#run")
     page.wait_for_function(
         "document.getElementById('status').dataset.status === 'done'", timeout=60_000
@@ -90,6 +92,7 @@ def test_ui_runs_a_job_and_plays_the_video(browser, token_server, tmp_path):
     page.locator("#gallery .card .use-settings").first.click()
     assert page.input_value("#prompt") == "a red square moving right"
     assert page.input_value("#num_steps") == "30"
+    assert not page.is_checked("#rewrite_prompt")  # the job's own setting, back from the API
     page.screenshot(path=str(tmp_path / "serve_ui.png"), full_page=True)
     if os.environ.get("VIDMOE_UI_SCREENSHOT"):  # docs/serve_ui.png is made this way
         page.screenshot(path=os.environ["VIDMOE_UI_SCREENSHOT"], full_page=True)

@@ -46,6 +46,7 @@ function colorOf(name) {
 function formBody() {
   const body = { prompt: $("prompt").value };
   if ($("negative_prompt").value) body.negative_prompt = $("negative_prompt").value;
+  body.rewrite_prompt = $("rewrite_prompt").checked;
   for (const key of ["width", "height", "num_frames", "num_steps", "seed"]) {
     if ($(key).value !== "") body[key] = Number($(key).value);
   }
@@ -63,6 +64,7 @@ function formBody() {
 function fillForm(s) {
   $("prompt").value = s.prompt || "";
   $("negative_prompt").value = s.negative_prompt || "";
+  $("rewrite_prompt").checked = s.rewrite_prompt !== false;
   for (const key of ["width", "height", "num_frames", "num_steps", "seed"]) {
     if (s[key] !== undefined && s[key] !== null) $(key).value = s[key];
   }
@@ -111,6 +113,8 @@ function updatePlan() {
     if (!res.ok) { $("form-error").textContent = await detail(res); return; }
     const plan = await res.json();
     $("form-error").textContent = "";
+    const said = plan.settings.encoded_prompt;
+    $("encoded-prompt").textContent = said ? `the model reads: ${said}` : "";
     drawTimeline($("plan-timeline"), plan.plan);
     drawLegend($("plan-legend"), plan.counts);
   }, 200);
@@ -222,6 +226,9 @@ function card(job) {
   const prompt = document.createElement("div");
   prompt.className = "prompt";
   prompt.textContent = s.prompt || "(no prompt)";
+  const encoded = document.createElement("div");
+  encoded.className = "encoded";
+  encoded.textContent = s.encoded_prompt ? `read as: ${s.encoded_prompt}` : "";
   const badge = document.createElement("span");
   badge.className = `badge ${job.status}`;
   badge.textContent = job.status;
@@ -246,7 +253,7 @@ function card(job) {
     play.onclick = () => { currentJob = job.id; setStatus("done", "done"); showVideo(job.id); };
     actions.appendChild(play);
   }
-  el.append(prompt, badge, meta, actions);
+  el.append(prompt, encoded, badge, meta, actions);
   return el;
 }
 
