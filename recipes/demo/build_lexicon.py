@@ -58,6 +58,7 @@ MOTION_FORMS = {
 }
 # Nouns a shape word absorbs after it ("triangular shape" -> "triangle").
 GENERIC_NOUNS = ("shape", "figure", "form", "object", "thing")
+SHAPE_KINDS = ("noun.shape", "noun.artifact", "noun.object")
 SENSES = 3  # a word's first senses (WordNet orders them by frequency) are searched
 PLACE_WORDS = {"around", "off", "place", "edge", "side", "toward", "towards"}
 STOP = set(
@@ -238,12 +239,16 @@ class Resolver:
         return hits
 
     def _first_resolving(
-        self, word: str, table: dict[str, str], pos: str | None, deep: bool = True
+        self, word: str, table: dict[str, str], pos: str | None, deep: bool = True, kinds=None
     ) -> str | None:
+        """The value the first of a word's senses (of `kinds`: lexicographer files, if given)
+        that names any names, if it names one."""
         if word in table:
             return table[word]
         senses = self.wn.synsets(word, pos) if pos else self.wn.synsets(word)
         for syn in senses[:SENSES]:
+            if kinds is not None and syn.lexname() not in kinds:
+                continue
             hits = self._sense_hits(syn, table, deep)
             if len(hits) == 1:
                 return next(iter(hits))
@@ -252,10 +257,13 @@ class Resolver:
         return None
 
     def shape(self, word: str) -> str | None:
+        """Nouns in their senses as things with a form (shapes, artifacts, natural objects),
+        not people, animals, acts or groups; adjectives by their synonyms, hypernyms and own
+        definition only."""
         if word in self.shape_parents:  # the kind just above one shape: rectangle -> square
             return self.shape_parents[word]
-        return self._first_resolving(word, self.shapes, "n") or (
-            self._first_resolving(word, self.shapes, "a")
+        return self._first_resolving(word, self.shapes, "n", kinds=SHAPE_KINDS) or (
+            self._first_resolving(word, self.shapes, "a", deep=False)
         )
 
     def motion(self, word: str) -> str | None:

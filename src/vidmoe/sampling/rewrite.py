@@ -24,7 +24,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 LEXICON_FILE = "lexicon.json"
@@ -48,7 +48,7 @@ class Lexicon:
     source: str = ""
     """Where it was read from (for messages and records)."""
 
-    @property
+    @cached_property
     def max_words(self) -> int:
         return max((k.count(" ") + 1 for k in self.words), default=1)
 
