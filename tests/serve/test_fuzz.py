@@ -89,6 +89,7 @@ def plausible(rng: random.Random, key: str):
         "seed": lambda: rng.choice([0, 1, 2**32, 2**63 - 1, -5]),
         "image": lambda: rng.choice(["", "bm90IGFuIGltYWdl", "data:image/png;base64,xx"]),
         "area": lambda: rng.choice([1024, 32 * 32, 0, -1, 921600]),
+        "rewrite_prompt": lambda: rng.choice([True, False, 0, 1, "on", "no"]),
     }
     return choices[key]()
 
