@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -390,8 +391,9 @@ def test_anchor_weight_is_checked(tmp_path):
     for key in ("anchor_weight", "first_latent_weight", "encoder_lr"):
         with pytest.raises(ValueError, match=f"{key} must be >= 0"):
             VAETrainConfig(**{key: -1.0})
+        bank = {"first_latent_bank": "bank.safetensors"} if key == "first_latent_weight" else {}
         with pytest.raises(ValueError, match="freeze_encoder"):
-            VAETrainConfig(**{key: 1.0}, freeze_encoder=True)
+            VAETrainConfig(**{key: 1.0}, **bank, freeze_encoder=True)
     cfg = VAETrainConfig(
         vae=VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1),
         anchor_weight=1.0,
@@ -406,22 +408,141 @@ def test_anchor_weight_is_checked(tmp_path):
         train_vae(cfg, tmp_path / "out")
 
 
-def test_first_latent_target_is_the_teachers_latent_of_a_still_first_frame():
-    """`first_latent_weight`'s term is 0 when latent frame 0 equals the teacher's latent 1 of
-    a still clip of frame 0, whatever the later frames hold, and positive otherwise."""
-    from vidmoe.training.vae_train import first_latent_distance
+def _tiny_vae_config():
+    return VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1)
 
-    torch.manual_seed(1)
-    teacher = WanVAE(VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1))
-    video = torch.rand(2, 3, 5, 16, 16) * 2 - 1  # (B, 3, T, H, W)
-    still = video[:, :, :1].expand(-1, -1, 5, -1, -1)
+
+def _encode_first(vae, frames):
+    """The posterior means of single first frames: (N, 3, 1, H, W) -> (N, Z, 1, h, w)."""
+    from vidmoe.models.vae_blocks import CausalCache
+
+    cache = CausalCache()
+    cache.claim("encode")
     with torch.no_grad():
-        target = teacher.encode(still, chunked=False)[:, :, 1:2]  # (B, Z, 1, h, w)
-        mu = teacher.encode(video, chunked=False)  # (B, Z, 2, h, w)
-        assert first_latent_distance(mu, teacher, video) > 1e-4  # the first-frame path differs
-        mu[:, :, :1] = target
-        mu[:, :, 1:] += 3.0
-        assert first_latent_distance(mu, teacher, video) < 1e-10
+        return vae.conv1(vae.encoder(frames, cache)).chunk(2, dim=1)[0]
+
+
+def test_inverted_first_latents_draw_the_frames_better_than_the_encoders():
+    """`invert_first_latents` finds, per frame, a latent the frozen decoder draws the frame
+    from with less error than from the encoder's own latent (issue 23's flash), and leaves the
+    decoder's weights as they were."""
+    from vidmoe.models.vae_blocks import CausalCache
+    from vidmoe.training.vae_train import invert_first_latents
+
+    torch.manual_seed(2)
+    vae = WanVAE(_tiny_vae_config()).eval()
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    cache = CausalCache()
+    cache.claim("decode")
+    with torch.no_grad():  # frames this decoder can draw, from latents the encoder does not give
+        frames = vae.decoder(vae.conv2(torch.randn(3, 4, 1, 2, 2) * 2), cache)  # (N, 3, 1, H, W)
+
+    def error(z):
+        cache = CausalCache()
+        cache.claim("decode")
+        with torch.no_grad():
+            return (vae.decoder(vae.conv2(z), cache) - frames).abs().mean(dim=(1, 2, 3, 4))
+
+    found = invert_first_latents(vae, frames, steps=60, lr=0.05, batch_size=2)
+    assert found.shape == (3, 4, 1, 2, 2)
+    assert (error(found) < 0.7 * error(_encode_first(vae, frames))).all()
+    assert all(torch.equal(before[k], v) for k, v in vae.state_dict().items())
+
+
+def _write_bank(path, frames, latents):
+    from safetensors.torch import save_file
+
+    save_file({"frames": frames.contiguous(), "latents": latents.contiguous()}, str(path))
+
+
+def test_first_latent_bank_distance_is_zero_at_its_targets(tmp_path):
+    from vidmoe.training.vae_train import FirstLatentBank
+
+    torch.manual_seed(3)
+    vae = WanVAE(_tiny_vae_config())
+    frames = torch.rand(4, 3, 1, 16, 16) * 2 - 1
+    mine = _encode_first(vae, frames)
+    _write_bank(tmp_path / "bank.safetensors", frames, mine + torch.randn_like(mine) * 0.5)
+    bank = FirstLatentBank.load(tmp_path / "bank.safetensors", vae.config, (16, 16))
+    assert bank.distance(vae, np.arange(4)) > 1e-3
+    exact = FirstLatentBank(frames, mine)
+    assert exact.distance(vae, np.array([0, 2, 3])) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing", "does not exist"),
+        ("not safetensors", "not a bank of first latents"),
+        ("no latents", "not a bank of first latents"),
+        ("wrong size", "do not fit this run"),
+        ("other counts", "do not fit this run"),
+    ],
+)
+def test_a_bad_first_latent_bank_is_refused_with_what_is_wanted(tmp_path, case, match):
+    from safetensors.torch import save_file
+
+    from vidmoe.training.vae_train import FirstLatentBank
+
+    path = tmp_path / "bank.safetensors"
+    frames, latents = torch.zeros(2, 3, 1, 16, 16), torch.zeros(2, 4, 1, 2, 2)
+    if case == "not safetensors":
+        path.write_bytes(b"not a safetensors file at all")
+    elif case == "no latents":
+        save_file({"frames": frames}, str(path))
+    elif case == "wrong size":
+        _write_bank(path, torch.zeros(2, 3, 1, 32, 32), torch.zeros(2, 4, 1, 4, 4))
+    elif case == "other counts":
+        _write_bank(path, frames, latents[:1])
+    with pytest.raises(ValueError, match=match):
+        FirstLatentBank.load(path, _tiny_vae_config(), (16, 16))
+
+
+def test_a_first_latent_stage_moves_frame_0_toward_the_bank(tmp_path):
+    """An encoder-only stage with `first_latent_weight` brings the encoder's latents of the
+    bank's frames closer to the bank's targets."""
+    from vidmoe.training.vae_train import FirstLatentBank
+
+    base = VAETrainConfig(
+        vae=_tiny_vae_config(),
+        width=16,
+        height=16,
+        clip_frames=5,
+        window_frames=5,
+        crop=0,
+        batch_size=1,
+        max_steps=1,
+        num_stat_clips=1,
+    )
+    train_vae(base, tmp_path / "a", log=lambda s: None)
+    init = tmp_path / "a" / "vae.safetensors"
+    vae = WanVAE(_tiny_vae_config())
+    from safetensors.torch import load_file
+
+    vae.load_state_dict(load_file(str(init)))
+    torch.manual_seed(4)
+    frames = torch.rand(8, 3, 1, 16, 16) * 2 - 1
+    start = _encode_first(vae, frames)
+    _write_bank(tmp_path / "bank.safetensors", frames, start + 1.0)
+    bank = FirstLatentBank.load(tmp_path / "bank.safetensors", vae.config, (16, 16))
+    stage = dataclasses.replace(
+        base,
+        freeze_decoder=True,
+        anchor_weight=1.0,
+        first_latent_weight=10.0,
+        first_latent_bank=str(tmp_path / "bank.safetensors"),
+        first_latent_batch=8,
+        lr=3e-3,
+        max_steps=10,
+    )
+    lines = []
+    trained, _ = train_vae(stage, tmp_path / "b", init=init, log=lines.append)
+    assert any('"first"' in line for line in lines)
+    assert bank.distance(trained, np.arange(8)) < 0.8 * bank.distance(vae, np.arange(8))
+    with pytest.raises(ValueError, match="go together"):
+        VAETrainConfig(first_latent_weight=1.0)
+    with pytest.raises(ValueError, match="first_latent_batch must be >= 1"):
+        VAETrainConfig(first_latent_batch=0)
 
 
 def test_encoder_lr_puts_the_encoder_in_a_group_of_its_own():

@@ -330,5 +330,7 @@ def measure_rank_peak_rss(
             cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False
         )
     if out.returncode:
-        raise RuntimeError(f"the measured run failed: {out.stderr.strip().splitlines()[-3:]}")
+        raise RuntimeError(
+            "the measured run failed:\n" + "\n".join(out.stderr.strip().splitlines()[-40:])
+        )
     return json.loads(out.stdout.strip().splitlines()[-1])

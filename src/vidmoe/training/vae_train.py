@@ -108,11 +108,18 @@ class VAETrainConfig:
     the rest of the latent space (that latent caches and experts were made in) barely moves.
     0: none; > 0 needs `init`."""
     first_latent_weight: float = 0.0
-    """Weight of a teacher target for latent frame 0: the `init` VAE's latent of a still clip of
-    the window's first frame (its latent frame 1, four copies of frame 0 after frame 0), over
-    the teacher latents' variance. Frame 0's latent moves into the space of the later ones,
-    where a black and a dark-blue first frame differ as much as later frames do (issue 23: the
-    reconstruction loss alone hardly separates them). 0: none; > 0 needs `init`."""
+    """Weight of a target for latent frame 0: the mean squared distance of the latent the
+    encoder gives each first frame of `first_latent_bank` to the bank's latent for it, each
+    channel over the bank latents' variance. The bank holds the latents from which the `init`
+    decoder draws those frames right (`invert_first_latents`): where the reconstruction loss's
+    gradient at the encoder's frame-0 latent is too small to move it (issue 23), the target
+    moves it straight. 0: none; > 0 needs `first_latent_bank`."""
+    first_latent_bank: str = ""
+    """A safetensors file of first frames and their target latents (`write_first_latent_bank`;
+    "frames" (N, 3, 1, H, W) in [-1, 1], "latents" (N, Z, 1, h, w) at the posterior's scale),
+    read when `first_latent_weight` > 0; a relative path is from the working directory."""
+    first_latent_batch: int = 16
+    """First frames of the bank per step (each one frame: cheap beside the windows)."""
 
     def __post_init__(self) -> None:
         for name, allowed in (("sizes", SIZES), ("motions", MOTIONS), ("shapes", SHAPES)):
@@ -150,6 +157,12 @@ class VAETrainConfig:
             raise ValueError(
                 f"first_latent_weight must be >= 0 (0: none); got {self.first_latent_weight}"
             )
+        if bool(self.first_latent_weight) != bool(self.first_latent_bank):
+            raise ValueError(
+                "first_latent_weight and first_latent_bank go together (the weight of the target "
+                "for latent frame 0, and the file of targets): set both or neither; got "
+                f"{self.first_latent_weight} and {self.first_latent_bank!r}"
+            )
         if (self.anchor_weight or self.first_latent_weight) and self.freeze_encoder:
             raise ValueError(
                 "anchor_weight and first_latent_weight steer the encoder's latents, which a "
@@ -159,6 +172,8 @@ class VAETrainConfig:
             raise ValueError(
                 f"first_frame_weight must be > 0 (1: as the other frames); got {self.first_frame_weight}"
             )
+        if self.first_latent_batch < 1:
+            raise ValueError(f"first_latent_batch must be >= 1; got {self.first_latent_batch}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0; got {self.checkpoint_every}")
         if (self.window_frames - 1) % 4 or self.window_frames > self.clip_frames:
@@ -236,10 +251,6 @@ def vae_loss(
         anchor = anchor_distance(mu, teacher, video)
         loss = loss + cfg.anchor_weight * anchor
         parts["anchor"] = anchor.item()
-    if cfg.first_latent_weight and teacher is not None:
-        first = first_latent_distance(mu, teacher, video)
-        loss = loss + cfg.first_latent_weight * first
-        parts["first"] = first.item()
     return loss, parts
 
 
@@ -252,14 +263,109 @@ def _teacher_mu(teacher: WanVAE, video: Tensor) -> Tensor:
     return mu
 
 
-def first_latent_distance(mu: Tensor, teacher: WanVAE, video: Tensor) -> Tensor:
-    """Mean squared distance of `mu`'s latent frame 0 to the `teacher`'s latent frame 1 of a
-    still clip of `video`'s frame 0, each channel over the target's variance in the batch:
-    (B, Z, F, h, w), (B, 3, T, H, W) -> scalar."""
-    still = video[:, :, :1].expand(-1, -1, 1 + teacher.config.temporal_stride, -1, -1)
-    target = _teacher_mu(teacher, still)[:, :, 1:2]  # (B, Z, 1, h, w)
-    var = target.var(dim=(0, 2, 3, 4), keepdim=True).clamp_min(1e-6)  # (1, Z, 1, 1, 1)
-    return ((mu[:, :, :1] - target).pow(2) / var).mean()
+@dataclass(frozen=True)
+class FirstLatentBank:
+    """First frames and the latents a decoder draws them right from (`first_latent_bank`)."""
+
+    frames: Tensor
+    """(N, 3, 1, H, W) in [-1, 1]."""
+    latents: Tensor
+    """(N, Z, 1, h, w) at the posterior's scale."""
+
+    @classmethod
+    def load(
+        cls, path: str | Path, vae_config: VAEConfig, size: tuple[int, int]
+    ) -> FirstLatentBank:
+        """Read and check a bank for a VAE of `vae_config` and frames of `size` (H, W)."""
+        from vidmoe.io.tensors import open_tensors
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(
+                f"first_latent_bank {path} does not exist (write one with "
+                "recipes/demo/first_latent_bank.py)"
+            )
+        try:
+            tensors = open_tensors(path)
+            frames, latents = tensors["frames"].float(), tensors["latents"].float()
+        except (KeyError, ValueError, OSError) as e:
+            raise ValueError(
+                f"first_latent_bank {path} is not a bank of first latents (safetensors with "
+                f"'frames' and 'latents'): {e}"
+            ) from None
+        s, z = vae_config.spatial_stride, vae_config.z_dim
+        h, w = size
+        want_f, want_l = (3, 1, h, w), (z, 1, h // s, w // s)
+        if (
+            frames.ndim != 5
+            or tuple(frames.shape[1:]) != want_f
+            or latents.ndim != 5
+            or tuple(latents.shape[1:]) != want_l
+            or len(frames) != len(latents)
+            or not len(frames)
+        ):
+            raise ValueError(
+                f"first_latent_bank {path}: frames {tuple(frames.shape)} and latents "
+                f"{tuple(latents.shape)} do not fit this run: want (N, {', '.join(map(str, want_f))}) "
+                f"and (N, {', '.join(map(str, want_l))}), the same N >= 1"
+            )
+        return cls(frames, latents)
+
+    def distance(self, vae: WanVAE, index: np.ndarray) -> Tensor:
+        """Mean squared distance of `vae`'s latents of the frames at `index` to the bank's, each
+        channel over the bank latents' variance: scalar."""
+        frames, target = self.frames[index], self.latents[index]  # (b, 3, 1, H, W), (b, Z, 1, h, w)
+        cache = CausalCache()
+        cache.claim("encode")
+        mu, _ = vae.conv1(vae.encoder(frames, cache)).chunk(2, dim=1)  # (b, Z, 1, h, w)
+        var = self.latents.var(dim=(0, 2, 3, 4), keepdim=True).clamp_min(1e-6)  # (1, Z, 1, 1, 1)
+        return ((mu - target).pow(2) / var).mean()
+
+
+def invert_first_latents(
+    vae: WanVAE,
+    frames: Tensor,
+    *,
+    steps: int = 60,
+    lr: float = 0.05,
+    batch_size: int = 32,
+    log=None,
+) -> Tensor:
+    """For each first frame, the latent from which `vae`'s decoder draws it right: Adam on
+    latent frame 0, from the encoder's, on the decoded frame's L1 error (the decoder frozen).
+
+    Issue 23: the demo encoder gives a black and a dark-blue first frame nearly one latent, and
+    the decoder, which can draw each right from another latent, draws both as their average.
+    Args:
+        frames: (N, 3, 1, H, W) in [-1, 1].
+    Returns:
+        (N, Z, 1, h, w) latents at the posterior's scale (what `vae.conv1` gives, unnormalised).
+    """
+    vae = vae.eval()
+    found = []
+    for start in range(0, len(frames), batch_size):
+        x = frames[start : start + batch_size]  # (b, 3, 1, H, W)
+        with torch.no_grad():
+            cache = CausalCache()
+            cache.claim("encode")
+            z0, _ = vae.conv1(vae.encoder(x, cache)).chunk(2, dim=1)  # (b, Z, 1, h, w)
+        z = z0.clone().requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=lr)
+        for _ in range(steps):
+            cache = CausalCache()
+            cache.claim("decode")
+            error = (vae.decoder(vae.conv2(z), cache) - x).abs().mean()
+            opt.zero_grad(set_to_none=True)
+            error.backward()
+            opt.step()
+        found.append(z.detach())
+        if log is not None:
+            log(
+                json.dumps(
+                    {"inverted": start + len(x), "of": len(frames), "l1": round(error.item(), 5)}
+                )
+            )
+    return torch.cat(found)
 
 
 def anchor_distance(mu: Tensor, teacher: WanVAE, video: Tensor) -> Tensor:
@@ -322,14 +428,13 @@ def _param_groups(vae: WanVAE, cfg: VAETrainConfig) -> list[dict]:
 
 
 def _teacher(cfg: VAETrainConfig, vae: WanVAE, init: str | Path | None) -> WanVAE | None:
-    """A frozen copy of the VAE as `init` loaded it (before any resume), for `anchor_weight`
-    and `first_latent_weight`."""
-    if not (cfg.anchor_weight or cfg.first_latent_weight):
+    """A frozen copy of the VAE as `init` loaded it (before any resume), for `anchor_weight`."""
+    if not cfg.anchor_weight:
         return None
     if init is None:
         raise ValueError(
-            "anchor_weight and first_latent_weight steer the latents by those of the VAE it "
-            "starts from: give init (the VAE to fine-tune), or set both to 0"
+            "anchor_weight steers the latents by those of the VAE it starts from: give init "
+            "(the VAE to fine-tune), or set it to 0"
         )
     import copy
 
@@ -369,6 +474,9 @@ def train_vae(
         except ValueError as e:
             raise ValueError(f"init {init} does not fit this config's VAE: {e}") from None
     teacher = _teacher(cfg, vae, init)
+    bank = None
+    if cfg.first_latent_weight:
+        bank = FirstLatentBank.load(cfg.first_latent_bank, cfg.vae, (cfg.height, cfg.width))
     if cfg.freeze_encoder:
         vae.encoder.requires_grad_(False)
         vae.conv1.requires_grad_(False)
@@ -389,6 +497,10 @@ def train_vae(
     last = cfg.stop_step or cfg.max_steps
     while step < last and time.time() - start < 60 * cfg.max_minutes:
         loss, parts = vae_loss(vae, shapes_windows(cfg, rng, world), cfg, teacher)
+        if bank is not None:
+            first = bank.distance(vae, rng.integers(len(bank.frames), size=cfg.first_latent_batch))
+            loss = loss + cfg.first_latent_weight * first
+            parts["first"] = first.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
