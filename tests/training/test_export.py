@@ -498,11 +498,8 @@ def test_a_bad_first_latent_bank_is_refused_with_what_is_wanted(tmp_path, case, 
         FirstLatentBank.load(path, _tiny_vae_config(), (16, 16))
 
 
-def test_a_first_latent_stage_moves_frame_0_toward_the_bank(tmp_path):
-    """An encoder-only stage with `first_latent_weight` brings the encoder's latents of the
-    bank's frames closer to the bank's targets."""
-    from vidmoe.training.vae_train import FirstLatentBank
-
+def _trained_tiny_vae(out_dir):
+    """A one-step tiny VAE written to `out_dir` (the `init` of a stage); returns its config."""
     base = VAETrainConfig(
         vae=_tiny_vae_config(),
         width=16,
@@ -514,7 +511,16 @@ def test_a_first_latent_stage_moves_frame_0_toward_the_bank(tmp_path):
         max_steps=1,
         num_stat_clips=1,
     )
-    train_vae(base, tmp_path / "a", log=lambda s: None)
+    train_vae(base, out_dir, log=lambda s: None)
+    return base
+
+
+def test_a_first_latent_stage_moves_frame_0_toward_the_bank(tmp_path):
+    """An encoder-only stage with `first_latent_weight` brings the encoder's latents of the
+    bank's frames closer to the bank's targets."""
+    from vidmoe.training.vae_train import FirstLatentBank
+
+    base = _trained_tiny_vae(tmp_path / "a")
     init = tmp_path / "a" / "vae.safetensors"
     vae = WanVAE(_tiny_vae_config())
     from safetensors.torch import load_file
@@ -563,18 +569,7 @@ def test_vae_encoder_only_stage_keeps_the_decoder_and_holds_later_latents(tmp_pa
     refused."""
     from safetensors.torch import load_file
 
-    base = VAETrainConfig(
-        vae=VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1),
-        width=16,
-        height=16,
-        clip_frames=5,
-        window_frames=5,
-        crop=0,
-        batch_size=1,
-        max_steps=1,
-        num_stat_clips=1,
-    )
-    train_vae(base, tmp_path / "a", log=lambda s: None)
+    base = _trained_tiny_vae(tmp_path / "a")
     stage = dataclasses.replace(
         base, freeze_decoder=True, anchor_weight=10.0, first_frame_weight=4.0, max_steps=2
     )
