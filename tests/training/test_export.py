@@ -583,3 +583,28 @@ def test_vae_encoder_only_stage_keeps_the_decoder_and_holds_later_latents(tmp_pa
     assert any(not torch.equal(a[k], b[k]) for k in enc)
     with pytest.raises(ValueError, match="leave nothing to train"):
         VAETrainConfig(freeze_encoder=True, freeze_decoder=True)
+
+
+def test_a_stage_without_reconstruction_learns_from_its_targets_alone():
+    """`reconstruction = false` leaves the decoder out of the loss (no l1, no mse: the latent
+    penalty and the anchor only), and is refused where nothing would steer the encoder."""
+    from vidmoe.training.vae_train import anchor_distance, vae_loss
+
+    torch.manual_seed(5)
+    teacher = WanVAE(_tiny_vae_config()).eval().requires_grad_(False)
+    student = WanVAE(_tiny_vae_config())
+    video = torch.rand(2, 3, 5, 16, 16) * 2 - 1
+    cfg = VAETrainConfig(
+        vae=teacher.config, freeze_decoder=True, anchor_weight=2.0, reconstruction=False
+    )
+    loss, parts = vae_loss(student, video, cfg, teacher)
+    assert set(parts) == {"mu2", "anchor"}
+    with torch.no_grad():
+        mu = student.encode(video, chunked=False)  # raw: the config has no latent stats
+        expected = cfg.latent_weight * mu.pow(2).mean() + 2.0 * anchor_distance(mu, teacher, video)
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    loss.backward()
+    assert all(p.grad is None for p in student.decoder.parameters())
+    for bad in ({}, {"freeze_decoder": True}, {"anchor_weight": 1.0}):
+        with pytest.raises(ValueError, match="reconstruction = false"):
+            VAETrainConfig(reconstruction=False, **bad)

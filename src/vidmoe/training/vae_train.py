@@ -120,6 +120,12 @@ class VAETrainConfig:
     read when `first_latent_weight` > 0; a relative path is from the working directory."""
     first_latent_batch: int = 16
     """First frames of the bank per step (each one frame: cheap beside the windows)."""
+    reconstruction: bool = True
+    """Train on the reconstruction loss. False (with `freeze_decoder`): no decoder pass, the
+    encoder learns from its targets alone (`anchor_weight`, `first_latent_weight`). A frozen
+    decoder draws the later frames with latent frame 0 in their causal history, and so pulls
+    frame 0 back to the latent it was trained with; a stage that moves frame 0 needs it off, and a
+    decoder stage after it (the encoder frozen) to draw the later frames from the new history."""
 
     def __post_init__(self) -> None:
         for name, allowed in (("sizes", SIZES), ("motions", MOTIONS), ("shapes", SHAPES)):
@@ -171,6 +177,13 @@ class VAETrainConfig:
         if self.first_frame_weight <= 0:
             raise ValueError(
                 f"first_frame_weight must be > 0 (1: as the other frames); got {self.first_frame_weight}"
+            )
+        if not self.reconstruction and not (
+            self.freeze_decoder and (self.anchor_weight or self.first_latent_weight)
+        ):
+            raise ValueError(
+                "reconstruction = false trains the encoder on its targets alone: it needs "
+                "freeze_decoder = true and anchor_weight or first_latent_weight > 0"
             )
         if self.first_latent_batch < 1:
             raise ValueError(f"first_latent_batch must be >= 1; got {self.first_latent_batch}")
@@ -229,6 +242,23 @@ def vae_loss(
     with torch.set_grad_enabled(torch.is_grad_enabled() and not cfg.freeze_encoder):
         h = vae.encoder(video, cache)  # (B, 2Z, F, h, w)
         mu, _log_var = vae.conv1(h).chunk(2, dim=1)  # (B, Z, F, h, w) each
+    penalty = mu.pow(2).mean()
+    loss, parts = cfg.latent_weight * penalty, {"mu2": penalty.item()}
+    if cfg.reconstruction:
+        l1, mse = _reconstruction(vae, video, mu, cfg)
+        loss = loss + l1 + mse
+        parts |= {"l1": l1.item(), "mse": mse.item()}
+    if cfg.anchor_weight and teacher is not None and mu.shape[2] > 1:
+        anchor = anchor_distance(mu, teacher, video)
+        loss = loss + cfg.anchor_weight * anchor
+        parts["anchor"] = anchor.item()
+    return loss, parts
+
+
+def _reconstruction(
+    vae: WanVAE, video: Tensor, mu: Tensor, cfg: VAETrainConfig
+) -> tuple[Tensor, Tensor]:
+    """The weighted L1 and MSE of decoding `mu` (noised by `latent_noise`) against `video`."""
     z = mu + torch.randn_like(mu) * cfg.latent_noise * mu.detach().std()  # (B, Z, F, h, w)
     cache = CausalCache()
     cache.claim("decode")
@@ -244,14 +274,7 @@ def vae_loss(
     weight = weight / weight.mean()
     l1 = ((recon - video).abs() * weight).mean()
     mse = ((recon - video).pow(2) * weight).mean()
-    penalty = mu.pow(2).mean()
-    loss = l1 + mse + cfg.latent_weight * penalty
-    parts = {"l1": l1.item(), "mse": mse.item(), "mu2": penalty.item()}
-    if cfg.anchor_weight and teacher is not None and mu.shape[2] > 1:
-        anchor = anchor_distance(mu, teacher, video)
-        loss = loss + cfg.anchor_weight * anchor
-        parts["anchor"] = anchor.item()
-    return loss, parts
+    return l1, mse
 
 
 def _teacher_mu(teacher: WanVAE, video: Tensor) -> Tensor:
@@ -570,14 +593,15 @@ def _resume(path: Path, identity: dict, vae, opt, sched, rng) -> tuple[int, list
 
 
 def _plot_loss(records: list[dict], path: Path) -> None:
-    """The weighted L1 and MSE of the logged steps, log scale."""
+    """The logged loss parts (weighted L1 and MSE, the anchor and first-latent targets), log scale."""
     from vidmoe.io.plots import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for part in ("l1", "mse"):
-        ax.plot([r["step"] for r in records], [r[part] for r in records], label=part)
-    ax.set(xlabel="step", ylabel="weighted reconstruction loss", yscale="log", title="VAE loss")
+    for part in ("l1", "mse", "anchor", "first"):
+        if records and part in records[0]:
+            ax.plot([r["step"] for r in records], [r[part] for r in records], label=part)
+    ax.set(xlabel="step", ylabel="loss part", yscale="log", title="VAE loss")
     if records:
         ax.legend()
     fig.savefig(path, dpi=100, bbox_inches="tight")
