@@ -34,7 +34,7 @@ def main() -> None:
     from vidmoe.io.tensors import save_safetensors_atomic
     from vidmoe.models.vae import WanVAE
     from vidmoe.training.cache import read_vae_folder
-    from vidmoe.training.vae_train import invert_first_latents
+    from vidmoe.training.first_latents import invert_first_latents
     from vidmoe.world.shapes import demo_world
 
     config, state = read_vae_folder(args.vae)

@@ -414,12 +414,10 @@ def _tiny_vae_config():
 
 def _encode_first(vae, frames):
     """The posterior means of single first frames: (N, 3, 1, H, W) -> (N, Z, 1, h, w)."""
-    from vidmoe.models.vae_blocks import CausalCache
+    from vidmoe.training.first_latents import posterior_mean
 
-    cache = CausalCache()
-    cache.claim("encode")
     with torch.no_grad():
-        return vae.conv1(vae.encoder(frames, cache)).chunk(2, dim=1)[0]
+        return posterior_mean(vae, frames)
 
 
 def test_inverted_first_latents_draw_the_frames_better_than_the_encoders():
@@ -427,7 +425,7 @@ def test_inverted_first_latents_draw_the_frames_better_than_the_encoders():
     from with less error than from the encoder's own latent (issue 23's flash), and leaves the
     decoder's weights as they were."""
     from vidmoe.models.vae_blocks import CausalCache
-    from vidmoe.training.vae_train import invert_first_latents
+    from vidmoe.training.first_latents import invert_first_latents
 
     torch.manual_seed(2)
     vae = WanVAE(_tiny_vae_config()).eval()
@@ -456,7 +454,7 @@ def _write_bank(path, frames, latents):
 
 
 def test_first_latent_bank_distance_is_zero_at_its_targets(tmp_path):
-    from vidmoe.training.vae_train import FirstLatentBank
+    from vidmoe.training.first_latents import FirstLatentBank
 
     torch.manual_seed(3)
     vae = WanVAE(_tiny_vae_config())
@@ -482,7 +480,7 @@ def test_first_latent_bank_distance_is_zero_at_its_targets(tmp_path):
 def test_a_bad_first_latent_bank_is_refused_with_what_is_wanted(tmp_path, case, match):
     from safetensors.torch import save_file
 
-    from vidmoe.training.vae_train import FirstLatentBank
+    from vidmoe.training.first_latents import FirstLatentBank
 
     path = tmp_path / "bank.safetensors"
     frames, latents = torch.zeros(2, 3, 1, 16, 16), torch.zeros(2, 4, 1, 2, 2)
@@ -518,7 +516,7 @@ def _trained_tiny_vae(out_dir):
 def test_a_first_latent_stage_moves_frame_0_toward_the_bank(tmp_path):
     """An encoder-only stage with `first_latent_weight` brings the encoder's latents of the
     bank's frames closer to the bank's targets."""
-    from vidmoe.training.vae_train import FirstLatentBank
+    from vidmoe.training.first_latents import FirstLatentBank
 
     base = _trained_tiny_vae(tmp_path / "a")
     init = tmp_path / "a" / "vae.safetensors"

@@ -25,6 +25,7 @@ from vidmoe.io.tensors import save_safetensors_atomic, write_text_atomic
 from vidmoe.models.vae import WanVAE
 from vidmoe.models.vae_blocks import CausalCache
 from vidmoe.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from vidmoe.training.first_latents import FirstLatentBank, posterior_mean
 from vidmoe.training.tables import check_keys, convert, parse_table
 from vidmoe.world.labels import MOTIONS, SHAPES, SIZES
 
@@ -111,11 +112,11 @@ class VAETrainConfig:
     """Weight of a target for latent frame 0: the mean squared distance of the latent the
     encoder gives each first frame of `first_latent_bank` to the bank's latent for it, each
     channel over the bank latents' variance. The bank holds the latents from which the `init`
-    decoder draws those frames right (`invert_first_latents`): where the reconstruction loss's
+    decoder draws those frames right (`first_latents.invert_first_latents`): where the reconstruction loss's
     gradient at the encoder's frame-0 latent is too small to move it (issue 23), the target
     moves it straight. 0: none; > 0 needs `first_latent_bank`."""
     first_latent_bank: str = ""
-    """A safetensors file of first frames and their target latents (`write_first_latent_bank`;
+    """A safetensors file of first frames and their target latents (`recipes/demo/first_latent_bank.py`;
     "frames" (N, 3, 1, H, W) in [-1, 1], "latents" (N, Z, 1, h, w) at the posterior's scale),
     read when `first_latent_weight` > 0; a relative path is from the working directory."""
     first_latent_batch: int = 16
@@ -237,11 +238,8 @@ def vae_loss(
     The posterior mean is perturbed by noise at `latent_noise` times its own std, so the decoder
     learns to tolerate the small errors a diffusion model makes in latent space.
     """
-    cache = CausalCache()
-    cache.claim("encode")
     with torch.set_grad_enabled(torch.is_grad_enabled() and not cfg.freeze_encoder):
-        h = vae.encoder(video, cache)  # (B, 2Z, F, h, w)
-        mu, _log_var = vae.conv1(h).chunk(2, dim=1)  # (B, Z, F, h, w) each
+        mu = posterior_mean(vae, video)  # (B, Z, F, h, w)
     penalty = mu.pow(2).mean()
     loss, parts = cfg.latent_weight * penalty, {"mu2": penalty.item()}
     if cfg.reconstruction:
@@ -280,115 +278,7 @@ def _reconstruction(
 def _teacher_mu(teacher: WanVAE, video: Tensor) -> Tensor:
     """The teacher's posterior means (no gradient): (B, 3, T, H, W) -> (B, Z, F, h, w)."""
     with torch.no_grad():
-        cache = CausalCache()
-        cache.claim("encode")
-        mu, _ = teacher.conv1(teacher.encoder(video, cache)).chunk(2, dim=1)
-    return mu
-
-
-@dataclass(frozen=True)
-class FirstLatentBank:
-    """First frames and the latents a decoder draws them right from (`first_latent_bank`)."""
-
-    frames: Tensor
-    """(N, 3, 1, H, W) in [-1, 1]."""
-    latents: Tensor
-    """(N, Z, 1, h, w) at the posterior's scale."""
-
-    @classmethod
-    def load(
-        cls, path: str | Path, vae_config: VAEConfig, size: tuple[int, int]
-    ) -> FirstLatentBank:
-        """Read and check a bank for a VAE of `vae_config` and frames of `size` (H, W)."""
-        from vidmoe.io.tensors import open_tensors
-
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(
-                f"first_latent_bank {path} does not exist (write one with "
-                "recipes/demo/first_latent_bank.py)"
-            )
-        try:
-            tensors = open_tensors(path)
-            frames, latents = tensors["frames"].float(), tensors["latents"].float()
-        except (KeyError, ValueError, OSError) as e:
-            raise ValueError(
-                f"first_latent_bank {path} is not a bank of first latents (safetensors with "
-                f"'frames' and 'latents'): {e}"
-            ) from None
-        s, z = vae_config.spatial_stride, vae_config.z_dim
-        h, w = size
-        want_f, want_l = (3, 1, h, w), (z, 1, h // s, w // s)
-        if (
-            frames.ndim != 5
-            or tuple(frames.shape[1:]) != want_f
-            or latents.ndim != 5
-            or tuple(latents.shape[1:]) != want_l
-            or len(frames) != len(latents)
-            or not len(frames)
-        ):
-            raise ValueError(
-                f"first_latent_bank {path}: frames {tuple(frames.shape)} and latents "
-                f"{tuple(latents.shape)} do not fit this run: want (N, {', '.join(map(str, want_f))}) "
-                f"and (N, {', '.join(map(str, want_l))}), the same N >= 1"
-            )
-        return cls(frames, latents)
-
-    def distance(self, vae: WanVAE, index: np.ndarray) -> Tensor:
-        """Mean squared distance of `vae`'s latents of the frames at `index` to the bank's, each
-        channel over the bank latents' variance: scalar."""
-        frames, target = self.frames[index], self.latents[index]  # (b, 3, 1, H, W), (b, Z, 1, h, w)
-        cache = CausalCache()
-        cache.claim("encode")
-        mu, _ = vae.conv1(vae.encoder(frames, cache)).chunk(2, dim=1)  # (b, Z, 1, h, w)
-        var = self.latents.var(dim=(0, 2, 3, 4), keepdim=True).clamp_min(1e-6)  # (1, Z, 1, 1, 1)
-        return ((mu - target).pow(2) / var).mean()
-
-
-def invert_first_latents(
-    vae: WanVAE,
-    frames: Tensor,
-    *,
-    steps: int = 60,
-    lr: float = 0.05,
-    batch_size: int = 32,
-    log=None,
-) -> Tensor:
-    """For each first frame, the latent from which `vae`'s decoder draws it right: Adam on
-    latent frame 0, from the encoder's, on the decoded frame's L1 error (the decoder frozen).
-
-    Issue 23: the demo encoder gives a black and a dark-blue first frame nearly one latent, and
-    the decoder, which can draw each right from another latent, draws both as their average.
-    Args:
-        frames: (N, 3, 1, H, W) in [-1, 1].
-    Returns:
-        (N, Z, 1, h, w) latents at the posterior's scale (what `vae.conv1` gives, unnormalised).
-    """
-    vae = vae.eval()
-    found = []
-    for start in range(0, len(frames), batch_size):
-        x = frames[start : start + batch_size]  # (b, 3, 1, H, W)
-        with torch.no_grad():
-            cache = CausalCache()
-            cache.claim("encode")
-            z0, _ = vae.conv1(vae.encoder(x, cache)).chunk(2, dim=1)  # (b, Z, 1, h, w)
-        z = z0.clone().requires_grad_(True)
-        opt = torch.optim.Adam([z], lr=lr)
-        for _ in range(steps):
-            cache = CausalCache()
-            cache.claim("decode")
-            error = (vae.decoder(vae.conv2(z), cache) - x).abs().mean()
-            opt.zero_grad(set_to_none=True)
-            error.backward()
-            opt.step()
-        found.append(z.detach())
-        if log is not None:
-            log(
-                json.dumps(
-                    {"inverted": start + len(x), "of": len(frames), "l1": round(error.item(), 5)}
-                )
-            )
-    return torch.cat(found)
+        return posterior_mean(teacher, video)
 
 
 def anchor_distance(mu: Tensor, teacher: WanVAE, video: Tensor) -> Tensor:
