@@ -6,7 +6,8 @@
 (c) where the flash comes from: encoded latents of real clips decoded (the VAE alone) against
     generated latents decoded, and per-latent-frame statistics of both (the experts' frame 0).
 The experts are the same for every VAE, so each clip is generated once and decoded by each VAE:
-a paired comparison. Writes markdown tables to stdout (and `--json` the numbers).
+a paired comparison. The shipped VAE is always in, and where it has a first-frame head, the
+same VAE without it ("no head": v14's). Writes markdown tables to stdout (and `--json` the numbers).
 
     python benchmarks/first_frame.py --vae runs/demo23/vae_first_frame/vae.safetensors
 """
@@ -195,16 +196,40 @@ def decoder_probe(vae, num_steps: int = 60) -> dict:
     return out
 
 
-def load_vae(pipe, path: str):
-    """A copy of the pipeline's VAE with the weights of `path`."""
-    import copy
+def load_vae(base, path: str):
+    """A VAE like `base` (its latent statistics) with the weights of `path`: a vae.safetensors
+    or a train-vae checkpoint (.pt, read without unpickling code); a first-frame head in the
+    weights is built at their width."""
+    import dataclasses
 
     from vidmoe.io.checkpoints import load_into
-    from vidmoe.io.tensors import open_tensors
+    from vidmoe.models.vae import WanVAE
+    from vidmoe.training.checkpoint import load_checkpoint
 
-    vae = copy.deepcopy(pipe.vae)
-    load_into(vae, open_tensors(path))
+    if path.endswith(".pt"):
+        state = load_checkpoint(path)
+        print(path, "step", state["step"])
+        weights = state["vae"]
+    else:
+        from safetensors.torch import load_file
+
+        weights = load_file(path)
+    head = weights.get("first_frame_head.latent.0.weight")
+    width = 0 if head is None else head.shape[0]
+    vae = WanVAE(dataclasses.replace(base.config, first_frame_head=width))
+    load_into(vae, weights)
     return vae.eval()
+
+
+def headless(vae):
+    """A copy of `vae` without its first-frame head (the demo's VAE as v14 shipped it)."""
+    import dataclasses
+
+    from vidmoe.models.vae import WanVAE
+
+    bare = WanVAE(dataclasses.replace(vae.config, first_frame_head=0))
+    bare.load_state_dict(vae.state_dict(), strict=False)
+    return bare.eval()
 
 
 def report(results: dict) -> str:
@@ -318,9 +343,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     pipe = load_pipeline(None, device="cpu")
     vaes = {"shipped": pipe.vae.eval()}
+    if pipe.vae.config.first_frame_head:  # v14's VAE: the shipped one without its head
+        vaes["no head"] = headless(pipe.vae)
     for spec in args.vae:
         name, _, path = spec.rpartition("=")
-        vaes[name or Path(path).parent.name] = load_vae(pipe, path)
+        vaes[name or Path(path).parent.name] = load_vae(pipe.vae, path)
     seeds = [int(s) for s in args.seeds.split(",")]
     gen = generate_latents(pipe, args.prompts, seeds, args.latents)
     originals, real = encoded_latents(pipe.vae, len(gen["latents"]))

@@ -16,22 +16,7 @@ import argparse
 import copy
 
 import torch
-from first_frame import roundtrip
-
-
-def load_vae(base, path: str):
-    """A copy of `base` with the weights of `path` (a vae.safetensors or a VAE checkpoint)."""
-    vae = copy.deepcopy(base)
-    if path.endswith(".pt"):
-        state = torch.load(path, weights_only=False)
-        print(path, "step", state["step"])
-        vae.load_state_dict(state["vae"])
-    else:
-        from vidmoe.io.checkpoints import load_into
-        from vidmoe.io.tensors import open_tensors
-
-        load_into(vae, open_tensors(path))
-    return vae.eval()
+from first_frame import load_vae, roundtrip
 
 
 def plain_distance(vae) -> list[float]:

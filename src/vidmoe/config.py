@@ -205,11 +205,20 @@ class VAEConfig:
     """Per-channel latent mean used for normalisation (empty: zeros)."""
     latents_std: tuple[float, ...] = ()
     """Per-channel latent std used for normalisation (empty: ones)."""
+    first_frame_head: int = 0
+    """Width of the `FirstFrameHead` that redraws frame 0 with latent frame 1 in view (0: none,
+    as in the release; the demo VAE has one, issue 23)."""
 
     def __post_init__(self) -> None:
         check_sizes(self)
         if self.generation not in ("2.1", "2.2"):
             raise ValueError(f"VAE generation must be '2.1' or '2.2'; got {self.generation!r}")
+        head = self.first_frame_head
+        if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head <= 4096:
+            raise ValueError(
+                f"VAEConfig.first_frame_head must be an integer in [0, 4096] (0: no head); "
+                f"got {head!r}: check the model file"
+            )
         for name in (
             "dim_mult",
             "attn_scales",

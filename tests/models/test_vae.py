@@ -1,5 +1,7 @@
 """The causal VAE: released layouts, causality, chunked == one-pass, streaming, input errors."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -119,6 +121,36 @@ def test_bad_inputs_raise_clear_errors():
         model.encode(video, scale=(torch.zeros(3), torch.ones(3)))
     with pytest.raises(ValueError, match="attn_scales must be empty"):
         WanVAE(VAEConfig(generation="2.2", dim=8, z_dim=4, attn_scales=(1.0,)))
+
+
+@pytest.mark.parametrize("generation", ["2.1", "2.2"])
+def test_first_frame_head_redraws_frame_0_from_latents_0_and_1_only(generation):
+    """The first-frame head (issue 23): at its init the decode is the head-less VAE's, bit for
+    bit; trained (here: random), it changes frame 0 alone, reads latent frame 1, streams like
+    the whole clip when the first piece holds two latents, and is refused with a bad width."""
+    model, video = _tiny(generation)
+    config = dataclasses.replace(model.config, first_frame_head=8)
+    headed = WanVAE(config).eval()
+    headed.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        latent = model.encode(video)
+        plain = model.decode(latent, clamp=False)
+        assert torch.equal(headed.decode(latent, clamp=False), plain)
+        for p in headed.first_frame_head.pixel[-1].parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        out = headed.decode(latent, clamp=False)
+        moved = latent.clone()
+        moved[:, :, 1] += 1.0
+        out_moved = headed.decode(moved, clamp=False)
+        dec = CausalCache()
+        pieces = [headed.decode(latent[:, :, :2], cache=dec, clamp=False)]
+        pieces.append(headed.decode(latent[:, :, 2:], cache=dec, clamp=False))
+    assert torch.equal(out[:, :, 1:], plain[:, :, 1:])
+    assert (out[:, :, 0] - plain[:, :, 0]).abs().max() > 1e-3
+    assert (out_moved[:, :, 0] - out[:, :, 0]).abs().max() > 1e-4
+    torch.testing.assert_close(torch.cat(pieces, dim=2), out, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"first_frame_head must be an integer in \[0, 4096\]"):
+        dataclasses.replace(config, first_frame_head=-1)
 
 
 def test_tiny_preset_and_attention_levels_build_and_stay_causal():

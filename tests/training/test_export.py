@@ -583,6 +583,39 @@ def test_vae_encoder_only_stage_keeps_the_decoder_and_holds_later_latents(tmp_pa
         VAETrainConfig(freeze_encoder=True, freeze_decoder=True)
 
 
+def test_a_first_frame_head_stage_trains_the_head_alone_from_an_init_without_one(tmp_path):
+    """Encoder and decoder frozen with `vae.first_frame_head` (issue 23's flash): `init` has no
+    head (it starts as the identity), every weight of init comes out the same bytes, the head's
+    move, and the loss of frame 0 falls. A head-less VAE frozen both ways is still refused."""
+    from safetensors.torch import load_file
+
+    from vidmoe.training.vae_train import vae_loss
+
+    base = _trained_tiny_vae(tmp_path / "a")
+    config = dataclasses.replace(base.vae, first_frame_head=8)
+    stage = dataclasses.replace(
+        base, vae=config, freeze_encoder=True, freeze_decoder=True, lr=3e-3, max_steps=12,
+        batch_size=2, first_frame_weight=4.0,
+    )  # fmt: skip
+    trained, out = train_vae(stage, tmp_path / "b", init=tmp_path / "a" / "vae.safetensors")
+    a = load_file(str(tmp_path / "a" / "vae.safetensors"))
+    b = load_file(str(tmp_path / "b" / "vae.safetensors"))
+    head = [k for k in b if k.startswith("first_frame_head.")]
+    assert head and set(b) - set(head) == set(a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert out.first_frame_head == 8
+    torch.manual_seed(6)
+    video = torch.rand(4, 3, 5, 16, 16) * 2 - 1
+    start = WanVAE(config)
+    start.load_state_dict(b | {k: torch.zeros_like(b[k]) for k in head})  # the head at its init
+    with torch.no_grad():
+        before, _ = vae_loss(start.eval(), video, stage)
+        after, _ = vae_loss(trained, video, stage)
+    assert float(after) < float(before)
+    with pytest.raises(ValueError, match="leave nothing to train"):
+        VAETrainConfig(freeze_encoder=True, freeze_decoder=True)
+
+
 def test_a_stage_without_reconstruction_learns_from_its_targets_alone():
     """`reconstruction = false` leaves the decoder out of the loss (no l1, no mse: the latent
     penalty and the anchor only), and is refused where nothing would steer the encoder."""

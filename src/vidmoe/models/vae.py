@@ -24,6 +24,7 @@ from vidmoe.models.vae_blocks import (
     CausalCache,
     CausalConv3d,
     DownLevel,
+    FirstFrameHead,
     Resample,
     ResidualBlock,
     RMSNorm,
@@ -136,6 +137,8 @@ class WanVAE(nn.Module):
         self.conv1 = CausalConv3d(2 * z, 2 * z, 1)  # -> posterior (mean, log-variance)
         self.conv2 = CausalConv3d(z, z, 1)
         self.decoder = Decoder3d(config)
+        if config.first_frame_head:
+            self.first_frame_head = FirstFrameHead(z, config.first_frame_head, 3)
 
     @classmethod
     def from_config(cls, config: VAEConfig) -> WanVAE:
@@ -211,6 +214,7 @@ class WanVAE(nn.Module):
         """
         cache = CausalCache() if cache is None else cache
         cache.claim("decode")
+        starts_clip = cache.is_first_chunk
         z_dim = self.config.z_dim
         if latent.ndim != 5 or latent.shape[1] != z_dim or latent.shape[2] == 0:
             raise ValueError(
@@ -229,7 +233,24 @@ class WanVAE(nn.Module):
         x = torch.cat(decoded, dim=2)
         p = self.config.patch_size
         x = rearrange(x, "b (c pw ph) t h w -> b c t (h ph) (w pw)", ph=p, pw=p)  # (B, 3, T, H, W)
+        if starts_clip:
+            x = self.redraw_first_frame(x, z)
         return x.clamp(-1.0, 1.0) if clamp else x
+
+    def redraw_first_frame(self, video: Tensor, z: Tensor) -> Tensor:
+        """Frame 0 of a decoded clip redrawn by the `first_frame_head` from latent frames 0 and 1
+        (frame 0 alone when the clip has one latent); the clip as it is without a head.
+
+        Args:
+            video: (B, 3, T, H, W), decoded from `z`, starting at the clip's first frame.
+            z: (B, Z, F, h, w) latents at the posterior's scale (as the decoder reads them).
+        """
+        head = getattr(self, "first_frame_head", None)
+        if head is None:
+            return video
+        z1 = z[:, :, 1] if z.shape[2] > 1 else z[:, :, 0]
+        first = head(video[:, :, 0], z[:, :, 0], z1)  # (B, 3, H, W)
+        return torch.cat([first[:, :, None], video[:, :, 1:]], dim=2)
 
     def _encode_piece(self, x: Tensor, cache: CausalCache) -> Tensor:
         out = self.encoder(x, cache)  # (B, 2Z, f, h, w)

@@ -21,6 +21,7 @@ __all__ = [
     "CausalCache",
     "CausalConv3d",
     "DownLevel",
+    "FirstFrameHead",
     "RMSNorm",
     "Resample",
     "ResidualBlock",
@@ -281,3 +282,38 @@ class UpLevel(nn.Module):
             return y
         is_first = cache is None or cache.is_first_chunk
         return y + self.avg_shortcut(x, is_first)
+
+
+class FirstFrameHead(nn.Module):
+    """Redraws a clip's first frame with the next latent frame in view (issue 23's flash).
+
+    The causal encoder codes frame 0 alone, and a small VAE's first-frame path can lose what the
+    later latents keep (the demo VAE gives a black and a dark-blue first frame nearly the same
+    latent). Latent frame 1 covers frames 1-4, which share frame 0's background, so the
+    information is still in the clip's latents: this head reads latent frames 0 and 1 and adds
+    a correction to the decoded frame 0. Its last convolution starts at zero (the head starts as
+    the identity), and frames 1+ are never touched.
+    """
+
+    def __init__(self, z_dim: int, width: int, pixels: int) -> None:
+        super().__init__()
+        self.latent = nn.Sequential(
+            nn.Conv2d(2 * z_dim, width, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.SiLU(),
+        )
+        self.pixel = nn.Sequential(
+            nn.Conv2d(pixels + width, width, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, pixels, 3, padding=1),
+        )
+        nn.init.zeros_(self.pixel[-1].weight)
+        nn.init.zeros_(self.pixel[-1].bias)
+
+    def forward(self, frame: Tensor, z0: Tensor, z1: Tensor) -> Tensor:
+        """(B, C, H, W) decoded frame 0, (B, Z, h, w) latent frames 0 and 1 (the posterior's
+        scale, as the decoder reads them) -> (B, C, H, W) frame 0 corrected."""
+        features = self.latent(torch.cat([z0, z1], dim=1).to(frame.dtype))  # (B, width, h, w)
+        features = F.interpolate(features, size=frame.shape[-2:], mode="bilinear")
+        return frame + self.pixel(torch.cat([frame, features], dim=1))  # (B, C, H, W)

@@ -156,9 +156,10 @@ class VAETrainConfig:
             )
         if self.anchor_weight < 0:
             raise ValueError(f"anchor_weight must be >= 0 (0: no anchor); got {self.anchor_weight}")
-        if self.freeze_encoder and self.freeze_decoder:
+        if self.freeze_encoder and self.freeze_decoder and not self.vae.first_frame_head:
             raise ValueError(
-                "freeze_encoder and freeze_decoder together leave nothing to train: set one false"
+                "freeze_encoder and freeze_decoder together leave nothing to train (but a "
+                "first-frame head, vae.first_frame_head > 0): set one false"
             )
         if self.first_latent_weight < 0:
             raise ValueError(
@@ -261,6 +262,7 @@ def _reconstruction(
     cache = CausalCache()
     cache.claim("decode")
     recon = vae.decoder(vae.conv2(z), cache)  # (B, 3, T, H, W), unclamped so gradients flow
+    recon = vae.redraw_first_frame(recon, z)  # the first-frame head, where the VAE has one
     # shapes cover a few % of the pixels: weight them up, or a small VAE paints only background
     background = video.flatten(2).median(dim=2).values[:, :, None, None, None]  # (B, 3, 1, 1, 1)
     is_object = (video - background).norm(dim=1, keepdim=True) > 0.15  # (B, 1, T, H, W)
@@ -383,9 +385,16 @@ def train_vae(
         from vidmoe.io.tensors import open_tensors
 
         try:
-            load_into(vae, open_tensors(init))
+            report = load_into(vae, open_tensors(init), strict=not cfg.vae.first_frame_head)
         except ValueError as e:
             raise ValueError(f"init {init} does not fit this config's VAE: {e}") from None
+        # a VAE given a first-frame head starts it new (as the identity); nothing else may miss
+        missing = [n for n in report.missing if not n.startswith("first_frame_head.")]
+        if missing or report.unexpected:
+            raise ValueError(
+                f"init {init} does not fit this config's VAE: missing {missing[:5]}, "
+                f"unexpected {list(report.unexpected)[:5]}"
+            )
     teacher = _teacher(cfg, vae, init)
     bank = None
     if cfg.first_latent_weight:
