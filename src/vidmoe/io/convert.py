@@ -9,7 +9,7 @@ files through `GGUFSource`; umT5 under HF names) and written one file at a time 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -101,6 +101,20 @@ def _read_source(src: Path) -> _Source:
     )
 
 
+def _without_first_frame_head(source: _Source, layout: str) -> _Source:
+    """`source` less its VAE's first-frame head (vidmoe's own, as the demo's VAE has one: other
+    layouts have no place for it), with a note saying so; `source` itself where there is none."""
+    head = "first_frame_head."
+    if source.vae is None or not any(n.startswith(head) for n in source.vae):
+        return source
+    kept = {n: n for n in source.vae if not n.startswith(head)}
+    note = (
+        f"vae: its first-frame head is vidmoe's own and a {layout} VAE has no place for it: left "
+        "out, so frame 0 decodes as the VAE without it draws it"
+    )
+    return replace(source, vae=_AliasSource(source.vae, kept), notes=(*source.notes, note))
+
+
 def check_quantize(layout: str, quantize: str | None) -> None:
     """Refuse a `--quantize` the layout cannot store, before anything is read."""
     from vidmoe.io.gguf import GGUF_QUANTIZE, gguf_quant_type
@@ -140,6 +154,8 @@ def convert(
     if src.resolve() == dst.resolve():
         raise ValueError(f"SRC and DST are the same path ({src}); give a new DST")
     source = _read_source(src)
+    if layout != "vidmoe":
+        source = _without_first_frame_head(source, layout)
     if layout in SINGLE_FILE_LAYOUTS:
         return _write_single_files(source, src, dst, layout=layout, quantize=quantize)
     if source.config is None or source.vae is None:

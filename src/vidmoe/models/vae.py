@@ -197,6 +197,10 @@ class WanVAE(nn.Module):
     ) -> Tensor:
         """Decode normalised latents to a clip clamped to [-1, 1].
 
+        A VAE with a first-frame head (`VAEConfig.first_frame_head`) redraws the first frame of a
+        decode that starts a clip from latent frames 0 and 1 (`redraw_first_frame`): a stream's
+        first piece should hold two latents for the stream to equal the whole clip's decode.
+
         Args:
             latent: (B, Z, F, h, w), normalised as `encode` returns it.
             scale: (mean, std), each (Z,), overriding the config's latents_mean / latents_std.
