@@ -199,3 +199,19 @@ def test_rows_read_only_the_rows_asked_for(tmp_path):
             key = name.upper() if isinstance(source, RenamedSource) else name
             for start, stop in [(0, 3), (3, 7), (2, 2), (4, 100)]:
                 assert torch.equal(source.rows(key, start, stop), t[start:stop]), (key, start)
+
+
+def test_weights_written_atomically_get_the_mode_of_any_new_file(tmp_path):
+    """safetensors writes its files 0600; a model folder vidmoe writes is readable as any file
+    the process writes (0o666 less the umask), so a server running as another user can read it."""
+    import stat
+
+    from vidmoe.io.tensors import new_file_mode, save_safetensors_atomic, write_text_atomic
+
+    weights = save_safetensors_atomic({"a": torch.zeros(2)}, tmp_path / "w.safetensors")
+    text = write_text_atomic("{}", tmp_path / "c.json")
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    mode = stat.S_IMODE(os.stat(plain).st_mode)
+    assert stat.S_IMODE(os.stat(weights).st_mode) == mode == new_file_mode()
+    assert stat.S_IMODE(os.stat(text).st_mode) == mode

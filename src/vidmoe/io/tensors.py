@@ -307,10 +307,25 @@ def save_safetensors_atomic(
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(plain, str(tmp), metadata=dict(metadata) if metadata else None)
+        os.chmod(tmp, new_file_mode())  # safetensors writes 0600: readable by its owner only
         replace_atomic(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def new_file_mode() -> int:
+    """The mode `open()` gives a new file here: 0o666 less the process umask (read from
+    /proc/self/status where there is one, so no other thread sees a changed umask)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_text_atomic(text: str, path: str | Path) -> Path:
