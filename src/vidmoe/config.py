@@ -32,20 +32,22 @@ SHARED_TRANSFORMER_FIELDS = (
 SIZE_BOUNDS = {
     "dim": 65536, "ffn_dim": 262144, "num_heads": 1024, "num_layers": 1024, "text_len": 65536,
     "in_dim": 4096, "out_dim": 4096, "text_dim": 65536, "freq_dim": 65536, "z_dim": 4096,
-    "num_res_blocks": 64,
+    "num_res_blocks": 64, "first_frame_head": 4096,
 }  # fmt: skip
+OPTIONAL_SIZES = {"first_frame_head"}  # sizes whose 0 means "none" (the rest are >= 1)
 
 
 def check_sizes(config: Any) -> None:
-    """ValueError unless every bounded size field of `config` is an int in [1, bound]."""
+    """ValueError unless every bounded size field of `config` is an int in [1, bound] (in
+    [0, bound] for the OPTIONAL_SIZES)."""
     for name, bound in SIZE_BOUNDS.items():
         if not hasattr(config, name):
             continue
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bound:
+        value, low = getattr(config, name), 0 if name in OPTIONAL_SIZES else 1
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= bound:
             raise ValueError(
-                f"{type(config).__name__}.{name} must be an integer in [1, {bound}] (far above "
-                f"any released model); got {value!r}: check the model file"
+                f"{type(config).__name__}.{name} must be an integer in [{low}, {bound}] (far "
+                f"above any released model); got {value!r}: check the model file"
             )
 
 
@@ -213,12 +215,6 @@ class VAEConfig:
         check_sizes(self)
         if self.generation not in ("2.1", "2.2"):
             raise ValueError(f"VAE generation must be '2.1' or '2.2'; got {self.generation!r}")
-        head = self.first_frame_head
-        if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head <= 4096:
-            raise ValueError(
-                f"VAEConfig.first_frame_head must be an integer in [0, 4096] (0: no head); "
-                f"got {head!r}: check the model file"
-            )
         for name in (
             "dim_mult",
             "attn_scales",

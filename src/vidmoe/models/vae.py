@@ -137,8 +137,9 @@ class WanVAE(nn.Module):
         self.conv1 = CausalConv3d(2 * z, 2 * z, 1)  # -> posterior (mean, log-variance)
         self.conv2 = CausalConv3d(z, z, 1)
         self.decoder = Decoder3d(config)
-        if config.first_frame_head:
-            self.first_frame_head = FirstFrameHead(z, config.first_frame_head, 3)
+        self.first_frame_head = (
+            FirstFrameHead(z, config.first_frame_head, 3) if config.first_frame_head else None
+        )
 
     @classmethod
     def from_config(cls, config: VAEConfig) -> WanVAE:
@@ -249,11 +250,10 @@ class WanVAE(nn.Module):
             video: (B, 3, T, H, W), decoded from `z`, starting at the clip's first frame.
             z: (B, Z, F, h, w) latents at the posterior's scale (as the decoder reads them).
         """
-        head = getattr(self, "first_frame_head", None)
-        if head is None:
+        if self.first_frame_head is None:
             return video
         z1 = z[:, :, 1] if z.shape[2] > 1 else z[:, :, 0]
-        first = head(video[:, :, 0], z[:, :, 0], z1)  # (B, 3, H, W)
+        first = self.first_frame_head(video[:, :, 0], z[:, :, 0], z1)  # (B, 3, H, W)
         return torch.cat([first[:, :, None], video[:, :, 1:]], dim=2)
 
     def _encode_piece(self, x: Tensor, cache: CausalCache) -> Tensor:

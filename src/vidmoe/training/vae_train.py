@@ -213,12 +213,10 @@ def train_vae(
         except ValueError as e:
             raise ValueError(f"init {init} does not fit this config's VAE: {e}") from None
         # a VAE given a first-frame head starts it new (as the identity); nothing else may miss
-        missing = [n for n in report.missing if not n.startswith("first_frame_head.")]
+        missing = tuple(n for n in report.missing if not n.startswith("first_frame_head."))
         if missing or report.unexpected:
-            raise ValueError(
-                f"init {init} does not fit this config's VAE: missing {missing[:5]}, "
-                f"unexpected {list(report.unexpected)[:5]}"
-            )
+            report = dataclasses.replace(report, missing=missing)
+            raise ValueError(f"init {init} does not fit this config's VAE: {report.describe()}")
     teacher = _teacher(cfg, vae, init)
     bank = None
     if cfg.first_latent_weight:
