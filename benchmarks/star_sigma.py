@@ -9,6 +9,7 @@ at each start says which part of the model (the high-noise expert's steps, the l
 expert's, the VAE) loses it. Writes a markdown table to stdout.
 
     python benchmarks/star_sigma.py --clips 16
+    python benchmarks/star_sigma.py --clips 32 --first 20000 --model runs/demo/candidate
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import argparse
 import torch
 
 
-def star_and_square_clips(world, count: int) -> dict[str, list]:
-    """The first `count` clips of `world` whose object is a star, and as many squares."""
+def star_and_square_clips(world, count: int, first: int = 0) -> dict[str, list]:
+    """The first `count` clips of `world` from index `first` whose object is a star, and as many
+    squares."""
     found: dict[str, list] = {"star": [], "square": []}
-    i = 0
+    i = first
     while min(len(v) for v in found.values()) < count:
         clip = world.sample(i)
         if clip.label.shape in found and len(found[clip.label.shape]) < count:
@@ -35,6 +37,13 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=16, help="clips per shape")
     parser.add_argument("--starts", default="0,4,8,12,16,20,25", help="plan steps to start at")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default=None, help="model folder (default: the shipped demo)")
+    parser.add_argument(
+        "--first",
+        type=int,
+        default=0,
+        help="world index to look from (the recipe's caches hold 0-13999)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from vidmoe.io.video import to_uint8_frames
@@ -44,8 +53,8 @@ def main() -> None:
     from vidmoe.world.analyser import analyse
     from vidmoe.world.shapes import demo_world
 
-    pipe = load_pipeline(None, device="cpu")
-    clips = star_and_square_clips(demo_world(), args.clips)
+    pipe = load_pipeline(args.model, device="cpu")
+    clips = star_and_square_clips(demo_world(), args.clips, args.first)
     starts = [int(s) for s in args.starts.split(",")]
     hits = {shape: {k: 0 for k in starts} for shape in clips}
     sigmas: dict[int, float] = {}
@@ -70,7 +79,8 @@ def main() -> None:
                 with torch.no_grad():
                     frames = to_uint8_frames(pipe.vae.decode(x.to(pipe.vae.conv1.weight.dtype)))
                 hits[shape][k] += analyse(frames).shape == shape
-    print(f"{args.clips} clips per shape, the shipped pipeline; read as the asked shape:\n")
+    model = args.model or "the shipped demo"
+    print(f"{args.clips} clips per shape from world index {args.first}, {model}; read as asked:\n")
     print("| start step | sigma | experts from there | star | square |")
     print("| --- | --- | --- | --- | --- |")
     boundary = pipe.config.moe.boundaries[0]

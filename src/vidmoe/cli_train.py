@@ -212,12 +212,17 @@ def export(
     vae: Path = typer.Option(
         ..., "--vae", help="VAE folder (train-vae's out_dir, or a model folder)."
     ),
+    experts_from: Path | None = typer.Option(
+        None,
+        "--experts-from",
+        help="Model folder giving the experts no run trained (a one-expert fine-tune).",
+    ),
 ):
     """Write training runs' EMA experts, a VAE and a model config as a model folder."""
     from vidmoe.training.export import export_runs
 
     with _user_errors():
-        export_runs(out, runs, config=config, vae=vae)
+        export_runs(out, runs, config=config, vae=vae, experts_from=experts_from)
     typer.echo(f"model in {out}")
 
 

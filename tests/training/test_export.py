@@ -242,8 +242,31 @@ def test_experts_trained_in_separate_runs_export_as_one_model(tmp_path):
     assert trainer.experts["low_noise"].text_pool[2].weight.abs().max() > 0  # it trained
     with pytest.raises(ValueError, match="more than one checkpoint"):
         export_model([ckpts[0], ckpts[0]], config, vae.state_dict(), tmp_path / "x")
-    with pytest.raises(ValueError, match="differ from the checkpoints"):
+    with pytest.raises(ValueError, match="differ from the checkpoints.*--experts-from"):
         export_model([ckpts[0]], config, vae.state_dict(), tmp_path / "y")
+    # one expert fine-tuned, the other taken from a model folder: the same files as `out`'s
+    both = export_model(
+        [ckpts[0]], config, vae.state_dict(), tmp_path / "z", use_ema=False, dtype=torch.float32,
+        experts_from=out,
+    )  # fmt: skip
+    for name in runs:
+        assert (both / "experts" / f"{name}.safetensors").read_bytes() == (
+            out / "experts" / f"{name}.safetensors"
+        ).read_bytes()
+    with pytest.raises(ValueError, match="has no expert 'low_noise'"):
+        export_model([ckpts[0]], config, vae.state_dict(), tmp_path / "v", experts_from=tmp_path)
+    from safetensors.torch import save_file
+
+    from vidmoe.models.transformer import WanTransformer
+
+    wide = WanTransformer(dataclasses.replace(tiny, dim=tiny.dim * 2, ffn_dim=tiny.ffn_dim * 2))
+    (tmp_path / "wide" / "experts").mkdir(parents=True)
+    save_file(wide.state_dict(), tmp_path / "wide" / "experts" / "low_noise.safetensors")
+    with pytest.raises(ValueError, match="cannot load weights into expert 'low_noise'.*shape"):
+        export_model(
+            [ckpts[0]], config, vae.state_dict(), tmp_path / "u", experts_from=tmp_path / "wide"
+        )
+    assert not (tmp_path / "u").exists()  # nothing written
 
 
 def test_vae_trainer_crop_follows_the_spatial_stride(tmp_path):

@@ -18,6 +18,9 @@ from vidmoe.training.loop import TrainConfig, train
 from vidmoe.training.objective import flow_matching_loss, noisy_sample
 from vidmoe.training.objective_terms import (
     ObjectiveOptions,
+    edge_map,
+    edge_weighted_mse,
+    per_sample_mse,
     predicted_x0,
     specialisation_penalty,
     temporal_error,
@@ -151,6 +154,43 @@ def test_temporal_term_counts_into_the_loss():
         temporal_error(x0[:, :, :1], x0[:, :, :1])
 
 
+def test_edge_map_marks_an_objects_outline():
+    x0 = torch.zeros(2, 3, 2, 8, 8)
+    x0[0, :, :, 2:6, 2:6] = 4.0  # a square in sample 0; sample 1 is flat
+    edge = edge_map(x0)
+    assert edge.shape == (2, 1, 2, 8, 8)
+    torch.testing.assert_close(edge.flatten(1).mean(1), torch.ones(2))  # mean 1 per sample
+    assert torch.all(edge[1] == 1)  # no edge: uniform weight
+    assert float(edge[0, 0, 0, 0, 0]) == 0.0 and float(edge[0, 0, 0, 4, 4]) == 0.0  # flat inside
+    assert float(edge[0, 0, 0, 2, 2]) > 1 and float(edge[0, 0, 0, 1, 3]) > 1  # on the outline
+    err = torch.zeros(2, 3, 2, 8, 8)
+    err[:, :, :, 2, 3] = 1.0  # an error on the outline
+    on = edge_weighted_mse(err, torch.zeros_like(err), edge)
+    assert float(on[0]) > 1.5 * float(per_sample_mse(err, torch.zeros_like(err))[0])
+    torch.testing.assert_close(on[1], per_sample_mse(err, torch.zeros_like(err))[1])
+
+
+def test_edge_term_counts_into_the_loss():
+    x0, noise, context = _batch()
+    sigma = torch.tensor([0.2, 0.5, 0.9, 0.95])
+    experts = _experts()
+    plain = flow_matching_loss(experts, TINY_MOE, x0, context, sigma, noise)
+    opts = ObjectiveOptions(edge_weight=1.5)
+    out = flow_matching_loss(experts, TINY_MOE, x0, context, sigma, noise, options=opts)
+    x, target = noisy_sample(x0, noise, sigma)
+    pred = torch.cat(
+        [
+            experts[n](x[i : i + 1], sigma[i : i + 1], context[i : i + 1])
+            for i, n in enumerate(["low_noise", "low_noise", "high_noise", "high_noise"])
+        ]
+    )
+    expect = edge_weighted_mse(pred, target, edge_map(x0))  # (B,)
+    assert abs(out.terms["edge"] - float(expect.mean())) < 1e-5
+    want = sum((plain.sample_loss[i] + 1.5 * expect[i]).mean() for i in ([0, 1], [2, 3]))
+    assert abs(out.loss.item() - float(want)) < 1e-5
+    torch.testing.assert_close(out.sample_loss, plain.sample_loss)  # still the velocity MSE
+
+
 def test_specialisation_penalty_values_and_gradients():
     own = torch.tensor([0.01, 0.01], requires_grad=True)
     other = torch.tensor([[1.0], [0.02]], requires_grad=True)
@@ -184,6 +224,7 @@ def test_specialisation_term_in_the_objective(other_offset, active):
     [
         {"band_training": True, "moe": {"boundaries": [0.875], "guidance": [4, 3], "band": 0.05}},
         {"temporal_weight": 1.0},
+        {"edge_weight": 1.0},
         {"specialisation_weight": 0.5},
     ],
 )
@@ -197,6 +238,8 @@ def test_each_option_trains_end_to_end(cache_dir, tmp_path, options):  # noqa: F
         assert sum(r["count"].values()) == cfg.batch_size
         if "temporal_weight" in options:
             assert r["terms"]["temporal"] > 0
+        if "edge_weight" in options:
+            assert set(r["terms"]) == {"edge"} and r["terms"]["edge"] > 0
         if "specialisation_weight" in options:
             assert set(r["terms"]) == {"specialisation"} and set(r["grad_norm"]) == set(
                 cfg.moe.expert_names
@@ -225,6 +268,8 @@ def test_clear_errors(tmp_path):
             TrainConfig.from_dict(_config("c", "o", experts=["low_noise"], **opt))
     with pytest.raises(ValueError, match="temporal_weight must be >= 0"):
         TrainConfig.from_dict(_config("c", "o", temporal_weight=-1.0))
+    with pytest.raises(ValueError, match="edge_weight must be >= 0"):
+        TrainConfig.from_dict(_config("c", "o", edge_weight=-0.5))
     only_low = {"low_noise": _experts()["low_noise"]}
     with pytest.raises(ValueError, match="cannot train a subset"):
         flow_matching_loss(

@@ -158,6 +158,7 @@ def export_model(
     *,
     use_ema: bool = True,
     dtype: torch.dtype = torch.bfloat16,
+    experts_from: str | Path | None = None,
 ) -> Path:
     """Write a trained run as a vidmoe model folder that `vidmoe.loading.load_pipeline` reads.
 
@@ -170,6 +171,9 @@ def export_model(
         out_dir: the model folder: vidmoe.json, experts/<name>.safetensors, vae.safetensors.
         use_ema: export the EMA weights (else the raw weights).
         dtype: dtype of the expert files.
+        experts_from: a model folder whose `experts/<name>.safetensors` give the experts no run
+            trained (a run that fine-tuned one expert of that model); checked name by name and
+            shape by shape against `config`.
     Returns:
         out_dir.
     """
@@ -195,9 +199,14 @@ def export_model(
                 weights.update(state["ema"]["shadow"][name])
             experts[name] = weights
             trained[name] = (Path(path), state.get("config"))
+    if experts_from is not None:
+        for name in names:
+            if name not in experts:
+                experts[name] = _model_expert(Path(experts_from), name, config)
     if sorted(names) != sorted(experts):
+        hint = "" if experts_from else " (--experts-from MODEL takes the others from a model)"
         raise ValueError(
-            f"the config's experts {names} differ from the checkpoints' {sorted(experts)}"
+            f"the config's experts {names} differ from the checkpoints' {sorted(experts)}{hint}"
         )
     for name, (path, run_config) in trained.items():
         if run_config is not None:
@@ -209,6 +218,23 @@ def export_model(
     )
     write_text_atomic(config.to_json() + "\n", out_dir / "vidmoe.json")
     return out_dir
+
+
+def _model_expert(model: Path, name: str, config) -> dict[str, torch.Tensor]:
+    """Expert `name`'s weights from the model folder `model`, checked against `config`'s
+    architecture for it (names and shapes) before they are read."""
+    from vidmoe.io.checkpoints import check_names_and_shapes
+    from vidmoe.io.tensors import open_tensors
+    from vidmoe.models.transformer import WanTransformer
+
+    path = model / "experts" / f"{name}.safetensors"
+    if not path.is_file():
+        raise ValueError(f"{model} has no expert {name!r} ({path} does not exist)")
+    source = open_tensors(path)
+    with torch.device("meta"):
+        like = WanTransformer(config.transformer_for(name))
+    check_names_and_shapes(like.state_dict(), source, strict=True, into=f"expert {name!r}")
+    return {k: source[k] for k in source}
 
 
 def _check_architecture(config, name: str, run_config: Mapping[str, Any], path: Path) -> None:

@@ -161,6 +161,9 @@ class TrainConfig:
     two neighbouring experts, as sampling with that band runs them; needs every expert."""
     temporal_weight: float = 0.0
     """Weight of the frame-difference MSE of the predicted clean latent; 0: off."""
+    edge_weight: float = 0.0
+    """Weight of the velocity MSE weighted by the clean latent's edge map (outlines count more:
+    thin detail such as a star's points); 0: off."""
     specialisation_weight: float = 0.0
     """Weight of the owner-beats-the-others margin term (every sample runs through every
     expert); 0: off; needs every expert."""
@@ -296,6 +299,7 @@ class TrainConfig:
         return ObjectiveOptions(
             band_training=self.band_training,
             temporal_weight=self.temporal_weight,
+            edge_weight=self.edge_weight,
             specialisation_weight=self.specialisation_weight,
             specialisation_margin=self.specialisation_margin,
         )

@@ -27,10 +27,12 @@ def export_runs(
     config: str | Path,
     vae: str | Path,
     use_ema: bool = True,
+    experts_from: str | Path | None = None,
 ) -> Path:
     """Write the experts of `runs` (run folders or their checkpoint.pt; together every expert of
-    the model once), the VAE of the folder `vae` and the model config `config` (its VAE table
-    taken from `vae`) as a vidmoe model folder at `out_dir`; experts in bf16, the VAE in fp32."""
+    the model once, or with `experts_from` a model folder that gives the experts no run trained),
+    the VAE of the folder `vae` and the model config `config` (its VAE table taken from `vae`) as
+    a vidmoe model folder at `out_dir`; experts in bf16, the VAE in fp32."""
     import dataclasses
 
     from vidmoe.config import ModelConfig
@@ -53,5 +55,11 @@ def export_runs(
     except (KeyError, TypeError) as e:
         raise ValueError(f"model config {config} is not a vidmoe model config: {e!r}") from None
     return export_model(
-        checkpoints, model_config, vae_state, out_dir, use_ema=use_ema, dtype=torch.bfloat16
+        checkpoints,
+        model_config,
+        vae_state,
+        out_dir,
+        use_ema=use_ema,
+        dtype=torch.bfloat16,
+        experts_from=experts_from,
     )

@@ -20,6 +20,8 @@ from vidmoe.models.moe import Router
 from vidmoe.sampling.schedules import shift_sigmas
 from vidmoe.training.objective_terms import (
     ObjectiveOptions,
+    edge_map,
+    edge_weighted_mse,
     per_sample_mse,
     predicted_x0,
     specialisation_penalty,
@@ -119,7 +121,7 @@ class ObjectiveOutput:
     sample_loss: Tensor
     """(B,) detached per-sample velocity MSE (of the blend inside a band), for loss-vs-sigma."""
     terms: dict[str, float] = field(default_factory=dict)
-    """Batch mean of each optional term that is on ('temporal', 'specialisation'), unweighted."""
+    """Batch mean of each optional term that is on ('temporal', 'edge', 'specialisation'), unweighted."""
     band_count: int = 0
     """Samples inside a transition band, scored on a blend (0 without band training)."""
     ran: tuple[str, ...] = ()
@@ -203,6 +205,10 @@ def flow_matching_loss(
         t = temporal_error(predicted_x0(x_sigma.float(), sigma, pred), x0.float())  # (B,)
         total = total + opts.temporal_weight * t
         terms["temporal"] = float(t.detach().mean())
+    if opts.edge_weight:
+        e = edge_weighted_mse(pred, target, edge_map(x0))  # (B,)
+        total = total + opts.edge_weight * e
+        terms["edge"] = float(e.detach().mean())
     in_band = weights.amax(1) < 1  # (B,) scored on a blend of two experts
     if opts.specialisation_weight:
         p = _specialisation(full, target, owner, opts.specialisation_margin) * ~in_band  # (B,)

@@ -2,8 +2,9 @@
 
 `ObjectiveOptions` switches them on (all off by default, which leaves the plain objective):
 transition-band training (a band sample is scored on the router's blend of its two neighbouring
-experts), a temporal-consistency term on the predicted clean latent, and a specialisation margin
-between the expert that owns a sample's sigma and the others. `flow_matching_loss` in
+experts), a temporal-consistency term on the predicted clean latent, an edge-weighted velocity
+error (the clean latent's outlines count more), and a specialisation margin between the expert
+that owns a sample's sigma and the others. `flow_matching_loss` in
 `objective.py` combines them. Shape letters: B batch, K experts, C channels, F/H/W latent grid.
 """
 
@@ -27,6 +28,10 @@ class ObjectiveOptions:
     temporal_weight: float = 0.0
     """Weight of the MSE between the frame differences of the predicted and the true clean
     latent; 0: off."""
+    edge_weight: float = 0.0
+    """Weight of the velocity MSE weighted by the clean latent's edge map (`edge_map`: large on
+    an object's outline, mean 1 per sample), so thin detail such as a star's points counts more
+    than flat background; 0: off."""
     specialisation_weight: float = 0.0
     """Weight of relu(margin - (non-owner loss - owner loss)); 0: off. Runs every sample through
     every expert."""
@@ -35,7 +40,12 @@ class ObjectiveOptions:
     owner's own samples before the term stops pushing."""
 
     def __post_init__(self) -> None:
-        for name in ("temporal_weight", "specialisation_weight", "specialisation_margin"):
+        for name in (
+            "temporal_weight",
+            "edge_weight",
+            "specialisation_weight",
+            "specialisation_margin",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
 
@@ -62,8 +72,11 @@ class ObjectiveOptions:
     @property
     def is_plain(self) -> bool:
         """True when every option is off (the objective is the plain hard-switch MSE)."""
-        return (
-            not self.band_training and not self.temporal_weight and not self.specialisation_weight
+        return not (
+            self.band_training
+            or self.temporal_weight
+            or self.edge_weight
+            or self.specialisation_weight
         )
 
 
@@ -105,6 +118,37 @@ def temporal_error(x0_hat: Tensor, x0: Tensor) -> Tensor:
     d_hat = x0_hat[:, :, 1:] - x0_hat[:, :, :-1]  # (B, C, F-1, H, W)
     d_true = x0[:, :, 1:] - x0[:, :, :-1]  # (B, C, F-1, H, W)
     return per_sample_mse(d_hat, d_true)  # (B,)
+
+
+def edge_map(x0: Tensor) -> Tensor:
+    """(B, 1, F, H, W) where the clean latent changes across space, scaled to mean 1 per sample.
+
+    The channel-mean absolute difference to the right and to the lower neighbour (each spread
+    over both pixels it joins): zero on flat background, largest on an object's outline. A
+    sample with no edge at all (a flat latent) gets weight 1 everywhere.
+
+    Args:
+        x0: (B, C, F, H, W) clean latents.
+    """
+    x = x0.float()
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean(1, keepdim=True)  # (B, 1, F, H, W-1)
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean(1, keepdim=True)  # (B, 1, F, H-1, W)
+    pad = torch.nn.functional.pad
+    edge = pad(dx, (0, 1)) + pad(dx, (1, 0)) + pad(dy, (0, 0, 0, 1)) + pad(dy, (0, 0, 1, 0))
+    mean = edge.flatten(1).mean(1).view(-1, 1, 1, 1, 1)  # (B, 1, 1, 1, 1)
+    flat = mean <= 0
+    return torch.where(flat, torch.ones_like(edge), edge / mean.clamp_min(1e-12))
+
+
+def edge_weighted_mse(pred: Tensor, target: Tensor, edge: Tensor) -> Tensor:
+    """(B,) the squared error's mean over channels, weighted by `edge` (B, 1, F, H, W) at each
+    position and averaged (fp32). With edge = 1 everywhere it is `per_sample_mse`.
+
+    Args:
+        pred, target: (B, C, F, H, W).
+    """
+    err = (pred.float() - target.float()).pow(2).mean(1, keepdim=True)  # (B, 1, F, H, W)
+    return (err * edge).flatten(1).mean(1)  # (B,)
 
 
 def specialisation_penalty(owner_loss: Tensor, other_loss: Tensor, margin: float) -> Tensor:
