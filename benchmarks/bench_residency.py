@@ -35,7 +35,7 @@ def bench_config():
 
 def write_model(root: Path) -> int:
     """The benchmark model in vidmoe's layout, one expert at a time; returns bytes per expert."""
-    from vidmoe.io.tensors import save_safetensors_atomic, write_text_atomic
+    from vidmoe.io.atomic import save_safetensors_atomic, write_text_atomic
     from vidmoe.models.transformer import WanTransformer
     from vidmoe.models.vae import WanVAE
 

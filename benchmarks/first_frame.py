@@ -203,7 +203,7 @@ def load_vae(base, path: str):
     import dataclasses
 
     from vidmoe.io.checkpoints import load_into
-    from vidmoe.models.vae import WanVAE
+    from vidmoe.models.vae import FIRST_FRAME_HEAD, WanVAE
     from vidmoe.training.checkpoint import load_checkpoint
 
     if path.endswith(".pt"):
@@ -214,7 +214,7 @@ def load_vae(base, path: str):
         from safetensors.torch import load_file
 
         weights = load_file(path)
-    head = weights.get("first_frame_head.latent.0.weight")
+    head = weights.get(f"{FIRST_FRAME_HEAD}latent.0.weight")
     width = 0 if head is None else head.shape[0]
     vae = WanVAE(dataclasses.replace(base.config, first_frame_head=width))
     load_into(vae, weights)

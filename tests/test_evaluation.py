@@ -29,7 +29,7 @@ from vidmoe.evaluation import (
     word_prompt_set,
     write_report,
 )
-from vidmoe.io.tensors import save_safetensors_atomic
+from vidmoe.io.atomic import save_safetensors_atomic
 from vidmoe.io.video import to_uint8_frames
 from vidmoe.loading import build_random_pipeline
 from vidmoe.world.labels import (

@@ -73,9 +73,7 @@ STOP = set(
 
 NUMBERS = {
     w: i + 1
-    for i, w in enumerate(
-        "one two three four five six seven eight nine ten eleven twelve".split()
-    )
+    for i, w in enumerate("one two three four five six seven eight nine ten eleven twelve".split())
 }
 
 

@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from vidmoe.io.tensors import save_safetensors_atomic
+    from vidmoe.io.atomic import save_safetensors_atomic
     from vidmoe.models.vae import WanVAE
     from vidmoe.training.cache import read_vae_folder
     from vidmoe.training.first_latents import invert_first_latents

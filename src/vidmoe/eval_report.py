@@ -100,7 +100,8 @@ def dumps(results: list) -> str:
 
 def write_report(results: list, out: Path, command: str) -> None:
     """Markdown tables + JSON rows + a PNG bar chart of adherence per variant and prompt set."""
-    from vidmoe.io.video import atomic_write, write_json
+    from vidmoe.io.atomic import atomic_write
+    from vidmoe.io.video import write_json
 
     out = Path(out)
     text = f"Command: `{command}`\n\n{markdown_table(results)}\n\n{markdown_details(results)}\n"

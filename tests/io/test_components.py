@@ -14,9 +14,10 @@ from tests.checkpoints import (
     tiny_umt5_release_weights,
     write_tiny_official,
 )
+from vidmoe.io.atomic import save_safetensors_atomic
 from vidmoe.io.components import load_text_encoder_file, open_expert_file
 from vidmoe.io.convert import convert
-from vidmoe.io.tensors import DictSource, SafetensorsFile, save_safetensors_atomic
+from vidmoe.io.tensors import DictSource, SafetensorsFile
 from vidmoe.io.writers import (
     FP8ScaledView,
     save_torch_atomic,

@@ -168,7 +168,7 @@ def test_comfyui_single_file(tmp_path, prefix):
 
 
 def test_comfyui_file_with_foreign_names_is_refused(tmp_path):
-    from vidmoe.io.tensors import save_safetensors_atomic
+    from vidmoe.io.atomic import save_safetensors_atomic
 
     path = save_safetensors_atomic({"foo.weight": torch.zeros(1)}, tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="Accepted layouts"):

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from vidmoe.io.atomic import save_safetensors_atomic
 from vidmoe.io.checkpoints import load_into
 from vidmoe.io.tensors import (
     DictSource,
@@ -16,7 +17,6 @@ from vidmoe.io.tensors import (
     ShardedSafetensors,
     TorchFile,
     open_tensors,
-    save_safetensors_atomic,
 )
 from vidmoe.io.writers import write_sharded_safetensors
 
@@ -206,7 +206,7 @@ def test_weights_written_atomically_get_the_mode_of_any_new_file(tmp_path):
     the process writes (0o666 less the umask), so a server running as another user can read it."""
     import stat
 
-    from vidmoe.io.tensors import new_file_mode, save_safetensors_atomic, write_text_atomic
+    from vidmoe.io.atomic import new_file_mode, save_safetensors_atomic, write_text_atomic
 
     weights = save_safetensors_atomic({"a": torch.zeros(2)}, tmp_path / "w.safetensors")
     text = write_text_atomic("{}", tmp_path / "c.json")

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from vidmoe.config import TransformerConfig
+from vidmoe.io.atomic import save_safetensors_atomic
 from vidmoe.io.checkpoints import detect_layout, load_expert
-from vidmoe.io.tensors import SCALED_FP8_MARKER, save_safetensors_atomic
+from vidmoe.io.tensors import SCALED_FP8_MARKER
 from vidmoe.models.fp8 import (
     FP8_DTYPE,
     FP8Linear,

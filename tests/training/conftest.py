@@ -99,7 +99,7 @@ def write_init_model(root):
     seed 7), a random VAE of the tiny preset and its vidmoe.json: an `init` for fine-tuning."""
     import dataclasses
 
-    from vidmoe.io.tensors import save_safetensors_atomic, write_text_atomic
+    from vidmoe.io.atomic import save_safetensors_atomic, write_text_atomic
     from vidmoe.models.transformer import WanTransformer
     from vidmoe.models.vae import WanVAE
     from vidmoe.presets import PRESETS

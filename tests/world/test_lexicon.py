@@ -72,7 +72,7 @@ def test_colour_names_map_by_hue_and_neutrals_by_lightness(builder):
 
 
 def test_counts_in_definitions_name_the_shape_that_counts_the_same(builder):
-    """"five-pointed" counts what WordNet's star ("a plane figure with 5 or more points")
+    """ "five-pointed" counts what WordNet's star ("a plane figure with 5 or more points")
     counts; "three-sided" the triangle's ("a three-sided polygon"), a count of another thing or
     another number names nothing."""
     star = builder.counted("a plane figure with 5 or more points; often used as an emblem")

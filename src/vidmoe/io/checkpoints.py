@@ -17,12 +17,7 @@ from torch import nn
 
 from vidmoe.config import ModelConfig
 from vidmoe.io.layouts import Layout, detect_layout
-from vidmoe.io.tensors import (
-    DictSource,
-    TensorSource,
-    open_tensors,
-    save_safetensors_atomic,
-)
+from vidmoe.io.tensors import DictSource, TensorSource, open_tensors
 
 __all__ = [
     "LoadReport",
@@ -32,7 +27,6 @@ __all__ = [
     "load_components",
     "load_into",
     "open_tensors",
-    "save_safetensors_atomic",
 ]
 
 

@@ -104,7 +104,8 @@ def _read_source(src: Path) -> _Source:
 def _without_first_frame_head(source: _Source, layout: str) -> _Source:
     """`source` less its VAE's first-frame head (vidmoe's own, as the demo's VAE has one: other
     layouts have no place for it), with a note saying so; `source` itself where there is none."""
-    head = "first_frame_head."
+    from vidmoe.models.vae import FIRST_FRAME_HEAD as head
+
     if source.vae is None or not any(n.startswith(head) for n in source.vae):
         return source
     kept = {n: n for n in source.vae if not n.startswith(head)}
@@ -218,7 +219,7 @@ def _write_folder(source: _Source, dst: Path, *, layout: str, quantize: str | No
 
 def _index_text_encoder(root: Path, tokenizer: Path | None) -> None:
     """Name the text encoder (and tokenizer) in a diffusers model_index.json, as Wan's does."""
-    from vidmoe.io.tensors import write_text_atomic
+    from vidmoe.io.atomic import write_text_atomic
 
     index = json.loads((root / "model_index.json").read_text())
     index["text_encoder"] = ["transformers", "UMT5EncoderModel"]

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vidmoe.io.tensors import DictSource, TensorSource, replace_atomic
+from vidmoe.io.atomic import replace_atomic
+from vidmoe.io.tensors import DictSource, TensorSource
 
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
 _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16}

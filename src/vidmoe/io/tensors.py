@@ -2,14 +2,13 @@
 
 A `TensorSource` is a read-only name -> tensor mapping that reads a tensor only when asked
 (safetensors through `safe_open`'s memory map; `.pth` through `torch.load(mmap=True,
-weights_only=True)`), so a checkpoint is never held twice in RAM. Writers go through a temporary
-file, fsync and `os.replace`, so a killed process never leaves a half-written file.
+weights_only=True)`), so a checkpoint is never held twice in RAM. Writers are in
+`vidmoe.io.atomic`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -281,76 +280,6 @@ def open_tensors(path: str | Path) -> TensorSource:
         f"unknown weights file type {path.name!r}; accepted: .safetensors, "
         f".safetensors.index.json, {', '.join(TORCH_SUFFIXES)}"
     )
-
-
-def save_safetensors_atomic(
-    tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None
-) -> Path:
-    """Write a safetensors file so that `path` is either the old file or the whole new one.
-
-    The tensors go to a temporary file in the same folder, which is fsynced and then renamed over
-    `path` (`os.replace`). Tensors that share storage or are views are copied first.
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    bad = {k: type(v).__name__ for k, v in (metadata or {}).items() if not isinstance(v, str)}
-    if bad:
-        raise ValueError(f"safetensors metadata values must be str; got {bad}")
-    plain = {}
-    for name, t in tensors.items():
-        t = t.detach().to("cpu").contiguous()
-        if t.untyped_storage().nbytes() != t.nbytes:
-            t = t.clone()
-        plain[name] = t
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(plain, str(tmp), metadata=dict(metadata) if metadata else None)
-        os.chmod(tmp, new_file_mode())  # safetensors writes 0600: readable by its owner only
-        replace_atomic(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def new_file_mode() -> int:
-    """The mode `open()` gives a new file here: 0o666 less the process umask (read from
-    /proc/self/status where there is one, so no other thread sees a changed umask)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def write_text_atomic(text: str, path: str | Path) -> Path:
-    """Write a small text file (JSON configs, indexes) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        replace_atomic(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def replace_atomic(tmp: Path, path: Path) -> None:
-    """fsync `tmp`, rename it over `path`, and fsync the folder so the rename survives a crash."""
-    with tmp.open("rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)

@@ -12,17 +12,16 @@ import contextlib
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vidmoe.io.tensors import replace_atomic
+from vidmoe.io.atomic import atomic_write, temp_beside
 
 # x264's macroblock-tree rate control reads memory it never wrote at many frame widths (64 or
 # 112 pixels, not 128 or 256): the same frames then gave different bytes from run to run (decoded
@@ -41,32 +40,6 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
         raise ValueError(f"video must be (3, T, H, W); got {tuple(video.shape)}")
     frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return frames.permute(1, 2, 3, 0).cpu().numpy()
-
-
-def _temp_beside(path: Path) -> Path:
-    """Create an empty, new file beside `path` with the user's normal permissions (umask)."""
-    for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{path.suffix}")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except FileExistsError:
-            continue
-        return tmp
-    raise FileExistsError(f"no free temporary name beside {path}")
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_path)`, fsync, then rename onto `path`; the temp file goes on failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(path)
-    try:
-        write(tmp)
-        replace_atomic(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _check_frames(frames: np.ndarray) -> np.ndarray:
@@ -152,7 +125,7 @@ def check_video_path(path: str | Path) -> Path:
     if not folder.is_dir():
         raise ValueError(f"cannot write {path}: {folder} is a file, not a folder")
     try:
-        _temp_beside(folder / path.name).unlink()
+        temp_beside(folder / path.name).unlink()
     except OSError as e:
         raise ValueError(
             f"cannot write {path.name} in {folder}: {e.strerror or e}; choose a writable folder"
@@ -185,7 +158,7 @@ def _backup(target: Path) -> Path | None:
     """A hidden second name for `target`'s current contents (a hard link), or None if absent."""
     if not target.is_file():
         return None
-    backup = _temp_beside(target)
+    backup = temp_beside(target)
     backup.unlink()
     try:
         os.link(target, backup)
@@ -244,11 +217,11 @@ def publish_video(
     json_path = record_path(path)
     temps: list[Path] = []
     try:
-        temps.append(tmp_video := _temp_beside(path))
+        temps.append(tmp_video := temp_beside(path))
         _encode_mp4(frames, tmp_video, fps, crf)
         data = tmp_video.read_bytes()
         video = {"file": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        temps.append(tmp_json := _temp_beside(json_path))
+        temps.append(tmp_json := temp_beside(json_path))
         tmp_json.write_text(json.dumps({**record, "video": video}, indent=2, default=str))
         for tmp in temps:
             _fsync(tmp)

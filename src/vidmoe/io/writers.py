@@ -17,15 +17,9 @@ import torch
 
 from vidmoe.config import ModelConfig, TransformerConfig, VAEConfig
 from vidmoe.io import keymaps
+from vidmoe.io.atomic import replace_atomic, save_safetensors_atomic, write_text_atomic
 from vidmoe.io.layouts import RELEASE_T5_FILE, RELEASE_TOKENIZER_DIR
-from vidmoe.io.tensors import (
-    DictSource,
-    RenamedSource,
-    TensorSource,
-    replace_atomic,
-    save_safetensors_atomic,
-    write_text_atomic,
-)
+from vidmoe.io.tensors import DictSource, RenamedSource, TensorSource
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"

@@ -32,7 +32,10 @@ from vidmoe.models.vae_blocks import (
     run_layers,
 )
 
-__all__ = ["CausalCache", "Decoder3d", "Encoder3d", "WanVAE"]
+__all__ = ["FIRST_FRAME_HEAD", "CausalCache", "Decoder3d", "Encoder3d", "WanVAE"]
+
+FIRST_FRAME_HEAD = "first_frame_head."
+"""The name prefix of the first-frame head's tensors (`WanVAE.first_frame_head`), vidmoe's own."""
 
 
 def _middle(dim: int) -> nn.Sequential:

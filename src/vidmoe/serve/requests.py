@@ -272,6 +272,6 @@ def decode_image(data: bytes, limit: int):
 
 def save_image(image, path: Path) -> Path:
     """Write a decoded upload as PNG, atomically (the name is the server's, never the client's)."""
-    from vidmoe.io.video import atomic_write
+    from vidmoe.io.atomic import atomic_write
 
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

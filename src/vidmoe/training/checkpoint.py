@@ -23,7 +23,7 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
 
     A crash at any moment leaves either the previous checkpoint or the new one, never a torn file.
     """
-    from vidmoe.io.video import atomic_write
+    from vidmoe.io.atomic import atomic_write
 
     return atomic_write(path, lambda tmp: torch.save(dict(state), tmp))
 
@@ -140,7 +140,7 @@ def export_experts(
 
     Floating tensors are cast to `dtype`; files are written atomically.
     """
-    from vidmoe.io.tensors import save_safetensors_atomic
+    from vidmoe.io.atomic import save_safetensors_atomic
 
     paths = []
     for name, state in states.items():
@@ -177,7 +177,7 @@ def export_model(
     Returns:
         out_dir.
     """
-    from vidmoe.io.tensors import save_safetensors_atomic, write_text_atomic
+    from vidmoe.io.atomic import save_safetensors_atomic, write_text_atomic
 
     paths = [checkpoint_path] if isinstance(checkpoint_path, (str, Path)) else checkpoint_path
     names = list(config.moe.expert_names)

@@ -37,7 +37,7 @@ def export_runs(
     import dataclasses
 
     from vidmoe.config import ModelConfig
-    from vidmoe.io.tensors import write_text_atomic
+    from vidmoe.io.atomic import write_text_atomic
     from vidmoe.sampling.rewrite import LEXICON_FILE
     from vidmoe.training.cache import read_vae_folder
     from vidmoe.training.checkpoint import export_model

@@ -198,8 +198,8 @@ def save_lora_adapters(
         `folder`, holding `<expert>/adapter_model.safetensors` + `adapter_config.json` and
         `diffusers_lora.safetensors`, each written atomically.
     """
+    from vidmoe.io.atomic import save_safetensors_atomic, write_text_atomic
     from vidmoe.io.keymaps import transformer_to_diffusers
-    from vidmoe.io.tensors import save_safetensors_atomic, write_text_atomic
 
     names = expert_names
     if len(names) > len(DIFFUSERS_PREFIXES):

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from vidmoe.config import VAEConfig
-from vidmoe.io.tensors import save_safetensors_atomic, write_text_atomic
-from vidmoe.models.vae import WanVAE
+from vidmoe.io.atomic import save_safetensors_atomic, write_text_atomic
+from vidmoe.models.vae import FIRST_FRAME_HEAD, WanVAE
 from vidmoe.models.vae_blocks import CausalCache
 from vidmoe.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from vidmoe.training.first_latents import FirstLatentBank, posterior_mean
@@ -213,7 +213,7 @@ def train_vae(
         except ValueError as e:
             raise ValueError(f"init {init} does not fit this config's VAE: {e}") from None
         # a VAE given a first-frame head starts it new (as the identity); nothing else may miss
-        missing = tuple(n for n in report.missing if not n.startswith("first_frame_head."))
+        missing = tuple(n for n in report.missing if not n.startswith(FIRST_FRAME_HEAD))
         if missing or report.unexpected:
             report = dataclasses.replace(report, missing=missing)
             raise ValueError(f"init {init} does not fit this config's VAE: {report.describe()}")
