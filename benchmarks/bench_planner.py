@@ -12,7 +12,8 @@ import dataclasses
 
 from vidmoe.loading import model_config_for
 from vidmoe.models.moe import RESIDENCY
-from vidmoe.planner import POLICIES, MemoryRequest, measure_peak_rss, predict
+from vidmoe.planner import POLICIES, MemoryRequest, predict
+from vidmoe.planner_measure import measure_peak_rss
 from vidmoe.presets import get_preset
 
 CASES = [  # (model, width, height, frames)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from vidmoe.parallel.memory import measure_rank_peak_rss, per_rank_memory
 from vidmoe.parallel.world import Layout
-from vidmoe.planner import MemoryRequest, measure_peak_rss, predict
+from vidmoe.planner import MemoryRequest, predict
+from vidmoe.planner_measure import measure_peak_rss
 from vidmoe.presets import get_preset
 
 MiB = 2**20

@@ -20,11 +20,10 @@ from vidmoe.planner import (
     MemoryBudget,
     MemoryRequest,
     choose_policy,
-    measure_baseline_rss,
-    measure_peak_rss,
     parse_budget,
     predict,
 )
+from vidmoe.planner_measure import measure_baseline_rss, measure_peak_rss
 from vidmoe.presets import get_preset
 
 A14B = get_preset("t2v-A14B")

@@ -11,13 +11,8 @@ from typer.testing import CliRunner
 from vidmoe.cli import app
 from vidmoe.parallel.memory import per_rank_memory
 from vidmoe.parallel.world import Layout
-from vidmoe.planner import (
-    CPU_IMPORTS,
-    MemoryRequest,
-    expert_bytes,
-    measure_baseline_rss,
-    predict,
-)
+from vidmoe.planner import CPU_IMPORTS, MemoryRequest, expert_bytes, predict
+from vidmoe.planner_measure import measure_baseline_rss
 from vidmoe.presets import get_preset
 
 A14B = get_preset("t2v-A14B")

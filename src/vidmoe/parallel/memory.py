@@ -29,11 +29,11 @@ from vidmoe.planner import (
     expert_bytes,
     forward_activation_bytes,
     gb,
-    measure_env,
     predict,
     text_encoder_bytes,
     vae_bytes,
 )
+from vidmoe.planner_measure import measure_env
 
 ULYSSES_BUFFER_FACTOR = 2
 """The all-to-all's send and receive buffers of one q/k/v-sized tensor, in units of the
