@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from vidmoe.io.writers import write_diffusers_layout, write_official_layout
 from vidmoe.loading import build_random_pipeline
-from vidmoe.models.text_encoder import (
+from vidmoe.models.umt5 import (
     RELEASE_T5_FILE,
     RELEASE_TOKENIZER_DIR,
     UMT5_TINY_HPARAMS,

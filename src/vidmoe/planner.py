@@ -216,7 +216,7 @@ def vae_bytes(config: ModelConfig) -> int:
 def text_encoder_bytes(kind: str) -> tuple[int, int]:
     """(weight bytes, activation bytes of encoding 2 prompts) of a text encoder by name."""
     if kind == "umt5-xxl":
-        from vidmoe.models.text_encoder import UMT5_XXL_HPARAMS as h
+        from vidmoe.models.umt5 import UMT5_XXL_HPARAMS as h
 
         per_layer = 4 * h["dim"] * h["dim_attn"] + 3 * h["dim"] * h["dim_ffn"] + 2 * h["dim"]
         params = h["vocab"] * h["dim"] + h["num_layers"] * (

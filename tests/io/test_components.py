@@ -17,6 +17,7 @@ from tests.checkpoints import (
 from vidmoe.io.atomic import save_safetensors_atomic
 from vidmoe.io.components import load_text_encoder_file, open_expert_file
 from vidmoe.io.convert import convert
+from vidmoe.io.layouts import RELEASE_T5_FILE
 from vidmoe.io.tensors import DictSource, SafetensorsFile
 from vidmoe.io.writers import (
     FP8ScaledView,
@@ -25,7 +26,8 @@ from vidmoe.io.writers import (
     write_diffusers_transformer,
 )
 from vidmoe.loading import build_random_pipeline, load_pipeline
-from vidmoe.models.text_encoder import RELEASE_T5_FILE, build_text_encoder, release_umt5_to_hf
+from vidmoe.models.text_encoder import build_text_encoder
+from vidmoe.models.umt5 import release_umt5_to_hf
 from vidmoe.presets import TINY_TRANSFORMER, TINY_VAE
 
 # A transformer whose file alone implies it: 128-wide heads (dim / 128), K-quantisable rows (256).

@@ -12,14 +12,16 @@ from safetensors.torch import save_file
 from tests.checkpoints import save_word_tokenizer as _save_word_tokenizer
 from vidmoe.models.text_encoder import (
     DEFAULT_NEGATIVE_PROMPT,
+    TextEncoder,
+    build_text_encoder,
+    pad_text_embeddings,
+)
+from vidmoe.models.umt5 import (
     RELEASE_T5_FILE,
     RELEASE_TOKENIZER_DIR,
     UMT5_XXL_HPARAMS,
-    TextEncoder,
-    build_text_encoder,
     clean_prompt,
     load_umt5_state_dict,
-    pad_text_embeddings,
     release_umt5_to_hf,
     umt5_config,
     umt5_config_from_state_dict,

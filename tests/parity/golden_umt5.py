@@ -5,7 +5,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from vidmoe.models.text_encoder import load_umt5_state_dict, release_umt5_to_hf, umt5_config
+from vidmoe.models.umt5 import load_umt5_state_dict, release_umt5_to_hf, umt5_config
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -224,9 +224,8 @@ def load_text_encoder_file(
 
     The tokenizer is `tokenizer`, else `google/umt5-xxl/` or `tokenizer/` beside the file.
     """
-    from vidmoe.models.text_encoder import (
-        HFTextEncoder,
-        HFTokenizer,
+    from vidmoe.models.text_encoder import HFTextEncoder, HFTokenizer
+    from vidmoe.models.umt5 import (
         clean_prompt,
         load_umt5_state_dict,
         umt5_config_from_state_dict,

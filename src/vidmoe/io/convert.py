@@ -57,7 +57,7 @@ class _Source:
 def _umt5_source(weights: Path) -> TensorSource:
     """A umT5 file or folder (release, HF, ComfyUI names; fp8_scaled dequantised) under HF names."""
     from vidmoe.io.tensors import open_tensors
-    from vidmoe.models.text_encoder import umt5_hf_names
+    from vidmoe.models.umt5 import umt5_hf_names
 
     source = FP8Source(open_tensors(weights))
     try:

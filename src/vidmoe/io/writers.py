@@ -206,7 +206,7 @@ def write_text_encoder_folder(
 ) -> Path:
     """Write umT5 (HF names) as transformers / diffusers save it: `config.json` of a
     `UMT5EncoderModel` (read from the shapes) and `model.safetensors` or its shards."""
-    from vidmoe.models.text_encoder import umt5_config_from_state_dict
+    from vidmoe.models.umt5 import umt5_config_from_state_dict
 
     source, folder = _source(tensors), Path(folder)
     config = umt5_config_from_state_dict({n: source.shape(n) for n in source})

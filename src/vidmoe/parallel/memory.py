@@ -251,7 +251,7 @@ def _text_gathered(kind: str, text_w: int) -> int:
     and two layers; the whole encoder for the small ones."""
     if kind != "umt5-xxl":
         return text_w
-    from vidmoe.models.text_encoder import UMT5_XXL_HPARAMS as h
+    from vidmoe.models.umt5 import UMT5_XXL_HPARAMS as h
 
     layer = 4 * h["dim"] * h["dim_attn"] + 3 * h["dim"] * h["dim_ffn"] + 2 * h["dim"]
     layer += h["num_buckets"] * h["num_heads"]
