@@ -140,13 +140,19 @@ def test_temporal_term_zero_for_oracle_and_constant_error():
     assert torch.all(temporal_error(predicted_x0(x, sigma, varying), x0) > 0)
 
 
-def test_temporal_term_counts_into_the_loss():
+def _plain_and_with(**options):
+    """A batch (2 low-noise, 2 high-noise samples) scored plain and with `options`."""
     x0, noise, context = _batch()
     sigma = torch.tensor([0.2, 0.5, 0.9, 0.95])
     experts = _experts()
     plain = flow_matching_loss(experts, TINY_MOE, x0, context, sigma, noise)
-    opts = ObjectiveOptions(temporal_weight=2.0)
+    opts = ObjectiveOptions(**options)
     out = flow_matching_loss(experts, TINY_MOE, x0, context, sigma, noise, options=opts)
+    return (x0, noise, context, sigma, experts), plain, out
+
+
+def test_temporal_term_counts_into_the_loss():
+    (x0, *_), plain, out = _plain_and_with(temporal_weight=2.0)
     assert out.terms["temporal"] > 0
     assert out.loss.item() > plain.loss.item() + 1e-6
     torch.testing.assert_close(out.sample_loss, plain.sample_loss)  # still the velocity MSE
@@ -171,12 +177,7 @@ def test_edge_map_marks_an_objects_outline():
 
 
 def test_edge_term_counts_into_the_loss():
-    x0, noise, context = _batch()
-    sigma = torch.tensor([0.2, 0.5, 0.9, 0.95])
-    experts = _experts()
-    plain = flow_matching_loss(experts, TINY_MOE, x0, context, sigma, noise)
-    opts = ObjectiveOptions(edge_weight=1.5)
-    out = flow_matching_loss(experts, TINY_MOE, x0, context, sigma, noise, options=opts)
+    (x0, noise, context, sigma, experts), plain, out = _plain_and_with(edge_weight=1.5)
     x, target = noisy_sample(x0, noise, sigma)
     pred = torch.cat(
         [
