@@ -16,7 +16,7 @@ from vidmoe.parallel.transport import recv_message, send_message
 from vidmoe.parallel.world import Groups, Layout, World
 from vidmoe.presets import get_preset
 from vidmoe.sampling.conditioning import Conditioning
-from vidmoe.sampling.pipeline import solver_for
+from vidmoe.sampling.plan import solver_for
 from vidmoe.sampling.settings import GenerateSettings
 
 SMALL = GenerateSettings(width=32, height=32, num_frames=5, num_steps=4, boundary="steps:2")

@@ -37,8 +37,8 @@ from vidmoe.config import ModelConfig
 from vidmoe.parallel.transport import Outgoing, recv_message, send_message
 from vidmoe.parallel.world import Groups, Layout, World
 from vidmoe.sampling.conditioning import Conditioning
-from vidmoe.sampling.pipeline import GenerationResult, Pipeline, solver_for
-from vidmoe.sampling.plan import Plan
+from vidmoe.sampling.pipeline import GenerationResult, Pipeline
+from vidmoe.sampling.plan import Plan, solver_for
 
 
 @dataclass(frozen=True, kw_only=True)

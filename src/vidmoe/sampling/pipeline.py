@@ -30,11 +30,18 @@ from vidmoe.sampling.conditioning import (
     ti2v_condition,
 )
 from vidmoe.sampling.guidance import guided_velocity
-from vidmoe.sampling.plan import Plan, StepPlan, plan_for, with_adapter_scales
+from vidmoe.sampling.plan import (
+    Plan,
+    StepPlan,
+    model_sigma,
+    plan_for,
+    solver_for,
+    trace_row,
+    with_adapter_scales,
+)
 from vidmoe.sampling.rewrite import Lexicon
-from vidmoe.sampling.schedules import timesteps_from_sigmas
 from vidmoe.sampling.settings import GenerateSettings, Limits, ResolvedSettings, resolve_settings
-from vidmoe.sampling.solvers import Solver, make_solver
+from vidmoe.sampling.solvers import Solver
 
 OUTPUTS = ("frames", "latents")
 
@@ -331,7 +338,7 @@ class Pipeline:
                         cached.append(name)
             x = c.impose(solver.step(v, x, st.index))
             previous = st.experts
-            trace.append(_trace_row(st, time.perf_counter() - t0, cached, changes))
+            trace.append(trace_row(st, time.perf_counter() - t0, cached, changes))
             bar.set_postfix_str("+".join(st.experts))
             bar.update()
             if callback is not None:
@@ -412,45 +419,11 @@ class Pipeline:
         return {"total": counts.total, "active": counts.active, **counts.per_expert}
 
 
-def _trace_row(st: StepPlan, seconds: float, cached: list[str], changes: dict) -> dict:
-    row = dict(
-        index=st.index,
-        sigma=st.sigma,
-        experts=list(st.experts),
-        weights=list(st.weights),
-        guidance=list(st.guidance),
-        seconds=round(seconds, 4),
-    )
-    if st.adapter_scales:
-        row["adapters"] = dict(st.adapter_scales)
-    if changes:  # the step cache's measure per expert, for calibrating its threshold
-        row["cache_change"] = changes
-    if cached:
-        row["cached"] = cached  # experts whose blocks after the first came from the step cache
-    return row
-
-
 @contextmanager
 def _timed(timings: dict[str, float], key: str):
     t0 = time.perf_counter()
     yield
     timings[key] = time.perf_counter() - t0
-
-
-def solver_for(plan: Plan, sampler: str) -> Solver:
-    """A fresh solver of `sampler` on the plan's sigma grid."""
-    sigmas = torch.tensor(
-        [st.sigma for st in plan.steps] + [plan.steps[-1].sigma_next], dtype=torch.float64
-    )
-    return make_solver(sampler, sigmas)
-
-
-def model_sigma(sigma: float, sampler: str) -> float:
-    """The noise level the expert is told at a step."""
-    if sampler in ("unipc", "dpm++"):
-        # parity: the release's solvers hand the model int(1000 * sigma) (truncated)
-        return float(timesteps_from_sigmas(torch.tensor([sigma], dtype=torch.float64))[0]) / 1000
-    return sigma  # euler, as diffusers: timestep = 1000 * sigma exactly
 
 
 class _NoBar:

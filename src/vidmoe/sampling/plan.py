@@ -28,7 +28,14 @@ from vidmoe.sampling.boundary import (
     check_expert_names,
     parse_boundary,
 )
-from vidmoe.sampling.schedules import check_sigmas, grid_for, make_sigmas, sigmas_from_list
+from vidmoe.sampling.schedules import (
+    check_sigmas,
+    grid_for,
+    make_sigmas,
+    sigmas_from_list,
+    timesteps_from_sigmas,
+)
+from vidmoe.sampling.solvers import Solver, make_solver
 
 if TYPE_CHECKING:
     from vidmoe.sampling.settings import ResolvedSettings
@@ -248,3 +255,38 @@ def plan_for(rs: ResolvedSettings, config: ModelConfig) -> Plan:
     elif isinstance(boundary, Sigma):  # one fixed boundary: the plan is the release's rule
         moe, boundary = dataclasses.replace(moe, boundaries=(boundary.value,)), Release()
     return make_plan(moe, shift=rs.shift, sigmas=sigmas, boundary=boundary, guidance=rs.guidance)
+
+
+def solver_for(plan: Plan, sampler: str) -> Solver:
+    """A fresh solver of `sampler` on the plan's sigma grid."""
+    sigmas = torch.tensor(
+        [st.sigma for st in plan.steps] + [plan.steps[-1].sigma_next], dtype=torch.float64
+    )
+    return make_solver(sampler, sigmas)
+
+
+def model_sigma(sigma: float, sampler: str) -> float:
+    """The noise level the expert is told at a step."""
+    if sampler in ("unipc", "dpm++"):
+        # parity: the release's solvers hand the model int(1000 * sigma) (truncated)
+        return float(timesteps_from_sigmas(torch.tensor([sigma], dtype=torch.float64))[0]) / 1000
+    return sigma  # euler, as diffusers: timestep = 1000 * sigma exactly
+
+
+def trace_row(st: StepPlan, seconds: float, cached: list[str], changes: dict) -> dict:
+    """The trace's row of a step that ran: what the plan said, and how long it took."""
+    row = dict(
+        index=st.index,
+        sigma=st.sigma,
+        experts=list(st.experts),
+        weights=list(st.weights),
+        guidance=list(st.guidance),
+        seconds=round(seconds, 4),
+    )
+    if st.adapter_scales:
+        row["adapters"] = dict(st.adapter_scales)
+    if changes:  # the step cache's measure per expert, for calibrating its threshold
+        row["cache_change"] = changes
+    if cached:
+        row["cached"] = cached  # experts whose blocks after the first came from the step cache
+    return row
