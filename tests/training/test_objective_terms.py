@@ -185,7 +185,7 @@ def test_edge_term_counts_into_the_loss():
             for i, n in enumerate(["low_noise", "low_noise", "high_noise", "high_noise"])
         ]
     )
-    expect = edge_weighted_mse(pred, target, edge_map(x0))  # (B,)
+    expect = edge_weighted_mse(pred, target, edge_map(x0)).detach()  # (B,)
     assert abs(out.terms["edge"] - float(expect.mean())) < 1e-5
     want = sum((plain.sample_loss[i] + 1.5 * expect[i]).mean() for i in ([0, 1], [2, 3]))
     assert abs(out.loss.item() - float(want)) < 1e-5
