@@ -330,7 +330,8 @@ def measure_rank_peak_rss(
             cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False
         )
     if out.returncode:
+        # the ranks' own messages come before torchrun's summary of them (about 40 lines)
         raise RuntimeError(
-            "the measured run failed:\n" + "\n".join(out.stderr.strip().splitlines()[-40:])
+            "the measured run failed:\n" + "\n".join(out.stderr.strip().splitlines()[-200:])
         )
     return json.loads(out.stdout.strip().splitlines()[-1])
