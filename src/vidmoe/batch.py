@@ -377,10 +377,10 @@ def finish_batch(outcomes: list[Outcome], out_dir: str | Path, world: World) -> 
         outcomes = [o for part in gathered for o in part]
     report = BatchReport(outcomes=tuple(sorted(outcomes, key=lambda o: o.index)))
     if world.is_main:
-        from vidmoe.io.atomic import atomic_write
+        from vidmoe.io.atomic import write_text_atomic
 
         text = "".join(json.dumps(dataclasses.asdict(o)) + "\n" for o in report.outcomes)
-        atomic_write(Path(out_dir) / RECORD_NAME, lambda tmp: tmp.write_text(text))
+        write_text_atomic(text, Path(out_dir) / RECORD_NAME)
     return report
 
 

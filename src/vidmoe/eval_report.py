@@ -100,12 +100,12 @@ def dumps(results: list) -> str:
 
 def write_report(results: list, out: Path, command: str) -> None:
     """Markdown tables + JSON rows + a PNG bar chart of adherence per variant and prompt set."""
-    from vidmoe.io.atomic import atomic_write
+    from vidmoe.io.atomic import atomic_write, write_text_atomic
     from vidmoe.io.video import write_json
 
     out = Path(out)
     text = f"Command: `{command}`\n\n{markdown_table(results)}\n\n{markdown_details(results)}\n"
-    atomic_write(out.with_suffix(".md"), lambda tmp: tmp.write_text(text))
+    write_text_atomic(text, out.with_suffix(".md"))
     write_json(as_json(results), out.with_suffix(".json"))
     from vidmoe.io.plots import pyplot
 

@@ -1,10 +1,12 @@
 """Files written atomically: a reader sees the old file or the whole new one, never a part.
 
-Every writer goes through `atomic_write`: the content goes to a new temporary file beside the
+A file writer goes through `atomic_write`: the content goes to a new temporary file beside the
 target (same folder, so the rename cannot cross filesystems; named `.NAME.HEX.tmp.SUFFIX`, so
 an encoder that reads the suffix sees the right one), which is fsynced and renamed over the
 target (`os.replace`), and the folder is fsynced so the rename survives a crash. The file gets
-the mode any new file gets here (0o666 less the umask).
+the mode any new file gets here (0o666 less the umask). (A folder, `io.writers.copy_tree_atomic`,
+and a GGUF file, which its writer fills in several passes, are renamed into place the same way by
+their own code.)
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vidmoe.io.atomic import atomic_write, temp_beside
+from vidmoe.io.atomic import atomic_write, temp_beside, write_text_atomic
 
 # x264's macroblock-tree rate control reads memory it never wrote at many frame widths (64 or
 # 112 pixels, not 128 or 256): the same frames then gave different bytes from run to run (decoded
@@ -91,7 +91,7 @@ def read_video(path: str | Path) -> tuple[np.ndarray, float]:
 def write_json(data: dict, path: str | Path) -> Path:
     """Write `data` as indented JSON, atomically."""
     text = json.dumps(data, indent=2, default=str)
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    return write_text_atomic(text, path)
 
 
 def record_path(video: str | Path) -> Path:

@@ -17,7 +17,7 @@ import torch
 
 from vidmoe.config import ModelConfig, TransformerConfig, VAEConfig
 from vidmoe.io import keymaps
-from vidmoe.io.atomic import replace_atomic, save_safetensors_atomic, write_text_atomic
+from vidmoe.io.atomic import atomic_write, save_safetensors_atomic, write_text_atomic
 from vidmoe.io.layouts import RELEASE_T5_FILE, RELEASE_TOKENIZER_DIR
 from vidmoe.io.tensors import DictSource, RenamedSource, TensorSource
 
@@ -72,15 +72,8 @@ def _write_json(d: dict, path: Path) -> Path:
 
 def save_torch_atomic(tensors: Mapping[str, torch.Tensor], path: str | Path) -> Path:
     """Write a plain state dict `.pth` (the release's VAE and T5 format), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save({n: t.detach().cpu().contiguous() for n, t in _source(tensors).items()}, tmp)
-        replace_atomic(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    state = {n: t.detach().cpu().contiguous() for n, t in _source(tensors).items()}
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def save_safetensors_dict(tensors: Mapping[str, torch.Tensor], path: str | Path) -> Path:
