@@ -203,7 +203,7 @@ class Resolver:
         out = {}
         for shape in SHAPES:
             out[shape] = shape
-            senses = [s for s in self.wn.synsets(shape, "n") if "shape" in s.lexname()]
+            senses = self._shape_senses(shape)
             for s in senses[:1]:
                 for lemma in s.lemmas():
                     out.setdefault(lemma.name().replace("_", " ").lower(), shape)
@@ -218,7 +218,7 @@ class Resolver:
         parents: dict[str, set[str]] = {}
         ancestors: dict[str, set[str]] = {}
         for shape in SHAPES:
-            senses = [s for s in self.wn.synsets(shape, "n") if "shape" in s.lexname()]
+            senses = self._shape_senses(shape)
             for s in senses[:1]:
                 for h in s.hypernyms():
                     for lemma in h.lemma_names():

@@ -121,7 +121,8 @@ class ObjectiveOutput:
     sample_loss: Tensor
     """(B,) detached per-sample velocity MSE (of the blend inside a band), for loss-vs-sigma."""
     terms: dict[str, float] = field(default_factory=dict)
-    """Batch mean of each optional term that is on ('temporal', 'edge', 'specialisation'), unweighted."""
+    """Batch mean of each optional term that is on ('temporal', 'edge', 'specialisation'),
+    unweighted."""
     band_count: int = 0
     """Samples inside a transition band, scored on a blend (0 without band training)."""
     ran: tuple[str, ...] = ()
