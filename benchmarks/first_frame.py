@@ -21,14 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vidmoe.evaluation import border_changes
+
 BACKGROUNDS = ("black", "dark_blue", "grey", "white")
-
-
-def border_changes(frames: np.ndarray) -> np.ndarray:
-    """(T, H, W, 3) uint8 -> (T-1,): mean over channels of the change of the top and bottom
-    rows' mean colour between frames t and t+1, in 0..255 levels."""
-    rows = frames[:, [0, -1]].astype(np.float64).mean(axis=(1, 2))  # (T, 3)
-    return np.abs(np.diff(rows, axis=0)).mean(axis=1)  # (T-1,)
+PAIRS = 6  # the border change reported pair by pair for frames 0->1 .. 5->6
 
 
 def frame_errors(vae, video: torch.Tensor) -> np.ndarray:
@@ -98,6 +94,7 @@ def flash_summary(changes: np.ndarray) -> dict:
         "later_all_median": float(np.median(changes[:, 1:])),
         "later_all_p90": float(np.percentile(changes[:, 1:], 90)),
         "clips_first_over_later_max": int((first > later).sum()),
+        "pairs_median": [float(x) for x in np.median(changes[:, :PAIRS], axis=0)],
         "clips": len(first),
     }
 
@@ -216,7 +213,12 @@ def load_vae(base, path: str):
         weights = load_file(path)
     head = weights.get(f"{FIRST_FRAME_HEAD}latent.0.weight")
     width = 0 if head is None else head.shape[0]
-    vae = WanVAE(dataclasses.replace(base.config, first_frame_head=width))
+    out = weights.get(f"{FIRST_FRAME_HEAD}pixel.2.weight")  # (3 x frames, width, 3, 3)
+    frames = 1 if out is None else out.shape[0] // 3
+    config = dataclasses.replace(
+        base.config, first_frame_head=width, first_frame_head_frames=frames
+    )
+    vae = WanVAE(config)
     load_into(vae, weights)
     return vae.eval()
 
@@ -260,6 +262,17 @@ def report(results: dict) -> str:
             f"| {s['later_max_median']:.1f} | {s['later_max_p90']:.1f} "
             f"| {s['later_all_median']:.1f} | {s['later_all_p90']:.1f} "
             f"| {s['clips_first_over_later_max']}/{s['clips']} |"
+        )
+    lines += [
+        "",
+        "Border change by pair of frames (median over the clips; frames 1-4 are latent frame 1's)",
+        "",
+        "| VAE | latents | " + " | ".join(f"{t}->{t + 1}" for t in range(PAIRS)) + " |",
+        "| --- | --- |" + " --- |" * PAIRS,
+    ]
+    for (name, source), s in results["flash"].items():
+        lines.append(
+            f"| {name} | {source} | " + " | ".join(f"{x:.1f}" for x in s["pairs_median"]) + " |"
         )
     lines += [
         "",

@@ -210,11 +210,21 @@ class VAEConfig:
     first_frame_head: int = 0
     """Width of the `FirstFrameHead` that redraws frame 0 with latent frame 1 in view (0: none,
     as in the release; the demo VAE has one, issue 23)."""
+    first_frame_head_frames: int = 1
+    """How many leading frames the head redraws, together: 1 (frame 0, the demo v17's head) up
+    to 1 + temporal_stride (frame 0 and the frames of latent frame 1, which the causal decoder
+    draws with no earlier latent frame than 0 in its temporal padding)."""
 
     def __post_init__(self) -> None:
         check_sizes(self)
         if self.generation not in ("2.1", "2.2"):
             raise ValueError(f"VAE generation must be '2.1' or '2.2'; got {self.generation!r}")
+        frames = self.first_frame_head_frames
+        if not isinstance(frames, int) or not 1 <= frames <= 1 + self.temporal_stride:
+            raise ValueError(
+                f"first_frame_head_frames must be an integer in [1, {1 + self.temporal_stride}] "
+                f"(frame 0 and the frames of latent frame 1); got {frames!r}"
+            )
         for name in (
             "dim_mult",
             "attn_scales",

@@ -153,6 +153,36 @@ def test_first_frame_head_redraws_frame_0_from_latents_0_and_1_only(generation):
         dataclasses.replace(config, first_frame_head=-1)
 
 
+def test_a_head_of_five_frames_redraws_latent_frame_1s_frames_too_and_nothing_after():
+    """`first_frame_head_frames = 5`: frames 0-4 (latents 0 and 1) redrawn together, frames 5+
+    the head-less decode's bytes; a stream whose first piece holds two latents equals the whole
+    clip; a one-latent clip decodes (its frame repeated for the head); a count beyond latent
+    frame 1's frames is refused with the range."""
+    model, video = _tiny("2.1")
+    config = dataclasses.replace(model.config, first_frame_head=8, first_frame_head_frames=5)
+    headed = WanVAE(config).eval()
+    headed.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        latent = model.encode(video)
+        plain = model.decode(latent, clamp=False)
+        assert torch.equal(headed.decode(latent, clamp=False), plain)  # the identity at init
+        for p in headed.first_frame_head.pixel[-1].parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        out = headed.decode(latent, clamp=False)
+        dec = CausalCache()
+        pieces = [headed.decode(latent[:, :, :2], cache=dec, clamp=False)]
+        pieces.append(headed.decode(latent[:, :, 2:], cache=dec, clamp=False))
+        one = headed.decode(latent[:, :, :1], clamp=False)
+    assert latent.shape[2] >= 3 and out.shape[2] > 5
+    assert torch.equal(out[:, :, 5:], plain[:, :, 5:])
+    for t in range(5):
+        assert (out[:, :, t] - plain[:, :, t]).abs().max() > 1e-3, t
+    torch.testing.assert_close(torch.cat(pieces, dim=2), out, rtol=1e-5, atol=1e-5)
+    assert one.shape[2] == 1 and (one[:, :, 0] - plain[:, :, 0]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"first_frame_head_frames must be an integer in \[1, 5\]"):
+        dataclasses.replace(config, first_frame_head_frames=6)
+
+
 def test_tiny_preset_and_attention_levels_build_and_stay_causal():
     torch.manual_seed(0)
     assert WanVAE.from_config(TINY_VAE).config is TINY_VAE

@@ -141,7 +141,9 @@ class WanVAE(nn.Module):
         self.conv2 = CausalConv3d(z, z, 1)
         self.decoder = Decoder3d(config)
         self.first_frame_head = (
-            FirstFrameHead(z, config.first_frame_head, 3) if config.first_frame_head else None
+            FirstFrameHead(z, config.first_frame_head, 3, config.first_frame_head_frames)
+            if config.first_frame_head
+            else None
         )
 
     @classmethod
@@ -246,18 +248,25 @@ class WanVAE(nn.Module):
         return x.clamp(-1.0, 1.0) if clamp else x
 
     def redraw_first_frame(self, video: Tensor, z: Tensor) -> Tensor:
-        """Frame 0 of a decoded clip redrawn by the `first_frame_head` from latent frames 0 and 1
-        (frame 0 alone when the clip has one latent); the clip as it is without a head.
+        """The first frames of a decoded clip (`first_frame_head_frames` of them) redrawn by the
+        `first_frame_head` from latent frames 0 and 1 (latent 0 read twice when the clip has one
+        latent); the clip as it is without a head.
 
         Args:
             video: (B, 3, T, H, W), decoded from `z`, starting at the clip's first frame.
             z: (B, Z, F, h, w) latents at the posterior's scale (as the decoder reads them).
         """
-        if self.first_frame_head is None:
+        head = self.first_frame_head
+        if head is None:
             return video
         z1 = z[:, :, 1] if z.shape[2] > 1 else z[:, :, 0]
-        first = self.first_frame_head(video[:, :, 0], z[:, :, 0], z1)  # (B, 3, H, W)
-        return torch.cat([first[:, :, None], video[:, :, 1:]], dim=2)
+        n = min(head.frames, video.shape[2])
+        first = video[:, :, :n]  # (B, 3, n, H, W)
+        if n < head.frames:  # a clip shorter than the head's frames: its last frame repeated
+            pad = first[:, :, -1:].expand(-1, -1, head.frames - n, -1, -1)
+            first = torch.cat([first, pad], dim=2)
+        first = head(first, z[:, :, 0], z1)[:, :, :n]  # (B, 3, n, H, W)
+        return torch.cat([first, video[:, :, n:]], dim=2)
 
     def _encode_piece(self, x: Tensor, cache: CausalCache) -> Tensor:
         out = self.encoder(x, cache)  # (B, 2Z, f, h, w)

@@ -285,18 +285,21 @@ class UpLevel(nn.Module):
 
 
 class FirstFrameHead(nn.Module):
-    """Redraws a clip's first frame with the next latent frame in view (issue 23's flash).
+    """Redraws a clip's first frames with the next latent frame in view (issue 23's flash).
 
     The causal encoder codes frame 0 alone, and a small VAE's first-frame path can lose what the
     later latents keep (the demo VAE gives a black and a dark-blue first frame nearly the same
     latent). Latent frame 1 covers frames 1-4, which share frame 0's background, so the
     information is still in the clip's latents: this head reads latent frames 0 and 1 and adds
-    a correction to the decoded frame 0. Its last convolution starts at zero (the head starts as
-    the identity), and frames 1+ are never touched.
+    a correction to the first `frames` decoded frames, seen together (1: frame 0 alone; 5 also
+    latent frame 1's four, which the causal decoder draws with zeros in its temporal padding and
+    whose colour the demo VAE lets drift). Its last convolution starts at zero (the head starts
+    as the identity), and the frames after the first `frames` are never touched.
     """
 
-    def __init__(self, z_dim: int, width: int, pixels: int) -> None:
+    def __init__(self, z_dim: int, width: int, pixels: int, frames: int = 1) -> None:
         super().__init__()
+        self.frames = frames
         self.latent = nn.Sequential(
             nn.Conv2d(2 * z_dim, width, 3, padding=1),
             nn.SiLU(),
@@ -304,16 +307,21 @@ class FirstFrameHead(nn.Module):
             nn.SiLU(),
         )
         self.pixel = nn.Sequential(
-            nn.Conv2d(pixels + width, width, 3, padding=1),
+            nn.Conv2d(frames * pixels + width, width, 3, padding=1),
             nn.SiLU(),
-            nn.Conv2d(width, pixels, 3, padding=1),
+            nn.Conv2d(width, frames * pixels, 3, padding=1),
         )
         nn.init.zeros_(self.pixel[-1].weight)
         nn.init.zeros_(self.pixel[-1].bias)
 
-    def forward(self, frame: Tensor, z0: Tensor, z1: Tensor) -> Tensor:
-        """(B, C, H, W) decoded frame 0, (B, Z, h, w) latent frames 0 and 1 (the posterior's
-        scale, as the decoder reads them) -> (B, C, H, W) frame 0 corrected."""
-        features = self.latent(torch.cat([z0, z1], dim=1).to(frame.dtype))  # (B, width, h, w)
-        features = F.interpolate(features, size=frame.shape[-2:], mode="bilinear")
-        return frame + self.pixel(torch.cat([frame, features], dim=1))  # (B, C, H, W)
+    def forward(self, video: Tensor, z0: Tensor, z1: Tensor) -> Tensor:
+        """(B, C, `frames`, H, W) the first decoded frames, (B, Z, h, w) latent frames 0 and 1
+        (the posterior's scale, as the decoder reads them) -> the same frames corrected."""
+        b, c, n, h, w = video.shape
+        if n != self.frames:
+            raise ValueError(f"this head redraws {self.frames} frames together; got {n}")
+        features = self.latent(torch.cat([z0, z1], dim=1).to(video.dtype))  # (B, width, h', w')
+        features = F.interpolate(features, size=(h, w), mode="bilinear")
+        flat = video.reshape(b, c * n, h, w)  # (B, C*n, H, W): channels grouped by channel
+        out = flat + self.pixel(torch.cat([flat, features], dim=1))
+        return out.reshape(b, c, n, h, w)
