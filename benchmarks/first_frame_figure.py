@@ -1,8 +1,11 @@
-"""docs/first_frame_v17.png: frames 0-5 of four held-out prompts (seed 0), each decoded by v14's
-VAE (the shipped VAE without its first-frame head) above the shipped v17 (the same latents: the
-experts are the same). Run from the repository root:
+"""Frames 0-5 of four held-out prompts (seed 0), each decoded by v14's VAE (the shipped VAE
+without its first-frame head), by each `--vae NAME=FILE` and by the shipped VAE (the same
+latents: the experts are the same). Run from the repository root:
 
-    python benchmarks/first_frame_figure.py [--out docs/first_frame_v17.png]
+    python benchmarks/first_frame_figure.py --vae v17=runs/demo/v17/vae.safetensors \
+        --out docs/first_frame_v19.png
+
+(docs/first_frame_v17.png was made when v17 shipped, with no --vae.)
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import argparse
 
 import numpy as np
 import torch
-from first_frame import headless
+from first_frame import headless, load_vae
 from PIL import Image, ImageDraw
 
 PROMPTS = (
@@ -22,17 +25,18 @@ PROMPTS = (
 )
 
 
-def row(label: str, frames: np.ndarray) -> np.ndarray:
-    """A labelled strip of (T, H, W, 3) uint8 frames with grey gaps."""
+def row(label: str, frames: np.ndarray, width: int) -> np.ndarray:
+    """A strip of (T, H, W, 3) uint8 frames with grey gaps, after a label `width` pixels wide."""
     tiles = [np.pad(f, ((2, 2), (2, 2), (0, 0)), constant_values=128) for f in frames]
-    tag = Image.new("RGB", (40, tiles[0].shape[0]), (255, 255, 255))
+    tag = Image.new("RGB", (width, tiles[0].shape[0]), (255, 255, 255))
     ImageDraw.Draw(tag).text((4, tiles[0].shape[0] // 2 - 6), label, fill=(0, 0, 0))
     return np.concatenate([np.asarray(tag), *tiles], axis=1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="docs/first_frame_v17.png")
+    parser.add_argument("--out", default="docs/first_frame_v19.png")
+    parser.add_argument("--vae", action="append", default=[], help="NAME=FILE, a row per VAE")
     parser.add_argument("--frames", type=int, default=6)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -40,14 +44,18 @@ def main() -> None:
     from vidmoe.io.video import to_uint8_frames
 
     pipe = vidmoe.load_pipeline(None, device="cpu")
-    vaes = {"v14": headless(pipe.vae), "v17": pipe.vae}
+    vaes = {"v14": headless(pipe.vae)}
+    for spec in args.vae:
+        name, _, path = spec.partition("=")
+        vaes[name] = load_vae(pipe.vae, path)
+    vaes["shipped"] = pipe.vae
     rows = []
     for prompt in PROMPTS:
         latents = pipe.generate(prompt, seed=0, output="latents").latents
         for name, vae in vaes.items():
             with torch.no_grad():
                 frames = to_uint8_frames(vae.decode(latents))  # (T, H, W, 3)
-            rows.append(row(name, frames[: args.frames]))
+            rows.append(row(name, frames[: args.frames], 8 + 6 * max(map(len, vaes))))
     image = np.concatenate(rows, axis=0)
     size = (image.shape[1] * 2, image.shape[0] * 2)
     Image.fromarray(image).resize(size, Image.NEAREST).save(args.out)

@@ -90,8 +90,9 @@ def test_generate_rewrites_the_prompt_and_says_so_unless_told_not_to(tmp_path):
 def test_the_demo_vae_draws_the_first_frame_as_well_as_the_rest():
     """Issue 23's flash: on the backgrounds where the encoder codes frame 0 alike (black, dark
     blue), the shipped VAE's frame-0 round-trip error is within 2x of the later frames' (v17:
-    1.6x and 1.2x on these clips; v14, without the first-frame head, 5.4x and 5.2x), and the head
-    leaves frames 1+ as the decoder drew them."""
+    1.6x and 1.2x on these clips; v14, without the first-frame head, 5.4x and 5.2x); the head
+    redraws latent frame 1's frames too (v19) no worse than the decoder drew them, and leaves the
+    frames after them as the decoder drew them."""
     import dataclasses
 
     import torch
@@ -114,5 +115,9 @@ def test_the_demo_vae_draws_the_first_frame_as_well_as_the_rest():
             decoded, decoded_bare = vae.decode(latent), bare.decode(latent)
         error = (decoded - clips).abs().mean(dim=(0, 1, 3, 4))  # (T,)
         assert error[0] < 2.0 * error[1:].mean(), (background, error.tolist())
-        assert torch.equal(decoded[:, :, 1:], decoded_bare[:, :, 1:])
+        n = vae.config.first_frame_head_frames
+        assert n == 5
+        assert torch.equal(decoded[:, :, n:], decoded_bare[:, :, n:])
+        error_bare = (decoded_bare - clips).abs().mean(dim=(0, 1, 3, 4))  # (T,)
+        assert error[1:n].mean() < error_bare[1:n].mean(), (error[:n], error_bare[:n])
         assert (decoded_bare[:, :, 0] - clips[:, :, 0]).abs().mean() > 3 * error[1:].mean()

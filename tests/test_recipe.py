@@ -77,7 +77,7 @@ def test_recipe_describes_the_shipped_model():
         assert cfg.transformer_for(expert) == shipped.transformer_for(expert), path.name
         assert cfg.moe.expert_names == shipped.moe.expert_names
         assert cfg.moe.boundaries == shipped.moe.boundaries
-    vae_cfg, _, _ = load_vae_train_config(RECIPE / "vae_6_first_frame_head.toml")
+    vae_cfg, _, _ = load_vae_train_config(RECIPE / "vae_7_first_chunk_head.toml")
     assert vae_cfg.vae == dataclasses.replace(shipped.vae, latents_mean=(), latents_std=())
     model = json.loads((RECIPE / "model.json").read_text())
     shipped_json = json.loads((DEMO_DIR / "vidmoe.json").read_text())

@@ -5,14 +5,15 @@
 # command runs again, a cache that is already built is kept, so the script can be run again.
 set -euo pipefail
 
-# 1. The VAE, in six stages (stages 3-5 train the decoder only: the latent space stays; stage 6
-# trains the first-frame head only: encoder and decoder stay)
+# 1. The VAE, in seven stages (stages 3-5 train the decoder only: the latent space stays; stages
+# 6 and 7 train a first-frame head only: encoder and decoder stay; stage 7's replaced stage 6's)
 vidmoe train-vae recipes/demo/vae_1_crops.toml
 vidmoe train-vae recipes/demo/vae_2_clips.toml
 vidmoe train-vae recipes/demo/vae_3_decoder.toml
 vidmoe train-vae recipes/demo/vae_4_decoder.toml
 vidmoe train-vae recipes/demo/vae_5_outlines.toml
 vidmoe train-vae recipes/demo/vae_6_first_frame_head.toml
+vidmoe train-vae recipes/demo/vae_7_first_chunk_head.toml
 
 # 2. Latent caches of the demo's shapes world (stage 2's encoder = the shipped VAE's encoder)
 [ -f runs/demo/cache_4000/index.json ] || vidmoe cache runs/demo/cache_4000 --clips 4000 --vae runs/demo/vae_2_clips
@@ -49,8 +50,10 @@ vidmoe train recipes/demo/low_noise_13_cpu.toml
 vidmoe export runs/demo/v13 runs/demo/high_noise_cpu runs/demo/low_noise_cpu --config recipes/demo/model.json --vae runs/demo/vae_5_outlines
 vidmoe train recipes/demo/low_noise_14_cpu.toml
 vidmoe export runs/demo/v14 runs/demo/high_noise_cpu runs/demo/low_noise_cpu2 --config recipes/demo/model.json --vae runs/demo/vae_5_outlines
-# the shipped model (v17): v14's experts, the VAE with its first-frame head (issue 23's flash)
-vidmoe export runs/demo/model runs/demo/high_noise_cpu runs/demo/low_noise_cpu2 --config recipes/demo/model.json --vae runs/demo/vae_6_first_frame_head
+# v17: v14's experts, the VAE with its first-frame head (issue 23's flash)
+vidmoe export runs/demo/v17 runs/demo/high_noise_cpu runs/demo/low_noise_cpu2 --config recipes/demo/model.json --vae runs/demo/vae_6_first_frame_head
+# the shipped model (v19): v14's experts, the VAE whose head redraws frames 0-4 (stage 7)
+vidmoe export runs/demo/model runs/demo/high_noise_cpu runs/demo/low_noise_cpu2 --config recipes/demo/model.json --vae runs/demo/vae_7_first_chunk_head
 
 # 5. The result: generate with it, and score it on the 128 held-out prompts
 vidmoe generate "a red circle moving to the right" --model runs/demo/model -o outputs/recipe_red_circle.mp4

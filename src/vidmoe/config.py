@@ -213,7 +213,8 @@ class VAEConfig:
     first_frame_head_frames: int = 1
     """How many leading frames the head redraws, together: 1 (frame 0, the demo v17's head) up
     to 1 + temporal_stride (frame 0 and the frames of latent frame 1, which the causal decoder
-    draws with no earlier latent frame than 0 in its temporal padding)."""
+    draws with no earlier latent frame than 0 in its temporal padding). Frame 0's correction is
+    full resolution, the later frames' smooth at the latent grid's scale (a colour shift)."""
 
     def __post_init__(self) -> None:
         check_sizes(self)

@@ -141,7 +141,13 @@ class WanVAE(nn.Module):
         self.conv2 = CausalConv3d(z, z, 1)
         self.decoder = Decoder3d(config)
         self.first_frame_head = (
-            FirstFrameHead(z, config.first_frame_head, 3, config.first_frame_head_frames)
+            FirstFrameHead(
+                z,
+                config.first_frame_head,
+                3,
+                config.first_frame_head_frames,
+                smooth=config.spatial_stride,
+            )
             if config.first_frame_head
             else None
         )

@@ -293,13 +293,18 @@ class FirstFrameHead(nn.Module):
     information is still in the clip's latents: this head reads latent frames 0 and 1 and adds
     a correction to the first `frames` decoded frames, seen together (1: frame 0 alone; 5 also
     latent frame 1's four, which the causal decoder draws with zeros in its temporal padding and
-    whose colour the demo VAE lets drift). Its last convolution starts at zero (the head starts
-    as the identity), and the frames after the first `frames` are never touched.
+    whose colour the demo VAE lets drift). Frame 0's correction is full resolution; the later
+    frames' is smooth at the scale of the latent grid (`smooth`: averaged over blocks of that
+    many pixels, then interpolated), so the head shifts their colour and leaves their detail
+    as the decoder drew it. Its last convolution starts at zero (the head starts as the
+    identity), and the frames after the first `frames` are never touched.
     """
 
-    def __init__(self, z_dim: int, width: int, pixels: int, frames: int = 1) -> None:
+    def __init__(
+        self, z_dim: int, width: int, pixels: int, frames: int = 1, smooth: int = 1
+    ) -> None:
         super().__init__()
-        self.frames = frames
+        self.frames, self.smooth = frames, smooth
         self.latent = nn.Sequential(
             nn.Conv2d(2 * z_dim, width, 3, padding=1),
             nn.SiLU(),
@@ -323,5 +328,9 @@ class FirstFrameHead(nn.Module):
         features = self.latent(torch.cat([z0, z1], dim=1).to(video.dtype))  # (B, width, h', w')
         features = F.interpolate(features, size=(h, w), mode="bilinear")
         flat = video.reshape(b, c * n, h, w)  # (B, C*n, H, W): channels grouped by channel
-        out = flat + self.pixel(torch.cat([flat, features], dim=1))
-        return out.reshape(b, c, n, h, w)
+        delta = self.pixel(torch.cat([flat, features], dim=1)).reshape(b, c, n, h, w)
+        if n > 1 and self.smooth > 1:  # frames 1+: a colour shift, smooth at the latent scale
+            later = delta[:, :, 1:].flatten(1, 2)  # (B, C*(n-1), H, W)
+            later = F.interpolate(F.avg_pool2d(later, self.smooth), size=(h, w), mode="bilinear")
+            delta = torch.cat([delta[:, :, :1], later.reshape(b, c, n - 1, h, w)], dim=2)
+        return video + delta  # (B, C, n, H, W)
