@@ -82,6 +82,23 @@ def decode_frames(vae, latents: torch.Tensor) -> list[np.ndarray]:
         return [to_uint8_frames(vae.decode(z[None])) for z in latents]  # (T, H, W, 3) each
 
 
+RINGS = (0, 1, 3)  # rings of pixels (0: the outermost) whose colour change is reported by pair
+
+
+def where_changes(frames: np.ndarray) -> dict:
+    """(T, H, W, 3) uint8 -> per ring of RINGS (the pixels r in from the border, all four sides)
+    and for the frame's median colour (its background, the object being small): the (T-1,)
+    change of that colour between frames t and t+1, levels (mean over channels)."""
+    f = np.asarray(frames).astype(np.float64)
+    out = {}
+    for r in RINGS:
+        ring = np.concatenate([f[:, r], f[:, -1 - r], f[:, :, r], f[:, :, -1 - r]], axis=1)
+        out[f"ring {r}"] = np.abs(np.diff(ring.mean(axis=1), axis=0)).mean(axis=1)
+    median = np.median(f.reshape(f.shape[0], -1, 3), axis=1)  # (T, 3)
+    out["median colour"] = np.abs(np.diff(median, axis=0)).mean(axis=1)
+    return out
+
+
 def flash_summary(changes: np.ndarray) -> dict:
     """(N, T-1) border changes -> median and p90 of the first pair and of the later pairs'
     per-clip maximum, and how many clips' first change exceeds their largest later one."""
@@ -285,6 +302,19 @@ def report(results: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{100 * a[k]:.1f}%" for k in a) + " |")
     lines += [
         "",
+        "Where in the frame (generated clips; median over the clips by pair of frames): rings of "
+        "pixels r in from the border, all four sides, and the frame's median colour",
+        "",
+        "| VAE | where | 0->1 | 1->2 | 2->3 | 3->4 | 4->5 | 5->6 | 0->1 p90 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, by_where in results["where"].items():
+        for where, changes in by_where.items():
+            c = np.asarray(changes)  # (N, T-1)
+            cells = " | ".join(f"{x:.1f}" for x in np.median(c[:, :PAIRS], axis=0))
+            lines.append(f"| {name} | {where} | {cells} | {np.percentile(c[:, 0], 90):.1f} |")
+    lines += [
+        "",
         "## (c) latent statistics per latent frame (normalised latents)",
         "",
         "| latents | " + " | ".join(f"frame {f} mean / std" for f in range(5)) + " |",
@@ -375,6 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
         "roundtrip": roundtrip(vaes, args.clips),
         "flash": {},
         "adherence": {},
+        "where": {},
         "latents": {
             "generated": latent_frame_stats(gen["latents"]),
             "encoded": latent_frame_stats(real),
@@ -392,6 +423,11 @@ def main(argv: list[str] | None = None) -> dict:
             frames = decode_frames(vae, z)
             changes = np.stack([border_changes(f) for f in frames])  # (N, T-1)
             results["flash"][(name, source)] = flash_summary(changes)
+            if source == "generated":
+                by_clip = [where_changes(f) for f in frames]
+                results["where"][name] = {
+                    k: np.stack([c[k] for c in by_clip]).tolist() for k in by_clip[0]
+                }  # (N, T-1) each
             if source == "generated" and not args.quick:
                 results["adherence"][name] = adherence(frames, gen["items"])
     print(report(results))

@@ -215,6 +215,10 @@ class VAEConfig:
     to 1 + temporal_stride (frame 0 and the frames of latent frame 1, which the causal decoder
     draws with no earlier latent frame than 0 in its temporal padding). Frame 0's correction is
     full resolution, the later frames' smooth at the latent grid's scale (a colour shift)."""
+    first_frame_head_edge: int = 0
+    """Pixels along the frame's border where the later frames' correction stays per pixel
+    (0: smooth everywhere, the demo v19's head): the decoder's zero padding draws the outermost
+    rows and columns of those frames worst, finer than the smooth shift reaches."""
 
     def __post_init__(self) -> None:
         check_sizes(self)
@@ -225,6 +229,12 @@ class VAEConfig:
             raise ValueError(
                 f"first_frame_head_frames must be an integer in [1, {1 + self.temporal_stride}] "
                 f"(frame 0 and the frames of latent frame 1); got {frames!r}"
+            )
+        edge = self.first_frame_head_edge
+        if isinstance(edge, bool) or not isinstance(edge, int) or not 0 <= edge <= 64:
+            raise ValueError(
+                f"first_frame_head_edge must be an integer in [0, 64] (pixels along the frame's "
+                f"border); got {edge!r}"
             )
         for name in (
             "dim_mult",

@@ -187,6 +187,35 @@ def test_a_head_of_five_frames_redraws_latent_frame_1s_frames_too_and_nothing_af
         dataclasses.replace(config, first_frame_head_frames=6)
 
 
+def test_a_head_edge_band_keeps_the_later_frames_correction_per_pixel_at_the_border_only():
+    """`first_frame_head_edge = 1`: frames 1-4's correction is per pixel in the outermost rows
+    and columns (where the decoder's zero padding acts) and the smooth one inside; frame 0 and
+    frames 5+ as with no band. A band out of range is refused with the range."""
+    model, video = _tiny("2.1")
+    config = dataclasses.replace(model.config, first_frame_head=8, first_frame_head_frames=5)
+    smooth = WanVAE(config).eval()
+    smooth.load_state_dict(model.state_dict(), strict=False)
+    torch.manual_seed(1)
+    for p in smooth.first_frame_head.pixel[-1].parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    banded = WanVAE(dataclasses.replace(config, first_frame_head_edge=1)).eval()
+    banded.load_state_dict(smooth.state_dict())
+    with torch.no_grad():
+        latent = model.encode(video)
+        plain = model.decode(latent, clamp=False)
+        a, b = smooth.decode(latent, clamp=False), banded.decode(latent, clamp=False)
+    assert torch.equal(a[:, :, :1], b[:, :, :1]) and torch.equal(a[:, :, 5:], b[:, :, 5:])
+    assert torch.equal(a[:, :, 1:5, 1:-1, 1:-1], b[:, :, 1:5, 1:-1, 1:-1])  # inside: smooth
+    border = torch.ones(a.shape[-2:], dtype=torch.bool)
+    border[1:-1, 1:-1] = False
+    rough = lambda d: (d[..., 1:] - d[..., :-1]).abs().mean()  # noqa: E731
+    delta_a, delta_b = (x[:, :, 1:5, 0] - plain[:, :, 1:5, 0] for x in (a, b))  # the top row
+    assert (a - b)[:, :, 1:5][..., border].abs().max() > 1e-4  # the band: per pixel
+    assert rough(delta_b) > 2 * rough(delta_a), (rough(delta_b), rough(delta_a))
+    with pytest.raises(ValueError, match=r"first_frame_head_edge must be an integer in \[0, 64\]"):
+        dataclasses.replace(config, first_frame_head_edge=-1)
+
+
 def test_tiny_preset_and_attention_levels_build_and_stay_causal():
     torch.manual_seed(0)
     assert WanVAE.from_config(TINY_VAE).config is TINY_VAE

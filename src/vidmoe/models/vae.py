@@ -147,6 +147,7 @@ class WanVAE(nn.Module):
                 3,
                 config.first_frame_head_frames,
                 smooth=config.spatial_stride,
+                edge=config.first_frame_head_edge,
             )
             if config.first_frame_head
             else None

@@ -296,15 +296,23 @@ class FirstFrameHead(nn.Module):
     whose colour the demo VAE lets drift). Frame 0's correction is full resolution; the later
     frames' is smooth at the scale of the latent grid (`smooth`: averaged over blocks of that
     many pixels, then interpolated), so the head shifts their colour and leaves their detail
-    as the decoder drew it. Its last convolution starts at zero (the head starts as the
-    identity), and the frames after the first `frames` are never touched.
+    as the decoder drew it, except in a band `edge` pixels wide along the frame's border, where
+    it stays per pixel (the decoder's zero padding draws the outermost pixels worst). Its last
+    convolution starts at zero (the head starts as the identity), and the frames after the
+    first `frames` are never touched.
     """
 
     def __init__(
-        self, z_dim: int, width: int, pixels: int, frames: int = 1, smooth: int = 1
+        self,
+        z_dim: int,
+        width: int,
+        pixels: int,
+        frames: int = 1,
+        smooth: int = 1,
+        edge: int = 0,
     ) -> None:
         super().__init__()
-        self.frames, self.smooth = frames, smooth
+        self.frames, self.smooth, self.edge = frames, smooth, edge
         self.latent = nn.Sequential(
             nn.Conv2d(2 * z_dim, width, 3, padding=1),
             nn.SiLU(),
@@ -330,7 +338,11 @@ class FirstFrameHead(nn.Module):
         flat = video.reshape(b, c * n, h, w)  # (B, C*n, H, W): channels grouped by channel
         delta = self.pixel(torch.cat([flat, features], dim=1)).reshape(b, c, n, h, w)
         if n > 1 and self.smooth > 1:  # frames 1+: a colour shift, smooth at the latent scale
-            later = delta[:, :, 1:].flatten(1, 2)  # (B, C*(n-1), H, W)
-            later = F.interpolate(F.avg_pool2d(later, self.smooth), size=(h, w), mode="bilinear")
+            fine = delta[:, :, 1:].flatten(1, 2)  # (B, C*(n-1), H, W)
+            later = F.interpolate(F.avg_pool2d(fine, self.smooth), size=(h, w), mode="bilinear")
+            if self.edge:  # per pixel in a band along the border, where the padding acts
+                band = torch.ones(h, w, dtype=torch.bool, device=fine.device)
+                band[self.edge : h - self.edge, self.edge : w - self.edge] = False
+                later = torch.where(band, fine, later)
             delta = torch.cat([delta[:, :, :1], later.reshape(b, c, n - 1, h, w)], dim=2)
         return video + delta  # (B, C, n, H, W)
