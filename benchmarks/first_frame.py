@@ -213,7 +213,8 @@ def decoder_probe(vae, num_steps: int = 60) -> dict:
 def load_vae(base, path: str):
     """A VAE like `base` (its latent statistics) with the weights of `path`: a vae.safetensors
     or a train-vae checkpoint (.pt, read without unpickling code); a first-frame head in the
-    weights is built at their width and frame count."""
+    weights is built at their width and frame count, and its edge band as the `vae_config.json`
+    (train-vae's) or `vidmoe.json` (a model folder's) beside the file says."""
     import dataclasses
 
     from vidmoe.io.checkpoints import load_into
@@ -232,8 +233,18 @@ def load_vae(base, path: str):
     width = 0 if head is None else head.shape[0]
     out = weights.get(f"{FIRST_FRAME_HEAD}pixel.2.weight")  # (3 x frames, width, 3, 3)
     frames = 1 if out is None else out.shape[0] // 3
+    edge = 0  # not in the weights: read from the config written beside them, if any
+    for name, key in (("vae_config.json", None), ("vidmoe.json", "vae")):
+        beside = Path(path).parent / name
+        if beside.is_file():
+            written = json.loads(beside.read_text())
+            edge = (written[key] if key else written).get("first_frame_head_edge", 0)
+            break
     config = dataclasses.replace(
-        base.config, first_frame_head=width, first_frame_head_frames=frames
+        base.config,
+        first_frame_head=width,
+        first_frame_head_frames=frames,
+        first_frame_head_edge=edge,
     )
     vae = WanVAE(config)
     load_into(vae, weights)

@@ -1,9 +1,9 @@
-"""Frames 0-5 of four held-out prompts (seed 0), each decoded by v14's VAE (the shipped VAE
+"""Frames 0-5 (`--frames`) of four held-out prompts (seed 0), each decoded by v14's VAE (the shipped VAE
 without its first-frame head), by each `--vae NAME=FILE` and by the shipped VAE (the same
 latents: the experts are the same). Run from the repository root:
 
     python benchmarks/first_frame_figure.py --vae v17=runs/demo/v17/vae.safetensors \
-        --out docs/first_frame_v19.png
+        --vae v19=VAE_FILE --frames 7 --out docs/first_frame_v20.png
 
 (docs/first_frame_v17.png was made when v17 shipped, with no --vae.)
 """
@@ -35,7 +35,7 @@ def row(label: str, frames: np.ndarray, width: int) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="docs/first_frame_v19.png")
+    parser.add_argument("--out", default="docs/first_frame_v20.png")
     parser.add_argument("--vae", action="append", default=[], help="NAME=FILE, a row per VAE")
     parser.add_argument("--frames", type=int, default=6)
     args = parser.parse_args()

@@ -52,7 +52,7 @@ vidmoe train recipes/demo/low_noise_14_cpu.toml
 vidmoe export runs/demo/v14 runs/demo/high_noise_cpu runs/demo/low_noise_cpu2 --config recipes/demo/model.json --vae runs/demo/vae_5_outlines
 # v17: v14's experts, the VAE with its first-frame head (issue 23's flash)
 vidmoe export runs/demo/v17 runs/demo/high_noise_cpu runs/demo/low_noise_cpu2 --config recipes/demo/model.json --vae runs/demo/vae_6_first_frame_head
-# the shipped model (v19): v14's experts, the VAE whose head redraws frames 0-4 (stage 7)
+# the shipped model (v20): v14's experts, the VAE whose head redraws frames 0-4 (stage 7)
 vidmoe export runs/demo/model runs/demo/high_noise_cpu runs/demo/low_noise_cpu2 --config recipes/demo/model.json --vae runs/demo/vae_7_first_chunk_head
 
 # 5. The result: generate with it, and score it on the 128 held-out prompts
