@@ -99,6 +99,18 @@ def where_changes(frames: np.ndarray) -> dict:
     return out
 
 
+def ring_errors(frames: np.ndarray, original: np.ndarray) -> np.ndarray:
+    """(T, H, W, 3) decoded and original uint8 frames -> (T,): how far the outermost ring's
+    mean colour is from the original's, levels (mean over channels). An error the same in every
+    frame does not show as change; one that differs in frame 0 does."""
+
+    def ring(f: np.ndarray) -> np.ndarray:  # (T, 3)
+        f = np.asarray(f).astype(np.float64)
+        return np.concatenate([f[:, 0], f[:, -1], f[:, :, 0], f[:, :, -1]], axis=1).mean(axis=1)
+
+    return np.abs(ring(frames) - ring(original)).mean(axis=1)
+
+
 def flash_summary(changes: np.ndarray) -> dict:
     """(N, T-1) border changes -> median and p90 of the first pair and of the later pairs'
     per-clip maximum, and how many clips' first change exceeds their largest later one."""
@@ -326,6 +338,16 @@ def report(results: dict) -> str:
             lines.append(f"| {name} | {where} | {cells} | {np.percentile(c[:, 0], 90):.1f} |")
     lines += [
         "",
+        "The outermost ring's mean colour against the original's, real clips encoded and decoded "
+        "(median over the clips, levels)",
+        "",
+        "| VAE | " + " | ".join(f"frame {t}" for t in range(8)) + " |",
+        "| --- |" + " --- |" * 8,
+    ]
+    for name, err in results["ring_error"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{e:.1f}" for e in err[:8]) + " |")
+    lines += [
+        "",
         "## (c) latent statistics per latent frame (normalised latents)",
         "",
         "| latents | " + " | ".join(f"frame {f} mean / std" for f in range(5)) + " |",
@@ -417,6 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
         "flash": {},
         "adherence": {},
         "where": {},
+        "ring_error": {},
         "latents": {
             "generated": latent_frame_stats(gen["latents"]),
             "encoded": latent_frame_stats(real),
@@ -434,6 +457,9 @@ def main(argv: list[str] | None = None) -> dict:
             frames = decode_frames(vae, z)
             changes = np.stack([border_changes(f) for f in frames])  # (N, T-1)
             results["flash"][(name, source)] = flash_summary(changes)
+            if source == "encoded real":
+                errors = [ring_errors(f, to_uint8_frames(v)) for f, v in zip(frames, originals)]
+                results["ring_error"][name] = np.median(np.stack(errors), axis=0).tolist()
             if source == "generated":
                 by_clip = [where_changes(f) for f in frames]
                 results["where"][name] = {
