@@ -85,15 +85,21 @@ def decode_frames(vae, latents: torch.Tensor) -> list[np.ndarray]:
 RINGS = (0, 1, 3)  # rings of pixels (0: the outermost) whose colour change is reported by pair
 
 
+def ring_colour(frames: np.ndarray, r: int) -> np.ndarray:
+    """(T, H, W, 3) frames -> (T, 3): the mean colour of the ring of pixels `r` in from the
+    border (rows r and -1-r, columns r and -1-r)."""
+    f = np.asarray(frames).astype(np.float64)
+    return np.concatenate([f[:, r], f[:, -1 - r], f[:, :, r], f[:, :, -1 - r]], axis=1).mean(1)
+
+
 def where_changes(frames: np.ndarray) -> dict:
     """(T, H, W, 3) uint8 -> per ring of RINGS (the pixels r in from the border, all four sides)
     and for the frame's median colour (its background, the object being small): the (T-1,)
     change of that colour between frames t and t+1, levels (mean over channels)."""
-    f = np.asarray(frames).astype(np.float64)
     out = {}
     for r in RINGS:
-        ring = np.concatenate([f[:, r], f[:, -1 - r], f[:, :, r], f[:, :, -1 - r]], axis=1)
-        out[f"ring {r}"] = np.abs(np.diff(ring.mean(axis=1), axis=0)).mean(axis=1)
+        out[f"ring {r}"] = np.abs(np.diff(ring_colour(frames, r), axis=0)).mean(axis=1)
+    f = np.asarray(frames).astype(np.float64)
     median = np.median(f.reshape(f.shape[0], -1, 3), axis=1)  # (T, 3)
     out["median colour"] = np.abs(np.diff(median, axis=0)).mean(axis=1)
     return out
@@ -103,12 +109,7 @@ def ring_errors(frames: np.ndarray, original: np.ndarray) -> np.ndarray:
     """(T, H, W, 3) decoded and original uint8 frames -> (T,): how far the outermost ring's
     mean colour is from the original's, levels (mean over channels). An error the same in every
     frame does not show as change; one that differs in frame 0 does."""
-
-    def ring(f: np.ndarray) -> np.ndarray:  # (T, 3)
-        f = np.asarray(f).astype(np.float64)
-        return np.concatenate([f[:, 0], f[:, -1], f[:, :, 0], f[:, :, -1]], axis=1).mean(axis=1)
-
-    return np.abs(ring(frames) - ring(original)).mean(axis=1)
+    return np.abs(ring_colour(frames, 0) - ring_colour(original, 0)).mean(axis=1)
 
 
 def flash_summary(changes: np.ndarray) -> dict:
@@ -231,6 +232,7 @@ def load_vae(base, path: str):
 
     from vidmoe.io.checkpoints import load_into
     from vidmoe.models.vae import FIRST_FRAME_HEAD, WanVAE
+    from vidmoe.training.cache import vae_folder_config
     from vidmoe.training.checkpoint import load_checkpoint
 
     if path.endswith(".pt"):
@@ -245,13 +247,8 @@ def load_vae(base, path: str):
     width = 0 if head is None else head.shape[0]
     out = weights.get(f"{FIRST_FRAME_HEAD}pixel.2.weight")  # (3 x frames, width, 3, 3)
     frames = 1 if out is None else out.shape[0] // 3
-    edge = 0  # not in the weights: read from the config written beside them, if any
-    for name, key in (("vae_config.json", None), ("vidmoe.json", "vae")):
-        beside = Path(path).parent / name
-        if beside.is_file():
-            written = json.loads(beside.read_text())
-            edge = (written[key] if key else written).get("first_frame_head_edge", 0)
-            break
+    written = vae_folder_config(Path(path).parent)  # the edge band is not in the weights
+    edge = 0 if written is None else written.first_frame_head_edge
     config = dataclasses.replace(
         base.config,
         first_frame_head=width,
@@ -272,6 +269,11 @@ def headless(vae):
     bare = WanVAE(dataclasses.replace(vae.config, first_frame_head=0))
     bare.load_state_dict(vae.state_dict(), strict=False)
     return bare.eval()
+
+
+def table(caption: str, columns: list[str]) -> list[str]:
+    """A markdown table's opening lines: a blank line, `caption`, a blank line, the header."""
+    return ["", caption, "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
 
 
 def report(results: dict) -> str:
@@ -303,56 +305,41 @@ def report(results: dict) -> str:
             f"| {s['later_all_median']:.1f} | {s['later_all_p90']:.1f} "
             f"| {s['clips_first_over_later_max']}/{s['clips']} |"
         )
-    lines += [
-        "",
+    lines += table(
         "Border change by pair of frames (median over the clips; frames 1-4 are latent frame 1's)",
-        "",
-        "| VAE | latents | " + " | ".join(f"{t}->{t + 1}" for t in range(PAIRS)) + " |",
-        "| --- | --- |" + " --- |" * PAIRS,
-    ]
+        ["VAE", "latents", *(f"{t}->{t + 1}" for t in range(PAIRS))],
+    )
     for (name, source), s in results["flash"].items():
         lines.append(
             f"| {name} | {source} | " + " | ".join(f"{x:.1f}" for x in s["pairs_median"]) + " |"
         )
-    lines += [
-        "",
+    lines += table(
         "## Adherence of the generated clips (analyser)",
-        "",
-        "| VAE | colour | shape | direction | all three |",
-        "| --- | --- | --- | --- | --- |",
-    ]
+        ["VAE", "colour", "shape", "direction", "all three"],
+    )
     for name, a in results["adherence"].items():
         lines.append(f"| {name} | " + " | ".join(f"{100 * a[k]:.1f}%" for k in a) + " |")
-    lines += [
-        "",
+    lines += table(
         "Where in the frame (generated clips; median over the clips by pair of frames): rings of "
         "pixels r in from the border, all four sides, and the frame's median colour",
-        "",
-        "| VAE | where | 0->1 | 1->2 | 2->3 | 3->4 | 4->5 | 5->6 | 0->1 p90 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+        ["VAE", "where", *(f"{t}->{t + 1}" for t in range(PAIRS)), "0->1 p90"],
+    )
     for name, by_where in results["where"].items():
         for where, changes in by_where.items():
             c = np.asarray(changes)  # (N, T-1)
             cells = " | ".join(f"{x:.1f}" for x in np.median(c[:, :PAIRS], axis=0))
             lines.append(f"| {name} | {where} | {cells} | {np.percentile(c[:, 0], 90):.1f} |")
-    lines += [
-        "",
+    lines += table(
         "The outermost ring's mean colour against the original's, real clips encoded and decoded "
         "(median over the clips, levels)",
-        "",
-        "| VAE | " + " | ".join(f"frame {t}" for t in range(8)) + " |",
-        "| --- |" + " --- |" * 8,
-    ]
+        ["VAE", *(f"frame {t}" for t in range(8))],
+    )
     for name, err in results["ring_error"].items():
         lines.append(f"| {name} | " + " | ".join(f"{e:.1f}" for e in err[:8]) + " |")
-    lines += [
-        "",
+    lines += table(
         "## (c) latent statistics per latent frame (normalised latents)",
-        "",
-        "| latents | " + " | ".join(f"frame {f} mean / std" for f in range(5)) + " |",
-        "| --- |" + " --- |" * 5,
-    ]
+        ["latents", *(f"frame {f} mean / std" for f in range(5))],
+    )
     for source, s in results["latents"].items():
         cells = " | ".join(f"{m:+.2f} / {sd:.2f}" for m, sd in zip(s["mean"], s["std"]))
         lines.append(f"| {source} | {cells} |")

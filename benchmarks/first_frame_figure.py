@@ -1,6 +1,6 @@
-"""Frames 0-5 (`--frames`) of four held-out prompts (seed 0), each decoded by v14's VAE (the shipped VAE
-without its first-frame head), by each `--vae NAME=FILE` and by the shipped VAE (the same
-latents: the experts are the same). Run from the repository root:
+"""Frames 0-5 (`--frames`) of four held-out prompts (seed 0), each decoded by v14's VAE (the
+shipped VAE without its first-frame head), by each `--vae NAME=FILE` and by the shipped VAE
+(the same latents: the experts are the same). Run from the repository root:
 
     python benchmarks/first_frame_figure.py --vae v17=runs/demo/v17/vae.safetensors \
         --vae v19=VAE_FILE --frames 7 --out docs/first_frame_v20.png
@@ -49,13 +49,14 @@ def main() -> None:
         name, _, path = spec.partition("=")
         vaes[name] = load_vae(pipe.vae, path)
     vaes["shipped"] = pipe.vae
+    label = 8 + 6 * max(map(len, vaes))  # pixels: the longest name in the default font
     rows = []
     for prompt in PROMPTS:
         latents = pipe.generate(prompt, seed=0, output="latents").latents
         for name, vae in vaes.items():
             with torch.no_grad():
                 frames = to_uint8_frames(vae.decode(latents))  # (T, H, W, 3)
-            rows.append(row(name, frames[: args.frames], 8 + 6 * max(map(len, vaes))))
+            rows.append(row(name, frames[: args.frames], label))
     image = np.concatenate(rows, axis=0)
     size = (image.shape[1] * 2, image.shape[0] * 2)
     Image.fromarray(image).resize(size, Image.NEAREST).save(args.out)

@@ -23,14 +23,16 @@ import torch
 
 def parse_setting(spec: str) -> tuple[str, dict]:
     """'NAME:key=value:key=value' -> (NAME, GenerateSettings fields); guidance=EXPERT=SCALE is
-    one expert's guidance scale (repeatable), num_steps and shift numbers."""
+    an expert's guidance scale as `vidmoe generate --guidance` reads it (repeatable), num_steps
+    and shift numbers."""
+    from vidmoe.cli_args import parse_per_expert
+
     name, *fields = spec.split(":")
     settings: dict = {}
     for field in fields:
         key, _, value = field.partition("=")
-        if key == "guidance":
-            expert, _, scale = value.partition("=")
-            settings.setdefault("guidance", {})[expert] = float(scale)
+        if key == "guidance":  # the CLI's --guidance syntax: EXPERT=SCALE[,EXPERT=SCALE]
+            settings.setdefault("guidance", {}).update(parse_per_expert([value]))
         elif key == "num_steps":
             settings[key] = int(value)
         elif key == "shift":

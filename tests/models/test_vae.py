@@ -155,9 +155,10 @@ def test_first_frame_head_redraws_frame_0_from_latents_0_and_1_only(generation):
 
 def test_a_head_of_five_frames_redraws_latent_frame_1s_frames_too_and_nothing_after():
     """`first_frame_head_frames = 5`: frames 0-4 (latents 0 and 1) redrawn together (frames 1-4
-    by a correction smooth at the latent grid's scale), frames 5+ the head-less decode's bytes; a stream whose first piece holds two latents equals the whole
-    clip; a one-latent clip decodes (its frame repeated for the head); a count beyond latent
-    frame 1's frames is refused with the range."""
+    by a correction smooth at the latent grid's scale), frames 5+ the head-less decode's bytes;
+    a stream whose first piece holds two latents equals the whole clip; a one-latent clip
+    decodes (its frame repeated for the head); a count beyond latent frame 1's frames is refused
+    with the range."""
     model, video = _tiny("2.1")
     config = dataclasses.replace(model.config, first_frame_head=8, first_frame_head_frames=5)
     headed = WanVAE(config).eval()

@@ -102,21 +102,27 @@ class _Clips:
                 }
 
 
+def vae_folder_config(path: str | Path):
+    """The VAEConfig a folder states: its `vae_config.json` (what `vidmoe train-vae` writes) or
+    a vidmoe model folder's `vidmoe.json`; None when it has neither."""
+    from vidmoe.config import ModelConfig, VAEConfig
+
+    folder = Path(path)
+    if (folder / VAE_CONFIG_FILE).is_file():
+        return VAEConfig(**json.loads((folder / VAE_CONFIG_FILE).read_text()))
+    if (folder / "vidmoe.json").is_file():
+        return ModelConfig.from_json((folder / "vidmoe.json").read_text()).vae
+    return None
+
+
 def read_vae_folder(path: str | Path):
     """(VAEConfig, state dict) of a VAE folder: `vae.safetensors` beside `vae_config.json` (what
     `vidmoe train-vae` writes) or a vidmoe model folder (`vidmoe.json`)."""
     from safetensors.torch import load_file
 
-    from vidmoe.config import ModelConfig, VAEConfig
-
     folder = Path(path)
     weights = folder / VAE_FILE
-    if (folder / VAE_CONFIG_FILE).is_file():
-        config = VAEConfig(**json.loads((folder / VAE_CONFIG_FILE).read_text()))
-    elif (folder / "vidmoe.json").is_file():
-        config = ModelConfig.from_json((folder / "vidmoe.json").read_text()).vae
-    else:
-        config = None
+    config = vae_folder_config(folder)
     if config is None or not weights.is_file():
         raise ValueError(
             f"{folder} is not a VAE folder: it needs {VAE_FILE} and {VAE_CONFIG_FILE} (the "
