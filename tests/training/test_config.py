@@ -194,7 +194,8 @@ VAE_ERRORS = [
         "crops",
         0,
         r"unknown key 'crops' in the top level \(did you mean 'crop'\?\); accepted keys "
-        r"there: anchor_weight, batch_size, checkpoint_every, .*init.*out_dir",
+        r"there: anchor_weight, batch_size, border_change_weight, border_weight, border_width, "
+        r"checkpoint_every, .*init.*out_dir",
     ),
     ("vae.z_dimm", 4, r"unknown key 'z_dimm' in \[vae\] \(did you mean 'z_dim'\?\)"),
     ("crop", "32", r"crop = '32' has the wrong type: expected an integer, got a string"),

@@ -391,6 +391,74 @@ def test_first_frame_weight_must_be_positive():
         VAETrainConfig(first_frame_weight=0.0)
 
 
+def test_border_weight_weighs_the_band_along_the_frames_border():
+    """With `border_weight` b the reconstruction loss is the pixel mean with the pixels within
+    `border_width` of the border counted 1 + b times: (b E_band + E_all) / (b f + 1), where
+    E_band and E_all are the band's and the whole frame's summed error over the pixel count
+    and f the band's share of the pixels."""
+    from vidmoe.training.vae_train import vae_loss
+
+    torch.manual_seed(0)
+    vae = WanVAE(VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1))
+    video = torch.rand(2, 3, 5, 16, 16) * 2 - 1  # (B, 3, T, H, W)
+    base = dict(vae=vae.config, latent_noise=0.0, latent_weight=0.0, object_weight=0.0, crop=0)
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(video, chunked=False), chunked=False, clamp=False)
+        err = ((recon - video).abs() + (recon - video).pow(2)).mean(dim=(0, 1, 2))  # (H, W)
+        for width, b in ((1, 10.0), (2, 3.0)):
+            band = torch.zeros(16, 16, dtype=torch.bool)
+            band[:width], band[-width:], band[:, :width], band[:, -width:] = True, True, True, True
+            cfg = VAETrainConfig(**base, border_weight=b, border_width=width)
+            loss, _ = vae_loss(vae, video, cfg)
+            f = band.float().mean()
+            expected = (b * (err * band).mean() + err.mean()) / (b * f + 1)
+            assert torch.allclose(loss, expected, rtol=1e-5), (width, loss, expected)
+    assert err[band].mean() != err.mean()  # so the weight above changes the loss
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(border_weight=-1.0), r"border_weight must be >= 0.*got -1.0"),
+        (dict(border_weight=1.0, border_width=0), r"border_width must be in \[1, 32\].*got 0"),
+        (dict(border_weight=1.0, crop=32), r"a crop \(crop = 32\) does not show: set crop = 0"),
+        (dict(border_change_weight=-0.5), r"border_change_weight must be >= 0.*got -0.5"),
+        (dict(border_change_weight=1.0, crop=16), r"a crop \(crop = 16\) does not show"),
+    ],
+)
+def test_border_weight_is_checked(fields, match):
+    with pytest.raises(ValueError, match=match):
+        VAETrainConfig(**({"crop": 0} | fields))
+
+
+def test_border_change_error_asks_the_frames_to_agree_at_the_border():
+    """The term is 0 for a reconstruction off by the same colour in every frame, and d / (T - 1)
+    per channel for one whose first frame alone is off by d in the band (its one changed pair
+    of T - 1); pixels inside the band do not count. In `vae_loss` it adds its weight times the
+    term on the decoded clip."""
+    from vidmoe.training.vae_train import border_change_error, vae_loss
+
+    torch.manual_seed(0)
+    video = torch.rand(2, 3, 5, 16, 16) * 2 - 1  # (B, 3, T, H, W)
+    assert border_change_error(video + 0.25, video, 2) < 1e-6  # float rounding only
+    first = video.clone()
+    first[:, :, 0, :2] += 0.1  # frame 0's top two rows, in the band of width 2
+    first[:, :, 0, 6:10, 6:10] += 5.0  # and its middle, outside it
+    band_share = (2 * 16) / (16 * 16 - 12 * 12)  # the top rows' part of the band's pixels
+    expected = 0.1 * band_share / 4  # one pair of 4 off
+    assert torch.allclose(border_change_error(first, video, 2), torch.tensor(expected)), expected
+    vae = WanVAE(VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1))
+    base = dict(vae=vae.config, latent_noise=0.0, latent_weight=0.0, object_weight=0.0, crop=0)
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(video, chunked=False), chunked=False, clamp=False)
+        plain, _ = vae_loss(vae, video, VAETrainConfig(**base, border_width=2))
+        cfg = VAETrainConfig(**base, border_width=2, border_change_weight=3.0)
+        weighted, parts = vae_loss(vae, video, cfg)
+    term = border_change_error(recon, video, 2)
+    assert term > 0 and abs(parts["change"] - term.item()) < 1e-6
+    assert torch.allclose(weighted - plain, 3.0 * term, rtol=1e-4), (weighted - plain, term)
+
+
 def test_anchor_holds_latent_frames_after_the_first_to_the_teachers():
     """`anchor_weight`'s term is 0 for the teacher's own latents and for latents that differ
     only in frame 0, and grows with a change of a later latent frame; vae_loss adds it."""

@@ -284,6 +284,13 @@ class UpLevel(nn.Module):
         return y + self.avg_shortcut(x, is_first)
 
 
+def border_band(h: int, w: int, width: int, device: torch.device | None = None) -> Tensor:
+    """(H, W) bool: the pixels within `width` of an H x W frame's border, all four sides."""
+    band = torch.ones(h, w, dtype=torch.bool, device=device)
+    band[width : h - width, width : w - width] = False
+    return band
+
+
 class FirstFrameHead(nn.Module):
     """Redraws a clip's first frames with the next latent frame in view (issue 23's flash).
 
@@ -341,8 +348,7 @@ class FirstFrameHead(nn.Module):
             fine = delta[:, :, 1:].flatten(1, 2)  # (B, C*(n-1), H, W)
             later = F.interpolate(F.avg_pool2d(fine, self.smooth), size=(h, w), mode="bilinear")
             if self.edge:  # per pixel in a band along the border, where the padding acts
-                band = torch.ones(h, w, dtype=torch.bool, device=fine.device)
-                band[self.edge : h - self.edge, self.edge : w - self.edge] = False
+                band = border_band(h, w, self.edge, fine.device)
                 later = torch.where(band, fine, later)
             delta = torch.cat([delta[:, :, :1], later.reshape(b, c, n - 1, h, w)], dim=2)
         return video + delta  # (B, C, n, H, W)

@@ -81,6 +81,19 @@ class VAETrainConfig:
     """Extra loss weight of the pixels on an object's outline (inside or outside it by one pixel),
     on top of `object_weight`: corners and points are a few pixels each, and a VAE that rounds them
     off loses little loss but turns a star into a circle."""
+    border_weight: float = 0.0
+    """Extra loss weight of the pixels within `border_width` of the frame's border (all four
+    sides, every frame), on top of the others: the decoder's zero padding draws the outermost
+    pixels worst, and a colour error there is what the eye reads as a first-frame flash (issue
+    23's measure is the top and bottom rows' colour) while it is a few % of the loss."""
+    border_width: int = 1
+    """Width in pixels of the band `border_weight` and `border_change_weight` read."""
+    border_change_weight: float = 0.0
+    """Weight of a term on the border band's mean colour change from each frame to the next,
+    against the clip's (`vae_train.border_change_error`): it asks the frames to agree with each
+    other rather than each with the clip, so a first-frame head learns to draw the first frames'
+    border as the decoder draws the later ones' (no step at frame 1, none where the head stops,
+    given `window_frames` past the head's frames). 0: none."""
     first_frame_weight: float = 1.0
     """Loss weight of each window's first frame relative to the others (1: the same). The causal
     VAE codes the first frame alone, through a path the other frames share little of; a window
@@ -162,6 +175,26 @@ class VAETrainConfig:
             raise ValueError(
                 "anchor_weight and first_latent_weight steer the encoder's latents, which a "
                 "frozen encoder cannot follow: set them to 0 or freeze_encoder = false"
+            )
+        if self.border_weight < 0:
+            raise ValueError(f"border_weight must be >= 0 (0: none); got {self.border_weight}")
+        if self.border_change_weight < 0:
+            raise ValueError(
+                f"border_change_weight must be >= 0 (0: none); got {self.border_change_weight}"
+            )
+        if self.border_change_weight and not self.reconstruction:
+            raise ValueError(
+                "border_change_weight reads the decoded frames: it needs reconstruction = true"
+            )
+        if (self.border_weight or self.border_change_weight) and self.crop:
+            raise ValueError(
+                "border_weight and border_change_weight read the frame's border, which a crop "
+                f"(crop = {self.crop}) does not show: set crop = 0 (whole frames) or both to 0"
+            )
+        if not 1 <= self.border_width <= min(self.width, self.height) // 2:
+            raise ValueError(
+                f"border_width must be in [1, {min(self.width, self.height) // 2}] (half the "
+                f"frame's shorter side); got {self.border_width}"
             )
         if self.first_frame_weight <= 0:
             raise ValueError(

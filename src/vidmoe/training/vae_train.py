@@ -22,7 +22,7 @@ from torch import Tensor
 from vidmoe.config import VAEConfig
 from vidmoe.io.atomic import save_safetensors_atomic, write_text_atomic
 from vidmoe.models.vae import FIRST_FRAME_HEAD, WanVAE
-from vidmoe.models.vae_blocks import CausalCache
+from vidmoe.models.vae_blocks import CausalCache, border_band
 from vidmoe.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from vidmoe.training.first_latents import FirstLatentBank, posterior_mean
 from vidmoe.training.vae_config import VAETrainConfig, load_vae_train_config
@@ -68,9 +68,13 @@ def vae_loss(
     penalty = mu.pow(2).mean()
     loss, parts = cfg.latent_weight * penalty, {"mu2": penalty.item()}
     if cfg.reconstruction:
-        l1, mse = _reconstruction(vae, video, mu, cfg)
+        l1, mse, recon = _reconstruction(vae, video, mu, cfg)
         loss = loss + l1 + mse
         parts |= {"l1": l1.item(), "mse": mse.item()}
+        if cfg.border_change_weight:
+            change = border_change_error(recon, video, cfg.border_width)
+            loss = loss + cfg.border_change_weight * change
+            parts["change"] = change.item()
     if cfg.anchor_weight and teacher is not None and mu.shape[2] > 1:
         anchor = anchor_distance(mu, teacher, video)
         loss = loss + cfg.anchor_weight * anchor
@@ -80,8 +84,9 @@ def vae_loss(
 
 def _reconstruction(
     vae: WanVAE, video: Tensor, mu: Tensor, cfg: VAETrainConfig
-) -> tuple[Tensor, Tensor]:
-    """The weighted L1 and MSE of decoding `mu` (noised by `latent_noise`) against `video`."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The weighted L1 and MSE of decoding `mu` (noised by `latent_noise`) against `video`, and
+    the decoded (B, 3, T, H, W) video."""
     z = mu + torch.randn_like(mu) * cfg.latent_noise * mu.detach().std()  # (B, Z, F, h, w)
     cache = CausalCache()
     cache.claim("decode")
@@ -93,12 +98,30 @@ def _reconstruction(
     weight = 1.0 + cfg.object_weight * is_object.float()
     if cfg.edge_weight:
         weight = weight + cfg.edge_weight * outline(is_object)
+    if cfg.border_weight:
+        weight = weight + cfg.border_weight * border_band(
+            *video.shape[-2:], cfg.border_width, video.device
+        )
     if cfg.first_frame_weight != 1.0:
         weight[:, :, :1] = weight[:, :, :1] * cfg.first_frame_weight  # (B, 1, 1, H, W): frame 0
     weight = weight / weight.mean()
     l1 = ((recon - video).abs() * weight).mean()
     mse = ((recon - video).pow(2) * weight).mean()
-    return l1, mse
+    return l1, mse, recon
+
+
+def border_change_error(recon: Tensor, video: Tensor, width: int) -> Tensor:
+    """Mean absolute difference between the reconstruction's and the clip's change of the border
+    band's mean colour (the pixels within `width` of the border) from each frame to the next:
+    (B, 3, T, H, W) twice -> scalar. A decoder whose border colour is off by the same amount in
+    every frame scores 0; one whose first frames are off differently from the later ones (issue
+    23's flash, or a seam where a first-frame head stops) does not."""
+    band = border_band(*video.shape[-2:], width, video.device)
+
+    def colour(x: Tensor) -> Tensor:  # (B, 3, T)
+        return x[..., band].mean(dim=-1)
+
+    return (colour(recon).diff(dim=2) - colour(video).diff(dim=2)).abs().mean()
 
 
 def _teacher_mu(teacher: WanVAE, video: Tensor) -> Tensor:
@@ -314,12 +337,13 @@ def _resume(path: Path, identity: dict, vae, opt, sched, rng) -> tuple[int, list
 
 
 def _plot_loss(records: list[dict], path: Path) -> None:
-    """The logged loss parts (weighted L1 and MSE, the anchor and first-latent targets), log scale."""
+    """The logged loss parts (weighted L1 and MSE, the anchor and first-latent targets, the
+    border's change), log scale."""
     from vidmoe.io.plots import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for part in ("l1", "mse", "anchor", "first"):
+    for part in ("l1", "mse", "anchor", "first", "change"):
         if records and part in records[0]:
             ax.plot([r["step"] for r in records], [r[part] for r in records], label=part)
     ax.set(xlabel="step", ylabel="loss part", yscale="log", title="VAE loss")
