@@ -141,6 +141,37 @@ def test_a_killed_vae_run_resumes_bit_exactly(tmp_path):
         torch.set_num_threads(threads)
 
 
+def test_a_vae_checkpoint_from_before_a_new_field_resumes_as_its_default(tmp_path):
+    """A checkpoint written before a field existed (here: its config lacks border_weight) resumes
+    when the run leaves that field at its default, and is refused when it sets it."""
+    from vidmoe.training.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = VAETrainConfig(
+        vae=VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1),
+        width=16,
+        height=16,
+        clip_frames=5,
+        window_frames=5,
+        crop=0,
+        batch_size=1,
+        max_steps=3,
+        stop_step=2,
+        num_stat_clips=1,
+        checkpoint_every=1,
+    )
+    train_vae(cfg, tmp_path, log=lambda s: None)
+    path = tmp_path / "vae_checkpoint.pt"
+    state = load_checkpoint(path)
+    del state["config"]["border_weight"]
+    save_checkpoint(state, path)
+    with pytest.raises(ValueError, match=r"another VAE config \(differs in \['border_weight'\]"):
+        train_vae(dataclasses.replace(cfg, border_weight=1.0), tmp_path, log=lambda s: None)
+    lines = []
+    train_vae(dataclasses.replace(cfg, stop_step=0), tmp_path, log=lines.append)
+    assert json.loads(lines[0])["step"] == 2  # resumed, not started afresh
+    assert any(line.startswith('{"done": 3') for line in lines), lines
+
+
 def test_vae_decoder_only_keeps_the_latent_space(tmp_path):
     from safetensors.torch import load_file
 

@@ -309,6 +309,18 @@ def train_vae(
 VAE_CHECKPOINT_FILE = "vae_checkpoint.pt"
 
 
+_FIELD_DEFAULTS = json.loads(
+    json.dumps(
+        {
+            f.name: f.default
+            for f in dataclasses.fields(VAETrainConfig)
+            if f.default is not dataclasses.MISSING
+            and isinstance(f.default, (bool, int, float, str))
+        }
+    )
+)  # the plain fields' defaults, as a checkpoint stores them
+
+
 def _comparable(cfg: VAETrainConfig) -> dict[str, Any]:
     """The config as a checkpoint stores it, less what a resumed run may change."""
     d = dataclasses.asdict(cfg)
@@ -321,7 +333,10 @@ def _resume(path: Path, identity: dict, vae, opt, sched, rng) -> tuple[int, list
     """Load `path` into the run's objects if it was written by a run of the config `identity`
     (`_comparable`); returns the step and the log records so far."""
     state = load_checkpoint(path)
-    saved, now = state.get("config") or {}, identity
+    # a field the checkpoint's version of vidmoe did not have reads as its default, which is
+    # what that version trained with: an upgrade does not strand a run in progress
+    now = identity
+    saved = {k: v for k, v in _FIELD_DEFAULTS.items() if k in now} | (state.get("config") or {})
     if saved != now:
         changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         raise ValueError(
