@@ -146,19 +146,7 @@ def test_a_vae_checkpoint_from_before_a_new_field_resumes_as_its_default(tmp_pat
     when the run leaves that field at its default, and is refused when it sets it."""
     from vidmoe.training.checkpoint import load_checkpoint, save_checkpoint
 
-    cfg = VAETrainConfig(
-        vae=VAEConfig(generation="2.1", dim=4, z_dim=4, num_res_blocks=1),
-        width=16,
-        height=16,
-        clip_frames=5,
-        window_frames=5,
-        crop=0,
-        batch_size=1,
-        max_steps=3,
-        stop_step=2,
-        num_stat_clips=1,
-        checkpoint_every=1,
-    )
+    cfg = _tiny_vae_run(max_steps=3, stop_step=2, checkpoint_every=1)
     train_vae(cfg, tmp_path, log=lambda s: None)
     path = tmp_path / "vae_checkpoint.pt"
     state = load_checkpoint(path)
@@ -627,19 +615,16 @@ def test_a_bad_first_latent_bank_is_refused_with_what_is_wanted(tmp_path, case, 
         FirstLatentBank.load(path, _tiny_vae_config(), (16, 16))
 
 
+def _tiny_vae_run(**changes) -> VAETrainConfig:
+    """A tiny VAE's training config on whole 16x16 frames, one window of 5, one step."""
+    fields = dict(width=16, height=16, clip_frames=5, window_frames=5, crop=0, batch_size=1)
+    fields |= dict(max_steps=1, num_stat_clips=1)
+    return VAETrainConfig(vae=_tiny_vae_config(), **(fields | changes))
+
+
 def _trained_tiny_vae(out_dir):
     """A one-step tiny VAE written to `out_dir` (the `init` of a stage); returns its config."""
-    base = VAETrainConfig(
-        vae=_tiny_vae_config(),
-        width=16,
-        height=16,
-        clip_frames=5,
-        window_frames=5,
-        crop=0,
-        batch_size=1,
-        max_steps=1,
-        num_stat_clips=1,
-    )
+    base = _tiny_vae_run()
     train_vae(base, out_dir, log=lambda s: None)
     return base
 
