@@ -88,7 +88,7 @@ RINGS = (0, 1, 3)  # rings of pixels (0: the outermost) whose colour change is r
 def ring_colour(frames: np.ndarray, r: int) -> np.ndarray:
     """(T, H, W, 3) frames -> (T, 3): the mean colour of the ring of pixels `r` in from the
     border (rows r and -1-r, columns r and -1-r)."""
-    f = np.asarray(frames).astype(np.float64)
+    f = np.asarray(frames, dtype=np.float64)  # no copy when the caller converted already
     return np.concatenate([f[:, r], f[:, -1 - r], f[:, :, r], f[:, :, -1 - r]], axis=1).mean(1)
 
 
@@ -96,10 +96,10 @@ def where_changes(frames: np.ndarray) -> dict:
     """(T, H, W, 3) uint8 -> per ring of RINGS (the pixels r in from the border, all four sides)
     and for the frame's median colour (its background, the object being small): the (T-1,)
     change of that colour between frames t and t+1, levels (mean over channels)."""
+    f = np.asarray(frames, dtype=np.float64)  # converted once for every ring and the median
     out = {}
     for r in RINGS:
-        out[f"ring {r}"] = np.abs(np.diff(ring_colour(frames, r), axis=0)).mean(axis=1)
-    f = np.asarray(frames).astype(np.float64)
+        out[f"ring {r}"] = np.abs(np.diff(ring_colour(f, r), axis=0)).mean(axis=1)
     median = np.median(f.reshape(f.shape[0], -1, 3), axis=1)  # (T, 3)
     out["median colour"] = np.abs(np.diff(median, axis=0)).mean(axis=1)
     return out

@@ -255,7 +255,7 @@ class Resolver:
                     value = nearest_palette(self.names[key], self.min_chroma)
                     break
             if value is None:
-                named = {w for w in _content(syn.definition().lower()) if w in COLOURS}
+                named = palette_words(syn.definition())
                 value = named.pop() if len(named) == 1 else None
             if value:
                 break
@@ -366,14 +366,17 @@ def _related(wordnet, lemma, symbol: str) -> list:
     return out
 
 
+def palette_words(definition: str) -> set[str]:
+    """The palette colours a definition names by their caption words."""
+    return {w for w in _content(definition.lower()) if w in COLOURS}
+
+
 def shade_of(definition: str) -> str | None:
     """The palette colour a colour sense's definition calls it a shade of, where it names no
     other ("a shade of white the color of bleached bones": white; "a light shade of red": red;
     not "a shade of blue tinged with green", which the colour tables' hue places better)."""
-    text = definition.lower()
-    found = re.match(r"an? (?:[a-z]+ )?shade of ([a-z]+)\b", text)
-    named = {w for w in _content(text) if w in COLOURS}
-    return found.group(1) if found and named == {found.group(1)} else None
+    found = re.match(r"an? (?:[a-z]+ )?shade of ([a-z]+)\b", definition.lower())
+    return found.group(1) if found and palette_words(definition) == {found.group(1)} else None
 
 
 def _colour_sense(syn) -> bool:
